@@ -1,0 +1,1 @@
+"""Shared core of Site Activity: settings, the event model, topic names, Postgres access and the CLI."""

@@ -1,0 +1,159 @@
+"""`site-activity`: the single entry point. Each pipeline stage runs as its own process for production;
+`dev` runs them all on the embedded stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Callable
+
+from site_activity.logs import setup_logging
+from site_activity.settings import Settings, get_settings
+
+
+def _stage(module: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(_: argparse.Namespace, settings: Settings) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).run(settings) or 0)
+
+    return run
+
+
+def _migrate(_: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.db import ensure_database, migrate
+
+    ensure_database(settings.postgres_dsn)
+    applied = migrate(settings.postgres_dsn)
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def _topics(_: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.kafka import ensure_topics
+    from site_activity.topics import Topics
+
+    created = ensure_topics(settings)
+    for spec in Topics.from_settings(settings).specs(settings):
+        state = "created" if spec.name in created else "exists"
+        print(f"{spec.name:45} partitions={spec.partitions:<3} {state}")
+    return 0
+
+
+def _schemas_check(args: argparse.Namespace, _: Settings) -> int:
+    from schemas.compat import check_all
+
+    problems = check_all()
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print("schemas: every schema is backward-compatible with its previous version")
+    return 1 if problems else 0
+
+
+def _widgets(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity import widgets
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn) as conn:
+        action = args.widgets_action
+        if action == "create":
+            w = widgets.create_widget(conn, name=args.name, actor=args.actor, tenant_id=args.tenant,
+                                      tenant_name=args.tenant_name)
+            print(w.id)
+            return 0
+        if action == "list":
+            rows = widgets.list_widgets(conn, args.tenant)
+            if args.json:
+                print(json.dumps([w.public() for w in rows], indent=2))
+            else:
+                print(f"{'id':36}  {'tenant':36}  {'tracking':8}  {'retention':9}  name")
+                for w in rows:
+                    print(f"{w.id!s:36}  {w.tenant_id!s:36}  {'on' if w.tracking_enabled else 'off':8}  "
+                          f"{w.event_retention_days:>5} d    {w.name}")
+            return 0
+        if action == "show":
+            print(json.dumps(widgets.get_widget(conn, args.widget_id).public(), indent=2))
+            return 0
+        if action in ("enable", "disable"):
+            w = widgets.set_tracking(conn, args.widget_id, action == "enable", actor=args.actor)
+        elif action == "set-retention":
+            w = widgets.set_retention(conn, args.widget_id, args.days, actor=args.actor)
+        elif action == "delete":
+            n = widgets.delete_widget(conn, args.widget_id, actor=args.actor)
+            print(f"deleted widget {args.widget_id} and {n} event(s)")
+            return 0
+        print(json.dumps(w.public(), indent=2))
+    return 0
+
+
+def _uuid_arg(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="site-activity", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the whole pipeline on the embedded stack").set_defaults(
+        func=_stage("site_activity.devstack"))
+    sub.add_parser("api", help="run the ingest API (uvicorn)").set_defaults(func=_stage("producer_api.main"))
+    sub.add_parser("sink", help="run the Kafka -> Postgres sink").set_defaults(func=_stage("sink.main"))
+    sub.add_parser("processors", help="run the faust stream processors").set_defaults(
+        func=_stage("stream_processors.main"))
+    sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
+    sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
+
+    schemas = sub.add_parser("schemas", help="Avro schema tools")
+    schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)
+    schemas_sub.add_parser("check", help="fail when a schema is not backward-compatible with its previous version"
+                           ).set_defaults(func=_schemas_check)
+
+    w = sub.add_parser("widgets", help="admin commands over widget configs")
+    w.set_defaults(func=_widgets)
+    wsub = w.add_subparsers(dest="widgets_action", required=True)
+    create = wsub.add_parser("create", help="create a widget (tracking off); prints its id")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tenant", type=_uuid_arg, help="existing tenant id (default: a new tenant)")
+    create.add_argument("--tenant-name")
+    lst = wsub.add_parser("list")
+    lst.add_argument("--tenant", type=_uuid_arg)
+    lst.add_argument("--json", action="store_true")
+    for name in ("show", "enable", "disable", "delete", "set-retention"):
+        p = wsub.add_parser(name)
+        p.add_argument("widget_id", type=_uuid_arg)
+        if name == "set-retention":
+            p.add_argument("days", type=int)
+    for p in (create, *(wsub.choices[n] for n in ("enable", "disable", "delete", "set-retention"))):
+        p.add_argument("--actor", required=True, help="who asked for the change (recorded in the audit log)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    try:
+        return int(args.func(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # operator-facing: one clear line, not a traceback
+        from site_activity.widgets import WidgetError
+
+        if isinstance(exc, WidgetError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError):
+            print(f"error: cannot reach Postgres at {settings.postgres_dsn}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`site-activity dev`: placeholder until the dev stack lands (being written now)."""

@@ -1,0 +1,80 @@
+"""confluent-kafka client configuration and topic administration, derived from Settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from site_activity.settings import Settings
+from site_activity.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": settings.producer_compression,
+        "linger.ms": settings.producer_linger_ms,
+        "queue.buffering.max.messages": settings.producer_queue_max_messages,
+        # Same key -> same partition as the Java client and faust/aiokafka (murmur2).
+        "partitioner": "murmur2_random",
+        "message.timeout.ms": max(int(settings.produce_timeout_s * 1000) * 6, 30_000),
+    }
+    conf.update(overrides)
+    return conf
+
+
+def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.consumer_session_timeout_ms,
+        "heartbeat.interval.ms": settings.consumer_heartbeat_interval_ms,
+        "partition.assignment.strategy": "range,roundrobin",
+    }
+    conf.update(overrides)
+    return conf
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
+    """Creates missing topics with their final partition counts; existing topics are left alone."""
+    client = admin(settings)
+    existing = set(client.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(spec.name, num_partitions=spec.partitions,
+                 replication_factor=settings.topic_replication_factor, config=spec.config)
+        for spec in Topics.from_settings(settings).specs(settings)
+        if spec.name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in client.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
+                raise
+    log.info("created topics", extra={"topics": created})
+    return created
+
+
+def kafka_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    try:
+        admin(settings).list_topics(timeout=timeout)
+        return True
+    except KafkaException:
+        return False

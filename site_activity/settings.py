@@ -1,0 +1,76 @@
+"""The one typed settings object. Every stage reads its configuration from here (env prefix SITE_ACTIVITY_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SITE_ACTIVITY_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Path(".site-activity")
+    # Empty means "the embedded stack": `dev` starts Tansu / Postgres and fills these in.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5433/site_activity"
+    embedded_kafka_port: int = 9092
+    embedded_postgres_port: int = 5433
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    demo_port: int = 8001
+    # Origins allowed to POST events; the widget runs on customers' own domains, so "*" by default.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    max_body_bytes: int = 512 * 1024
+    max_events_per_batch: int = 100
+    max_name_chars: int = 100
+    max_properties_bytes: int = 4096
+    # How often the API refreshes widget configs (tracking switch, tenant) from Postgres.
+    widget_cache_refresh_s: float = 2.0
+    # How long a request waits for Kafka delivery reports before answering 503.
+    produce_timeout_s: float = 5.0
+    retry_after_s: int = 5
+
+    # --- Kafka ---------------------------------------------------------------------------------
+    topic_prefix: str = "site-activity"
+    topic_partitions: int = 6
+    topic_replication_factor: int = 1
+    producer_queue_max_messages: int = 200_000
+    producer_linger_ms: int = 5
+    producer_compression: str = "lz4"
+    consumer_session_timeout_ms: int = 10_000
+    consumer_heartbeat_interval_ms: int = 2_000
+
+    # --- sink ----------------------------------------------------------------------------------
+    sink_group: str = "site-activity-sink"
+    sink_http_port: int = 8002  # /healthz and /metrics of the sink process
+    sink_batch_max_events: int = 5_000
+    sink_batch_max_ms: int = 500
+    sink_retry_max_backoff_s: float = 10.0
+    # Read the processors' enriched stream; set false to sink the raw topic directly (no processors).
+    sink_from_enriched: bool = True
+
+    # --- processors ----------------------------------------------------------------------------
+    processors_app_id: str = "site-activity-processors"
+    session_gap_s: float = 30 * 60
+    processors_batch_max_events: int = 2_000
+    processors_batch_max_s: float = 0.2
+    processors_web_port: int = 6066
+
+    # --- observability -------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @property
+    def stack_file(self) -> Path:
+        return self.data_dir / "stack.json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,51 @@
+"""Every topic name and its layout, in one place. Producers, processors and the sink import from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from site_activity.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Topics:
+    # Raw events as accepted by the API, keyed by "<widget_id>:<visitor_id>". Kept for replay.
+    raw_events: str
+    # Raw events plus session_id / customer_id and derived session_start events; what the sink reads.
+    enriched_events: str
+    # visitor -> contact links from identify calls; compacted, latest link per visitor.
+    identity_links: str
+    # Messages no stage could process, with the reason in headers.
+    dead_letter: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topics:
+        p = settings.topic_prefix
+        return cls(
+            raw_events=f"{p}.events.raw",
+            enriched_events=f"{p}.events.enriched",
+            identity_links=f"{p}.identity.links",
+            dead_letter=f"{p}.dead-letter",
+        )
+
+    def specs(self, settings: Settings) -> list[TopicSpec]:
+        n = settings.topic_partitions
+        week_ms = str(7 * 24 * 3600 * 1000)
+        return [
+            TopicSpec(self.raw_events, n, {"retention.ms": week_ms}),
+            TopicSpec(self.enriched_events, n, {"retention.ms": week_ms}),
+            TopicSpec(self.identity_links, n, {"cleanup.policy": "compact"}),
+            TopicSpec(self.dead_letter, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+        ]
+
+
+def event_key(widget_id: str, visitor_id: str) -> bytes:
+    """One visitor's events on one widget share a key, so they stay ordered in one partition."""
+    return f"{widget_id}:{visitor_id}".encode()

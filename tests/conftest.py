@@ -1,0 +1,208 @@
+"""Shared fixtures: one real Tansu broker and one real Postgres per test session; unique topics, groups and
+widgets per test; stages started as real `site-activity <stage>` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import Consumer
+
+from site_activity import widgets
+from site_activity.db import migrate
+from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, stop_process, wait_until
+from site_activity.kafka import consumer_config, ensure_topics
+from site_activity.settings import Settings
+from site_activity.topics import Topics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def kafka(session_dir: Path) -> Iterator[EmbeddedKafka]:
+    broker = EmbeddedKafka(free_port(), session_dir / "tansu.log")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(session_dir / "pgdata", free_port())
+    server.start()
+    migrate(server.dsn)
+    yield server
+    server.stop()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see exactly these settings."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        env[f"SITE_ACTIVITY_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return env
+
+
+@pytest.fixture
+def settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
+    """Settings for one test: unique topic prefix and consumer groups, short group timeouts."""
+    tag = uuid.uuid4().hex[:10]
+    s = Settings(
+        data_dir=tmp_path / "data",
+        kafka_bootstrap=kafka.bootstrap,
+        postgres_dsn=postgres.dsn,
+        topic_prefix=f"t{tag}",
+        topic_partitions=3,
+        sink_group=f"sink-{tag}",
+        processors_app_id=f"proc-{tag}",
+        http_port=free_port(),
+        sink_http_port=free_port(),
+        demo_port=free_port(),
+        processors_web_port=free_port(),
+        consumer_session_timeout_ms=3000,
+        consumer_heartbeat_interval_ms=500,
+        widget_cache_refresh_s=0.5,
+        sink_batch_max_ms=100,
+        log_json=True,
+    )
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture
+def topics(settings: Settings) -> Topics:
+    return Topics.from_settings(settings)
+
+
+@pytest.fixture
+def db(postgres: EmbeddedPostgres) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def make_widget(postgres: EmbeddedPostgres) -> Callable[..., widgets.Widget]:
+    """Creates a tenant + widget (tracking enabled unless told otherwise) and returns it."""
+
+    def make(enabled: bool = True, tenant_id: uuid.UUID | None = None, name: str = "test widget") -> widgets.Widget:
+        with psycopg.connect(postgres.dsn) as conn:
+            w = widgets.create_widget(conn, name=name, tenant_id=tenant_id, actor="tests")
+            if enabled:
+                w = widgets.set_tracking(conn, w.id, True, actor="tests")
+            return w
+
+    return make
+
+
+class Service:
+    """A `site-activity <stage>` child process with the test's settings in its environment."""
+
+    def __init__(self, stage: str, settings: Settings, log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.log_path = log_dir / f"{stage}.log"
+        self.env = {**os.environ, **settings_env(settings), **(extra_env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: Callable[[], bool] | None = None, timeout: float = 60.0) -> Service:
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "site_activity.cli", self.stage],
+                env=self.env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if ready is not None:
+            def check() -> bool:
+                if self.proc.poll() is not None:  # type: ignore[union-attr]
+                    raise RuntimeError(f"{self.stage} exited early:\n{self.log_tail()}")
+                return ready()
+            wait_until(check, timeout, self.stage, interval=0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc, timeout=20)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return check
+
+
+@pytest.fixture
+def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """start_service("api") / ("sink") / ("processors"): starts the stage and waits until it is healthy."""
+    started: list[Service] = []
+
+    def start(stage: str, settings_override: Settings | None = None, **extra_env: str) -> Service:
+        s = settings_override or settings
+        svc = Service(stage, s, tmp_path, extra_env)
+        health = {
+            "api": f"http://127.0.0.1:{s.http_port}/healthz",
+            "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
+            "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
+        }.get(stage)
+        started.append(svc)
+        return svc.start(http_ok(health) if health else None)
+
+    yield start
+    for svc in reversed(started):
+        svc.stop()
+
+
+@pytest.fixture
+def api_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.http_port}"
+
+
+def wait_for_rows(conn: psycopg.Connection, sql: str, params: tuple | dict, expected: int, timeout: float = 30.0) -> list[tuple]:
+    """Polls `sql` until it returns `expected` rows (then returns them) or fails with what it saw."""
+    deadline = time.monotonic() + timeout
+    rows: list[tuple] = []
+    while time.monotonic() < deadline:
+        rows = conn.execute(sql, params).fetchall()
+        if len(rows) >= expected:
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"expected {expected} rows, got {len(rows)}: {rows[:5]}")
+
+
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list:
+    """Reads `expected` messages from the start of `topic` with a throwaway consumer group."""
+    consumer = Consumer(consumer_config(settings, f"reader-{uuid.uuid4().hex[:8]}"))
+    consumer.subscribe([topic])
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+    finally:
+        consumer.close()
+    return out
