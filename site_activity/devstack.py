@@ -1,1 +1,151 @@
-"""`site-activity dev`: placeholder until the dev stack lands (being written now)."""
+"""`site-activity dev`: the whole pipeline in one terminal on the embedded stack.
+
+Starts Tansu and Postgres (unless SITE_ACTIVITY_KAFKA_BOOTSTRAP / SITE_ACTIVITY_POSTGRES_DSN point elsewhere),
+applies migrations, creates topics, makes sure an enabled demo widget exists, runs the API, processors and
+sink as child processes (restarted if they die), serves the demo site, writes <data dir>/stack.json and stops
+everything it started on Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+
+from site_activity import widgets
+from site_activity.db import connect, ensure_database, migrate
+from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, port_open, wait_until
+from site_activity.kafka import ensure_topics
+from site_activity.process import StageProcess
+from site_activity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STAGES = ("api", "processors", "sink")
+DEMO_TENANT = "Demo tenant"
+DEMO_WIDGET = "Demo site"
+
+
+def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
+    """Starts what the settings do not point elsewhere; returns settings that name what runs."""
+    updates: dict[str, object] = {}
+    if "kafka_bootstrap" not in settings.model_fields_set:
+        broker = EmbeddedKafka(settings.embedded_kafka_port, settings.data_dir / "logs" / "tansu.log")
+        broker.start()
+        stack.callback(broker.stop)
+        updates["kafka_bootstrap"] = broker.bootstrap
+        log.info("started Tansu broker", extra={"bootstrap": broker.bootstrap, "pid": broker.proc.pid})  # type: ignore[union-attr]
+    if "postgres_dsn" not in settings.model_fields_set:
+        pg = EmbeddedPostgres(settings.data_dir.resolve() / "postgres", settings.embedded_postgres_port)
+        pg.start()
+        stack.callback(pg.stop)
+        updates["postgres_dsn"] = pg.dsn
+        log.info("started Postgres", extra={"dsn": pg.dsn, "pid": pg.proc.pid})  # type: ignore[union-attr]
+    return settings.model_copy(update=updates)
+
+
+def ensure_demo_widget(dsn: str) -> widgets.Widget:
+    with connect(dsn) as conn:
+        for w in widgets.list_widgets(conn):
+            if w.name == DEMO_WIDGET:
+                return w if w.tracking_enabled else widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
+        w = widgets.create_widget(conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev")
+        return widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
+
+
+class Supervisor:
+    """Keeps the stage processes running; a stage that dies is restarted with a growing delay."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.procs = {s: StageProcess(s, settings, log_dir / f"{s}.log") for s in STAGES}
+        self._restarts = dict.fromkeys(STAGES, 0)
+
+    def start(self) -> None:
+        for proc in self.procs.values():
+            proc.start()
+
+    def check(self) -> None:
+        for stage, proc in self.procs.items():
+            if not proc.alive():
+                self._restarts[stage] += 1
+                delay = min(2 ** self._restarts[stage], 30)
+                log.warning("stage exited; restarting", extra={"stage": stage, "in_s": delay,
+                                                                 "log": str(proc.log_path), "tail": proc.log_tail(5)})
+                time.sleep(delay)
+                proc.start()
+
+    def stop(self) -> None:
+        # Upstream first, so the sink can drain what the processors already emitted.
+        for stage in STAGES:
+            self.procs[stage].stop()
+
+
+def _write_stack_file(settings: Settings, demo_url: str, widget: widgets.Widget, sup: Supervisor) -> Path:
+    info = {
+        "api_url": f"http://{settings.http_host}:{settings.http_port}",
+        "postgres_dsn": settings.postgres_dsn,
+        "kafka_bootstrap": settings.kafka_bootstrap,
+        "demo_url": demo_url,
+        "demo_widget_id": str(widget.id),
+        "pids": {stage: proc.pid for stage, proc in sup.procs.items()},
+    }
+    settings.stack_file.write_text(json.dumps(info, indent=2) + "\n")
+    return settings.stack_file
+
+
+def _start_demo(settings: Settings, widget: widgets.Widget, api_url: str) -> tuple[str, threading.Thread | None]:
+    from widget.demo_server import serve_demo
+
+    thread = threading.Thread(target=serve_demo, args=(settings, api_url, str(widget.id)), daemon=True, name="demo")
+    thread.start()
+    return f"http://{settings.http_host}:{settings.demo_port}/", thread
+
+
+def run(settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    with ExitStack() as stack:
+        settings = _start_embedded(settings, stack)
+        ensure_database(settings.postgres_dsn)
+        migrate(settings.postgres_dsn)
+        ensure_topics(settings)
+        widget = ensure_demo_widget(settings.postgres_dsn)
+
+        sup = Supervisor(settings, settings.data_dir / "logs")
+        sup.start()
+        stack.callback(sup.stop)
+        api_url = f"http://{settings.http_host}:{settings.http_port}"
+        wait_until(lambda: port_open(settings.http_port, settings.http_host) or stop.is_set(), 60, "API")
+        demo_url, _ = _start_demo(settings, widget, api_url)
+        stack_file = _write_stack_file(settings, demo_url, widget, sup)
+
+        print(
+            "\nSite Activity is running on the embedded stack\n"
+            f"  demo site      {demo_url}   (click around; events land in Postgres seconds later)\n"
+            f"  ingest API     {api_url}/api/widget/track   (health {api_url}/readyz, metrics {api_url}/metrics)\n"
+            f"  widget script  {api_url}/widget.js   demo widget id {widget.id}\n"
+            f"  Kafka          {settings.kafka_bootstrap}\n"
+            f"  Postgres       {settings.postgres_dsn}\n"
+            f"  watch rows     psql {settings.postgres_dsn} -c 'SELECT occurred_at, event_type, name, url "
+            "FROM visitor_events ORDER BY occurred_at DESC LIMIT 20'\n"
+            f"  stack file     {stack_file}\n"
+            f"  logs           {settings.data_dir / 'logs'}/\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            sup.check()
+        log.info("shutting down")
+    settings.stack_file.unlink(missing_ok=True)
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,6 +70,13 @@ class Settings(BaseSettings):
     @property
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process see exactly these settings."""
+        return {
+            f"SITE_ACTIVITY_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for name, value in self.model_dump().items()
+        }
 
 
 @lru_cache(maxsize=1)

@@ -3,10 +3,6 @@ widgets per test; stages started as real `site-activity <stage>` processes."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,13 +15,11 @@ from confluent_kafka import Consumer
 
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, stop_process, wait_until
+from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
+from site_activity.process import StageProcess
 from site_activity.settings import Settings
 from site_activity.topics import Topics
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -50,11 +44,7 @@ def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process see exactly these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        env[f"SITE_ACTIVITY_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return env
+    return settings.to_env()
 
 
 @pytest.fixture
@@ -108,41 +98,25 @@ def make_widget(postgres: EmbeddedPostgres) -> Callable[..., widgets.Widget]:
     return make
 
 
-class Service:
-    """A `site-activity <stage>` child process with the test's settings in its environment."""
+class Service(StageProcess):
+    """A stage child process that start() only returns from once it is healthy."""
 
     def __init__(self, stage: str, settings: Settings, log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.stage = stage
-        self.settings = settings
-        self.log_path = log_dir / f"{stage}.log"
-        self.env = {**os.environ, **settings_env(settings), **(extra_env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(stage, settings, log_dir / f"{stage}.log", extra_env)
+        self.ready: Callable[[], bool] | None = None
 
-    def start(self, ready: Callable[[], bool] | None = None, timeout: float = 60.0) -> Service:
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "site_activity.cli", self.stage],
-                env=self.env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        if ready is not None:
+    def start(self, timeout: float = 60.0) -> Service:  # type: ignore[override]
+        super().start()
+        if self.ready is not None:
+            ready = self.ready
+
             def check() -> bool:
-                if self.proc.poll() is not None:  # type: ignore[union-attr]
+                if not self.alive():
                     raise RuntimeError(f"{self.stage} exited early:\n{self.log_tail()}")
                 return ready()
+
             wait_until(check, timeout, self.stage, interval=0.2)
         return self
-
-    def stop(self) -> None:
-        if self.proc:
-            stop_process(self.proc, timeout=20)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
 
 
 def http_ok(url: str) -> Callable[[], bool]:
@@ -167,8 +141,9 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
             "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
             "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
         }.get(stage)
+        svc.ready = http_ok(health) if health else None
         started.append(svc)
-        return svc.start(http_ok(health) if health else None)
+        return svc.start()
 
     yield start
     for svc in reversed(started):
