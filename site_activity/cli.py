@@ -8,6 +8,7 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from site_activity.logs import setup_logging
 from site_activity.settings import Settings, get_settings
@@ -45,7 +46,7 @@ def _topics(_: argparse.Namespace, settings: Settings) -> int:
 def _schemas_check(args: argparse.Namespace, _: Settings) -> int:
     from schemas.compat import check_all
 
-    problems = check_all()
+    problems = check_all(args.dir)
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
@@ -89,6 +90,30 @@ def _widgets(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
+    """Prints the newest events; with --follow keeps printing new ones (how a newcomer watches rows arrive)."""
+    import time
+
+    from site_activity.db import connect
+
+    sql = ("SELECT received_at, occurred_at, event_type, coalesce(name, user_id, ''), url, visitor_id,"
+           " session_id, customer_id FROM visitor_events WHERE (%(w)s::uuid IS NULL OR widget_id = %(w)s)"
+           " AND received_at > %(since)s ORDER BY received_at DESC, occurred_at DESC LIMIT %(n)s")
+    since = "-infinity"
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        while True:
+            rows = conn.execute(sql, {"w": args.widget, "since": since, "n": args.limit}).fetchall()
+            for rx, at, kind, label, url, visitor, session, customer in reversed(rows):
+                print(f"{at:%Y-%m-%d %H:%M:%S}  {kind:13}  {label[:24]:24}  {url or '':50}  visitor={visitor[:8]}"
+                      f"  session={str(session)[:8] if session else '-'}  contact={str(customer)[:8] if customer else '-'}",
+                      flush=True)
+            if rows:
+                since = rows[0][0]
+            if not args.follow:
+                return 0
+            time.sleep(1)
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -110,8 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     schemas = sub.add_parser("schemas", help="Avro schema tools")
     schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)
-    schemas_sub.add_parser("check", help="fail when a schema is not backward-compatible with its previous version"
-                           ).set_defaults(func=_schemas_check)
+    check = schemas_sub.add_parser("check", help="fail when a schema is not backward-compatible with its previous version")
+    check.set_defaults(func=_schemas_check)
+    check.add_argument("--dir", type=Path, help="schema directory with a history/ folder (default: the packaged schemas)")
+
+    events = sub.add_parser("events", help="look at stored events")
+    events_sub = events.add_subparsers(dest="events_action", required=True)
+    recent = events_sub.add_parser("recent", help="print the newest events (--follow to keep watching)")
+    recent.set_defaults(func=_events_recent)
+    recent.add_argument("--widget", type=_uuid_arg)
+    recent.add_argument("--limit", type=int, default=20)
+    recent.add_argument("--follow", "-f", action="store_true")
 
     w = sub.add_parser("widgets", help="admin commands over widget configs")
     w.set_defaults(func=_widgets)

@@ -137,8 +137,7 @@ def run(settings: Settings) -> int:
             f"  widget script  {api_url}/widget.js   demo widget id {widget.id}\n"
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
-            f"  watch rows     psql {settings.postgres_dsn} -c 'SELECT occurred_at, event_type, name, url "
-            "FROM visitor_events ORDER BY occurred_at DESC LIMIT 20'\n"
+            "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"
             f"  stack file     {stack_file}\n"
             f"  logs           {settings.data_dir / 'logs'}/\n"
             "Ctrl-C stops everything.\n",

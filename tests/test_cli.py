@@ -93,3 +93,17 @@ def test_migrate_and_topics_are_idempotent(settings: Settings) -> None:
     topics = cli(settings, "topics")
     assert topics.returncode == 0, topics.stderr
     assert f"{settings.topic_prefix}.events.raw" in topics.stdout and "exists" in topics.stdout
+
+
+def test_events_recent_prints_the_newest_rows(settings: Settings, db: psycopg.Connection, make_widget) -> None:
+    w = make_widget()
+    for i, (kind, name) in enumerate([("pageview", None), ("custom", "clicked_upgrade")]):
+        db.execute(
+            "INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name, url,"
+            " occurred_at, received_at) VALUES (%s, %s, %s, 'visitor-1', %s, %s, %s, now(), now() + %s * interval '1 ms')",
+            (w.id, uuid.uuid4(), w.tenant_id, kind, name, f"https://shop.example/{i}", i),
+        )
+    out = cli(settings, "events", "recent", "--widget", str(w.id)).stdout.splitlines()
+    assert len(out) == 2
+    assert "pageview" in out[0] and "https://shop.example/0" in out[0]
+    assert "clicked_upgrade" in out[1]

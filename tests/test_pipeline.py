@@ -1,0 +1,202 @@
+"""End to end through real processes: POST /api/widget/track -> Kafka (Avro) -> sink -> Postgres rows."""
+
+from __future__ import annotations
+
+import io
+import struct
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+import avro.io
+import avro.schema
+import httpx
+import psycopg
+import pytest
+
+from schemas.codec import SCHEMA_DIR
+from site_activity import widgets
+from site_activity.settings import Settings
+from site_activity.topics import Topics
+from tests.conftest import Service, read_topic, wait_for_rows
+
+ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,
+                 customer_id, session_id, occurred_at, received_at
+          FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' ORDER BY occurred_at, event_id"""
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None) -> dict:
+    return {"widget_id": str(widget_id), "visitor_id": visitor, "sent_at": iso(sent_at or datetime.now(timezone.utc)),
+            "events": events}
+
+
+def pageview(at: datetime, url: str = "https://shop.example/", **extra: object) -> dict:
+    return {"event_id": str(uuid.uuid4()), "type": "pageview", "occurred_at": iso(at), "url": url, **extra}
+
+
+@pytest.fixture
+def raw_pipeline(settings: Settings, start_service: Callable[..., Service]) -> Settings:
+    """API + sink reading the raw topic: the ingest path of issue 2 without the processors."""
+    raw = settings.model_copy(update={"sink_from_enriched": False})
+    start_service("api")
+    start_service("sink", settings_override=raw)
+    return raw
+
+
+def test_posted_events_become_rows_with_every_column(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
+    w = make_widget()
+    now = datetime.now(timezone.utc)
+    events = [
+        pageview(now - timedelta(seconds=4), "https://shop.example/pricing", referrer="https://google.example/"),
+        {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked_upgrade", "occurred_at": iso(now - timedelta(seconds=3)),
+         "url": "https://shop.example/pricing", "properties": {"plan": "growth", "rows": 120, "nested": {"ok": True}}},
+        {"event_id": str(uuid.uuid4()), "type": "identify", "user_id": "u_88291", "occurred_at": iso(now - timedelta(seconds=2)),
+         "url": "https://shop.example/app", "traits": {"email": "paul@arrakis.example", "name": "Paul Atreides"}},
+    ]
+    # Server-side fields in the body are ignored, never trusted.
+    body = batch(w.id, events) | {"tenant_id": str(uuid.uuid4())}
+    before = datetime.now(timezone.utc)
+    resp = httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10)
+    after = datetime.now(timezone.utc)
+    assert resp.status_code == 204, resp.text
+
+    rows = wait_for_rows(db, ROWS, (w.id,), 3)
+    assert len(rows) == 3
+    by_type = {r[4]: r for r in rows}
+    for sent, row in zip(events, rows):
+        assert row[0] == uuid.UUID(sent["event_id"])
+        assert row[1] == w.id and row[2] == w.tenant_id and row[3] == "v-1"
+        assert before - timedelta(seconds=6) < row[12] <= after
+        assert before <= row[13] <= after + timedelta(seconds=1)
+        assert row[10] is None  # customer_id: linked by the processors, not by the raw path
+    pv, custom, ident = by_type["pageview"], by_type["custom"], by_type["identify"]
+    assert pv[6:9] == ("https://shop.example/pricing", "https://google.example/", {})
+    assert custom[5] == "clicked_upgrade" and custom[8] == {"plan": "growth", "rows": 120, "nested": {"ok": True}}
+    assert custom[7] is None
+    assert ident[9] == "u_88291" and ident[8] == {"email": "paul@arrakis.example", "name": "Paul Atreides"}
+
+
+def test_client_clock_skew_is_corrected(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
+    w = make_widget()
+    client_now = datetime.now(timezone.utc) + timedelta(hours=2)  # the visitor's clock runs two hours fast
+    resp = httpx.post(f"{api_url}/api/widget/track", timeout=10, json=batch(
+        w.id, [pageview(client_now - timedelta(seconds=30)), pageview(client_now + timedelta(minutes=5))],
+        sent_at=client_now))
+    assert resp.status_code == 204, resp.text
+    rows = wait_for_rows(db, "SELECT occurred_at, received_at FROM visitor_events WHERE widget_id = %s ORDER BY occurred_at",
+                         (w.id,), 2)
+    (first_at, first_rx), (second_at, second_rx) = rows
+    assert abs((first_rx - first_at) - timedelta(seconds=30)) < timedelta(seconds=1)
+    assert second_at == second_rx  # an event "from the future" is clamped to the moment it was received
+
+
+def test_retried_batch_never_duplicates_rows(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
+    w = make_widget()
+    now = datetime.now(timezone.utc)
+    body = batch(w.id, [pageview(now - timedelta(seconds=i), f"https://shop.example/{i}") for i in range(25)])
+    for _ in range(3):
+        assert httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10).status_code == 204
+    marker = batch(w.id, [pageview(now, "https://shop.example/last")])
+    assert httpx.post(f"{api_url}/api/widget/track", json=marker, timeout=10).status_code == 204
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url = 'https://shop.example/last'", (w.id,), 1)
+    assert db.execute("SELECT count(*), count(DISTINCT event_id) FROM visitor_events WHERE widget_id = %s",
+                      (w.id,)).fetchone() == (26, 26)
+
+
+def test_disabled_widget_drops_silently_until_enabled(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection,
+    postgres,
+) -> None:
+    w = make_widget(enabled=False)
+    now = datetime.now(timezone.utc)
+    dropped = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now, "https://x.example/off")]), timeout=10)
+    assert dropped.status_code == 204
+    with psycopg.connect(postgres.dsn) as conn:
+        widgets.set_tracking(conn, w.id, True, actor="tests")
+    # The API's widget cache picks the flip up within its refresh interval (< 5 s).
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=15)
+    while datetime.now(timezone.utc) < deadline:
+        resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(datetime.now(timezone.utc), "https://x.example/on")]),
+                          timeout=10)
+        assert resp.status_code == 204
+        if db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (w.id,)).fetchone()[0]:
+            break
+        import time
+        time.sleep(1)
+    rows = wait_for_rows(db, "SELECT DISTINCT url FROM visitor_events WHERE widget_id = %s", (w.id,), 1)
+    assert rows == [("https://x.example/on",)]
+
+
+def test_mixed_batch_keeps_the_valid_events(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
+    w = make_widget()
+    now = datetime.now(timezone.utc)
+    good = [pageview(now, "https://shop.example/a"), pageview(now, "https://shop.example/b")]
+    bad = {"event_id": str(uuid.uuid4()), "type": "custom", "name": "x" * 101, "occurred_at": iso(now)}
+    resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [good[0], bad, good[1]]), timeout=10)
+    assert resp.status_code == 400
+    assert [r["index"] for r in resp.json()["rejected"]] == [1]
+    rows = wait_for_rows(db, "SELECT url FROM visitor_events WHERE widget_id = %s ORDER BY url", (w.id,), 2)
+    assert rows == [("https://shop.example/a",), ("https://shop.example/b",)]
+
+
+def test_deleting_a_widget_removes_its_events(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection, postgres
+) -> None:
+    keep, doomed = make_widget(), make_widget()
+    now = datetime.now(timezone.utc)
+    for w in (keep, doomed):
+        assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now)]), timeout=10).status_code == 204
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = ANY(%s)", ([keep.id, doomed.id],), 2)
+    with psycopg.connect(postgres.dsn) as conn:
+        assert widgets.delete_widget(conn, doomed.id, actor="tests") == 1
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (doomed.id,)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (keep.id,)).fetchone() == (1,)
+    # Events still in flight for the deleted widget are dropped by the API (404) rather than retried forever.
+    late = httpx.post(f"{api_url}/api/widget/track", json=batch(doomed.id, [pageview(now)]), timeout=10)
+    assert late.status_code in (204, 404)
+
+
+def _crc64_avro(data: bytes) -> int:
+    empty = 0xC15D213AA4D7A795
+    fp = empty
+    for byte in data:
+        fp ^= byte
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+    return fp
+
+
+def test_topic_messages_decode_with_the_reference_avro_library(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget]
+) -> None:
+    """Any consumer with the .avsc file alone can read the topic: single-object encoding, Apache `avro`."""
+    from fastavro import parse_schema
+    from fastavro.schema import to_parsing_canonical_form
+
+    w = make_widget()
+    sent = pageview(datetime.now(timezone.utc), "https://shop.example/interop")
+    assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [sent]), timeout=10).status_code == 204
+    [msg] = read_topic(raw_pipeline, Topics.from_settings(raw_pipeline).raw_events, 1)
+    value = msg.value()
+    schema_text = (SCHEMA_DIR / "visitor_event.avsc").read_text()
+    canonical = to_parsing_canonical_form(parse_schema(__import__("json").loads(schema_text), _write_hint=False))
+    assert value[:2] == b"\xc3\x01"
+    assert struct.unpack("<Q", value[2:10])[0] == _crc64_avro(canonical.encode())
+    reader = avro.io.DatumReader(avro.schema.parse(schema_text))
+    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(value[10:])))
+    assert record["event_id"] == sent["event_id"] and record["event_type"] == "pageview"
+    assert record["widget_id"] == str(w.id) and record["tenant_id"] == str(w.tenant_id)
+    assert record["url"] == "https://shop.example/interop" and record["visitor_id"] == "v-1"
+    assert msg.key() == f"{w.id}:v-1".encode()
