@@ -31,8 +31,9 @@ def load_schema(path: Path) -> dict[str, Any]:
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
     parsed = fastavro.parse_schema(schema, _write_hint=False)
     hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
-    # fastavro renders the 64-bit value big-endian; the spec puts it on the wire little-endian.
-    return int(hex_fp, 16).to_bytes(8, "little")
+    # fastavro's hex string already lists the bytes in the spec's little-endian wire order
+    # (e.g. "int" -> 8f5c393f1ad57572 for CRC 0x7275d51a3f395c8f), same as avro's Schema.fingerprint().
+    return bytes.fromhex(hex_fp)
 
 
 class AvroCodec:

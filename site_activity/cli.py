@@ -135,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     schemas = sub.add_parser("schemas", help="Avro schema tools")
     schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)
-    check = schemas_sub.add_parser("check", help="fail when a schema is not backward-compatible with its previous version")
+    check = schemas_sub.add_parser(
+        "check", help="fail when a schema is not backward-compatible with its previous version")
     check.set_defaults(func=_schemas_check)
-    check.add_argument("--dir", type=Path, help="schema directory with a history/ folder (default: the packaged schemas)")
+    check.add_argument("--dir", type=Path,
+                       help="schema directory with a history/ folder (default: the packaged schemas)")
 
     events = sub.add_parser("events", help="look at stored events")
     events_sub = events.add_subparsers(dest="events_action", required=True)
