@@ -1,0 +1,68 @@
+"""What `POST /api/widget/track` does, between reading the body and writing the response."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from producer_api.errors import ApiError
+from producer_api.metrics import ApiMetrics
+from producer_api.producer import EventProducer, ProduceError
+from producer_api.validation import Limits, Rejection, build_events, parse_envelope
+from producer_api.widget_cache import CacheUnavailable, WidgetCache
+from schemas.codec import VISITOR_EVENT, AvroCodec
+from site_activity.settings import Settings
+from site_activity.topics import Topics, event_key
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    accepted: int = 0  # events durably written to Kafka
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+class IngestService:
+    def __init__(self, settings: Settings, cache: WidgetCache, producer: EventProducer, metrics: ApiMetrics) -> None:
+        self.limits = Limits.from_settings(settings)
+        self._topic = Topics.from_settings(settings).raw_events
+        self._timeout = settings.produce_timeout_s
+        self._retry_after = {"Retry-After": str(settings.retry_after_s)}
+        self._cache = cache
+        self._producer = producer
+        self._metrics = metrics
+        self._codec = AvroCodec(VISITOR_EVENT)
+
+    def _unavailable(self, error: str, reason: str) -> ApiError:
+        return ApiError(503, error, reason, headers=self._retry_after)
+
+    async def ingest(self, body: bytes) -> Outcome:
+        """Publishes the batch's valid events and returns the rejected ones. Raises ApiError when the request
+        as a whole is refused (then nothing was published) or when Kafka did not confirm the valid events."""
+        received_at = datetime.now(UTC)
+        envelope = parse_envelope(body, self.limits)
+        try:
+            widget = await self._cache.lookup(envelope.widget_id)
+        except CacheUnavailable as exc:
+            raise self._unavailable("widget_config_unavailable", str(exc)) from None
+        if widget is None:
+            raise ApiError(404, "unknown_widget", f"no widget with id {envelope.widget_id}")
+        if not widget.tracking_enabled:
+            # The spec's silent drop: the page keeps calling, nothing is recorded, nothing shows in consoles.
+            self._metrics.events_dropped_disabled.inc(len(envelope.events))
+            return Outcome()
+
+        events, rejected = build_events(envelope, widget.tenant_id, received_at, self.limits)
+        if rejected:
+            self._metrics.events_rejected.inc(len(rejected))
+        if events:
+            # Publish in event time: a shuffled or clock-jittered batch then reaches the processors in the order
+            # the visitor acted, so only whole late batches are out of order downstream (stable for ties).
+            events.sort(key=lambda e: e["occurred_at"])
+            key = event_key(envelope.widget_id, envelope.visitor_id)
+            encode = self._codec.encode
+            try:
+                await self._producer.send(self._topic, [(key, encode(e)) for e in events], self._timeout)  # type: ignore[arg-type]
+            except ProduceError as exc:
+                raise self._unavailable("kafka_unavailable", str(exc)) from None
+            self._metrics.events_accepted.inc(len(events))
+        return Outcome(len(events), rejected)

@@ -1,0 +1,1 @@
+"""Thin routers: parse the HTTP specifics, call a service, shape the response."""
