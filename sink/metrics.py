@@ -1,0 +1,81 @@
+"""Prometheus metrics of one sink process (own registry) and the tiny HTTP server for /healthz and /metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class SinkMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        p = "site_activity_sink"
+        self.consumed = Counter(f"{p}_messages_consumed", "Messages read from the event topic", registry=r)
+        self.rows_written = Counter(f"{p}_rows_written", "Event rows inserted into visitor_events", registry=r)
+        self.rows_skipped = Counter(
+            f"{p}_rows_skipped", "Rows not inserted: already present (redelivery) or widget deleted", registry=r)
+        self.customers_upserted = Counter(f"{p}_customers_upserted", "Contacts created or updated", registry=r)
+        self.events_relinked = Counter(f"{p}_events_relinked", "Anonymous events linked to a contact", registry=r)
+        self.batches = Counter(f"{p}_batches", "Batches written and committed", registry=r)
+        self.batch_seconds = Histogram(
+            f"{p}_batch_seconds", "Write + dead-letter + commit time of one batch", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.batch_size = Histogram(f"{p}_batch_messages", "Messages per batch", registry=r,
+                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000))
+        self.dead_letters = Counter(f"{p}_dead_letters", "Messages sent to the dead-letter topic", ["reason"],
+                                    registry=r)
+        self.db_retries = Counter(f"{p}_db_retries", "Batch attempts that failed transiently", registry=r)
+        self.commit_failures = Counter(f"{p}_commit_failures", "Offset commits that failed", registry=r)
+        # Tansu reports wrong end offsets, so this is only meaningful against real Kafka.
+        self.consumer_lag = Gauge(f"{p}_consumer_lag", "High watermark minus committed offset", ["partition"],
+                                  registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Liveness:
+    """The main loop ticks; /healthz is 200 while ticks keep coming (the loop also ticks while it backs off)."""
+
+    def __init__(self, max_silence_s: float) -> None:
+        self.max_silence_s = max_silence_s
+        self._last = time.monotonic()
+        self.running = True
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.running and time.monotonic() - self._last < self.max_silence_s
+
+
+def serve_http(host: str, port: int, metrics: SinkMetrics, liveness: Liveness) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/healthz":
+                ok = liveness.alive()
+                self._send(200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}',
+                           "application/json")
+            elif self.path == "/metrics":
+                self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
+            else:
+                self._send(404, b'{"error":"not found"}', "application/json")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # probes every few seconds; not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
+    return server

@@ -1,0 +1,195 @@
+"""Step 2 of a batch: one Postgres transaction that writes the rows idempotently.
+
+    COPY (binary) -> temp table
+    upsert the contacts of identify events (traits merged per key by event time)
+    INSERT INTO visitor_events ... ON CONFLICT DO NOTHING (joined to widget_configs: deleted widgets drop out)
+    retro-link the identified visitors' earlier anonymous events
+
+Every statement is idempotent, so re-writing a batch after a crash or a retry changes nothing.
+A row the database rejects for good (data or constraint error) is isolated by bisecting the batch and handed
+back as a dead letter; any other database error is transient and raised as `TransientError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from sink.records import COLUMNS, DeadLetter, Row
+
+log = logging.getLogger(__name__)
+
+_TEMP = "sink_batch"
+
+_CREATE_TEMP = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_TEMP} ("
+    + ", ".join(f"{name} {pg_type}" for name, pg_type in COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)
+_COPY = f"COPY {_TEMP} ({', '.join(name for name, _ in COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+
+# One statement for every identify of the batch. Within the batch the newest value per (contact, trait) wins
+# (ties: the later message); merge_customer_traits (migration 0002) then merges that into the stored contact.
+_UPSERT_CUSTOMERS = f"""
+WITH ident AS (
+    SELECT b.ord, b.customer_id, b.tenant_id, b.user_id, b.occurred_at,
+           CASE WHEN jsonb_typeof(b.properties::jsonb) = 'object' THEN b.properties::jsonb
+                ELSE '{{}}'::jsonb END AS traits
+    FROM {_TEMP} b
+    JOIN widget_configs w ON w.id = b.widget_id          -- a deleted widget's identify creates nothing
+    JOIN tenants t ON t.id = b.tenant_id
+    WHERE b.event_type = 'identify' AND b.customer_id IS NOT NULL AND b.user_id IS NOT NULL
+),
+latest AS (
+    SELECT DISTINCT ON (i.customer_id, kv.key) i.customer_id, kv.key, kv.value, i.occurred_at
+    FROM ident i CROSS JOIN LATERAL jsonb_each(i.traits) AS kv
+    ORDER BY i.customer_id, kv.key, i.occurred_at DESC, i.ord DESC
+),
+contact AS (
+    SELECT DISTINCT ON (customer_id) customer_id, tenant_id, user_id FROM ident ORDER BY customer_id, ord
+),
+incoming AS (
+    SELECT c.customer_id, c.tenant_id, c.user_id,
+           coalesce(jsonb_object_agg(l.key, l.value) FILTER (WHERE l.key IS NOT NULL), '{{}}') AS traits,
+           coalesce(jsonb_object_agg(l.key, to_jsonb(l.occurred_at)) FILTER (WHERE l.key IS NOT NULL), '{{}}')
+               AS trait_times
+    FROM contact c LEFT JOIN latest l USING (customer_id)
+    GROUP BY c.customer_id, c.tenant_id, c.user_id
+)
+INSERT INTO customers AS cu (id, tenant_id, external_id, email, name, traits, trait_times)
+SELECT customer_id, tenant_id, user_id, traits ->> 'email', traits ->> 'name', traits, trait_times
+FROM incoming
+ORDER BY customer_id  -- a fixed lock order, so concurrent sink members cannot deadlock on contacts
+ON CONFLICT (id) DO UPDATE SET
+    (traits, trait_times, email, name, updated_at) = (
+        SELECT m.traits, m.trait_times, m.traits ->> 'email', m.traits ->> 'name', now()
+        FROM merge_customer_traits(cu.traits, cu.trait_times, EXCLUDED.traits, EXCLUDED.trait_times) m)
+WHERE NOT EXISTS (  -- re-applying an identify is a no-op: no write, updated_at kept
+    SELECT 1 FROM merge_customer_traits(cu.traits, cu.trait_times, EXCLUDED.traits, EXCLUDED.trait_times) m
+    WHERE m.traits = cu.traits AND m.trait_times = cu.trait_times)
+"""
+
+# tenant_id stays the event's (the API stamped it from the widget config). The customer join drops a
+# customer_id whose contact does not exist (deleted) instead of violating the foreign key.
+_INSERT_EVENTS = f"""
+INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer,
+                            properties, user_id, customer_id, session_id, occurred_at, received_at)
+SELECT b.widget_id, b.event_id, b.tenant_id, b.visitor_id, b.event_type, b.name, b.url, b.referrer,
+       b.properties::jsonb, b.user_id, c.id, b.session_id, b.occurred_at, b.received_at
+FROM {_TEMP} b
+JOIN widget_configs w ON w.id = b.widget_id
+LEFT JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id
+ON CONFLICT (widget_id, event_id) DO NOTHING
+"""
+
+# Only anonymous events are claimed, so on a shared computer the events before a second identify stay with the
+# first contact. An event claimed by several identifies of this batch goes to the earliest one after it.
+_RETRO_LINK = f"""
+WITH ident AS (
+    SELECT DISTINCT b.tenant_id, b.visitor_id, b.customer_id, b.occurred_at
+    FROM {_TEMP} b
+    JOIN widget_configs w ON w.id = b.widget_id
+    JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id
+    WHERE b.event_type = 'identify'
+),
+claim AS (
+    SELECT DISTINCT ON (e.widget_id, e.event_id) e.widget_id, e.event_id, i.customer_id
+    FROM ident i
+    JOIN visitor_events e ON e.tenant_id = i.tenant_id AND e.visitor_id = i.visitor_id
+                         AND e.occurred_at <= i.occurred_at AND e.customer_id IS NULL
+    ORDER BY e.widget_id, e.event_id, i.occurred_at
+)
+UPDATE visitor_events e SET customer_id = claim.customer_id
+FROM claim WHERE e.widget_id = claim.widget_id AND e.event_id = claim.event_id
+"""
+
+_STATEMENT_TIMEOUT_MS = 60_000
+
+# Errors that no retry can fix: the row itself is wrong for this schema.
+_POISON = (psycopg.DataError, psycopg.IntegrityError)
+
+
+class TransientError(Exception):
+    """The database could not be written right now (down, restarting, deadlock, schema missing): retry later."""
+
+
+@dataclass
+class WriteResult:
+    inserted: int = 0
+    customers: int = 0
+    relinked: int = 0
+    rejected: list[DeadLetter] = field(default_factory=list)
+
+    def add(self, other: WriteResult) -> WriteResult:
+        return WriteResult(self.inserted + other.inserted, self.customers + other.customers,
+                           self.relinked + other.relinked, self.rejected + other.rejected)
+
+
+class EventWriter:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: psycopg.Connection | None = None
+
+    def write(self, rows: list[Row]) -> WriteResult:
+        if not rows:
+            return WriteResult()
+        try:
+            return self._write_isolating_poison(rows)
+        except psycopg.Error as exc:
+            self.close()  # reconnect next time: the connection may be dead or mid-transaction
+            raise TransientError(f"{type(exc).__name__}: {exc}".strip()) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = psycopg.connect(
+                self._dsn, autocommit=True, connect_timeout=5, application_name="site-activity-sink",
+                # A hung server or a dropped network path must surface as an error (then retry), not a hang.
+                options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+            conn.execute(_CREATE_TEMP)
+            self._conn = conn
+        return self._conn
+
+    def _write_isolating_poison(self, rows: list[Row]) -> WriteResult:
+        """Writes the rows; if the database rejects the batch's data, bisects down to the rejected rows."""
+        try:
+            return self._write_once(rows)
+        except _POISON as exc:
+            if len(rows) == 1:
+                reason = f"db_rejected: {exc.sqlstate} {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                log.warning("row rejected by the database", extra={
+                    "reason": reason, "topic": rows[0].source.topic, "partition": rows[0].source.partition,
+                    "offset": rows[0].source.offset})
+                return WriteResult(rejected=[DeadLetter(rows[0].source, reason)])
+            # Halves keep the batch order, so an identify is still applied after the events before it.
+            mid = len(rows) // 2
+            return self._write_isolating_poison(rows[:mid]).add(self._write_isolating_poison(rows[mid:]))
+
+    def _write_once(self, rows: list[Row]) -> WriteResult:
+        conn = self._connection()
+        has_identity = any(r.is_identify for r in rows)
+        customers = relinked = 0
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(_COPY) as copy:
+                copy.set_types([pg_type for _, pg_type in COLUMNS])
+                for row in rows:
+                    copy.write_row(row.values)
+            if has_identity:
+                cur.execute(_UPSERT_CUSTOMERS)
+                customers = max(cur.rowcount, 0)
+            cur.execute(_INSERT_EVENTS)
+            inserted = max(cur.rowcount, 0)
+            if has_identity:
+                cur.execute(_RETRO_LINK)
+                relinked = max(cur.rowcount, 0)
+        return WriteResult(inserted=inserted, customers=customers, relinked=relinked)

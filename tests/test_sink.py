@@ -1,0 +1,420 @@
+"""The sink against a real broker and a real Postgres: rows, idempotency, crashes, outages, dead letters,
+deleted widgets, and the identity writes (contacts, trait merge, retro-linking)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from schemas.codec import VISITOR_EVENT, AvroCodec
+from site_activity import widgets
+from site_activity.db import migrate
+from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
+from site_activity.events import customer_id_for
+from site_activity.kafka import producer_config
+from site_activity.settings import Settings
+from site_activity.topics import event_key
+from tests.conftest import read_topic
+
+CODEC = AvroCodec(VISITOR_EVENT)
+T0 = datetime(2026, 11, 24, 8, 0, 0, 123456, tzinfo=UTC)
+
+EVENT_COLUMNS = ("widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,"
+                 " customer_id, session_id, occurred_at, received_at")
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def make_event(widget: widgets.Widget, visitor: str = "v-1", event_type: str = "pageview",
+               at: datetime = T0, **fields: Any) -> dict[str, Any]:
+    record = {
+        "event_id": uuid.uuid4(), "event_type": event_type, "tenant_id": widget.tenant_id, "widget_id": widget.id,
+        "visitor_id": visitor, "name": None, "url": "https://shop.example/", "referrer": None, "properties": "{}",
+        "user_id": None, "occurred_at": at, "received_at": at + timedelta(seconds=1), "session_id": None,
+        "customer_id": None,
+    }
+    record.update(fields)
+    return record
+
+
+def identify(widget: widgets.Widget, visitor: str, user_id: str, traits: dict[str, Any], at: datetime,
+             **fields: Any) -> dict[str, Any]:
+    """An identify as the processors put it on the enriched stream: customer_id derived from (tenant, user)."""
+    cid = customer_id_for(widget.tenant_id, user_id)
+    return make_event(widget, visitor, "identify", at, user_id=user_id, properties=json.dumps(traits),
+                      customer_id=cid, **fields)
+
+
+def produce(settings: Settings, topic: str, records: list[dict[str, Any] | bytes]) -> None:
+    """Encodes records with the Avro codec (bytes are sent as they are) and waits for delivery."""
+    producer = Producer(producer_config(settings))
+    errors: list[Any] = []
+    for rec in records:
+        if isinstance(rec, bytes):
+            key, value = b"garbage", rec
+        else:
+            key, value = event_key(str(rec["widget_id"]), rec["visitor_id"]), CODEC.encode(rec)
+        producer.produce(topic, key=key, value=value, on_delivery=lambda err, _m: err and errors.append(err))
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    assert not errors, errors
+
+
+def count_rows(conn: psycopg.Connection, widget_id: uuid.UUID) -> int:
+    return conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchone()[0]
+
+
+def wait_count(conn: psycopg.Connection, widget_id: uuid.UUID, expected: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < deadline:
+        n = count_rows(conn, widget_id)
+        if n >= expected:
+            break
+        time.sleep(0.1)
+    assert n == expected, f"expected {expected} rows for widget {widget_id}, found {n}"
+
+
+def event_ids(conn: psycopg.Connection, widget_id: uuid.UUID) -> list[uuid.UUID]:
+    return [r[0] for r in conn.execute("SELECT event_id FROM visitor_events WHERE widget_id = %s", (widget_id,))]
+
+
+def metric(port: int, name: str) -> float:
+    """Sum of every sample of one metric family (all label values) from the sink's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            sample = line.split(" ")[0]
+            if sample == name or sample.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def healthy(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return check
+
+
+@pytest.fixture
+def raw_settings(settings: Settings) -> Settings:
+    """The sink reading the raw topic directly (no processors in the path)."""
+    return settings.model_copy(update={"sink_from_enriched": False})
+
+
+# --- writing rows -----------------------------------------------------------------------------------
+
+def test_rows_land_with_every_column(raw_settings, topics, db, make_widget, start_service) -> None:
+    w = make_widget()
+    session = uuid.uuid4()
+    custom = make_event(w, "v-abc", "custom", T0, name="clicked_upgrade", url="https://shop.example/pricing",
+                        referrer="https://search.example/?q=x", session_id=session,
+                        properties=json.dumps({"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}}))
+    page = make_event(w, "v-abc", "pageview", T0 + timedelta(seconds=5))
+    produce(raw_settings, topics.raw_events, [custom, page])
+
+    svc = start_service("sink", settings_override=raw_settings)
+    wait_count(db, w.id, 2)
+    rows = {r[1]: r for r in db.execute(f"SELECT {EVENT_COLUMNS} FROM visitor_events WHERE widget_id = %s",
+                                        (w.id,))}
+    assert rows[custom["event_id"]] == (
+        w.id, custom["event_id"], w.tenant_id, "v-abc", "custom", "clicked_upgrade", "https://shop.example/pricing",
+        "https://search.example/?q=x", {"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}}, None, None, session,
+        T0, T0 + timedelta(seconds=1))
+    assert rows[page["event_id"]][4:] == (
+        "pageview", None, "https://shop.example/", None, {}, None, None, None, T0 + timedelta(seconds=5),
+        T0 + timedelta(seconds=6))
+    port = raw_settings.sink_http_port
+    wait_until(lambda: metric(port, "site_activity_sink_rows_written_total") == 2, 5, "rows metric")
+    assert metric(port, "site_activity_sink_batches_total") >= 1
+    assert "site_activity_sink_batch_seconds_bucket" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    svc.stop()
+    assert svc.proc is not None and svc.proc.returncode == 0, svc.log_tail()
+
+
+def test_same_event_twice_is_one_row(raw_settings, topics, db, make_widget, start_service) -> None:
+    w = make_widget()
+    events = [make_event(w, f"v-{i}", at=T0 + timedelta(seconds=i)) for i in range(5)]
+    # A producer retry: the same events again, both inside one batch and in a later one.
+    produce(raw_settings, topics.raw_events, events + events)
+    svc = start_service("sink", settings_override=raw_settings)
+    wait_count(db, w.id, 5)
+    produce(raw_settings, topics.raw_events, events[:2] + [late := make_event(w, "v-late")])
+    wait_count(db, w.id, 6)
+    assert sorted(event_ids(db, w.id)) == sorted([e["event_id"] for e in events] + [late["event_id"]])
+    wait_until(lambda: metric(raw_settings.sink_http_port, "site_activity_sink_rows_skipped_total") >= 2, 5,
+               "skipped metric")
+    svc.stop()
+
+
+def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
+        raw_settings, topics, db, make_widget, start_service) -> None:
+    s = raw_settings.model_copy(update={"sink_batch_max_events": 500})
+    w = make_widget()
+    total = 20_000
+    events = [make_event(w, f"v-{i % 300}", at=T0 + timedelta(milliseconds=i)) for i in range(total)]
+    svc = start_service("sink", settings_override=s)
+    produce(s, topics.raw_events, events)
+
+    wait_until(lambda: count_rows(db, w.id) > 0, 30, "first rows")
+    svc.kill()
+    at_kill = count_rows(db, w.id)
+    assert 0 < at_kill < total, f"the sink was killed with {at_kill} of {total} rows written"
+
+    svc.start()  # waits for /healthz again
+    wait_count(db, w.id, total, timeout=60)
+    ids = event_ids(db, w.id)
+    assert len(ids) == len(set(ids)) == total
+    assert set(ids) == {e["event_id"] for e in events}
+
+
+def test_postgres_outage_retries_then_writes_everything_once(
+        raw_settings, topics, make_widget, start_service, tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "own-pg" / "data", free_port())
+    pg.start()
+    try:
+        migrate(pg.dsn)
+        with psycopg.connect(pg.dsn) as conn:
+            w = widgets.set_tracking(conn, widgets.create_widget(conn, name="outage", actor="tests").id, True,
+                                     actor="tests")
+        s = raw_settings.model_copy(update={"postgres_dsn": pg.dsn, "sink_retry_max_backoff_s": 1.0})
+        port = s.sink_http_port
+        svc = start_service("sink", settings_override=s)
+        first = [make_event(w, f"v-{i % 7}", at=T0 + timedelta(seconds=i)) for i in range(300)]
+        produce(s, topics.raw_events, first)
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            wait_count(conn, w.id, 300)
+
+        pg.stop()
+        second = [make_event(w, f"v-{i % 7}", at=T0 + timedelta(hours=1, seconds=i)) for i in range(300)]
+        produce(s, topics.raw_events, second)
+        # A few backoff rounds (0.2 s, 0.4 s, 0.8 s, then the 1 s cap) with the database gone.
+        wait_until(lambda: metric(port, "site_activity_sink_db_retries_total") >= 5, 30, "sink retrying")
+        assert healthy(port)(), "the sink must stay alive while Postgres is down"
+        produce(s, topics.raw_events, second[:50])  # the widget retries a batch meanwhile
+
+        pg.start()
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            wait_count(conn, w.id, 600, timeout=45)
+            ids = event_ids(conn, w.id)
+        assert sorted(ids) == sorted(e["event_id"] for e in first + second)
+
+        # Stopped (SIGTERM) while Postgres is down: exits cleanly without committing; a new sink finishes.
+        pg.stop()
+        third = [make_event(w, "v-3", at=T0 + timedelta(hours=2, seconds=i)) for i in range(100)]
+        retries = metric(port, "site_activity_sink_db_retries_total")
+        produce(s, topics.raw_events, third)
+        wait_until(lambda: metric(port, "site_activity_sink_db_retries_total") > retries, 30, "sink retrying")
+        started = time.monotonic()
+        svc.stop()
+        assert svc.proc is not None and svc.proc.returncode == 0, svc.log_tail()
+        assert time.monotonic() - started < 10
+        pg.start()
+        svc.start()
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            wait_count(conn, w.id, 700, timeout=45)
+            assert sorted(event_ids(conn, w.id)) == sorted(e["event_id"] for e in first + second + third)
+    finally:
+        pg.stop()
+
+
+def test_second_member_joining_mid_stream_rebalances_without_loss(
+        raw_settings, topics, db, make_widget, start_service, tmp_path: Path) -> None:
+    s = raw_settings.model_copy(update={"sink_batch_max_events": 200})
+    w = make_widget()
+    events = [make_event(w, f"v-{i % 50}", at=T0 + timedelta(milliseconds=i)) for i in range(6000)]
+    start_service("sink", settings_override=s)
+    produce(s, topics.raw_events, events[:3000])
+    wait_until(lambda: count_rows(db, w.id) > 0, 30, "first rows")
+    # A second member of the same group: partitions move, the first member flushes and commits on revoke.
+    second = s.model_copy(update={"sink_http_port": free_port()})
+    start_service("sink", settings_override=second)
+    produce(s, topics.raw_events, events[3000:])
+    wait_count(db, w.id, len(events), timeout=60)
+    assert sorted(event_ids(db, w.id)) == sorted(e["event_id"] for e in events)
+    assert metric(second.sink_http_port, "site_activity_sink_batches_total") >= 1, "the second member got no work"
+
+
+# --- what can never be written ----------------------------------------------------------------------
+
+def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
+        raw_settings, topics, db, make_widget, start_service) -> None:
+    w = make_widget()
+    good = [make_event(w, "v-1", at=T0 + timedelta(seconds=i)) for i in range(3)]
+    bad_json = make_event(w, "v-1", "custom", T0, name="bad", properties="{not json")
+    nul_byte = make_event(w, "v-1", "custom", T0, name="nul\x00byte")
+    garbage = b"\x00\x01 definitely not avro"
+    produce(raw_settings, topics.raw_events, [good[0], garbage, good[1], bad_json, nul_byte, good[2]])
+
+    start_service("sink", settings_override=raw_settings)
+    wait_count(db, w.id, 3)
+    letters = read_topic(raw_settings, topics.dead_letter, 3)
+    assert len(letters) == 3
+    by_value = {m.value(): dict(m.headers()) for m in letters}
+    assert by_value[garbage]["x-reason"].startswith(b"undecodable")
+    for rec in (bad_json, nul_byte):
+        headers = by_value[CODEC.encode(rec)]
+        assert headers["x-reason"].startswith(b"db_rejected"), headers
+        assert headers["x-source-topic"] == topics.raw_events.encode()
+        assert int(headers["x-source-partition"]) >= 0 and int(headers["x-source-offset"]) >= 0
+    assert {m.key() for m in letters} >= {b"garbage", event_key(str(w.id), "v-1")}
+    assert sorted(event_ids(db, w.id)) == sorted(e["event_id"] for e in good)
+    # The sink moved on: nothing is stuck behind the poison messages.
+    produce(raw_settings, topics.raw_events, [make_event(w, "v-1")])
+    wait_count(db, w.id, 4)
+    assert metric(raw_settings.sink_http_port, "site_activity_sink_dead_letters_total") == 3
+
+
+def test_events_of_a_deleted_widget_are_dropped(raw_settings, topics, db, make_widget, start_service) -> None:
+    gone, kept = make_widget(), make_widget()
+    widgets.delete_widget(db, gone.id, actor="tests")
+    produce(raw_settings, topics.raw_events,
+            [make_event(gone, "v-1"), make_event(kept, "v-1"), make_event(gone, "v-2", "identify", user_id="u",
+                                                                          customer_id=customer_id_for(gone.tenant_id, "u"))])
+    start_service("sink", settings_override=raw_settings)
+    wait_count(db, kept.id, 1)
+    produce(raw_settings, topics.raw_events, [make_event(kept, "v-2")])
+    wait_count(db, kept.id, 2)
+    assert count_rows(db, gone.id) == 0
+    assert db.execute("SELECT count(*) FROM customers WHERE tenant_id = %s", (gone.tenant_id,)).fetchone()[0] == 0
+
+
+# --- identity -----------------------------------------------------------------------------------------
+
+def customer(conn: psycopg.Connection, tenant_id: uuid.UUID, user_id: str) -> tuple | None:
+    return conn.execute(
+        "SELECT id, external_id, email, name, traits, trait_times FROM customers"
+        " WHERE tenant_id = %s AND external_id = %s", (tenant_id, user_id)).fetchone()
+
+
+def wait_customer(conn: psycopg.Connection, tenant_id: uuid.UUID, user_id: str,
+                  check: Callable[[tuple], bool]) -> tuple:
+    row: tuple | None = None
+
+    def ready() -> bool:
+        nonlocal row
+        row = customer(conn, tenant_id, user_id)
+        return row is not None and check(row)
+
+    try:
+        wait_until(ready, 20, f"customer {user_id}")
+    except TimeoutError:
+        raise AssertionError(f"customer {user_id} never matched: {row}") from None
+    return row  # type: ignore[return-value]
+
+
+def linked(conn: psycopg.Connection, widget_id: uuid.UUID) -> dict[uuid.UUID, uuid.UUID | None]:
+    return dict(conn.execute("SELECT event_id, customer_id FROM visitor_events WHERE widget_id = %s", (widget_id,)))
+
+
+def test_identify_merges_traits_by_event_time(settings, topics, db, make_widget, start_service) -> None:
+    w = make_widget()
+    t = T0
+    first = identify(w, "v-1", "u_1", {"email": "a@x.example", "name": "Paul", "plan": "free"}, t)
+    newest = identify(w, "v-1", "u_1", {"email": "b@x.example", "plan": "pro"}, t + timedelta(minutes=10))
+    start_service("sink", settings_override=settings)
+    produce(settings, topics.enriched_events, [first, newest])
+    row = wait_customer(db, w.tenant_id, "u_1", lambda r: r[4].get("plan") == "pro")
+    assert row[0] == customer_id_for(w.tenant_id, "u_1")
+    assert row[2:5] == ("b@x.example", "Paul", {"email": "b@x.example", "name": "Paul", "plan": "pro"})
+
+    # Arrives late but happened in between: only fills keys nobody set, overwrites nothing newer.
+    late = identify(w, "v-2", "u_1", {"email": "c@x.example", "company": "Acme", "plan": "basic"},
+                    t + timedelta(minutes=5))
+    # Out of order inside one batch too: the newer identify of another contact first.
+    other_new = identify(w, "v-3", "u_2", {"name": "Jessica", "email": "j2@x.example"}, t + timedelta(hours=1))
+    other_old = identify(w, "v-3", "u_2", {"name": "Jess", "email": "j1@x.example", "tz": "UTC"}, t)
+    produce(settings, topics.enriched_events, [late, other_new, other_old])
+    row = wait_customer(db, w.tenant_id, "u_1", lambda r: "company" in r[4])
+    assert row[2:5] == ("b@x.example", "Paul",
+                        {"email": "b@x.example", "name": "Paul", "plan": "pro", "company": "Acme"})
+    times = {k: datetime.fromisoformat(v) for k, v in row[5].items()}
+    assert times == {"email": t + timedelta(minutes=10), "plan": t + timedelta(minutes=10), "name": t,
+                     "company": t + timedelta(minutes=5)}
+    row2 = wait_customer(db, w.tenant_id, "u_2", lambda r: True)
+    assert row2[2:5] == ("j2@x.example", "Jessica", {"name": "Jessica", "email": "j2@x.example", "tz": "UTC"})
+
+    # Re-applying the same identify (a redelivery) changes nothing, not even updated_at.
+    before = db.execute("SELECT traits, trait_times, updated_at FROM customers WHERE id = %s", (row[0],)).fetchone()
+    produce(settings, topics.enriched_events, [first, {**first, "event_id": uuid.uuid4()}, marker := make_event(w)])
+    wait_until(lambda: marker["event_id"] in linked(db, w.id), 20, "marker row")
+    after = db.execute("SELECT traits, trait_times, updated_at FROM customers WHERE id = %s", (row[0],)).fetchone()
+    assert after == before
+
+
+def test_identify_retro_links_anonymous_history(settings, topics, db, make_widget, start_service) -> None:
+    tenant = uuid.uuid4()
+    w, w_same_tenant = make_widget(tenant_id=tenant), make_widget(tenant_id=tenant)
+    w_other_tenant = make_widget()
+    t = T0
+    before = [make_event(w, "v-1", at=t + timedelta(minutes=i)) for i in range(3)]
+    # The same visitor id on another widget of this tenant is the same browser (ids are per origin per tenant).
+    same_tenant = make_event(w_same_tenant, "v-1", at=t)
+    other_visitor = make_event(w, "v-2", at=t)
+    other_tenant = make_event(w_other_tenant, "v-1", at=t)  # same visitor id, unrelated person
+    start_service("sink", settings_override=settings)
+    produce(settings, topics.enriched_events, [*before, same_tenant, other_visitor, other_tenant])
+    wait_count(db, w.id, 4)
+
+    ident = identify(w, "v-1", "u_9", {"email": "p@x.example"}, t + timedelta(minutes=10))
+    cid = ident["customer_id"]
+    after = make_event(w, "v-1", at=t + timedelta(minutes=11), customer_id=cid)  # stamped by the processors
+    produce(settings, topics.enriched_events, [ident, after])
+    wait_until(lambda: linked(db, w.id).get(after["event_id"]) == cid, 20, "stamped event")
+    links = linked(db, w.id)
+    assert all(links[e["event_id"]] == cid for e in (*before, ident, after))
+    assert links[other_visitor["event_id"]] is None
+    assert linked(db, w_same_tenant.id)[same_tenant["event_id"]] == cid
+    assert linked(db, w_other_tenant.id)[other_tenant["event_id"]] is None
+
+    # Deleting the contact keeps its events, unlinked; deleting the widget removes its events.
+    db.execute("DELETE FROM customers WHERE id = %s", (cid,))
+    assert set(linked(db, w.id).values()) == {None} and count_rows(db, w.id) == 6
+    widgets.delete_widget(db, w.id, actor="tests")
+    assert count_rows(db, w.id) == 0 and count_rows(db, w_same_tenant.id) == 1
+
+    # An event still carrying the deleted contact's id lands, with customer_id NULL instead of an FK error.
+    orphan = make_event(w_same_tenant, "v-1", at=t + timedelta(minutes=20), customer_id=cid)
+    produce(settings, topics.enriched_events, [orphan])
+    wait_count(db, w_same_tenant.id, 2)
+    assert linked(db, w_same_tenant.id)[orphan["event_id"]] is None
+
+
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "separate-batches"])
+def test_shared_computer_keeps_earlier_events_with_first_contact(
+        settings, topics, db, make_widget, start_service, one_batch: bool) -> None:
+    w = make_widget()
+    t = T0
+    a = customer_id_for(w.tenant_id, "alice")
+    b = customer_id_for(w.tenant_id, "bob")
+    anon = make_event(w, "pc", at=t)
+    ident_a = identify(w, "pc", "alice", {"name": "Alice"}, t + timedelta(minutes=1))
+    between = make_event(w, "pc", at=t + timedelta(minutes=2), customer_id=a)
+    ident_b = identify(w, "pc", "bob", {"name": "Bob"}, t + timedelta(minutes=3))
+    after_b = make_event(w, "pc", at=t + timedelta(minutes=4), customer_id=b)
+    stream = [anon, ident_a, between, ident_b, after_b]
+    start_service("sink", settings_override=settings)
+    if one_batch:
+        produce(settings, topics.enriched_events, stream)
+    else:
+        for rec in stream:
+            produce(settings, topics.enriched_events, [rec])
+            wait_until(lambda rec=rec: rec["event_id"] in linked(db, w.id), 20, "row")
+    wait_count(db, w.id, 5)
+    assert linked(db, w.id) == {anon["event_id"]: a, ident_a["event_id"]: a, between["event_id"]: a,
+                                ident_b["event_id"]: b, after_b["event_id"]: b}
+    assert customer(db, w.tenant_id, "alice")[3] == "Alice" and customer(db, w.tenant_id, "bob")[3] == "Bob"
