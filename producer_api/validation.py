@@ -41,6 +41,9 @@ class Envelope:
     visitor_id: str
     sent_at: datetime
     events: list[Any]
+    # Set when the body holds unpaired UTF-16 surrogates (valid JSON escapes, but not encodable as UTF-8):
+    # then each event is checked for them, so one bad string costs one event, not the whole batch.
+    has_lone_surrogates: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +127,31 @@ def _json_object(doc: dict[str, Any], field: str, max_bytes: int) -> str:
     return text
 
 
+def _utf8_encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _json_type(value: Any) -> str:
     return {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def parse_envelope(body: bytes, limits: Limits) -> Envelope:
     """The request as a whole; any error here rejects it and nothing is published."""
+    lone_surrogates = False
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+        # orjson refuses "\ud800"-style escapes that browsers' JSON.stringify emits for broken strings;
+        # the stdlib parser accepts them, and the events carrying them are rejected one by one below.
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+        lone_surrogates = True
     if not isinstance(doc, dict):
         raise ApiError(400, "invalid_request", f"body must be a JSON object, got {_json_type(doc)}")
     try:
@@ -149,7 +167,9 @@ def parse_envelope(body: bytes, limits: Limits) -> Envelope:
         raise ApiError(413, "too_many_events", f"at most {limits.max_events} events per request, got {len(events)}",
                        limit=limits.max_events)
     assert visitor_id is not None
-    return Envelope(widget_id, visitor_id, sent_at, events)
+    if lone_surrogates and not _utf8_encodable(visitor_id):
+        raise ApiError(400, "invalid_request", "visitor_id contains an unpaired UTF-16 surrogate")
+    return Envelope(widget_id, visitor_id, sent_at, events, lone_surrogates)
 
 
 def _event_type(doc: dict[str, Any]) -> str:
@@ -212,6 +232,8 @@ def build_events(env: Envelope, tenant_id: str, received_at: datetime,
     rejected: list[Rejection] = []
     for index, doc in enumerate(env.events):
         try:
+            if env.has_lone_surrogates and not _utf8_encodable(doc):
+                raise _Invalid("event contains a string with an unpaired UTF-16 surrogate (not valid Unicode text)")
             accepted.append(build_event(doc, env, tenant_id, received_at, limits))
         except _Invalid as exc:
             rejected.append(Rejection(index, str(exc)))

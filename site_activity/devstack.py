@@ -22,6 +22,7 @@ from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, port_open, w
 from site_activity.kafka import ensure_topics
 from site_activity.process import StageProcess
 from site_activity.settings import Settings
+from widget.demo_server import start_demo
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Supervisor:
 
 def _write_stack_file(settings: Settings, demo_url: str, widget: widgets.Widget, sup: Supervisor) -> Path:
     info = {
-        "api_url": f"http://{settings.http_host}:{settings.http_port}",
+        "api_url": settings.api_origin,
         "postgres_dsn": settings.postgres_dsn,
         "kafka_bootstrap": settings.kafka_bootstrap,
         "demo_url": demo_url,
@@ -95,14 +96,6 @@ def _write_stack_file(settings: Settings, demo_url: str, widget: widgets.Widget,
     }
     settings.stack_file.write_text(json.dumps(info, indent=2) + "\n")
     return settings.stack_file
-
-
-def _start_demo(settings: Settings, widget: widgets.Widget, api_url: str) -> tuple[str, threading.Thread | None]:
-    from widget.demo_server import serve_demo
-
-    thread = threading.Thread(target=serve_demo, args=(settings, api_url, str(widget.id)), daemon=True, name="demo")
-    thread.start()
-    return f"http://{settings.http_host}:{settings.demo_port}/", thread
 
 
 def run(settings: Settings) -> int:
@@ -125,9 +118,11 @@ def run(settings: Settings) -> int:
         sup = Supervisor(settings, settings.data_dir / "logs")
         sup.start()
         stack.callback(sup.stop)
-        api_url = f"http://{settings.http_host}:{settings.http_port}"
-        wait_until(lambda: port_open(settings.http_port, settings.http_host) or stop.is_set(), 60, "API")
-        demo_url, _ = _start_demo(settings, widget, api_url)
+        api_url = settings.api_origin
+        wait_until(lambda: port_open(settings.http_port) or stop.is_set(), 60, "API")
+        demo = start_demo(settings, str(widget.id))
+        stack.callback(demo.stop)
+        demo_url = demo.url + "/"
         stack_file = _write_stack_file(settings, demo_url, widget, sup)
 
         print(

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     processors_batch_max_events: int = 2_000
     processors_batch_max_s: float = 0.2
     processors_web_port: int = 6066
+    # Recent sessions / identity links remembered per visitor to place late events (see stream_processors/state.py).
+    processors_max_sessions: int = 16
+    processors_max_links: int = 8
+    # Max bytes per producer batch of the faust producer (table changelogs). 1 = one record per batch, which a
+    # broker with wrong end offsets (the embedded Tansu) needs for exact table recovery after a crash.
+    processors_producer_max_batch_size: int = 16_384
 
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -71,12 +77,21 @@ class Settings(BaseSettings):
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
 
+    @property
+    def api_origin(self) -> str:
+        """Where browsers and local tools reach the API (a wildcard bind address is not openable)."""
+        return f"http://{reachable_host(self.http_host)}:{self.http_port}"
+
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""
         return {
             f"SITE_ACTIVITY_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             for name, value in self.model_dump().items()
         }
+
+
+def reachable_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 @lru_cache(maxsize=1)

@@ -50,9 +50,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
 @pytest.fixture
 def settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
     """Settings for one test: unique topic prefix and consumer groups, short group timeouts."""
+    return make_settings(kafka, postgres, tmp_path / "data")
+
+
+def make_settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
+    """Unique topics, groups and ports on the session's broker and database; topics created.
+    Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
     tag = uuid.uuid4().hex[:10]
     s = Settings(
-        data_dir=tmp_path / "data",
+        data_dir=data_dir,
         kafka_bootstrap=kafka.bootstrap,
         postgres_dsn=postgres.dsn,
         topic_prefix=f"t{tag}",
@@ -68,7 +74,7 @@ def settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path: Path) -
         widget_cache_refresh_s=0.5,
         sink_batch_max_ms=100,
         log_json=True,
-    )
+    ).model_copy(update=overrides)
     ensure_topics(s)
     return s
 

@@ -620,3 +620,18 @@ def test_a_shuffled_batch_is_published_in_event_time_order(api: httpx.Client, se
     assert api.post("/api/widget/track", json=batch(w.id, events)).status_code == 204
     urls = [record["url"] for _, record in decoded(settings, len(events))]
     assert urls == [f"https://shop.example/{s}" for s in (0, 5, 40, 61, 300)]
+
+
+def test_unpaired_surrogates_cost_only_their_event(api: httpx.Client, settings: Settings,
+                                                   make_widget: Callable[..., widgets.Widget]) -> None:
+    """JSON.stringify turns a broken JS string into a lone "\\ud800" escape: valid JSON, invalid Unicode."""
+    w = make_widget()
+    good = custom(properties={"plan": "growth"})
+    broken = custom(properties={"s": "PLACEHOLDER"})
+    body = json.dumps(batch(w.id, [good, broken])).replace("PLACEHOLDER", "\\ud800")
+    resp = api.post("/api/widget/track", content=body, headers={"Content-Type": "text/plain"})
+    rejected = assert_error(resp, 400, "invalid_events")["rejected"]
+    assert [r["index"] for r in rejected] == [1] and "surrogate" in rejected[0]["reason"]
+    assert [record["event_id"] for _, record in decoded(settings, 1)] == [uuid.UUID(good["event_id"])]
+    bad_visitor = json.dumps(batch(w.id, [pageview()], visitor_id="PLACEHOLDER")).replace("PLACEHOLDER", "\\udfff")
+    assert_error(api.post("/api/widget/track", content=bad_visitor), 400, "invalid_request")

@@ -1,0 +1,542 @@
+"""The widget script in a real headless Chromium, against the real API + sink + Postgres.
+
+Every check reads what a customer would see: rows in `visitor_events`. Timers run on Playwright's fake
+clock (`page.clock`), so "after 5 s" costs no real time; network and the pipeline are real.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, Playwright, Route, sync_playwright
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from site_activity.settings import Settings
+from tests.conftest import Service, http_ok, make_settings, wait_for_rows
+from widget.assets import snippet_csp_hash, snippet_html, widget_script
+from widget.demo_server import ServerThread, start_demo
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+TRACK_PATH = "/api/widget/track"
+FLUSH_MS = 5000
+
+# Delivery order, then client order within a request. Not occurred_at alone: the fake clock jumps 5 s
+# ahead of real time, and the server's skew correction (rightly) moves such batches back in time.
+ROWS = """SELECT event_type, name, url, referrer, properties, user_id, visitor_id, event_id::text
+          FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'
+          ORDER BY received_at, occurred_at, event_id"""
+
+# Counts the widget's POSTs as they are made (synchronously, so exact even while the clock is frozen) and
+# as they are answered, so a test can wait for the widget to have handled a response.
+COUNT_POSTS = """
+window.__posts = 0; window.__answered = 0; window.__sizes = []; window.__counts = []; window.__statuses = [];
+const realFetch = window.fetch;
+window.fetch = function (url, init) {
+  if (!String(url).endsWith('%s')) return realFetch.apply(this, arguments);
+  window.__posts++;
+  window.__sizes.push(new TextEncoder().encode(init.body).length);
+  window.__counts.push(JSON.parse(init.body).events.length);
+  return realFetch.apply(this, arguments).then(
+    (r) => { window.__statuses.push(r.status); return r; },
+    (e) => { window.__statuses.push(String(e)); throw e; },
+  ).finally(() => { window.__answered++; });
+};
+""" % TRACK_PATH
+
+
+# --- the pipeline: one API + sink for the module, raw topic straight into Postgres -------------------
+@pytest.fixture(scope="module")
+def stack(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    log_dir = tmp_path_factory.mktemp("widget-stack")
+    settings = make_settings(kafka, postgres, log_dir / "data", sink_from_enriched=False)
+    api = _start(Service("api", settings, log_dir), f"http://127.0.0.1:{settings.http_port}/healthz")
+    sink = _start(Service("sink", settings, log_dir), f"http://127.0.0.1:{settings.sink_http_port}/healthz")
+    yield settings
+    sink.stop()
+    api.stop()
+
+
+def _start(service: Service, health_url: str) -> Service:
+    service.ready = http_ok(health_url)
+    return service.start()
+
+
+@pytest.fixture(scope="module")
+def api_origin(stack: Settings) -> str:
+    return f"http://127.0.0.1:{stack.http_port}"
+
+
+@pytest.fixture
+def widget_id(make_widget: Callable, api_origin: str) -> str:
+    """A fresh enabled widget the API already knows (a 404 would make the widget drop the events)."""
+    wid = str(make_widget().id)
+    body = {"widget_id": wid, "visitor_id": "warm-up", "sent_at": "2026-01-01T00:00:00Z", "events": []}
+    deadline = time.monotonic() + 10
+    while httpx.post(api_origin + TRACK_PATH, json=body).status_code != 204:
+        assert time.monotonic() < deadline, "the API never learned about the new widget"
+        time.sleep(0.1)
+    return wid
+
+
+# --- test pages: served per test from a real HTTP server on its own origin ------------------------------
+@dataclass
+class Pages:
+    """HTML registered by the tests, served on http://127.0.0.1:PORT and http://localhost:PORT."""
+
+    port: int
+    api_origin: str
+    content: dict[str, tuple[str, str, dict[str, str]]] = field(default_factory=dict)
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, body: str, media_type: str = "text/html", headers: dict[str, str] | None = None) -> str:
+        self.content[path] = (body, media_type, headers or {})
+        return self.url(path)
+
+    def tag(self, widget_id: str, extra: str = "async") -> str:
+        return f'<script src="{self.api_origin}/widget.js" data-widget-id="{widget_id}" {extra}></script>'
+
+    def page(self, path: str, widget_id: str, body: str = "", *, head: str | None = None) -> str:
+        """A page embedding the widget the way the README tells customers to: snippet, then async script."""
+        if head is None:
+            head = snippet_html() + self.tag(widget_id)
+        return self.add(path, f"<!doctype html><html><head><meta charset='utf-8'>{head}</head><body>{body}</body></html>")
+
+
+@pytest.fixture(scope="module")
+def page_server(api_origin: str) -> Iterator[Pages]:
+    pages = Pages(free_port(), api_origin)
+
+    async def serve(request: Request) -> Response:
+        found = pages.content.get(request.url.path)
+        if found is None:  # favicon.ico included: no 404 noise in the console the tests read
+            return Response(status_code=204 if request.url.path == "/favicon.ico" else 404)
+        body, media_type, headers = found
+        return Response(body, media_type=media_type, headers={"Cache-Control": "no-store", **headers})
+
+    app = Starlette(routes=[HttpRoute("/{path:path}", serve)])
+    server = ServerThread(app, "127.0.0.1", pages.port).start()
+    yield pages
+    server.stop()
+
+
+@pytest.fixture
+def pages(page_server: Pages) -> Iterator[Pages]:
+    yield page_server
+    page_server.content.clear()
+
+
+# --- the browser ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does this)")
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = browser.new_context()  # fresh storage per test: a first-time visitor
+    yield ctx
+    ctx.close()
+
+
+@dataclass
+class Tab:
+    page: Page
+    warnings: list[str]
+
+    def posts(self) -> int:
+        return self.page.evaluate("window.__posts")
+
+    def wait_answered(self, n: int, timeout: float = 10.0) -> None:
+        """Waits (in real time) until `n` POSTs of the current document have been answered."""
+        deadline = time.monotonic() + timeout
+        while self.page.evaluate("window.__answered") < n:
+            assert time.monotonic() < deadline, f"only {self.page.evaluate('window.__answered')} answers, wanted {n}"
+            time.sleep(0.05)
+
+    def wait_loaded(self, timeout: float = 10.0) -> None:
+        """Waits for widget.js itself (not just the snippet) on the current document."""
+        deadline = time.monotonic() + timeout
+        while not self.page.evaluate("!!(window.hydra && window.hydra._loaded)"):
+            assert time.monotonic() < deadline, "widget.js never loaded"
+            time.sleep(0.05)
+
+    def flush_timer(self) -> None:
+        """Lets the widget's 5 s flush timer fire."""
+        self.page.clock.run_for(FLUSH_MS)
+
+
+@pytest.fixture
+def tab(context: BrowserContext) -> Tab:
+    """A page with the fake clock installed and the widget's POSTs counted."""
+    page = context.new_page()
+    warnings: list[str] = []
+    page.on("console", lambda m: _record_warning(m, warnings))
+    page.on("pageerror", lambda e: warnings.append(f"pageerror: {e}"))
+    page.add_init_script(COUNT_POSTS)
+    page.clock.install()
+    return Tab(page, warnings)
+
+
+def _record_warning(message: ConsoleMessage, into: list[str]) -> None:
+    if message.type in ("warning", "error"):
+        into.append(message.text)
+
+
+def rows(db: psycopg.Connection, widget_id: str, expected: int) -> list[tuple]:
+    return wait_for_rows(db, ROWS, (widget_id,), expected, timeout=15)
+
+
+def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int) -> list[tuple]:
+    """Exactly the rows of this widget once `expected` arrived plus a marker sent after everything else
+    (so an unwanted extra event, e.g. a duplicate pageview, sent before the marker fails the count)."""
+    tab.wait_loaded()  # else the marker waits in the snippet's queue and the timer is armed after we ran it
+    tab.page.evaluate("hydra.track('__end__')")
+    tab.flush_timer()
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'", (widget_id,), 1)
+    found = rows(db, widget_id, expected + 1)
+    assert len(found) == expected + 1, found
+    return [r for r in found if r[1] != "__end__"]
+
+
+def pageviews(found: list[tuple]) -> list[tuple[str, str | None]]:
+    return [(r[2], r[3]) for r in found if r[0] == "pageview"]
+
+
+# --- the tests -----------------------------------------------------------------------------------------
+def test_size_budget(api_origin: str) -> None:
+    script = widget_script()
+    assert script.gzipped_size <= 4096, f"widget.js is {script.gzipped_size} bytes gzipped"
+    served = httpx.get(api_origin + "/widget.js", headers={"Accept-Encoding": "gzip"})
+    assert served.headers["content-encoding"] == "gzip" and served.num_bytes_downloaded <= 4096
+    assert served.content == script.body and script.version in served.text.splitlines()[0]
+
+
+def test_pageviews_on_load_push_replace_and_popstate_without_duplicates(db, pages, tab, widget_id) -> None:
+    a = pages.page("/spa/a", widget_id)
+    b, c = pages.url("/spa/b"), pages.url("/spa/c")
+    tab.page.goto(a)
+    tab.page.evaluate("""() => {
+        history.pushState({}, '', '/spa/b');
+        history.replaceState({}, '', '/spa/b');      // same URL: no pageview
+        history.pushState({}, '', '/spa/b');         // same URL again: none either
+        history.replaceState({}, '', '/spa/c');      // a new URL, even by replaceState, is a route change
+        history.pushState({}, '', '/spa/c#details'); // an in-page anchor is not a new page
+    }""")
+    for _ in range(3):  # back to /spa/c (hash only), then /spa/b, then /spa/a
+        tab.page.go_back()
+    found = settled_rows(db, tab, widget_id, 5)
+    assert pageviews(found) == [(a, None), (b, a), (c, b), (b, c), (a, b)]
+    assert not tab.warnings
+
+
+def test_snippet_queue_drains_in_order(db, pages, tab, widget_id) -> None:
+    calls = """<script>
+        hydra.track('first', {i: 1});
+        hydra.identify('u_1', {plan: 'growth'});
+        hydra.track('second', {i: 2});
+        hydra.track('third');
+    </script>"""
+    head = snippet_html() + calls + pages.tag(widget_id)  # calls run before the async script even starts
+    url = pages.page("/queued", widget_id, head=head)
+    tab.page.goto(url)
+    found = settled_rows(db, tab, widget_id, 5)
+    assert [(r[0], r[1], r[4], r[5]) for r in found] == [
+        ("pageview", None, {}, None),
+        ("custom", "first", {"i": 1}, None),
+        ("identify", None, {"plan": "growth"}, "u_1"),
+        ("custom", "second", {"i": 2}, None),
+        ("custom", "third", {}, None),
+    ]
+    assert {r[2] for r in found} == {url}
+
+
+def test_sync_script_without_snippet(db, pages, tab, widget_id) -> None:
+    head = pages.tag(widget_id, extra="") + "<script>hydra.track('right_after', {sync: true})</script>"
+    tab.page.goto(pages.page("/sync", widget_id, head=head))
+    found = settled_rows(db, tab, widget_id, 2)
+    assert [(r[0], r[1], r[4]) for r in found] == [("pageview", None, {}), ("custom", "right_after", {"sync": True})]
+    assert not tab.warnings
+
+
+def test_25_events_flush_at_once_and_fewer_after_5_seconds(db, pages, tab, widget_id) -> None:
+    tab.page.goto(pages.page("/burst", widget_id))
+    tab.page.evaluate("for (let i = 1; i <= 23; i++) hydra.track('burst', {i})")
+    assert tab.posts() == 0  # pageview + 23 = 24 queued: still waiting
+    tab.page.evaluate("hydra.track('burst', {i: 24})")
+    assert tab.posts() == 1  # the 25th event flushed at once, no timer involved
+    assert len(rows(db, widget_id, 25)) == 25
+
+    tab.wait_answered(1)
+    tab.page.evaluate("for (let i = 25; i <= 27; i++) hydra.track('burst', {i})")
+    tab.page.clock.run_for(FLUSH_MS - 100)
+    assert tab.posts() == 1  # three events wait for the 5 s timer
+    tab.page.clock.run_for(100)
+    assert tab.posts() == 2
+    found = rows(db, widget_id, 28)
+    assert [r[4]["i"] for r in found if r[0] == "custom"] == list(range(1, 28))
+
+
+def test_leaving_the_page_flushes_the_queue(db, pages, tab, widget_id) -> None:
+    second = pages.page("/leave/2", widget_id)
+    first = pages.page("/leave/1", widget_id, f'<a id="next" href="{second}">next</a>')
+    tab.page.goto(first)
+    tab.page.evaluate("hydra.track('before_leaving', {n: 1}); hydra.track('before_leaving', {n: 2})")
+    tab.page.click("#next")  # pagehide: no timer fires, the clock stands still
+    found = rows(db, widget_id, 3)
+    assert [(r[0], r[1], r[2]) for r in found] == [
+        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
+    tab.page.wait_for_url(second)
+    found = settled_rows(db, tab, widget_id, 4)
+    assert pageviews(found)[-1] == (second, first)  # the full-page navigation's referrer
+
+
+def test_a_hidden_tab_flushes_the_queue(db, pages, tab, widget_id) -> None:
+    """Mobile browsers often kill hidden tabs without a pagehide. (Headless Chromium never hides a page,
+    so the browser's signal is simulated.)"""
+    tab.page.goto(pages.page("/hide", widget_id))
+    tab.page.evaluate("hydra.track('before_hiding')")
+    tab.page.evaluate("""() => {
+        Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    assert tab.posts() == 1  # at once, no timer
+    assert [r[1] for r in rows(db, widget_id, 2)] == [None, "before_hiding"]
+
+
+def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, widget_id) -> None:
+    bodies: list[dict] = []
+
+    def first_fails(route: Route) -> None:
+        bodies.append(json.loads(route.request.post_data or "{}"))
+        if len(bodies) == 1:
+            route.fulfill(status=503, headers={"Access-Control-Allow-Origin": "*", "Retry-After": "1"})
+        else:
+            route.continue_()
+
+    tab.page.route(f"**{TRACK_PATH}", first_fails)
+    tab.page.goto(pages.page("/retry", widget_id))
+    tab.page.evaluate("hydra.track('kept', {n: 1}); hydra.track('kept', {n: 2})")
+    tab.flush_timer()
+    tab.wait_answered(1)
+    tab.page.clock.run_for(499)  # the first backoff is 0.5-1 s (jittered)
+    assert tab.posts() == 1
+    tab.page.clock.run_for(501)
+    tab.wait_answered(2)
+    assert tab.page.evaluate("window.__statuses") == [503, 204]
+    assert len(bodies) == 2
+    ids = [e["event_id"] for e in bodies[0]["events"]]
+    assert [e["event_id"] for e in bodies[1]["events"]] == ids
+    # Sync Playwright runs route handlers only inside Playwright calls, not while we poll Postgres.
+    tab.page.unroute(f"**{TRACK_PATH}")
+    found = settled_rows(db, tab, widget_id, 3)
+    assert sorted(r[7] for r in found) == sorted(ids)
+
+
+def test_unsent_events_survive_a_navigation(db, pages, tab, widget_id) -> None:
+    tab.page.route(f"**{TRACK_PATH}", lambda route: route.abort("connectionrefused"))
+    first = pages.page("/offline/1", widget_id)
+    second = pages.page("/offline/2", widget_id)
+    tab.page.goto(first)
+    tab.page.evaluate("hydra.track('while_offline')")
+    tab.flush_timer()
+    tab.wait_answered(1)
+    tab.page.goto(second)  # the pagehide flush fails too
+    stored = json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))
+    assert [e.get("name") for e in stored] == [None, "while_offline", None]  # pageview 1, track, pageview 2
+    tab.page.unroute(f"**{TRACK_PATH}")
+    found = settled_rows(db, tab, widget_id, 3)
+    assert [(r[0], r[2]) for r in found] == [("pageview", first), ("custom", first), ("pageview", second)]
+    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+
+
+def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
+    """The server refuses a NUL in a name (Postgres cannot store it) with a 400 and keeps the rest."""
+    tab.page.goto(pages.page("/nul", widget_id))
+    tab.page.evaluate("hydra.track('bad\\u0000name'); hydra.track('good')")
+    tab.flush_timer()
+    tab.wait_answered(1)
+    tab.page.clock.run_for(120_000)  # far beyond any backoff
+    assert tab.posts() == 1 and tab.page.evaluate("window.__statuses") == [400]
+    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+    found = settled_rows(db, tab, widget_id, 2)
+    assert [r[1] for r in found] == [None, "good"]
+
+
+def test_a_backlog_drains_in_chunks_under_the_keepalive_limit(db, pages, tab, widget_id) -> None:
+    """Offline (the API host is a closed port), 520 events pile up; storage keeps the newest 500. The next
+    page load sends them in requests of at most 100 events and 60 KB (browsers allow 64 KB of keepalive)."""
+    dead_api = f"http://127.0.0.1:{free_port()}"
+    offline_tag = pages.tag(widget_id, extra=f'data-api-host="{dead_api}" async')
+    first = pages.page("/backlog/1", widget_id, head=snippet_html() + offline_tag)
+    second = pages.page("/backlog/2", widget_id)
+    tab.page.goto(first)
+    tab.page.evaluate("for (let i = 1; i <= 519; i++) hydra.track('offline', {i, pad: 'x'.repeat(200)})")
+    assert tab.posts() >= 1 and all(size <= 60_000 for size in tab.page.evaluate("window.__sizes"))
+    assert len(json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))) == 500
+    tab.page.goto(second)
+    found = settled_rows(db, tab, widget_id, 500)
+    # pageview 1 and i=1..19 were dropped offline; this page's own pageview pushed out i=20
+    assert sorted(r[4]["i"] for r in found if r[0] == "custom") == list(range(21, 520))  # chunks run in parallel
+    assert pageviews(found) == [(second, None)]
+    sizes, counts = tab.page.evaluate("window.__sizes"), tab.page.evaluate("window.__counts")
+    assert sum(counts) == 501 and max(counts) <= 100 and max(sizes) <= 60_000, (sizes, counts)
+    # The first two requests went out together: 100 events, then only as many as fit in the 60 KB budget.
+    assert counts[0] == 100 and counts[1] < 100 and 55_000 < sizes[0] + sizes[1] <= 60_000, (sizes, counts)
+
+
+def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, widget_id) -> None:
+    """Back to a page kept in the bfcache is a new view without a new load (Playwright turns the bfcache
+    off by default, so this test has its own browser)."""
+    second = pages.page("/bf/2", widget_id)
+    first = pages.page("/bf/1", widget_id, f'<a id="next" href="{second}">next</a>')
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                         ignore_default_args=["--disable-back-forward-cache"])
+    try:
+        page = browser.new_page()
+        page.clock.install()
+        page.goto(first)
+        page.evaluate("window.__first_visit = true")
+        page.click("#next")
+        page.wait_for_url(second)
+        page.go_back(wait_until="commit")  # a restore from the bfcache fires no load event
+        page.wait_for_function("document.readyState === 'complete'")
+        page.clock.run_for(FLUSH_MS)
+        found = rows(db, widget_id, 3)
+        restored = page.evaluate("window.__first_visit === true")
+    finally:
+        browser.close()
+    assert pageviews(found) == [(first, None), (second, first), (first, None)]
+    assert restored  # the very document of the first visit: it really came from the bfcache
+
+
+def test_visitor_id_persists_across_reloads_and_is_per_origin(db, pages, tab, widget_id) -> None:
+    url = pages.page("/who", widget_id)
+    tab.page.goto(url)
+    tab.page.reload()
+    tab.page.goto(pages.url("/who", host="localhost"))
+    found = settled_rows(db, tab, widget_id, 3)
+    by_host = [(r[2].split("/")[2].split(":")[0], r[6]) for r in found]
+    assert [host for host, _ in by_host] == ["127.0.0.1", "127.0.0.1", "localhost"]
+    (_, first), (_, reloaded), (_, other_origin) = by_host
+    assert first == reloaded
+    assert other_origin != first
+    uuid.UUID(first)
+    uuid.UUID(other_origin)
+    assert tab.page.context.cookies() == []  # localStorage only
+
+
+def test_invalid_track_calls_are_dropped_with_a_warning(db, pages, tab, widget_id) -> None:
+    tab.page.goto(pages.page("/invalid", widget_id))
+    tab.page.evaluate("""() => {
+        hydra.track('x'.repeat(101));                          // 101 characters
+        hydra.track('too_big', {s: 'é'.repeat(2045)});         // 4098 UTF-8 bytes as JSON, only 2053 characters
+        hydra.track('not_plain', [1, 2]);
+        hydra.track('');
+        hydra.track('getter_throws', {get boom() { throw new Error('boom'); }});
+        hydra.track('😀'.repeat(100));                          // 100 code points (200 UTF-16 units): valid
+        hydra.track('just_fits', {s: 'a'.repeat(4088)});       // exactly 4096 bytes as JSON: valid
+    }""")
+    found = settled_rows(db, tab, widget_id, 3)
+    assert [(r[0], r[1]) for r in found] == [("pageview", None), ("custom", "😀" * 100), ("custom", "just_fits")]
+    assert len(found[2][4]["s"]) == 4088
+    hydra_warnings = [w for w in tab.warnings if w.startswith("[hydra]")]
+    assert len(hydra_warnings) == 5 and len(tab.warnings) == 5, tab.warnings  # and no page error
+    assert "100 characters" in hydra_warnings[0] and "4096 bytes" in hydra_warnings[1]
+
+
+def test_identify_reaches_the_server_with_traits(db, pages, tab, widget_id) -> None:
+    tab.page.goto(pages.page("/login", widget_id))
+    traits = {"email": "paul@arrakis.example", "name": "Paul Atreides", "plan": "growth"}
+    tab.page.evaluate("traits => hydra.identify('u_88291', traits)", traits)
+    found = settled_rows(db, tab, widget_id, 2)
+    assert (found[1][0], found[1][5], found[1][4]) == ("identify", "u_88291", traits)
+
+
+def test_tracks_when_storage_is_blocked(db, pages, tab, widget_id) -> None:
+    tab.page.add_init_script("""Object.defineProperty(window, 'localStorage', {
+        get() { throw new DOMException('The operation is insecure.', 'SecurityError'); }
+    });""")
+    tab.page.goto(pages.page("/private", widget_id))
+    tab.page.evaluate("hydra.track('still_counted')")
+    found = settled_rows(db, tab, widget_id, 2)
+    assert [r[1] for r in found] == [None, "still_counted"]
+    assert found[0][6] == found[1][6]  # one in-memory visitor id for the page's life
+    uuid.UUID(found[0][6])
+    assert not tab.warnings
+
+
+@pytest.mark.parametrize("snippet", ["external file", "inline with hash"])
+def test_works_under_a_strict_csp(db, pages, tab, widget_id, api_origin, snippet) -> None:
+    """The README's CSP: script-src + connect-src for the API host; the snippet either moved to a file of
+    the site or kept inline and allowed by its hash. No other inline script runs."""
+    pages.add("/csp/snippet.js", snippet_html().replace("<script>", "").replace("</script>", ""), "text/javascript")
+    pages.add("/csp/calls.js", "hydra.track('under_csp', {ok: true})", "text/javascript")
+    if snippet == "external file":
+        script_src, head = f"'self' {api_origin}", '<script src="/csp/snippet.js"></script>'
+    else:
+        script_src, head = f"'self' {api_origin} {snippet_csp_hash()}", snippet_html()
+    csp = f"default-src 'self'; script-src {script_src}; connect-src {api_origin}"
+    head += ('<script src="/csp/calls.js"></script>' + pages.tag(widget_id)
+             + "<script>document.title = 'inline ran'</script>")  # proves the policy is enforced
+    url = pages.add("/csp/page", f"<!doctype html><html><head>{head}</head><body>csp</body></html>",
+                    headers={"Content-Security-Policy": csp})
+    tab.page.goto(url)
+    tab.wait_loaded()
+    assert tab.page.title() != "inline ran"
+    tab.flush_timer()
+    found = rows(db, widget_id, 2)
+    assert [(r[0], r[1], r[4]) for r in found] == [("pageview", None, {}), ("custom", "under_csp", {"ok": True})]
+    assert len(tab.warnings) == 1 and "inline" in tab.warnings[0], tab.warnings  # only the deliberate one
+
+
+def test_demo_site(db, tab, widget_id, stack) -> None:
+    """What `site-activity dev` serves: click through both parts of the demo, every click becomes a row."""
+    demo = start_demo(stack, widget_id)
+    try:
+        page = tab.page
+        page.goto(demo.url + "/")
+        page.click("text=Pricing")
+        page.click("text=Choose Growth")
+        page.click("text=The app (SPA)")
+        page.click("a[data-route][href='/app/projects']")
+        page.click("#upgrade")
+        page.click("#login button[type=submit]")
+        found = settled_rows(db, tab, widget_id, 7)
+    finally:
+        demo.stop()
+    assert pageviews(found) == [(demo.url + "/", None), (demo.url + "/pricing", demo.url + "/"),
+                                (demo.url + "/app/", demo.url + "/pricing"),
+                                (demo.url + "/app/projects", demo.url + "/app/")]
+    assert [(r[1], r[4]) for r in found if r[0] == "custom"] == [
+        ("clicked_upgrade", {"plan": "growth", "source": "pricing_page"}),
+        ("clicked_upgrade", {"plan": "growth", "source": "app"})]
+    assert [(r[5], r[4]["email"]) for r in found if r[0] == "identify"] == [("u_88291", "paul@arrakis.example")]
+    assert not tab.warnings
