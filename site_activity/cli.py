@@ -98,7 +98,7 @@ def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
 
     sql = ("SELECT received_at, occurred_at, event_type, coalesce(name, user_id, ''), url, visitor_id,"
            " session_id, customer_id FROM visitor_events WHERE (%(w)s::uuid IS NULL OR widget_id = %(w)s)"
-           " AND received_at > %(since)s ORDER BY received_at DESC, occurred_at DESC LIMIT %(n)s")
+           " AND received_at > %(since)s ORDER BY received_at DESC, occurred_at DESC, (event_type = 'session_start') LIMIT %(n)s")
     since = "-infinity"
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         while True:

@@ -1,6 +1,6 @@
 // The SPA part of the demo: pushState routing plus buttons calling hydra.track / hydra.identify.
 (function () {
-  var titles = { '/app/': 'Dashboard', '/app/projects': 'Projects', '/app/settings': 'Settings' };
+  var titles = { '/app': 'Dashboard', '/app/': 'Dashboard', '/app/projects': 'Projects', '/app/settings': 'Settings' };
   var log = document.getElementById('log');
 
   function note(text) {
