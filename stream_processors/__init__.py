@@ -1,0 +1,1 @@
+"""faust stream processors: sessions, identity linkage, enriched events (see state.py for the rules)."""

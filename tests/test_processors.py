@@ -1,0 +1,381 @@
+"""The stream processors end to end: raw Avro events produced to the raw topic (as the API would), the
+processors and the sink as real processes, assertions on the enriched topic and on Postgres rows."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from schemas.codec import VISITOR_EVENT, AvroCodec
+from site_activity import widgets
+from site_activity.events import customer_id_for, session_id_for, session_start_event_id
+from site_activity.kafka import producer_config
+from site_activity.settings import Settings
+from site_activity.topics import Topics, event_key
+from tests.conftest import read_topic, wait_for_rows
+
+CODEC = AvroCodec(VISITOR_EVENT)
+T0 = datetime(2026, 11, 24, 8, 0, 0, 250000, tzinfo=UTC)
+MIN = timedelta(minutes=1)
+SEC = timedelta(seconds=1)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def ev(widget: widgets.Widget, visitor: str, at: datetime, event_type: str = "pageview", **fields: Any) -> dict[str, Any]:
+    """A raw event as the API publishes it: session_id and customer_id empty."""
+    record = {
+        "event_id": uuid.uuid4(), "event_type": event_type, "tenant_id": widget.tenant_id, "widget_id": widget.id,
+        "visitor_id": visitor, "name": None, "url": f"https://shop.example/p/{at.minute}", "referrer": None,
+        "properties": "{}", "user_id": None, "occurred_at": at, "received_at": at + SEC, "session_id": None,
+        "customer_id": None,
+    }
+    record.update(fields)
+    return record
+
+
+def identify(widget: widgets.Widget, visitor: str, at: datetime, user_id: str, **traits: Any) -> dict[str, Any]:
+    return ev(widget, visitor, at, "identify", user_id=user_id, properties=json.dumps(traits))
+
+
+class RawFeed:
+    """Publishes to the raw topic like the API: one message per event, keyed by widget:visitor, each call's
+    events in the order given (the API sorts an HTTP batch by occurred_at)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = Topics.from_settings(settings).raw_events
+        self.producer = Producer(producer_config(settings))
+
+    def send(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.producer.produce(self.topic, CODEC.encode(r), event_key(str(r["widget_id"]), r["visitor_id"]))
+        assert self.producer.flush(15) == 0
+
+    def send_bytes(self, key: bytes, value: bytes) -> None:
+        self.producer.produce(self.topic, value, key)
+        assert self.producer.flush(15) == 0
+
+
+@pytest.fixture
+def feed(settings: Settings) -> RawFeed:
+    return RawFeed(settings)
+
+
+@pytest.fixture
+def pipeline(start_service: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    """Processors + sink (reading the enriched topic) running against the test's topics."""
+    yield {"processors": start_service("processors"), "sink": start_service("sink")}
+
+
+def enriched(settings: Settings, expected: int) -> list[dict[str, Any]]:
+    msgs = read_topic(settings, Topics.from_settings(settings).enriched_events, expected)
+    assert len(msgs) == expected, f"expected {expected} enriched records, got {len(msgs)}"
+    return [CODEC.decode(m.value()) for m in msgs]
+
+
+def rows(db: psycopg.Connection, widget: widgets.Widget, expected: int, timeout: float = 30.0) -> list[tuple]:
+    """(event_type, visitor_id, occurred_at, session_id, customer_id, event_id) of a widget, by time."""
+    sql = ("SELECT event_type, visitor_id, occurred_at, session_id, customer_id, event_id FROM visitor_events "
+           "WHERE widget_id = %s ORDER BY visitor_id, occurred_at, event_type <> 'session_start'")
+    return wait_for_rows(db, sql, (widget.id,), expected, timeout)
+
+
+@contextmanager
+def logs_on_failure(*services: Any) -> Iterator[None]:
+    """Adds the services' log tails to a failed assertion (crash/restart tests are hard to debug without)."""
+    try:
+        yield
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {svc.stage} log ---\n{svc.log_tail(60)}" for svc in services)
+        raise AssertionError(f"{exc}\n{tails}") from exc
+
+
+def sid(widget: widgets.Widget, visitor: str, started: datetime) -> uuid.UUID:
+    return session_id_for(widget.id, visitor, started)
+
+
+# --- sessions -----------------------------------------------------------------------------------------
+
+def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                       make_widget: Callable[..., widgets.Widget],
+                                                       db: psycopg.Connection) -> None:
+    w = make_widget()
+    # v-edge: silences of 10 s, 29:59, 30:00 (same session), then 30:01 (new session).
+    edge_times = [T0, T0 + 10 * SEC]
+    edge_times.append(edge_times[-1] + 29 * MIN + 59 * SEC)
+    edge_times.append(edge_times[-1] + 30 * MIN)
+    edge_times.append(edge_times[-1] + 30 * MIN + SEC)
+    feed.send([ev(w, "v-edge", t) for t in edge_times])
+
+    # v-late: two sessions, then a late batch: an event inside session 1, a re-sent duplicate, and an event
+    # 20 min after session 1 (bridging nothing: joins session 1, no new session_start).
+    first = [ev(w, "v-late", T0), ev(w, "v-late", T0 + 5 * MIN)]
+    second = [ev(w, "v-late", T0 + 3 * 60 * MIN)]
+    feed.send(first)
+    feed.send(second)
+    late = [ev(w, "v-late", T0 + 2 * MIN), dict(first[1]), ev(w, "v-late", T0 + 25 * MIN)]
+    feed.send(late)
+
+    # enriched topic: v-edge 5 events + 2 starts, v-late 6 (one a duplicate) + 2 starts
+    records = enriched(settings, 5 + 2 + 6 + 2)
+    assert all(r["session_id"] is not None for r in records)
+    starts = sorted((r["visitor_id"], r["occurred_at"]) for r in records if r["event_type"] == "session_start")
+    assert starts == sorted([("v-edge", edge_times[0]), ("v-edge", edge_times[4]),
+                             ("v-late", T0), ("v-late", T0 + 3 * 60 * MIN)])
+    for r in records:
+        if r["event_type"] == "session_start":
+            assert r["event_id"] == session_start_event_id(r["session_id"])
+
+    # Postgres: one row per event (the duplicate collapses), session ids as defined.
+    got = rows(db, w, 5 + 2 + 5 + 2)
+    by_visitor: dict[str, list[tuple]] = {}
+    for row in got:
+        by_visitor.setdefault(row[1], []).append(row)
+    edge_session1, edge_session2 = sid(w, "v-edge", edge_times[0]), sid(w, "v-edge", edge_times[4])
+    assert [(r[0], r[3]) for r in by_visitor["v-edge"]] == (
+        [("session_start", edge_session1)] + [("pageview", edge_session1)] * 4
+        + [("session_start", edge_session2), ("pageview", edge_session2)])
+    late1, late2 = sid(w, "v-late", T0), sid(w, "v-late", T0 + 3 * 60 * MIN)
+    assert [(r[0], r[2], r[3]) for r in by_visitor["v-late"]] == [
+        ("session_start", T0, late1), ("pageview", T0, late1), ("pageview", T0 + 2 * MIN, late1),
+        ("pageview", T0 + 5 * MIN, late1), ("pageview", T0 + 25 * MIN, late1),
+        ("session_start", T0 + 3 * 60 * MIN, late2), ("pageview", T0 + 3 * 60 * MIN, late2)]
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND session_id IS NULL",
+                      (w.id,)).fetchone() == (0,)
+
+
+# --- identity -----------------------------------------------------------------------------------------
+
+def contact(db: psycopg.Connection, tenant_id: uuid.UUID, user_id: str) -> tuple | None:
+    return db.execute("SELECT id, email, name, traits FROM customers WHERE tenant_id = %s AND external_id = %s",
+                      (tenant_id, user_id)).fetchone()
+
+
+def customers_of(db: psycopg.Connection, widget: widgets.Widget, visitor: str) -> list[tuple]:
+    return db.execute("SELECT event_type, occurred_at, customer_id FROM visitor_events WHERE widget_id = %s "
+                      "AND visitor_id = %s ORDER BY occurred_at, event_type <> 'session_start'",
+                      (widget.id, visitor)).fetchall()
+
+
+def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                                make_widget: Callable[..., widgets.Widget],
+                                                                db: psycopg.Connection) -> None:
+    w = make_widget()
+    other_tenant = make_widget()
+
+    # Retro-link: anonymous history lands first, then the identify, then a later and a late event.
+    anon = [ev(w, "v-anon", T0), ev(w, "v-anon", T0 + 10 * MIN)]
+    feed.send(anon)
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' "
+                      "AND customer_id IS NULL", (w.id,), 3)
+    feed.send([identify(w, "v-anon", T0 + 20 * MIN, "u-paul", email="paul@arrakis.example", plan="free"),
+               ev(w, "v-anon", T0 + 21 * MIN)])
+    feed.send([ev(w, "v-anon", T0 + 15 * MIN)])  # flushed late: before the identify, after it arrived
+    # Traits: a later identify overwrites plan; an older one arriving last only adds what is missing.
+    feed.send([identify(w, "v-anon", T0 + 22 * MIN, "u-paul", plan="growth")])
+    feed.send([identify(w, "v-anon", T0 + 19 * MIN, "u-paul", plan="old", name="Paul Atreides")])
+
+    # Two tenants, same visitor id and same user id: two unrelated contacts.
+    for widget in (w, other_tenant):
+        feed.send([ev(widget, "v-same", T0), identify(widget, "v-same", T0 + MIN, "u-same", plan="t")])
+
+    # Shared computer: A, then B on the same browser.
+    feed.send([ev(w, "v-shared", T0), identify(w, "v-shared", T0 + MIN, "u-a"), ev(w, "v-shared", T0 + 2 * MIN),
+               identify(w, "v-shared", T0 + 3 * MIN, "u-b"), ev(w, "v-shared", T0 + 4 * MIN)])
+
+    # Several browsers, one user: one contact.
+    feed.send([ev(w, "v-laptop", T0), identify(w, "v-laptop", T0 + MIN, "u-multi")])
+    feed.send([ev(w, "v-phone", T0 + 5 * MIN), identify(w, "v-phone", T0 + 6 * MIN, "u-multi")])
+
+    # v-anon 7 + start, v-same 2 + start (x2 widgets), v-shared 5 + start, v-laptop 2 + start, v-phone 2 + start
+    rows(db, w, 8 + 3 + 6 + 3 + 3)
+    rows(db, other_tenant, 3)
+
+    paul = customer_id_for(w.tenant_id, "u-paul")
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' "
+                      "AND customer_id = %s", (w.id, paul), 8)
+    assert {c for _, _, c in customers_of(db, w, "v-anon")} == {paul}
+    pid, email, name, traits = contact(db, w.tenant_id, "u-paul")  # type: ignore[misc]
+    assert (pid, email, name) == (paul, "paul@arrakis.example", "Paul Atreides")
+    assert traits == {"email": "paul@arrakis.example", "plan": "growth", "name": "Paul Atreides"}
+
+    same_a, same_b = contact(db, w.tenant_id, "u-same"), contact(db, other_tenant.tenant_id, "u-same")
+    assert same_a and same_b and same_a[0] != same_b[0]
+    assert {c for _, _, c in customers_of(db, w, "v-same")} == {same_a[0]}
+    assert {c for _, _, c in customers_of(db, other_tenant, "v-same")} == {same_b[0]}
+
+    a, b = customer_id_for(w.tenant_id, "u-a"), customer_id_for(w.tenant_id, "u-b")
+    assert [c for _, _, c in customers_of(db, w, "v-shared")] == [a, a, a, a, b, b]
+
+    multi = contact(db, w.tenant_id, "u-multi")
+    assert multi is not None
+    assert {c for v in ("v-laptop", "v-phone") for _, _, c in customers_of(db, w, v)} == {multi[0]}
+
+    # Every new latest link is published for other consumers.
+    links = read_topic(settings, Topics.from_settings(settings).identity_links, 8)
+    link_keys = Counter(m.key() for m in links)
+    assert link_keys[event_key(str(w.id), "v-shared")] == 2
+    assert link_keys[event_key(str(w.id), "v-phone")] == 1
+
+
+# --- robustness ---------------------------------------------------------------------------------------
+
+def visitor_stream(w: widgets.Widget, visitors: int, per_visitor: int, start: datetime) -> list[list[dict[str, Any]]]:
+    """Per visitor, events one minute apart (one session each), cut into batches of 5, batches interleaved."""
+    batches = []
+    for v in range(visitors):
+        events = [ev(w, f"r{v}", start + i * MIN) for i in range(per_visitor)]
+        batches += [events[i:i + 5] for i in range(0, per_visitor, 5)]
+    random.Random(7).shuffle(batches)
+    # keep each visitor's batches in time order after the shuffle
+    order: dict[str, list[list[dict[str, Any]]]] = {}
+    for b in batches:
+        order.setdefault(b[0]["visitor_id"], []).append(b)
+    for bs in order.values():
+        bs.sort(key=lambda b: b[0]["occurred_at"])
+    cursors = {v: iter(bs) for v, bs in order.items()}
+    return [next(cursors[b[0]["visitor_id"]]) for b in batches]
+
+
+def test_restart_recovery_sigterm_and_sigkill(settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
+                                             make_widget: Callable[..., widgets.Widget],
+                                             db: psycopg.Connection) -> None:
+    # One record per producer batch for the changelog: Tansu's end offsets are otherwise wrong and
+    # recovery after SIGKILL can stop early (see the Tansu notes); real Kafka does not need this.
+    s = settings.model_copy(update={"processors_producer_max_batch_size": 1})
+    w = make_widget()
+    visitors = 30
+    sink = start_service("sink")
+    proc = start_service("processors", settings_override=s)
+    with logs_on_failure(proc, sink):
+        _restart_scenario(s, proc, feed, w, db, visitors)
+
+
+def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, db: psycopg.Connection,
+                      visitors: int) -> None:
+
+    part1 = visitor_stream(w, visitors, 10, T0)  # minutes 0..9
+    for b in part1:
+        feed.send(b)
+    rows(db, w, visitors * 11)
+
+    proc.stop()  # SIGTERM: clean shutdown
+    assert proc.proc.returncode == 0, proc.log_tail()
+    # 5 minutes after each visitor's last event: must continue the session across the restart
+    feed.send([ev(w, f"r{v}", T0 + 14 * MIN) for v in range(visitors)])
+    proc.start()  # waits for /healthz
+    rows(db, w, visitors * 12)
+
+    # SIGKILL mid-stream: events keep coming while the worker dies and comes back.
+    part2 = visitor_stream(w, visitors, 20, T0 + 15 * MIN)
+    sender = threading.Thread(target=lambda: [feed.send(b) or time.sleep(0.01) for b in part2])
+    sender.start()
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND occurred_at >= %s",
+                  (w.id, T0 + 15 * MIN), 50)
+    proc.kill()  # SIGKILL
+    sender.join()
+    proc.start()  # waits for /healthz
+
+    total = visitors * (11 + 1 + 20)
+    got = rows(db, w, total, timeout=60)
+    assert len(got) == total
+    starts = [r for r in got if r[0] == "session_start"]
+    assert sorted((r[1], r[2]) for r in starts) == sorted((f"r{v}", T0) for v in range(visitors))
+    assert {r[3] for r in got} == {sid(w, f"r{v}", T0) for v in range(visitors)}
+
+
+def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                           make_widget: Callable[..., widgets.Widget],
+                                                           db: psycopg.Connection) -> None:
+    w = make_widget()
+    feed.send_bytes(event_key(str(w.id), "v-x"), b"not avro at all")
+    feed.send([ev(w, "v-x", T0, "session_start")])  # clients cannot send derived events
+    feed.send([ev(w, "v-x", T0 + MIN)])  # and the stream goes on
+
+    dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2)
+    assert len(dead) == 2
+    reasons = [dict(m.headers())["reason"].decode() for m in dead]
+    assert reasons[0].startswith("DecodeError") and "session_start" in reasons[1]
+    assert dead[0].value() == b"not avro at all"
+    assert [r[0] for r in rows(db, w, 2)] == ["session_start", "pageview"]
+
+    metrics = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics").text
+    assert "site_activity_processors_dead_letters_total 2.0" in metrics
+    assert "site_activity_processors_session_starts_total 1.0" in metrics
+
+
+# --- reference check ----------------------------------------------------------------------------------
+
+GAPS = [29 * MIN + 59 * SEC, 30 * MIN, 30 * MIN + SEC, 10 * SEC, 2 * 60 * MIN, 3 * MIN, 31 * MIN, 29 * MIN]
+
+
+def reference_workload(w: widgets.Widget, visitors: int, rng: random.Random) -> list[list[dict[str, Any]]]:
+    """Per visitor a timeline with gaps clustered around the 30-minute edge, cut into time-ordered batches of
+    1..25 events (as the widget flushes them), batches of all visitors interleaved."""
+    per_visitor: dict[str, list[list[dict[str, Any]]]] = {}
+    for v in range(visitors):
+        t = T0 + rng.randrange(0, 3600) * SEC + timedelta(microseconds=rng.randrange(1_000_000))
+        events = []
+        for _ in range(rng.randint(14, 26)):
+            events.append(ev(w, f"ref{v}", t, rng.choice(["pageview", "pageview", "custom"])))
+            t += rng.choice(GAPS)
+        i, batches = 0, []
+        while i < len(events):
+            n = rng.randint(1, 25)
+            batches.append(events[i:i + n])
+            i += n
+        per_visitor[f"ref{v}"] = batches
+    order = [v for v, bs in per_visitor.items() for _ in bs]
+    rng.shuffle(order)
+    cursors = {v: iter(bs) for v, bs in per_visitor.items()}
+    return [next(cursors[v]) for v in order]
+
+
+REFERENCE_SQL = """
+SELECT visitor_id, occurred_at FROM (
+    SELECT visitor_id, occurred_at,
+           lag(occurred_at) OVER (PARTITION BY widget_id, visitor_id ORDER BY occurred_at) AS prev
+    FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start') e
+WHERE prev IS NULL OR occurred_at - prev > interval '30 minutes'
+"""
+
+
+def test_reference_check_session_starts_equal_batch_computation(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                                make_widget: Callable[..., widgets.Widget],
+                                                                db: psycopg.Connection) -> None:
+    w = make_widget()
+    batches = reference_workload(w, 520, random.Random(2026))
+    n_events = sum(len(b) for b in batches)
+    assert n_events >= 10_000
+    for b in batches:
+        for r in b:
+            feed.producer.produce(feed.topic, CODEC.encode(r), event_key(str(w.id), r["visitor_id"]))
+        feed.producer.poll(0)
+    assert feed.producer.flush(30) == 0
+
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
+                  (w.id,), n_events, timeout=90)
+    expected = {(v, t) for v, t in db.execute(REFERENCE_SQL, (w.id,)).fetchall()}
+    got = wait_for_rows(db, "SELECT visitor_id, occurred_at FROM visitor_events WHERE widget_id = %s "
+                            "AND event_type = 'session_start'", (w.id,), len(expected), timeout=30)
+    assert {(v, t) for v, t in got} == expected
+    assert len(got) == len(expected)
+    # and every event carries the id of the session its start defines
+    assert db.execute("""
+        SELECT count(*) FROM visitor_events e WHERE widget_id = %s AND session_id IS DISTINCT FROM (
+            SELECT s.session_id FROM visitor_events s WHERE s.widget_id = e.widget_id
+              AND s.visitor_id = e.visitor_id AND s.event_type = 'session_start' AND s.occurred_at <= e.occurred_at
+            ORDER BY s.occurred_at DESC LIMIT 1)""", (w.id,)).fetchone() == (0,)
