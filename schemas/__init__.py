@@ -3,8 +3,10 @@
 from schemas.codec import (
     IDENTITY_LINK,
     VISITOR_EVENT,
+    VISITOR_EVENT_BATCH,
     AvroCodec,
     DecodeError,
+    EventCodec,
 )
 
-__all__ = ["AvroCodec", "DecodeError", "IDENTITY_LINK", "VISITOR_EVENT"]
+__all__ = ["AvroCodec", "DecodeError", "EventCodec", "IDENTITY_LINK", "VISITOR_EVENT", "VISITOR_EVENT_BATCH"]

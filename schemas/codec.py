@@ -55,6 +55,10 @@ class AvroCodec:
         fastavro.schemaless_writer(buf, self._parsed, record)
         return buf.getvalue()
 
+    def knows(self, data: bytes) -> bool:
+        """Whether `data` carries the fingerprint of this schema or of one of its released versions."""
+        return bytes(data[2:HEADER_LEN]) in self._writers
+
     def decode(self, data: bytes | None) -> dict[str, Any]:
         if not data or len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object message (bad magic)")
@@ -68,4 +72,27 @@ class AvroCodec:
 
 
 VISITOR_EVENT = "visitor_event"
+VISITOR_EVENT_BATCH = "visitor_event_batch"
 IDENTITY_LINK = "identity_link"
+
+
+class EventCodec:
+    """Visitor events as they travel: one `VisitorEvent` per message (enriched topic), or one
+    `VisitorEventBatch` per ingest request (raw topic). Readers take either, so a consumer never has to
+    know which producer wrote a message."""
+
+    def __init__(self) -> None:
+        self.event = AvroCodec(VISITOR_EVENT)
+        self.batch = AvroCodec(VISITOR_EVENT_BATCH)
+
+    def encode_event(self, record: dict[str, Any]) -> bytes:
+        return self.event.encode(record)
+
+    def encode_batch(self, records: list[Any]) -> bytes:
+        return self.batch.encode({"events": records})
+
+    def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
+        if data and len(data) >= HEADER_LEN and self.batch.knows(data):
+            events: list[dict[str, Any]] = self.batch.decode(data)["events"]
+            return events
+        return [self.event.decode(data)]

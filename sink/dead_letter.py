@@ -7,6 +7,7 @@ import logging
 from confluent_kafka import KafkaError, Message, Producer
 
 from sink.records import DeadLetter
+from site_activity.dead_letters import dead_letter_headers
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 
@@ -36,13 +37,7 @@ class DeadLetterPublisher:
             src = letter.source
             self._producer.produce(
                 self._topic, key=src.key, value=src.value, on_delivery=delivered,
-                headers=[
-                    ("x-reason", letter.reason.encode()),
-                    ("x-source-topic", src.topic.encode()),
-                    ("x-source-partition", str(src.partition).encode()),
-                    ("x-source-offset", str(src.offset).encode()),
-                    ("x-stage", b"sink"),
-                ],
+                headers=dead_letter_headers("sink", letter.reason, src.topic, src.partition, src.offset),
             )
         remaining = self._producer.flush(self._timeout_s)
         if failures or remaining:

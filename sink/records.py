@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from schemas.codec import AvroCodec, DecodeError
+from schemas.codec import DecodeError, EventCodec
 
 # Column layout of the per-connection temp table the batch is COPYed into (see sink.writer).
 # `ord` is the position in the batch: it breaks ties between identify calls with the same occurred_at.
@@ -84,17 +84,22 @@ def to_row(ord_: int, record: dict[str, Any], message: Message) -> Row:
     return Row(message, (ord_, *_pick(record)))
 
 
-def decode(messages: Iterable[Message], codec: AvroCodec) -> tuple[list[Row], list[DeadLetter]]:
-    """Decodes a batch; the same event twice in one batch (a producer retry) keeps only the first copy."""
+def decode(messages: Iterable[Message], codec: EventCodec) -> tuple[list[Row], list[DeadLetter]]:
+    """Decodes a batch (a message holds one event, or one request's events on the raw topic); the same event
+    twice in one batch (a producer retry) keeps only the first copy."""
     rows: dict[tuple[uuid.UUID, uuid.UUID], Row] = {}
     letters: list[DeadLetter] = []
-    for ord_, msg in enumerate(messages):
+    ord_ = 0
+    for msg in messages:
         try:
-            row = to_row(ord_, codec.decode(msg.value()), msg)
+            records = codec.decode_events(msg.value())
         except DecodeError as exc:
             letters.append(DeadLetter(Source.of(msg), f"undecodable: {exc}"))
             continue
-        rows.setdefault(row.identity, row)
+        for record in records:
+            row = to_row(ord_, record, msg)
+            rows.setdefault(row.identity, row)
+            ord_ += 1
     return list(rows.values()), letters
 
 
@@ -107,7 +112,7 @@ class DecodedBatch:
     letters: list[DeadLetter]
 
     @classmethod
-    def of(cls, messages: list[Message], codec: AvroCodec) -> DecodedBatch:
+    def of(cls, messages: list[Message], codec: EventCodec) -> DecodedBatch:
         rows, letters = decode(messages, codec)
         return cls(messages, rows, letters)
 

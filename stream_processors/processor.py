@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
 
-from schemas.codec import IDENTITY_LINK, VISITOR_EVENT, AvroCodec, DecodeError
+from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
+from site_activity.dead_letters import dead_letter_headers
 from site_activity.events import EventType, customer_id_for, session_id_for, session_start_event_id
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
@@ -105,7 +106,7 @@ class BatchProcessor:
         self.topics = Topics.from_settings(settings)
         self.store = store
         self.producer = producer
-        self.events = AvroCodec(VISITOR_EVENT)
+        self.codec = EventCodec()
         self.links = AvroCodec(IDENTITY_LINK)
         self.gap_us = int(settings.session_gap_s * 1_000_000)
         self._failed: list[str] = []
@@ -128,15 +129,20 @@ class BatchProcessor:
         by_key: dict[bytes, VisitorBatch] = {}
         for msg in messages:
             try:
-                record = self.events.decode(msg.value)
-                validate(record, msg.key)
-            except (DecodeError, InvalidEvent) as exc:
-                self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
+                records = self.codec.decode_events(msg.value)
+            except DecodeError as exc:
+                self._dead_letter(msg, f"DecodeError: {exc}")
                 continue
-            batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
-            if batch is None:
-                batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [])  # type: ignore[index,arg-type]
-            batch.records.append(record)
+            for record in records:
+                try:
+                    validate(record, msg.key)
+                except InvalidEvent as exc:
+                    self._dead_letter(msg, f"InvalidEvent: {exc}", self.codec.encode_event(record))
+                    continue
+                batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
+                if batch is None:
+                    batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [])  # type: ignore[index,arg-type]
+                batch.records.append(record)
         return list(by_key.values())
 
     # --- one event --------------------------------------------------------------------------------
@@ -152,9 +158,9 @@ class BatchProcessor:
         record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
         record["session_id"] = session_id_at(record["widget_id"], record["visitor_id"], placed.session_start_us)
         if placed.opens_session:
-            self._send(self.topics.enriched_events, key, self.events.encode(session_start_for(record)))
+            self._send(self.topics.enriched_events, key, self.codec.encode_event(session_start_for(record)))
             metrics.SESSION_STARTS.inc()
-        self._send(self.topics.enriched_events, key, self.events.encode(record))
+        self._send(self.topics.enriched_events, key, self.codec.encode_event(record))
 
     def _publish_link(self, key: bytes, identify: dict[str, Any]) -> None:
         link = {
@@ -180,17 +186,12 @@ class BatchProcessor:
         if topic == self.topics.enriched_events:
             metrics.EVENTS_OUT.inc()
 
-    def _dead_letter(self, msg: RawMessage, reason: str) -> None:
+    def _dead_letter(self, msg: RawMessage, reason: str, value: bytes | None = None) -> None:
+        """Dead-letters a raw message, or with `value` just one bad event out of a batch message."""
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
-        headers = [
-            ("reason", reason.encode()),
-            ("stage", b"processors"),
-            ("source_topic", msg.topic.encode()),
-            ("source_partition", str(msg.partition).encode()),
-            ("source_offset", str(msg.offset).encode()),
-        ]
-        self._send(self.topics.dead_letter, msg.key or b"", msg.value or b"", headers)
+        headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
+        self._send(self.topics.dead_letter, msg.key or b"", value if value is not None else msg.value or b"", headers)
         metrics.DEAD_LETTERS.inc()
 
     def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Message
 
+from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until
@@ -173,17 +174,30 @@ def wait_for_rows(conn: psycopg.Connection, sql: str, params: tuple | dict, expe
     raise AssertionError(f"expected {expected} rows, got {len(rows)}: {rows[:5]}")
 
 
-def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list:
-    """Reads `expected` messages from the start of `topic` with a throwaway consumer group."""
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0,
+               weight: Callable[[Message], int] = lambda _: 1) -> list[Message]:
+    """Reads messages from the start of `topic` with a throwaway consumer group until their total `weight`
+    (default: one per message) reaches `expected`, or the timeout passes."""
     consumer = Consumer(consumer_config(settings, f"reader-{uuid.uuid4().hex[:8]}"))
     consumer.subscribe([topic])
-    out: list = []
+    out: list[Message] = []
+    seen = 0
     deadline = time.monotonic() + timeout
     try:
-        while len(out) < expected and time.monotonic() < deadline:
+        while seen < expected and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
                 out.append(msg)
+                seen += weight(msg)
     finally:
         consumer.close()
     return out
+
+
+_EVENTS = EventCodec()
+
+
+def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes, dict]]:
+    """(key, event) pairs from the start of `topic`: a raw-topic message holds a whole request's events."""
+    msgs = read_topic(settings, topic, expected, timeout, weight=lambda m: len(_EVENTS.decode_events(m.value())))
+    return [(m.key(), event) for m in msgs for event in _EVENTS.decode_events(m.value())]

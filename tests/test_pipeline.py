@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import uuid
 from collections.abc import Callable
@@ -181,22 +182,28 @@ def _crc64_avro(data: bytes) -> int:
 def test_topic_messages_decode_with_the_reference_avro_library(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget]
 ) -> None:
-    """Any consumer with the .avsc file alone can read the topic: single-object encoding, Apache `avro`."""
+    """Any consumer with the .avsc file alone can read the raw topic: single-object encoding, Apache `avro`."""
     from fastavro import parse_schema
     from fastavro.schema import to_parsing_canonical_form
 
     w = make_widget()
-    sent = pageview(datetime.now(timezone.utc), "https://shop.example/interop")
-    assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [sent]), timeout=10).status_code == 204
+    now = datetime.now(timezone.utc)
+    sent = [pageview(now - timedelta(seconds=1), "https://shop.example/interop"),
+            {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked", "occurred_at": iso(now),
+             "properties": {"plan": "growth"}}]
+    assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, sent), timeout=10).status_code == 204
     [msg] = read_topic(raw_pipeline, Topics.from_settings(raw_pipeline).raw_events, 1)
     value = msg.value()
-    schema_text = (SCHEMA_DIR / "visitor_event.avsc").read_text()
-    canonical = to_parsing_canonical_form(parse_schema(__import__("json").loads(schema_text), _write_hint=False))
+    schema_text = (SCHEMA_DIR / "visitor_event_batch.avsc").read_text()
+    canonical = to_parsing_canonical_form(parse_schema(json.loads(schema_text), _write_hint=False))
     assert value[:2] == b"\xc3\x01"
     assert struct.unpack("<Q", value[2:10])[0] == _crc64_avro(canonical.encode())
     reader = avro.io.DatumReader(avro.schema.parse(schema_text))
-    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(value[10:])))
-    assert record["event_id"] == sent["event_id"] and record["event_type"] == "pageview"
-    assert record["widget_id"] == str(w.id) and record["tenant_id"] == str(w.tenant_id)
-    assert record["url"] == "https://shop.example/interop" and record["visitor_id"] == "v-1"
+    events = reader.read(avro.io.BinaryDecoder(io.BytesIO(value[10:])))["events"]
+    assert [e["event_id"] for e in events] == [e["event_id"] for e in sent]
+    assert [e["event_type"] for e in events] == ["pageview", "custom"]
+    for e in events:
+        assert e["widget_id"] == str(w.id) and e["tenant_id"] == str(w.tenant_id) and e["visitor_id"] == "v-1"
+    assert events[0]["url"] == "https://shop.example/interop"
+    assert json.loads(events[1]["properties"]) == {"plan": "growth"}
     assert msg.key() == f"{w.id}:v-1".encode()

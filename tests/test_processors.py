@@ -307,7 +307,7 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
 
     dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2)
     assert len(dead) == 2
-    reasons = [dict(m.headers())["reason"].decode() for m in dead]
+    reasons = [dict(m.headers())["x-reason"].decode() for m in dead]
     assert reasons[0].startswith("DecodeError") and "session_start" in reasons[1]
     assert dead[0].value() == b"not avro at all"
     assert [r[0] for r in rows(db, w, 2)] == ["session_start", "pageview"]

@@ -340,3 +340,16 @@ def test_identity_link_is_readable_by_the_reference_library() -> None:
     decoded = avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema))).read(
         avro.io.BinaryDecoder(io.BytesIO(data[10:])))
     assert {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in decoded.items()} == link
+
+
+def test_batch_schema_inlines_the_current_event_schema() -> None:
+    """visitor_event_batch.avsc carries VisitorEvent inline (so the file alone decodes a raw message);
+    the copy must never drift from visitor_event.avsc."""
+    import json as _json
+
+    from schemas.codec import SCHEMA_DIR as _DIR
+
+    event = _json.loads((_DIR / "visitor_event.avsc").read_text())
+    batch = _json.loads((_DIR / "visitor_event_batch.avsc").read_text())
+    [events_field] = batch["fields"]
+    assert events_field["type"]["items"] == event
