@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/bench_processors.py [--events 200000] [--naive-events 20000]
 
-Every scenario gets a fresh broker (Tansu's memory storage only grows) and the same pre-encoded raw events
-(realistic visitors: time-ordered batches of <= 25 events, batches of many visitors interleaved):
+Every scenario gets a fresh broker (Tansu's memory storage only grows) and the same pre-encoded raw messages,
+as the API publishes them: one `VisitorEventBatch` per widget request (1..25 time-ordered events of one
+visitor, keyed widget:visitor), requests of many visitors interleaved. All rates are in events/s:
 
   passthrough    bare confluent-kafka consume -> produce of the same messages (the limit)
-  naive agent    a faust agent doing one table write and one send per event (the baseline)
-  processors x1  `site-activity processors`, one worker process
-  processors x2  two worker processes in one consumer group
+  naive          a faust agent reading the same messages, then per event one table write and one send
+  x1             `site-activity processors`, one worker process
+  x2             two worker processes in one consumer group
 
 Rates are measured from the first processed event to the last, so start-up and group joins are excluded.
+`--only x1,x2` runs a subset (ratios need passthrough and naive in the same run).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +40,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.codec import VISITOR_EVENT, AvroCodec  # noqa: E402
+from schemas.codec import EventCodec  # noqa: E402
 from site_activity.embedded import EmbeddedKafka, free_port, wait_until  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
@@ -45,15 +48,24 @@ from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics, event_key  # noqa: E402
 
 PARTITIONS = 6
-Message = tuple[bytes, bytes]  # (key, Avro value)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One raw-topic message as the API publishes it: one ingest request's events, one visitor."""
+
+    key: bytes
+    value: bytes  # EventCodec().encode_batch(events)
+    events: int
 
 
 # --- workload -----------------------------------------------------------------------------------------
 
 def workload(n_events: int, seed: int = 42) -> list[Message]:
-    """Visitors of one widget browsing over a day: gaps of seconds to hours, batches of 1..25 events."""
+    """Visitors of one widget browsing over a day: gaps of seconds to hours, each visitor's timeline cut into
+    widget batches of 1..25 events (one raw message each), batches of many visitors interleaved."""
     rng = random.Random(seed)
-    codec = AvroCodec(VISITOR_EVENT)
+    codec = EventCodec()
     tenant, widget = uuid.UUID(int=rng.getrandbits(128)), uuid.UUID(int=rng.getrandbits(128))
     start = datetime(2026, 11, 24, tzinfo=UTC)
     gaps = [5, 10, 20, 40, 60, 120, 300, 29 * 60 + 59, 31 * 60, 2 * 3600]
@@ -66,29 +78,43 @@ def workload(n_events: int, seed: int = 42) -> list[Message]:
         events = []
         for i in range(min(rng.randint(10, 90), n_events - made)):
             kind = "identify" if i == 7 else ("custom" if rng.random() < 0.12 else "pageview")
-            record = {
-                "event_id": uuid.UUID(int=rng.getrandbits(128), version=4), "event_type": kind,
-                "tenant_id": tenant, "widget_id": widget, "visitor_id": visitor,
+            events.append({
+                "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "event_type": kind,
+                "tenant_id": str(tenant), "widget_id": str(widget), "visitor_id": visitor,
                 "name": "clicked_upgrade" if kind == "custom" else None,
                 "url": f"https://shop.example.com/p/{rng.randrange(50)}", "referrer": None,
                 "properties": '{"plan": "pro", "variant": "b"}' if kind != "pageview" else "{}",
                 "user_id": f"u_{rng.randrange(10**6)}" if kind == "identify" else None,
                 "occurred_at": t, "received_at": t + timedelta(seconds=1), "session_id": None, "customer_id": None,
-            }
-            events.append((key, codec.encode(record)))
+            })
             t += timedelta(seconds=rng.choice(gaps))
         made += len(events)
         batches, i = [], 0
         while i < len(events):
             n = rng.randint(1, 25)
-            batches.append(events[i:i + n])
+            batches.append(Message(key, codec.encode_batch(events[i:i + n]), len(events[i:i + n])))
             i += n
-        per_visitor.append(batches)  # type: ignore[arg-type]
+        per_visitor.append(batches)
     # interleave visitors' batches, each visitor's batches staying in time order
     order = [v for v, batches in enumerate(per_visitor) for _ in batches]
     rng.shuffle(order)
     cursors = [iter(batches) for batches in per_visitor]
-    return [msg for v in order for msg in next(cursors[v])]  # type: ignore[arg-type]
+    return [next(cursors[v]) for v in order]
+
+
+def prefix(messages: list[Message], n_events: int) -> list[Message]:
+    """The first messages holding at least n_events events (the naive baseline runs on fewer)."""
+    out, total = [], 0
+    for msg in messages:
+        if total >= n_events:
+            break
+        out.append(msg)
+        total += msg.events
+    return out
+
+
+def count_events(messages: list[Message]) -> int:
+    return sum(m.events for m in messages)
 
 
 # --- infrastructure -----------------------------------------------------------------------------------
@@ -118,10 +144,10 @@ def bench_settings(kafka: EmbeddedKafka, name: str) -> Settings:
 
 def preload(settings: Settings, topic: str, messages: list[Message]) -> None:
     producer = Producer(producer_config(settings, **{"linger.ms": 20}))
-    for i, (key, value) in enumerate(messages):
+    for i, msg in enumerate(messages):
         while True:
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, msg.value, msg.key)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -133,6 +159,7 @@ def preload(settings: Settings, topic: str, messages: list[Message]) -> None:
 # --- scenarios ----------------------------------------------------------------------------------------
 
 def passthrough(messages: list[Message]) -> float:
+    """Events/s of moving the raw messages unchanged: every message consumed and produced, rate in events."""
     with fresh_broker("passthrough") as kafka:
         s = bench_settings(kafka, "passthrough")
         topics = Topics.from_settings(s)
@@ -152,7 +179,7 @@ def passthrough(messages: list[Message]) -> float:
         producer.flush(30)
         elapsed = time.perf_counter() - (first or 0)
         consumer.close()
-        return n / elapsed
+        return count_events(messages) / elapsed
 
 
 def naive_agent(messages: list[Message]) -> float:
@@ -163,7 +190,7 @@ def naive_agent(messages: list[Message]) -> float:
         preload(s, topics.raw_events, messages)
         out = subprocess.run(
             [sys.executable, __file__, "--naive-worker", kafka.bootstrap, topics.raw_events, topics.enriched_events,
-             str(len(messages))], capture_output=True, text=True, timeout=180)
+             str(count_events(messages))], capture_output=True, text=True, timeout=180)
         found = re.search(r"RESULT ([\d.]+)", out.stdout + out.stderr)  # faust may route print() to its log
         if not found:
             raise RuntimeError(f"naive agent failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -171,10 +198,12 @@ def naive_agent(messages: list[Message]) -> float:
 
 
 def run_naive_worker(bootstrap: str, raw: str, enriched: str, n: int) -> None:
-    """The baseline: what a faust agent looks like written the obvious way."""
+    """The baseline: what a faust agent looks like written the obvious way, per event. It reads the same
+    batch messages as the processors (one per ingest request), then for every event: one table write, one
+    send of the event."""
     import faust
 
-    codec = AvroCodec(VISITOR_EVENT)
+    codec = EventCodec()
     app = faust.App(f"naive-{os.getpid()}", broker=f"kafka://{bootstrap}", store="memory://",
                     topic_partitions=PARTITIONS, broker_session_timeout=3, broker_heartbeat_interval=0.5,
                     consumer_auto_offset_reset="earliest", web_enabled=False, autodiscover=False)
@@ -187,11 +216,11 @@ def run_naive_worker(bootstrap: str, raw: str, enriched: str, n: int) -> None:
     async def naive(stream: faust.StreamT) -> None:
         async for event in stream.events():
             seen["first"] = seen["first"] or time.perf_counter()
-            record = codec.decode(event.value)
-            last_seen[event.key] = int(record["occurred_at"].timestamp())
-            await sink.send(key=event.key, value=event.value)
-            seen["n"] += 1
-            if seen["n"] == n:
+            for record in codec.decode_events(event.value):
+                last_seen[event.key] = int(record["occurred_at"].timestamp())
+                await sink.send(key=event.key, value=codec.encode_event(record))
+                seen["n"] += 1
+            if seen["n"] >= n:
                 await app.producer.flush()
                 print(f"RESULT {n / (time.perf_counter() - seen['first']):.1f}", flush=True)
                 os._exit(0)
@@ -220,19 +249,28 @@ def processors(messages: list[Message], workers: int) -> float:
             time.sleep(3)  # let the group settle on its final assignment before the load arrives
             preload(base, Topics.from_settings(base).raw_events, messages)
             ports = [s.processors_web_port for s, _ in procs]
-            first, done = None, 0.0
-            deadline = time.monotonic() + 300
-            while done < len(messages) and time.monotonic() < deadline:
-                if first is None and sum(scrape(p, "site_activity_processors_events_in_total") for p in ports) > 0:
-                    first = time.perf_counter()
-                done = sum(scrape(p, "site_activity_processors_batch_events_sum") for p in ports)
-                time.sleep(0.05)
-            if done < len(messages):
-                raise RuntimeError(f"processors handled {done:.0f} of {len(messages)}; see {work_dir()}")
-            return len(messages) / (time.perf_counter() - (first or 0))
+            return _rate(ports, count_events(messages))
         finally:
             for _, p in procs:
                 p.stop()
+
+
+def _rate(ports: list[int], total: int) -> float:
+    """Events/s between the first and the last observation of the workers' processed-events counters (the
+    events of batches finished before the first observation are excluded along with their time)."""
+    def processed() -> float:
+        return sum(scrape(p, "site_activity_processors_batch_events_sum") for p in ports)
+
+    first: tuple[float, float] | None = None
+    done, deadline = 0.0, time.monotonic() + 300
+    while done < total and time.monotonic() < deadline:
+        done = processed()
+        if first is None and done > 0:
+            first = (time.perf_counter(), done)
+        time.sleep(0.02)
+    if done < total or first is None:
+        raise RuntimeError(f"processors handled {done:.0f} of {total}; see {work_dir()}")
+    return (done - first[1]) / (time.perf_counter() - first[0])
 
 
 def _healthy(port: int) -> bool:
@@ -248,29 +286,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--naive-events", type=int, default=20_000, help="the baseline is slow; fewer events")
+    parser.add_argument("--only", default="passthrough,naive,x1,x2", help="comma-separated scenarios to run")
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so brokers and workers are stopped on the way out
     started = time.monotonic()
     messages = workload(args.events)
-    print(f"workload: {len(messages)} events, {len({k for k, _ in messages})} visitors "
+    naive_messages = prefix(messages, args.naive_events)
+    print(f"workload: {count_events(messages)} events in {len(messages)} messages, "
+          f"{len({m.key for m in messages})} visitors "
           f"({time.monotonic() - started:.0f} s to build)", flush=True)
-    results: list[tuple[str, int, float]] = []
-    for label, n, run in [
-        ("passthrough (confluent consume->produce)", len(messages), lambda: passthrough(messages)),
-        ("naive faust agent (1 table write + 1 send per event)", args.naive_events,
-         lambda: naive_agent(messages[:args.naive_events])),
-        ("processors, 1 worker", len(messages), lambda: processors(messages, 1)),
-        ("processors, 2 workers (one group)", len(messages), lambda: processors(messages, 2)),
-    ]:
-        rate = run()
-        results.append((label, n, rate))
-        print(f"  {label}: {rate:,.0f} events/s", flush=True)
+    scenarios = {
+        "passthrough": ("passthrough (confluent consume->produce)", messages, passthrough),
+        "naive": ("naive faust agent (1 table write + 1 send per event)", naive_messages, naive_agent),
+        "x1": ("processors, 1 worker", messages, lambda m: processors(m, 1)),
+        "x2": ("processors, 2 workers (one group)", messages, lambda m: processors(m, 2)),
+    }
+    results: dict[str, tuple[str, int, float]] = {}
+    for name in args.only.split(","):
+        label, msgs, run = scenarios[name]
+        results[name] = (label, count_events(msgs), run(msgs))
+        print(f"  {label}: {results[name][2]:,.0f} events/s", flush=True)
 
-    passthrough_rate, naive_rate = results[0][2], results[1][2]
-    print(f"\n| scenario | events | events/s | vs naive agent | vs passthrough |\n|---|---:|---:|---:|---:|")
-    for label, n, rate in results:
-        print(f"| {label} | {n:,} | {rate:,.0f} | {rate / naive_rate:.1f}x | {rate / passthrough_rate:.0%} |")
+    naive_rate = results["naive"][2] if "naive" in results else None
+    limit = results["passthrough"][2] if "passthrough" in results else None
+    print("\n| scenario | events | events/s | vs naive agent | vs passthrough |\n|---|---:|---:|---:|---:|")
+    for label, n, rate in results.values():
+        vs_naive = f"{rate / naive_rate:.1f}x" if naive_rate else "-"
+        vs_limit = f"{rate / limit:.0%}" if limit else "-"
+        print(f"| {label} | {n:,} | {rate:,.0f} | {vs_naive} | {vs_limit} |")
     print(f"\ntotal bench time {time.monotonic() - started:.0f} s (logs in {work_dir()})")
 
 

@@ -28,6 +28,17 @@ def load_schema(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def without_logical_types(schema: Any) -> Any:
+    """The schema with every `logicalType` annotation removed: same Parsing Canonical Form (hence the same
+    fingerprint and the same bytes on the wire), but fastavro then reads and writes the underlying
+    primitives (uuid as str, timestamp-micros as int µs) instead of building uuid.UUID/datetime objects."""
+    if isinstance(schema, dict):
+        return {k: without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [without_logical_types(x) for x in schema]
+    return schema
+
+
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
     parsed = fastavro.parse_schema(schema, _write_hint=False)
     hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
@@ -37,17 +48,28 @@ def schema_fingerprint(schema: dict[str, Any]) -> bytes:
 
 
 class AvroCodec:
-    """Encodes with the current schema; decodes any historical version of it (schemas/history)."""
+    """Encodes with the current schema; decodes any historical version of it (schemas/history).
 
-    def __init__(self, name: str) -> None:
+    `logical_types=False` is the raw-values mode for hot paths: the same bytes, but uuid fields are plain
+    str (as written, not validated or normalised) and timestamps int µs since the epoch, on decode and on
+    encode. Converting to uuid.UUID/datetime costs about as much as the Avro decoding itself."""
+
+    def __init__(self, name: str, logical_types: bool = True) -> None:
         self.name = name
         self.schema = load_schema(SCHEMA_DIR / f"{name}.avsc")
-        self._parsed = fastavro.parse_schema(self.schema)
         self.header = MAGIC + schema_fingerprint(self.schema)
+        self._parsed = self._parse(self.schema, logical_types)
         self._writers: dict[bytes, Any] = {self.header[2:]: self._parsed}
+        # every schema this codec decodes, by fingerprint (the current one first)
+        self.versions: dict[bytes, dict[str, Any]] = {self.header[2:]: self.schema}
         for old in sorted((SCHEMA_DIR / "history").glob(f"{name}.v*.avsc")):
             old_schema = load_schema(old)
-            self._writers.setdefault(schema_fingerprint(old_schema), fastavro.parse_schema(old_schema))
+            self.versions.setdefault(schema_fingerprint(old_schema), old_schema)
+            self._writers.setdefault(schema_fingerprint(old_schema), self._parse(old_schema, logical_types))
+
+    @staticmethod
+    def _parse(schema: dict[str, Any], logical_types: bool) -> Any:
+        return fastavro.parse_schema(schema if logical_types else without_logical_types(schema))
 
     def encode(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
@@ -79,11 +101,11 @@ IDENTITY_LINK = "identity_link"
 class EventCodec:
     """Visitor events as they travel: one `VisitorEvent` per message (enriched topic), or one
     `VisitorEventBatch` per ingest request (raw topic). Readers take either, so a consumer never has to
-    know which producer wrote a message."""
+    know which producer wrote a message. `logical_types=False`: raw values, see `AvroCodec`."""
 
-    def __init__(self) -> None:
-        self.event = AvroCodec(VISITOR_EVENT)
-        self.batch = AvroCodec(VISITOR_EVENT_BATCH)
+    def __init__(self, logical_types: bool = True) -> None:
+        self.event = AvroCodec(VISITOR_EVENT, logical_types)
+        self.batch = AvroCodec(VISITOR_EVENT_BATCH, logical_types)
 
     def encode_event(self, record: dict[str, Any]) -> bytes:
         return self.event.encode(record)

@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     # --- processors ----------------------------------------------------------------------------
     processors_app_id: str = "site-activity-processors"
     session_gap_s: float = 30 * 60
-    processors_batch_max_events: int = 2_000
+    # One take() batch: at most this many raw messages (one per ingest request, <= 25 events from the widget),
+    # or whatever arrived within processors_batch_max_s.
+    processors_batch_max_messages: int = 500
     processors_batch_max_s: float = 0.2
     processors_web_port: int = 6066
     # Recent sessions / identity links remembered per visitor to place late events (see stream_processors/state.py).

@@ -3,10 +3,12 @@
 faust owns the consumer group, the co-partitioned visitor-state table and its changelog recovery, acks and
 offset commits, and the web server. The agent hands each `take_events()` batch to `BatchProcessor`.
 
-Throughput note: faust moves every consumed message through its own per-message machinery (two tasks per
-message in the fetch loop, the conductor, the stream iterator) before `take_events()` sees it. On the 2-core
-reference box that caps a worker at ~9k messages/s even with an empty agent body, whatever the batching
-after it (bench/bench_processors.py). More workers in the group add throughput.
+Throughput note: faust moves every consumed message through its own per-message machinery (tasks in the
+fetch loop, the conductor, the stream iterator) before `take_events()` sees it; on the 2-core reference box
+that caps a worker at ~8k messages/s even with an empty agent body. The API therefore publishes one message
+per ingest request (up to 25 events from the widget), so that cost is paid once per request, and the batch
+work (decode, placement, output) is done outside faust with a confluent-kafka producer. Figures:
+bench/bench_processors.py. More workers in the group add throughput.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import faust
-from confluent_kafka import Producer
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from stream_processors.processor import BatchProcessor
@@ -44,11 +44,6 @@ class TableStore:
         self.table.send_changelog(partition, key, doc)
 
 
-def output_producer(settings: Settings) -> Producer:
-    # A small linger: a batch's records are produced back to back and flushed at once anyway.
-    return Producer(producer_config(settings, **{"linger.ms": 2}))
-
-
 def create_app(settings: Settings) -> faust.App:
     topics = Topics.from_settings(settings)
     app = faust.App(
@@ -64,7 +59,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.consumer_heartbeat_interval_ms / 1000,
         consumer_auto_offset_reset="earliest",
         producer_max_batch_size=settings.processors_producer_max_batch_size,
-        stream_buffer_maxsize=max(4096, 2 * settings.processors_batch_max_events),
+        stream_buffer_maxsize=max(4096, 2 * settings.processors_batch_max_messages),
         web_enabled=True,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
@@ -78,8 +73,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:
-        processor = BatchProcessor(settings, TableStore(table), output_producer(settings))
-        async for events in stream.take_events(settings.processors_batch_max_events,
+        processor = BatchProcessor(settings, TableStore(table))
+        async for events in stream.take_events(settings.processors_batch_max_messages,
                                                within=settings.processors_batch_max_s):
             processor.process([event.message for event in events])
 

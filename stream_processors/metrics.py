@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-EVENTS_IN = Counter("site_activity_processors_events_in_total", "Raw messages consumed")
+MESSAGES_IN = Counter("site_activity_processors_messages_in_total",
+                      "Raw messages processed (one per ingest request, or one per event from older producers)")
+EVENTS_IN = Counter("site_activity_processors_events_in_total", "Raw events processed (valid ones, all messages)")
 EVENTS_OUT = Counter("site_activity_processors_events_out_total",
                      "Records written to the enriched topic (input events plus session_start events)")
 SESSION_STARTS = Counter("site_activity_processors_session_starts_total", "session_start events emitted")
 IDENTITY_LINKS = Counter("site_activity_processors_identity_links_total", "Links published on the identity-links topic")
-DEAD_LETTERS = Counter("site_activity_processors_dead_letters_total", "Raw messages sent to the dead-letter topic")
-BATCH_EVENTS = Histogram("site_activity_processors_batch_events", "Messages per processed batch",
-                         buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000))
+DEAD_LETTERS = Counter("site_activity_processors_dead_letters_total",
+                       "Dead letters: undecodable raw messages, or single invalid events out of a batch message")
+BATCH_EVENTS = Histogram("site_activity_processors_batch_events", "Valid events per processed take() batch",
+                         buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000))
 BATCH_SECONDS = Histogram("site_activity_processors_batch_seconds", "Time to process and deliver one batch",
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

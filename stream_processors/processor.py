@@ -1,18 +1,22 @@
 """One batch of raw events in, enriched events out.
 
-A batch is what `stream.take_events()` hands the agent. Its events are decoded once, grouped per visitor
-(the Kafka key), each visitor's state is read from the table once, all its events are placed in offset
-order (see `state.py` for the rules), the state is written back once, and every output record is handed
-to a confluent-kafka producer without waiting. The batch ends with one flush: only after every output is
-confirmed does the agent return, and only then does faust ack (and later commit) the batch's offsets.
-At-least-once: a crash before that replays the batch, and replays produce the same records (deterministic
-ids), which the sink writes idempotently.
+A batch is what `stream.take_events()` hands the agent: raw-topic messages, each one ingest request's
+events (a VisitorEventBatch) or a single event. Events are decoded once, as raw Avro values (uuid text,
+int µs: EventCodec(logical_types=False)), grouped per visitor (the Kafka key), each visitor's state is read
+from the table once, all its events are placed in offset order (see `state.py` for the rules), and the state
+is written back once (faust sends its changelog record). Every output record is handed to a confluent-kafka
+producer without waiting or per-record callbacks; an enriched event is its raw bytes with the two ids
+appended (`wire.py`), not a re-encoding. The batch ends with one flush: only after every output is
+confirmed does the agent return, and only then does faust ack (and later
+commit) the batch's offsets. At-least-once: a crash before that replays the batch, and replays produce the
+same records (deterministic ids), which the sink writes idempotently.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -26,37 +30,52 @@ from confluent_kafka import KafkaError, Producer
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers
 from site_activity.events import EventType, customer_id_for, session_id_for, session_start_event_id
+from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors import metrics
 from stream_processors.state import VisitorState
+from stream_processors.wire import EventReader, RawEvent, restamp
 
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-ONE_US = timedelta(microseconds=1)
 # Exit code when outputs could not be delivered: the process must die without committing the batch.
 EXIT_DELIVERY_FAILED = 75
+SLOW_BATCH_S = 1.0
+# Event times the logical-type decoding would accept (datetime years 1..9999), in µs since the epoch.
+MIN_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+MAX_US = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+SESSION_START = EventType.SESSION_START.value
+IDENTIFY = EventType.IDENTIFY.value
 
 
-# A visitor's events share a few session and contact ids; deriving them (uuid5 = SHA-1) once is measurably
-# cheaper per event.
+# Events are handled as raw Avro values (EventCodec(logical_types=False): uuids as str, times as int µs);
+# the ids derived from them are computed by the very functions of site_activity.events, once per session or
+# contact (uuid5 is a SHA-1), and cached as the text that goes on the wire.
 @lru_cache(maxsize=65_536)
-def session_id_at(widget_id: uuid.UUID, visitor_id: str, start_us: int) -> uuid.UUID:
-    return session_id_for(widget_id, visitor_id, from_us(start_us))
+def session_ids(widget_id: str, visitor_id: str, start_us: int) -> tuple[str, str]:
+    """(session_id, event_id of its session_start) of the session that started at start_us."""
+    session_id = session_id_for(widget_id, visitor_id, from_us(start_us))
+    return str(session_id), str(session_start_event_id(session_id))
 
 
 @lru_cache(maxsize=65_536)
-def contact_id(tenant_id: uuid.UUID, user_id: str) -> uuid.UUID:
-    return customer_id_for(tenant_id, user_id)
-
-
-def to_us(ts: datetime) -> int:
-    return (ts - EPOCH) // ONE_US
+def contact_id(tenant_id: str, user_id: str) -> str:
+    return str(customer_id_for(tenant_id, user_id))
 
 
 def from_us(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)
+
+
+def canonical_uuid(text: str) -> str:
+    """uuid text as the logical-type decoding would have produced it (str(uuid.UUID(text)))."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise InvalidEvent(f"not a uuid: {text[:50]!r}") from None
 
 
 class RawMessage(Protocol):
@@ -79,88 +98,121 @@ class StateStore(Protocol):
 
 @dataclass
 class VisitorBatch:
-    """One visitor's events of a batch, in offset order."""
+    """One visitor's events of a batch, in offset order: raw values, and the datum for `wire.restamp`."""
 
     key: bytes
     partition: int
-    records: list[dict[str, Any]]
+    records: list[RawEvent]
 
 
 class InvalidEvent(ValueError):
     """A raw message that decodes but can never be processed."""
 
 
-def validate(record: dict[str, Any], key: bytes | None) -> None:
-    if record["event_type"] == EventType.SESSION_START:
+def validate(record: dict[str, Any], key: bytes | None) -> bool:
+    """Rejects what can never be processed, and normalises the raw values the way decoding with logical
+    types would have (so ids and output bytes do not depend on the decoding mode). Returns whether the
+    record is unchanged (its bytes can be restamped)."""
+    event_type = record["event_type"]
+    if event_type == SESSION_START:
         raise InvalidEvent("session_start events are derived by the processors, not accepted as input")
-    if record["event_type"] == EventType.IDENTIFY and not record.get("user_id"):
+    if event_type == IDENTIFY and not record["user_id"]:
         raise InvalidEvent("identify event without user_id")
-    if key != event_key(str(record["widget_id"]), record["visitor_id"]):
+    if not MIN_US <= record["occurred_at"] <= MAX_US or not MIN_US <= record["received_at"] <= MAX_US:
+        raise InvalidEvent("timestamp out of range")
+    unchanged = True
+    for name in ("event_id", "tenant_id", "widget_id"):
+        if not _CANONICAL_UUID.match(record[name]):  # the API writes canonical text; others may not
+            record[name], unchanged = canonical_uuid(record[name]), False
+    if key != event_key(record["widget_id"], record["visitor_id"]):
         # State lives on the key's partition; a message keyed otherwise would read another visitor's state.
         raise InvalidEvent("message key is not <widget_id>:<visitor_id>")
+    return unchanged
 
 
 class BatchProcessor:
-    def __init__(self, settings: Settings, store: StateStore, producer: Producer) -> None:
+    def __init__(self, settings: Settings, store: StateStore) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.store = store
-        self.producer = producer
-        self.codec = EventCodec()
-        self.links = AvroCodec(IDENTITY_LINK)
+        self.codec = EventCodec(logical_types=False)
+        self.reader = EventReader(self.codec)
+        self.links = AvroCodec(IDENTITY_LINK, logical_types=False)
         self.gap_us = int(settings.session_gap_s * 1_000_000)
         self._failed: list[str] = []
+        # Delivery reports for failures only, to one callback: no per-record Python callback on success.
+        reports = {"delivery.report.only.error": True, "on_delivery": self._on_delivery}
+        # A batch's records are produced back to back and flushed at once anyway.
+        self.producer = Producer(producer_config(settings, **reports, **{"linger.ms": 2}))
 
     # --- the batch --------------------------------------------------------------------------------
 
     def process(self, messages: Sequence[RawMessage]) -> None:
         started = time.perf_counter()
-        metrics.EVENTS_IN.inc(len(messages))
+        events = out = 0
         for visitor in self._group(messages):
             state = VisitorState.from_doc(self.store.get(visitor.key))
-            for record in visitor.records:
-                self._enrich(state, visitor.key, record)
+            out += self._enrich(state, visitor)
+            events += len(visitor.records)
             self.store.put(visitor.key, visitor.partition, state.to_doc())
+        metrics.MESSAGES_IN.inc(len(messages))
+        metrics.EVENTS_IN.inc(events)
+        metrics.EVENTS_OUT.inc(out)
         self._flush()
-        metrics.BATCH_EVENTS.observe(len(messages))
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.BATCH_EVENTS.observe(events)
+        metrics.BATCH_SECONDS.observe(elapsed)
+        if elapsed > SLOW_BATCH_S:  # the event loop (heartbeats included) was blocked all that time
+            log.warning("slow batch", extra={"seconds": round(elapsed, 3), "messages": len(messages), "events": events})
 
     def _group(self, messages: Iterable[RawMessage]) -> list[VisitorBatch]:
         by_key: dict[bytes, VisitorBatch] = {}
         for msg in messages:
             try:
-                records = self.codec.decode_events(msg.value)
+                events = self.reader.read(msg.value)
             except DecodeError as exc:
                 self._dead_letter(msg, f"DecodeError: {exc}")
                 continue
-            for record in records:
+            for record, datum in events:
                 try:
-                    validate(record, msg.key)
+                    unchanged = validate(record, msg.key)
                 except InvalidEvent as exc:
                     self._dead_letter(msg, f"InvalidEvent: {exc}", self.codec.encode_event(record))
                     continue
                 batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
                 if batch is None:
                     batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [])  # type: ignore[index,arg-type]
-                batch.records.append(record)
+                batch.records.append((record, datum if unchanged else None))
         return list(by_key.values())
 
-    # --- one event --------------------------------------------------------------------------------
+    # --- one visitor's events ---------------------------------------------------------------------
 
-    def _enrich(self, state: VisitorState, key: bytes, record: dict[str, Any]) -> None:
-        s = self.settings
-        t = to_us(record["occurred_at"])
-        if record["event_type"] == EventType.IDENTIFY:
-            if state.link(t, record["user_id"], s.processors_max_links):
+    def _enrich(self, state: VisitorState, visitor: VisitorBatch) -> int:
+        """Places the visitor's events, stamps session and contact ids, produces them (and the session_starts
+        they open). Returns the number of enriched records produced. The hot loop: ~all events pass here."""
+        s, key, topic, codec = self.settings, visitor.key, self.topics.enriched_events, self.codec
+        encode, send = codec.encode_event, self._produce
+        produced = 0
+        for record, datum in visitor.records:
+            t = record["occurred_at"]
+            is_identify = record["event_type"] == IDENTIFY
+            if is_identify and state.link(t, record["user_id"], s.processors_max_links):
                 self._publish_link(key, record)
-        placed = state.place(t, self.gap_us, s.processors_max_sessions)
-        user = record["user_id"] if record["event_type"] == EventType.IDENTIFY else state.user_at(t)
-        record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
-        record["session_id"] = session_id_at(record["widget_id"], record["visitor_id"], placed.session_start_us)
-        if placed.opens_session:
-            self._send(self.topics.enriched_events, key, self.codec.encode_event(session_start_for(record)))
-            metrics.SESSION_STARTS.inc()
-        self._send(self.topics.enriched_events, key, self.codec.encode_event(record))
+            placed = state.place(t, self.gap_us, s.processors_max_sessions)
+            user = record["user_id"] if is_identify else state.user_at(t)
+            record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
+            record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
+                                                               placed.session_start_us)
+            if placed.opens_session:
+                send(topic, key, encode(session_start_for(record, start_event_id)))
+                metrics.SESSION_STARTS.inc()
+                produced += 1
+            if datum is not None:
+                send(topic, key, restamp(codec, datum, record["session_id"], record["customer_id"]))
+            else:
+                send(topic, key, encode(record))
+            produced += 1
+        return produced
 
     def _publish_link(self, key: bytes, identify: dict[str, Any]) -> None:
         link = {
@@ -171,27 +223,21 @@ class BatchProcessor:
             "customer_id": contact_id(identify["tenant_id"], identify["user_id"]),
             "linked_at": identify["occurred_at"],
         }
-        self._send(self.topics.identity_links, key, self.links.encode(link))
+        self._produce(self.topics.identity_links, key, self.links.encode(link))
         metrics.IDENTITY_LINKS.inc()
 
     # --- output -----------------------------------------------------------------------------------
 
-    def _send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
-                break
-            except BufferError:  # local queue full: let librdkafka drain some, then retry
-                self.producer.poll(0.05)
-        if topic == self.topics.enriched_events:
-            metrics.EVENTS_OUT.inc()
+    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        produce(self.producer, topic, value, key, headers=headers)
 
     def _dead_letter(self, msg: RawMessage, reason: str, value: bytes | None = None) -> None:
         """Dead-letters a raw message, or with `value` just one bad event out of a batch message."""
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
-        self._send(self.topics.dead_letter, msg.key or b"", value if value is not None else msg.value or b"", headers)
+        self._produce(self.topics.dead_letter, msg.key or b"", value if value is not None else msg.value or b"",
+                      headers)
         metrics.DEAD_LETTERS.inc()
 
     def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
@@ -211,16 +257,16 @@ class BatchProcessor:
             os._exit(EXIT_DELIVERY_FAILED)
 
 
-def session_start_for(opener: dict[str, Any]) -> dict[str, Any]:
+def produce(producer: Producer, topic: str, value: bytes, key: bytes, **options: Any) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, **options)
+            return
+        except BufferError:  # local queue full: let librdkafka drain some, then retry
+            producer.poll(0.05)
+
+
+def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:
     """The derived event that marks a session: the opener's who, where and when, with a deterministic id."""
-    session_id = opener["session_id"]
-    if not isinstance(session_id, uuid.UUID):
-        session_id = uuid.UUID(str(session_id))
-    return {
-        **opener,
-        "event_id": session_start_event_id(session_id),
-        "event_type": EventType.SESSION_START.value,
-        "name": None,
-        "properties": "{}",
-        "user_id": None,
-    }
+    return {**opener, "event_id": event_id, "event_type": SESSION_START, "name": None, "properties": "{}",
+            "user_id": None}

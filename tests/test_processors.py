@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from schemas.codec import VISITOR_EVENT, AvroCodec
+from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id
 from site_activity.kafka import producer_config
@@ -28,6 +28,7 @@ from site_activity.topics import Topics, event_key
 from tests.conftest import read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
+EVENTS = EventCodec()
 T0 = datetime(2026, 11, 24, 8, 0, 0, 250000, tzinfo=UTC)
 MIN = timedelta(minutes=1)
 SEC = timedelta(seconds=1)
@@ -52,8 +53,9 @@ def identify(widget: widgets.Widget, visitor: str, at: datetime, user_id: str, *
 
 
 class RawFeed:
-    """Publishes to the raw topic like the API: one message per event, keyed by widget:visitor, each call's
-    events in the order given (the API sorts an HTTP batch by occurred_at)."""
+    """Publishes to the raw topic, keyed by widget:visitor, each call's events in the order given (the API
+    sorts an HTTP batch by occurred_at): `send` as one message per event (what older producers wrote; most
+    tests use it), `send_batch` as one VisitorEventBatch message, which is what the API writes now."""
 
     def __init__(self, settings: Settings) -> None:
         self.topic = Topics.from_settings(settings).raw_events
@@ -63,6 +65,10 @@ class RawFeed:
         for r in records:
             self.producer.produce(self.topic, CODEC.encode(r), event_key(str(r["widget_id"]), r["visitor_id"]))
         assert self.producer.flush(15) == 0
+
+    def send_batch(self, records: list[dict[str, Any]]) -> None:
+        r = records[0]
+        self.send_bytes(event_key(str(r["widget_id"]), r["visitor_id"]), EVENTS.encode_batch(records))
 
     def send_bytes(self, key: bytes, value: bytes) -> None:
         self.producer.produce(self.topic, value, key)
@@ -155,6 +161,50 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipe
         ("session_start", T0 + 3 * 60 * MIN, late2), ("pageview", T0 + 3 * 60 * MIN, late2)]
     assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND session_id IS NULL",
                       (w.id,)).fetchone() == (0,)
+
+
+def test_batch_messages_are_processed_like_single_event_messages(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                             make_widget: Callable[..., widgets.Widget],
+                                                             db: psycopg.Connection) -> None:
+    """The same visitor timeline (sessions, identify, a late batch) on two widgets of one tenant: one as a
+    message per event, the other as batch messages. The enriched records must be the same, up to the widget
+    and the widget-derived session ids."""
+    w_single = make_widget()
+    w_batch = make_widget(tenant_id=w_single.tenant_id)
+    timeline = [
+        [ev(w_single, "v", T0), ev(w_single, "v", T0 + 29 * MIN), ev(w_single, "v", T0 + 60 * MIN)],
+        [identify(w_single, "v", T0 + 61 * MIN, "u-batch", plan="pro"), ev(w_single, "v", T0 + 62 * MIN, "custom",
+                                                                           name="clicked")],
+        [ev(w_single, "v", T0 + 3 * 60 * MIN)],
+        [ev(w_single, "v", T0 + 10 * MIN), ev(w_single, "v", T0 + 100 * MIN)],  # late: joins, then opens
+    ]
+    for batch in timeline:
+        feed.send(batch)
+        feed.send_batch([{**r, "widget_id": w_batch.id} for r in batch])  # same event ids, other widget
+
+    records = enriched(settings, 2 * (8 + 4))  # 8 events + 4 session_starts per widget
+    by_widget: dict[uuid.UUID, list[dict[str, Any]]] = {w_single.id: [], w_batch.id: []}
+    for r in records:
+        by_widget[r["widget_id"]].append(r)
+
+    def comparable(r: dict[str, Any]) -> tuple:
+        fields = {k: v for k, v in r.items() if k not in ("widget_id", "session_id", "event_id")}
+        own_id = r["event_id"] if r["event_type"] != "session_start" else None  # derived ids depend on the widget
+        return tuple(sorted(fields.items())) + (own_id,)
+
+    assert Counter(map(comparable, by_widget[w_single.id])) == Counter(map(comparable, by_widget[w_batch.id]))
+    contact_id = customer_id_for(w_single.tenant_id, "u-batch")
+    for w in (w_single, w_batch):
+        opened = sorted(r["occurred_at"] for r in by_widget[w.id] if r["event_type"] == "session_start")
+        assert opened == [T0, T0 + 60 * MIN, T0 + 100 * MIN, T0 + 3 * 60 * MIN]
+        for r in by_widget[w.id]:
+            assert r["session_id"] == sid(w, "v", max(t for t in opened if t <= r["occurred_at"]))
+            if r["event_type"] == "session_start":
+                assert r["event_id"] == session_start_event_id(r["session_id"])
+            # processed before the identify arrived: no contact yet (the sink retro-links those rows)
+            before_identify = r["occurred_at"] in (T0, T0 + 29 * MIN, T0 + 60 * MIN)
+            assert r["customer_id"] == (None if before_identify else contact_id)
+    assert len(rows(db, w_batch, 12)) == 12
 
 
 # --- identity -----------------------------------------------------------------------------------------
@@ -304,17 +354,29 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
     feed.send_bytes(event_key(str(w.id), "v-x"), b"not avro at all")
     feed.send([ev(w, "v-x", T0, "session_start")])  # clients cannot send derived events
     feed.send([ev(w, "v-x", T0 + MIN)])  # and the stream goes on
+    # one bad event inside a batch message is dead-lettered alone; its siblings go on
+    bad = ev(w, "v-x", T0 + 3 * MIN, "identify")  # an identify without user_id
+    feed.send_batch([ev(w, "v-x", T0 + 2 * MIN), bad, ev(w, "v-x", T0 + 4 * MIN)])
 
-    dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2)
-    assert len(dead) == 2
-    reasons = [dict(m.headers())["x-reason"].decode() for m in dead]
-    assert reasons[0].startswith("DecodeError") and "session_start" in reasons[1]
+    raw = Topics.from_settings(settings).raw_events
+    dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 3)
+    assert len(dead) == 3
+    headers = [{k: v.decode() for k, v in m.headers()} for m in dead]
+    assert headers[0]["x-reason"].startswith("DecodeError") and "session_start" in headers[1]["x-reason"]
+    assert headers[2]["x-reason"] == "InvalidEvent: identify event without user_id"
     assert dead[0].value() == b"not avro at all"
-    assert [r[0] for r in rows(db, w, 2)] == ["session_start", "pageview"]
+    assert CODEC.decode(dead[2].value()) == bad  # the bad event alone, as a single-event message
+    assert [h["x-source-offset"] for h in headers] == ["0", "1", "3"]  # all keyed alike: one partition
+    for h, m in zip(headers, dead, strict=True):
+        assert (h["x-stage"], h["x-source-topic"], m.key()) == ("processors", raw, event_key(str(w.id), "v-x"))
+        assert h["x-source-partition"] == headers[0]["x-source-partition"]
+    assert [r[0] for r in rows(db, w, 4)] == ["session_start", "pageview", "pageview", "pageview"]
 
     metrics = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics").text
-    assert "site_activity_processors_dead_letters_total 2.0" in metrics
+    assert "site_activity_processors_dead_letters_total 3.0" in metrics
     assert "site_activity_processors_session_starts_total 1.0" in metrics
+    assert "site_activity_processors_messages_in_total 4.0" in metrics
+    assert "site_activity_processors_events_in_total 3.0" in metrics  # the valid ones
 
 
 # --- reference check ----------------------------------------------------------------------------------

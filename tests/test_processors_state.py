@@ -1,8 +1,20 @@
-"""The documented placement rules of stream_processors/state.py, one case each (pure logic, no services)."""
+"""The documented placement rules of stream_processors/state.py, one case each, and the raw-values fast path of
+the processors (byte-identical output, exact ids). Pure logic, no services."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from schemas.codec import EventCodec
+from site_activity.events import customer_id_for, session_id_for, session_start_event_id
+from site_activity.topics import event_key
+from stream_processors.processor import InvalidEvent, contact_id, from_us, session_ids, validate
 from stream_processors.state import VisitorState
+from stream_processors.wire import EventReader, restamp
 
 MIN = 60_000_000  # µs
 GAP = 30 * MIN
@@ -67,3 +79,70 @@ def test_links_in_force_and_retro_link_for_earlier_events() -> None:
     assert [s.user_at(t) for t in (0, 10 * MIN, 25 * MIN, 30 * MIN, 99 * MIN)] == ["a", "a", "c", "b", "b"]
     assert s.link(30 * MIN, "b", 8) is True and len(s.links) == 3  # a replay adds nothing
     assert VisitorState.from_doc(s.to_doc()) == s
+
+
+# --- the processors' raw-values fast path (stream_processors/wire.py, processor.py) -----------------------
+
+def raw_event(i: int, **fields: Any) -> dict[str, Any]:
+    """A raw event in raw values (uuid text, int µs), as EventCodec(logical_types=False) decodes it."""
+    record = {
+        "event_id": str(uuid.UUID(int=i * 7919 + 1, version=4)), "event_type": ["pageview", "custom", "identify"][i % 3],
+        "tenant_id": str(TENANT), "widget_id": str(WIDGET), "visitor_id": f"v-{i % 4}",
+        "name": "clicked" if i % 3 == 1 else None, "url": None if i % 5 == 0 else f"https://ex.example/p/{i}?q=é✓",
+        "referrer": "https://r.example/" + "x" * (i * 13), "properties": json.dumps({"i": i, "s": "ü" * i}),
+        "user_id": f"u-{i}" if i % 3 == 2 else None, "occurred_at": 1_795_513_650_000_000 + i * 977_001,
+        "received_at": 1_795_513_651_000_000 + i, "session_id": None, "customer_id": None,
+    }
+    record.update(fields)
+    return record
+
+
+TENANT, WIDGET = uuid.UUID("0b6f2f3c-5f0e-4a53-9d2e-1f6c3b0a9e11"), uuid.UUID("7d1e0c55-2a4b-4c7e-8f10-3a2b1c0d9e8f")
+RAW = EventCodec(logical_types=False)
+
+
+def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
+    events = [raw_event(i) for i in range(40)]
+    reader = EventReader(RAW)
+    for data in (RAW.encode_batch(events), RAW.encode_batch(events[:1])):
+        read = reader.read(data)
+        assert [r for r, _ in read] == RAW.decode_events(data)
+        for record, datum in read:
+            assert datum is not None
+            for sid, cid in [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("x", "y" * 200), (None, None)]:
+                assert restamp(RAW, datum, sid, cid) == RAW.encode_event({**record, "session_id": sid, "customer_id": cid})
+    # a single-event message (older producers) works the same way
+    [(record, datum)] = reader.read(RAW.encode_event(events[3]))
+    assert record == events[3] and restamp(RAW, datum, "s", "c") == RAW.encode_event({**events[3], "session_id": "s",
+                                                                                      "customer_id": "c"})
+    # events whose ids are already set are not restampable (their datum does not end with two nulls)
+    [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
+    assert datum is None
+
+
+def test_raw_values_and_logical_types_read_the_same_bytes() -> None:
+    data = RAW.encode_batch([raw_event(i) for i in range(6)])
+    typed = EventCodec().decode_events(data)
+    for raw, obj in zip(RAW.decode_events(data), typed, strict=True):
+        assert uuid.UUID(raw["event_id"]) == obj["event_id"] and str(obj["widget_id"]) == raw["widget_id"]
+        assert obj["occurred_at"] == from_us(raw["occurred_at"])
+    assert EventCodec().encode_batch(typed) == data
+
+
+def test_validate_normalises_uuid_text_like_the_typed_decoding() -> None:
+    record = raw_event(0, event_id="{" + str(uuid.UUID(int=5)).upper() + "}")
+    assert validate(record, event_key(str(WIDGET), "v-0")) is False  # changed: re-encode, no restamp
+    assert record["event_id"] == str(uuid.UUID(int=5))
+    assert validate(raw_event(0), event_key(str(WIDGET), "v-0")) is True
+    with pytest.raises(InvalidEvent):
+        validate(raw_event(0, tenant_id="not-a-uuid"), event_key(str(WIDGET), "v-0"))
+    with pytest.raises(InvalidEvent):
+        validate(raw_event(0), event_key(str(WIDGET), "v-1"))
+
+
+def test_cached_ids_are_the_documented_deterministic_ids() -> None:
+    for i, us in enumerate([0, 1, 999_999, 1_795_513_650_123_457, 1_795_513_650_999_999, 253_402_300_799_999_999]):
+        sid, start_id = session_ids(str(WIDGET), f"v{i}", us)
+        assert sid == str(session_id_for(WIDGET, f"v{i}", from_us(us)))
+        assert start_id == str(session_start_event_id(uuid.UUID(sid)))
+    assert contact_id(str(TENANT), "u-1") == str(customer_id_for(TENANT, "u-1"))
