@@ -25,7 +25,7 @@ class SinkMetrics:
             f"{p}_batch_seconds", "Write + dead-letter + commit time of one batch", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.batch_size = Histogram(f"{p}_batch_messages", "Messages per batch", registry=r,
-                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000))
+                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000))
         self.dead_letters = Counter(f"{p}_dead_letters", "Messages sent to the dead-letter topic", ["reason"],
                                     registry=r)
         self.db_retries = Counter(f"{p}_db_retries", "Batch attempts that failed transiently", registry=r)

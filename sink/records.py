@@ -1,39 +1,59 @@
-"""Step 1 of a batch: Kafka messages -> rows for Postgres, or dead letters for what cannot be decoded."""
+"""Step 1 of a batch: Kafka messages -> rows for Postgres, or dead letters for what cannot be decoded.
+
+Events are decoded without Avro logical types (uuid fields stay str, timestamps int µs since the epoch):
+building uuid.UUID and datetime objects cost as much as the decoding itself, and Postgres parses the text
+anyway (a malformed uuid is then a row the database rejects, dead-lettered like any other).
+"""
 
 from __future__ import annotations
 
+import io
 import operator
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import fastavro
 from confluent_kafka import Message
 
-from schemas.codec import DecodeError, EventCodec
+from schemas.codec import HEADER_LEN, DecodeError, EventCodec, without_logical_types
 
-# Column layout of the per-connection temp table the batch is COPYed into (see sink.writer).
-# `ord` is the position in the batch: it breaks ties between identify calls with the same occurred_at.
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("ord", "int8"),
-    ("widget_id", "uuid"),
-    ("event_id", "uuid"),
-    ("tenant_id", "uuid"),
-    ("visitor_id", "text"),
-    ("event_type", "text"),
-    ("name", "text"),
-    ("url", "text"),
-    ("referrer", "text"),
-    ("properties", "text"),  # cast to jsonb by the INSERT, so the server validates it
-    ("user_id", "text"),
-    ("customer_id", "uuid"),
-    ("session_id", "uuid"),
-    ("occurred_at", "timestamptz"),
-    ("received_at", "timestamptz"),
+# The event fields a row carries, in this order (the COPY column order, see sink.writer). The first two are
+# the table's primary key.
+FIELDS: tuple[str, ...] = (
+    "widget_id", "event_id", "tenant_id", "visitor_id", "event_type", "name", "url", "referrer", "properties",
+    "user_id", "customer_id", "session_id", "occurred_at", "received_at",
 )
-_FIELDS = [name for name, _ in COLUMNS[1:]]
-_EVENT_TYPE = [name for name, _ in COLUMNS].index("event_type")
-_CUSTOMER_ID = [name for name, _ in COLUMNS].index("customer_id")
+EVENT_TYPE = FIELDS.index("event_type")
+CUSTOMER_ID = FIELDS.index("customer_id")
+_pick = operator.itemgetter(*FIELDS)
+_identity = operator.itemgetter(0, 1)  # (widget_id, event_id) of a row's values
+
+
+class EventDecoder:
+    """`EventCodec(logical_types=False).decode_events`, with a shortcut for the message the sink sees most:
+    one event in the current schema. That one is read straight from the message (no slice copies, and no
+    per-call comparison of reader and writer schema); everything else, including every message the shortcut
+    fails on, goes through the codec, which resolves old schemas and raises the DecodeError."""
+
+    def __init__(self) -> None:
+        self.codec = EventCodec(logical_types=False)
+        self._header = self.codec.event.header
+        self._schema = fastavro.parse_schema(without_logical_types(self.codec.event.schema))
+
+    def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
+        if data is not None and data.startswith(self._header):
+            buf = io.BytesIO(data)  # shares the bytes, no copy
+            buf.seek(HEADER_LEN)
+            try:
+                return [fastavro.schemaless_reader(buf, self._schema, None)]
+            except Exception:  # noqa: BLE001 (the codec below turns it into the proper DecodeError)
+                pass
+        return self.codec.decode_events(data)
+
+
+def make_codec() -> EventDecoder:
+    return EventDecoder()
 
 
 @dataclass(frozen=True)
@@ -54,20 +74,16 @@ class Source:
 @dataclass(slots=True)  # one per event: kept lean, the Source is only built for dead letters
 class Row:
     message: Message
-    values: tuple[Any, ...]  # in COLUMNS order
+    values: tuple[Any, ...]  # in FIELDS order, raw Avro values
 
     @property
     def source(self) -> Source:
         return Source.of(self.message)
 
     @property
-    def identity(self) -> tuple[uuid.UUID, uuid.UUID]:
-        return self.values[1], self.values[2]  # (widget_id, event_id): the table's primary key
-
-    @property
     def is_identify(self) -> bool:
         """An identify the processors linked to a contact (on the raw topic customer_id is still null)."""
-        return self.values[_EVENT_TYPE] == "identify" and self.values[_CUSTOMER_ID] is not None
+        return self.values[EVENT_TYPE] == "identify" and self.values[CUSTOMER_ID] is not None
 
 
 @dataclass(frozen=True)
@@ -76,20 +92,12 @@ class DeadLetter:
     reason: str
 
 
-_pick = operator.itemgetter(*_FIELDS)
-
-
-def to_row(ord_: int, record: dict[str, Any], message: Message) -> Row:
-    # fastavro already yields uuid.UUID and aware datetimes, exactly what binary COPY wants; no per-field work.
-    return Row(message, (ord_, *_pick(record)))
-
-
-def decode(messages: Iterable[Message], codec: EventCodec) -> tuple[list[Row], list[DeadLetter]]:
+def decode(messages: Iterable[Message], codec: EventDecoder) -> tuple[list[Row], list[DeadLetter]]:
     """Decodes a batch (a message holds one event, or one request's events on the raw topic); the same event
     twice in one batch (a producer retry) keeps only the first copy."""
-    rows: dict[tuple[uuid.UUID, uuid.UUID], Row] = {}
+    rows: list[Row] = []
     letters: list[DeadLetter] = []
-    ord_ = 0
+    append = rows.append
     for msg in messages:
         try:
             records = codec.decode_events(msg.value())
@@ -97,10 +105,19 @@ def decode(messages: Iterable[Message], codec: EventCodec) -> tuple[list[Row], l
             letters.append(DeadLetter(Source.of(msg), f"undecodable: {exc}"))
             continue
         for record in records:
-            row = to_row(ord_, record, msg)
-            rows.setdefault(row.identity, row)
-            ord_ += 1
-    return list(rows.values()), letters
+            append(Row(msg, _pick(record)))
+    return _first_copies(rows), letters
+
+
+def _first_copies(rows: list[Row]) -> list[Row]:
+    # Duplicates are rare: one set() over the event ids (C speed) tells whether the dict pass is needed.
+    # Ids are compared as written; a copy spelled differently (upper case) is caught by ON CONFLICT instead.
+    if len({row.values[1] for row in rows}) == len(rows):
+        return rows
+    first: dict[tuple[str, str], Row] = {}
+    for row in rows:
+        first.setdefault(_identity(row.values), row)
+    return list(first.values())
 
 
 @dataclass
@@ -112,7 +129,7 @@ class DecodedBatch:
     letters: list[DeadLetter]
 
     @classmethod
-    def of(cls, messages: list[Message], codec: EventCodec) -> DecodedBatch:
+    def of(cls, messages: list[Message], codec: EventDecoder) -> DecodedBatch:
         rows, letters = decode(messages, codec)
         return cls(messages, rows, letters)
 
@@ -122,4 +139,3 @@ class DecodedBatch:
 
         return DecodedBatch([m for m in self.messages if kept(m)], [r for r in self.rows if kept(r.message)],
                             [d for d in self.letters if (d.source.topic, d.source.partition) not in partitions])
-

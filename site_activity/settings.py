@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"
     sink_http_port: int = 8002  # /healthz and /metrics of the sink process
-    sink_batch_max_events: int = 5_000
+    sink_batch_max_events: int = 20_000  # bigger batches amortise each transaction's fixed cost
     sink_batch_max_ms: int = 500
     sink_retry_max_backoff_s: float = 10.0
     # Read the processors' enriched stream; set false to sink the raw topic directly (no processors).

@@ -146,6 +146,31 @@ def test_rows_land_with_every_column(raw_settings, topics, db, make_widget, star
     assert svc.proc is not None and svc.proc.returncode == 0, svc.log_tail()
 
 
+NASTY = ["back\\slash \\N \\.", "tab\there", "new\nline\r\nand cr\r", "ünïcødé 🚀 日本語", "\\N", "",
+         "trailing backslash \\"]
+
+
+def test_strings_and_timestamps_round_trip_exactly(raw_settings, topics, db, make_widget, start_service) -> None:
+    """Values go to Postgres as COPY text: every character that format escapes must come back unchanged, and
+    timestamps (sent as µs since the epoch) exactly, before 1970 too."""
+    w = make_widget()
+    props = json.dumps({"quote": 'say "hi"\\', "esc": "\\n\\t", "raw": "a\tb\nc", "ü": "🚀"}, ensure_ascii=False)
+    times = [T0, datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC),
+             datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC)]
+    events = [make_event(w, f"v{text}", "custom", times[i % len(times)], name=text, url=text, referrer=text,
+                         properties=props, received_at=times[(i + 1) % len(times)])
+              for i, text in enumerate(NASTY)]
+    produce(raw_settings, topics.raw_events, events)
+    start_service("sink", settings_override=raw_settings)
+    wait_count(db, w.id, len(events))
+    got = {r[0]: r[1:] for r in db.execute(
+        "SELECT event_id, visitor_id, name, url, referrer, properties, occurred_at, received_at"
+        " FROM visitor_events WHERE widget_id = %s", (w.id,))}
+    for e in events:
+        assert got[e["event_id"]] == (e["visitor_id"], e["name"], e["url"], e["referrer"],
+                                      json.loads(props), e["occurred_at"], e["received_at"])
+
+
 def test_same_event_twice_is_one_row(raw_settings, topics, db, make_widget, start_service) -> None:
     w = make_widget()
     events = [make_event(w, f"v-{i}", at=T0 + timedelta(seconds=i)) for i in range(5)]
