@@ -125,11 +125,14 @@ def work_dir() -> Path:
 
 
 @contextmanager
-def fresh_broker(name: str) -> Iterator[EmbeddedKafka]:
+def fresh_broker(name: str) -> Iterator[tuple[EmbeddedKafka, Settings, Topics]]:
+    """A new broker per scenario (Tansu's memory storage only grows), with the scenario's topics created."""
     broker = EmbeddedKafka(free_port(), work_dir() / f"tansu-{name}.log")
     broker.start()
     try:
-        yield broker
+        settings = bench_settings(broker, name)
+        ensure_topics(settings)
+        yield broker, settings, Topics.from_settings(settings)
     finally:
         broker.stop()
 
@@ -160,10 +163,7 @@ def preload(settings: Settings, topic: str, messages: list[Message]) -> None:
 
 def passthrough(messages: list[Message]) -> float:
     """Events/s of moving the raw messages unchanged: every message consumed and produced, rate in events."""
-    with fresh_broker("passthrough") as kafka:
-        s = bench_settings(kafka, "passthrough")
-        topics = Topics.from_settings(s)
-        ensure_topics(s)
+    with fresh_broker("passthrough") as (_, s, topics):
         preload(s, topics.raw_events, messages)
         consumer = Consumer(consumer_config(s, "bench-passthrough", **{"fetch.max.bytes": 8 << 20}))
         consumer.subscribe([topics.raw_events])
@@ -183,10 +183,7 @@ def passthrough(messages: list[Message]) -> float:
 
 
 def naive_agent(messages: list[Message]) -> float:
-    with fresh_broker("naive") as kafka:
-        s = bench_settings(kafka, "naive")
-        topics = Topics.from_settings(s)
-        ensure_topics(s)
+    with fresh_broker("naive") as (kafka, s, topics):
         preload(s, topics.raw_events, messages)
         out = subprocess.run(
             [sys.executable, __file__, "--naive-worker", kafka.bootstrap, topics.raw_events, topics.enriched_events,
@@ -236,9 +233,7 @@ def scrape(port: int, metric: str) -> float:
 
 def processors(messages: list[Message], workers: int) -> float:
     name = f"proc{workers}"
-    with fresh_broker(name) as kafka:
-        base = bench_settings(kafka, name)
-        ensure_topics(base)
+    with fresh_broker(name) as (_, base, topics):
         procs = []
         for i in range(workers):
             s = base.model_copy(update={"processors_web_port": free_port()})
@@ -247,7 +242,7 @@ def processors(messages: list[Message], workers: int) -> float:
             for s, p in procs:
                 wait_until(lambda s=s: _healthy(s.processors_web_port), 60, "processors worker")
             time.sleep(3)  # let the group settle on its final assignment before the load arrives
-            preload(base, Topics.from_settings(base).raw_events, messages)
+            preload(base, topics.raw_events, messages)
             ports = [s.processors_web_port for s, _ in procs]
             return _rate(ports, count_events(messages))
         finally:
