@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -160,6 +161,11 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
 @pytest.fixture
 def api_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.http_port}"
+
+
+def iso(ts: datetime) -> str:
+    """A timestamp as the widget sends it (JavaScript's toISOString)."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def wait_for_rows(conn: psycopg.Connection, sql: str, params: tuple | dict, expected: int, timeout: float = 30.0) -> list[tuple]:

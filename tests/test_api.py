@@ -24,16 +24,12 @@ from site_activity import widgets
 from site_activity.embedded import EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
-from tests.conftest import read_events
+from tests.conftest import iso, read_events
 
 TRACK = "/api/widget/track"
 
 
 # --- request builders ---------------------------------------------------------------------------
-def iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def now() -> datetime:
     return datetime.now(UTC)
 

@@ -19,15 +19,12 @@ from schemas.codec import SCHEMA_DIR
 from site_activity import widgets
 from site_activity.settings import Settings
 from site_activity.topics import Topics
-from tests.conftest import Service, read_topic, wait_for_rows
+from tests.avro_spec import crc64_avro, parsing_canonical_form
+from tests.conftest import Service, iso, read_topic, wait_for_rows
 
 ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,
                  customer_id, session_id, occurred_at, received_at
           FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' ORDER BY occurred_at, event_id"""
-
-
-def iso(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None) -> dict:
@@ -169,23 +166,10 @@ def test_deleting_a_widget_removes_its_events(
     assert late.status_code in (204, 404)
 
 
-def _crc64_avro(data: bytes) -> int:
-    empty = 0xC15D213AA4D7A795
-    fp = empty
-    for byte in data:
-        fp ^= byte
-        for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
-    return fp
-
-
 def test_topic_messages_decode_with_the_reference_avro_library(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget]
 ) -> None:
     """Any consumer with the .avsc file alone can read the raw topic: single-object encoding, Apache `avro`."""
-    from fastavro import parse_schema
-    from fastavro.schema import to_parsing_canonical_form
-
     w = make_widget()
     now = datetime.now(timezone.utc)
     sent = [pageview(now - timedelta(seconds=1), "https://shop.example/interop"),
@@ -195,9 +179,8 @@ def test_topic_messages_decode_with_the_reference_avro_library(
     [msg] = read_topic(raw_pipeline, Topics.from_settings(raw_pipeline).raw_events, 1)
     value = msg.value()
     schema_text = (SCHEMA_DIR / "visitor_event_batch.avsc").read_text()
-    canonical = to_parsing_canonical_form(parse_schema(json.loads(schema_text), _write_hint=False))
     assert value[:2] == b"\xc3\x01"
-    assert struct.unpack("<Q", value[2:10])[0] == _crc64_avro(canonical.encode())
+    assert struct.unpack("<Q", value[2:10])[0] == crc64_avro(parsing_canonical_form(json.loads(schema_text)).encode())
     reader = avro.io.DatumReader(avro.schema.parse(schema_text))
     events = reader.read(avro.io.BinaryDecoder(io.BytesIO(value[10:])))["events"]
     assert [e["event_id"] for e in events] == [e["event_id"] for e in sent]

@@ -24,7 +24,7 @@ from site_activity.events import customer_id_for
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import event_key
-from tests.conftest import read_topic
+from tests.conftest import http_ok, read_topic
 
 CODEC = AvroCodec(VISITOR_EVENT)
 T0 = datetime(2026, 11, 24, 8, 0, 0, 123456, tzinfo=UTC)
@@ -99,15 +99,6 @@ def metric(port: int, name: str) -> float:
             if sample == name or sample.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def healthy(port: int) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    return check
 
 
 @pytest.fixture
@@ -229,7 +220,7 @@ def test_postgres_outage_retries_then_writes_everything_once(
         produce(s, topics.raw_events, second)
         # A few backoff rounds (0.2 s, 0.4 s, 0.8 s, then the 1 s cap) with the database gone.
         wait_until(lambda: metric(port, "site_activity_sink_db_retries_total") >= 5, 30, "sink retrying")
-        assert healthy(port)(), "the sink must stay alive while Postgres is down"
+        assert http_ok(f"http://127.0.0.1:{port}/healthz")(), "the sink must stay alive while Postgres is down"
         produce(s, topics.raw_events, second[:50])  # the widget retries a batch meanwhile
 
         pg.start()
