@@ -38,6 +38,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.consumer_session_timeout_ms,
         "heartbeat.interval.ms": settings.consumer_heartbeat_interval_ms,
+        "fetch.wait.max.ms": settings.consumer_fetch_wait_max_ms,
         "partition.assignment.strategy": "range,roundrobin",
     }
     conf.update(overrides)

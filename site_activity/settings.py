@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     producer_compression: str = "lz4"
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 2_000
+    # Longest a fetch may wait on the broker for data. Kafka answers as soon as data is there, so this only
+    # bounds idle polling; some brokers (the embedded Tansu) hold every fetch for part of it, which then adds
+    # straight to end-to-end latency at each consumer hop.
+    consumer_fetch_wait_max_ms: int = 100
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from stream_processors.processor import BatchProcessor
+from stream_processors.transport import App
 
 STATE_TABLE = "visitor-state"
 
@@ -46,8 +47,9 @@ class TableStore:
 
 def create_app(settings: Settings) -> faust.App:
     topics = Topics.from_settings(settings)
-    app = faust.App(
+    app = App(
         settings.processors_app_id,
+        fetch_wait_max_ms=settings.consumer_fetch_wait_max_ms,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",  # state is rebuilt from the changelog on start
         datadir=str(settings.data_dir / "processors"),

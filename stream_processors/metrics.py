@@ -17,3 +17,7 @@ BATCH_EVENTS = Histogram("site_activity_processors_batch_events", "Valid events 
                          buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000))
 BATCH_SECONDS = Histogram("site_activity_processors_batch_seconds", "Time to process and deliver one batch",
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+INPUT_AGE = Histogram("site_activity_processors_input_age_seconds",
+                      "Age of each batch's oldest raw message when the batch starts (now minus its Kafka timestamp):"
+                      " how far behind the raw topic the worker is",
+                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))

@@ -84,6 +84,7 @@ class RawMessage(Protocol):
     topic: str
     partition: int
     offset: int
+    timestamp: float  # seconds since the epoch
     key: bytes | None
     value: bytes | None
 
@@ -149,6 +150,8 @@ class BatchProcessor:
 
     def process(self, messages: Sequence[RawMessage]) -> None:
         started = time.perf_counter()
+        if messages:
+            metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
         events = out = 0
         for visitor in self._group(messages):
             state = VisitorState.from_doc(self.store.get(visitor.key))
