@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.workload import (  # noqa: E402
-    COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, encoded_messages, http_request,
-    make_bodies, to_records,
+    COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, encoded_batches, encoded_messages,
+    http_request, make_bodies, to_records,
 )
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
@@ -503,7 +503,7 @@ def section_sink(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
         received_at = datetime.now(UTC)
         records = [r for b in bodies for r in to_records(b, tenant_id, received_at)]
         say(f"[sink] preloading {n:,} events into {topic}")
-        preload = bare_produce(s, topic, encoded_messages(bodies, tenant_id), "preload")
+        preload = bare_produce(s, topic, encoded_batches(bodies, tenant_id), "preload")
 
         say(f"[sink] bare binary COPY of the same {n:,} rows (10k-row batches), with and without foreign keys")
         copy_rows = [copy_row(r) for r in records]

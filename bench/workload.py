@@ -14,7 +14,7 @@ import orjson
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from schemas.codec import VISITOR_EVENT, AvroCodec
+from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity.events import VisitorEvent
 from site_activity.topics import event_key
 
@@ -89,7 +89,7 @@ def to_records(body: dict[str, Any], tenant_id: str, received_at: datetime) -> l
 
 
 def encoded_messages(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[bytes, bytes]]:
-    """(key, Avro value) pairs exactly as the API writes them to the raw topic."""
+    """(key, Avro value) pairs, one event per message: the bare producer's per-message limit."""
     codec = AvroCodec(VISITOR_EVENT)
     received_at = datetime.now(UTC)
     out = []
@@ -97,6 +97,16 @@ def encoded_messages(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple
         key = event_key(body["widget_id"], body["visitor_id"])
         out.extend((key, codec.encode(rec)) for rec in to_records(body, tenant_id, received_at))  # type: ignore[arg-type]
     return out
+
+
+def encoded_batches(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[bytes, bytes]]:
+    """(key, Avro value) pairs exactly as the API writes them to the raw topic: one VisitorEventBatch per
+    request (the enriched topic has the same shape)."""
+    codec = EventCodec()
+    received_at = datetime.now(UTC)
+    return [(event_key(body["widget_id"], body["visitor_id"]),
+             codec.encode_batch(sorted(to_records(body, tenant_id, received_at), key=lambda r: r["occurred_at"])))
+            for body in bodies]
 
 
 # --- rows for the bare COPY ------------------------------------------------------------------------

@@ -77,6 +77,12 @@ class AvroCodec:
         fastavro.schemaless_writer(buf, self._parsed, record)
         return buf.getvalue()
 
+    def encode_datum(self, record: dict[str, Any]) -> bytes:
+        """The record's Avro binary encoding alone, without the single-object header (an item of an array)."""
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, self._parsed, record)
+        return buf.getvalue()
+
     def knows(self, data: bytes) -> bool:
         """Whether `data` carries the fingerprint of this schema or of one of its released versions."""
         return bytes(data[2:HEADER_LEN]) in self._writers
@@ -99,9 +105,10 @@ IDENTITY_LINK = "identity_link"
 
 
 class EventCodec:
-    """Visitor events as they travel: one `VisitorEvent` per message (enriched topic), or one
-    `VisitorEventBatch` per ingest request (raw topic). Readers take either, so a consumer never has to
-    know which producer wrote a message. `logical_types=False`: raw values, see `AvroCodec`."""
+    """Visitor events as they travel: a `VisitorEventBatch` per message (the raw topic: one ingest request's
+    events; the enriched topic: those events stamped, with the session_starts they opened), or a single
+    `VisitorEvent`. Readers take either, so a consumer never has to know which producer wrote a message.
+    `logical_types=False`: raw values, see `AvroCodec`."""
 
     def __init__(self, logical_types: bool = True) -> None:
         self.event = AvroCodec(VISITOR_EVENT, logical_types)

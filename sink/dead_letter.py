@@ -36,7 +36,7 @@ class DeadLetterPublisher:
         for letter in letters:
             src = letter.source
             self._producer.produce(
-                self._topic, key=src.key, value=src.value, on_delivery=delivered,
+                self._topic, key=src.key, value=letter.payload, on_delivery=delivered,
                 headers=dead_letter_headers("sink", letter.reason, src.topic, src.partition, src.offset),
             )
         remaining = self._producer.flush(self._timeout_s)

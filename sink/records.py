@@ -28,28 +28,38 @@ EVENT_TYPE = FIELDS.index("event_type")
 CUSTOMER_ID = FIELDS.index("customer_id")
 _pick = operator.itemgetter(*FIELDS)
 _identity = operator.itemgetter(0, 1)  # (widget_id, event_id) of a row's values
+_EVENT = EventCodec(logical_types=False).event
 
 
 class EventDecoder:
-    """`EventCodec(logical_types=False).decode_events`, with a shortcut for the message the sink sees most:
-    one event in the current schema. That one is read straight from the message (no slice copies, and no
-    per-call comparison of reader and writer schema); everything else, including every message the shortcut
-    fails on, goes through the codec, which resolves old schemas and raises the DecodeError."""
+    """`EventCodec(logical_types=False).decode_events`, with a shortcut for the messages the sink sees: a batch
+    or a single event in the current schema. Those are read straight from the message (no slice copies, and
+    no per-call comparison of reader and writer schema); everything else, including every message the
+    shortcut fails on, goes through the codec, which resolves old schemas and raises the DecodeError."""
 
     def __init__(self) -> None:
         self.codec = EventCodec(logical_types=False)
-        self._header = self.codec.event.header
-        self._schema = fastavro.parse_schema(without_logical_types(self.codec.event.schema))
+        self._event_header = self.codec.event.header
+        self._batch_header = self.codec.batch.header
+        self._event = fastavro.parse_schema(without_logical_types(self.codec.event.schema))
+        self._batch = fastavro.parse_schema(without_logical_types(self.codec.batch.schema))
 
     def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
-        if data is not None and data.startswith(self._header):
-            buf = io.BytesIO(data)  # shares the bytes, no copy
-            buf.seek(HEADER_LEN)
+        if data is not None:
             try:
-                return [fastavro.schemaless_reader(buf, self._schema, None)]
+                if data.startswith(self._batch_header):
+                    return fastavro.schemaless_reader(self._body(data), self._batch, None)["events"]  # type: ignore[no-any-return]
+                if data.startswith(self._event_header):
+                    return [fastavro.schemaless_reader(self._body(data), self._event, None)]
             except Exception:  # noqa: BLE001 (the codec below turns it into the proper DecodeError)
                 pass
         return self.codec.decode_events(data)
+
+    @staticmethod
+    def _body(data: bytes) -> io.BytesIO:
+        buf = io.BytesIO(data)  # shares the bytes, no copy
+        buf.seek(HEADER_LEN)
+        return buf
 
 
 def make_codec() -> EventDecoder:
@@ -80,6 +90,11 @@ class Row:
     def source(self) -> Source:
         return Source.of(self.message)
 
+    def as_message(self) -> bytes:
+        """This row's event alone, as a single-event message: a dead letter must not carry the other events
+        of its batch message, which were written."""
+        return _EVENT.encode(dict(zip(FIELDS, self.values, strict=True)))
+
     @property
     def is_identify(self) -> bool:
         """An identify the processors linked to a contact (on the raw topic customer_id is still null)."""
@@ -90,6 +105,11 @@ class Row:
 class DeadLetter:
     source: Source
     reason: str
+    value: bytes | None = None  # what to dead-letter if not the whole source message (one event out of a batch)
+
+    @property
+    def payload(self) -> bytes | None:
+        return self.value if self.value is not None else self.source.value
 
 
 def decode(messages: Iterable[Message], codec: EventDecoder) -> tuple[list[Row], list[DeadLetter]]:

@@ -204,7 +204,7 @@ class EventWriter:
                 log.warning("row rejected by the database", extra={
                     "reason": reason, "topic": rows[0].source.topic, "partition": rows[0].source.partition,
                     "offset": rows[0].source.offset})
-                return WriteResult(rejected=[DeadLetter(rows[0].source, reason)])
+                return WriteResult(rejected=[DeadLetter(rows[0].source, reason, rows[0].as_message())])
             # Halves keep the batch order, so an identify is still applied after the events before it.
             mid = len(rows) // 2
             return self._write_isolating_poison(rows[:mid]).add(self._write_isolating_poison(rows[mid:]))

@@ -71,9 +71,10 @@ class Settings(BaseSettings):
     # Recent sessions / identity links remembered per visitor to place late events (see stream_processors/state.py).
     processors_max_sessions: int = 16
     processors_max_links: int = 8
-    # Max bytes per producer batch of the faust producer (table changelogs). 1 = one record per batch, which a
-    # broker with wrong end offsets (the embedded Tansu) needs for exact table recovery after a crash.
-    processors_producer_max_batch_size: int = 16_384
+    # Max bytes per produce batch of the processors' producer (enriched events, links, table changelog):
+    # librdkafka's batch.size. 1 = one record per batch, which a broker with wrong end offsets (the embedded
+    # Tansu) needs for exact table recovery after a crash.
+    processors_producer_batch_bytes: int = 1_000_000
 
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"

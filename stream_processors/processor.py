@@ -4,18 +4,22 @@ A batch is what `stream.take_events()` hands the agent: raw-topic messages, each
 events (a VisitorEventBatch) or a single event. Events are decoded once, as raw Avro values (uuid text,
 int µs: EventCodec(logical_types=False)), grouped per visitor (the Kafka key), each visitor's state is read
 from the table once, all its events are placed in offset order (see `state.py` for the rules), and the state
-is written back once (faust sends its changelog record). Every output record is handed to a confluent-kafka
-producer without waiting or per-record callbacks; an enriched event is its raw bytes with the two ids
-appended (`wire.py`), not a re-encoding. The batch ends with one flush: only after every output is
-confirmed does the agent return, and only then does faust ack (and later
-commit) the batch's offsets. At-least-once: a crash before that replays the batch, and replays produce the
-same records (deterministic ids), which the sink writes idempotently.
+is written back once (one changelog record). Each raw message becomes one enriched message: a
+VisitorEventBatch of its events, stamped, each preceded by the session_start it opened. The stamped events
+are their raw bytes with the two ids appended (`wire.py`), not a re-encoding.
+
+Outputs are handed to `Outputs` (one confluent-kafka producer) without waiting, and the agent moves on to the
+next batch while they are in flight: waiting for the broker's acks after every batch left the worker idle
+for a round trip per batch. faust acks a batch's messages when the agent returns but commits offsets only
+every few seconds, on rebalance and on shutdown, and `Outputs.deliver()` runs before each of those commits
+(`transport.py`). So an offset is never committed ahead of its outputs or its state. At-least-once: a crash
+replays everything after the last commit, and replays produce the same records (deterministic ids), which
+the sink writes idempotently.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import uuid
@@ -25,23 +29,19 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, Producer
-
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers
-from site_activity.events import EventType, customer_id_for, session_id_for, session_start_event_id
-from site_activity.kafka import producer_config
+from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors import metrics
+from stream_processors.outputs import Outputs
 from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, RawEvent, restamp
+from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batch, restamp
 
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Exit code when outputs could not be delivered: the process must die without committing the batch.
-EXIT_DELIVERY_FAILED = 75
 SLOW_BATCH_S = 1.0
 # Event times the logical-type decoding would accept (datetime years 1..9999), in µs since the epoch.
 MIN_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
@@ -57,17 +57,13 @@ IDENTIFY = EventType.IDENTIFY.value
 @lru_cache(maxsize=65_536)
 def session_ids(widget_id: str, visitor_id: str, start_us: int) -> tuple[str, str]:
     """(session_id, event_id of its session_start) of the session that started at start_us."""
-    session_id = session_id_for(widget_id, visitor_id, from_us(start_us))
-    return str(session_id), str(session_start_event_id(session_id))
+    session_id = session_id_text(widget_id, visitor_id, start_us)
+    return session_id, session_start_event_id_text(session_id)
 
 
 @lru_cache(maxsize=65_536)
 def contact_id(tenant_id: str, user_id: str) -> str:
-    return str(customer_id_for(tenant_id, user_id))
-
-
-def from_us(us: int) -> datetime:
-    return EPOCH + timedelta(microseconds=us)
+    return customer_id_text(tenant_id, user_id)
 
 
 def canonical_uuid(text: str) -> str:
@@ -99,11 +95,12 @@ class StateStore(Protocol):
 
 @dataclass
 class VisitorBatch:
-    """One visitor's events of a batch, in offset order: raw values, and the datum for `wire.restamp`."""
+    """One visitor's events of a batch: per raw message in offset order, its valid events (raw values, and
+    the datum for `wire.restamp`)."""
 
     key: bytes
     partition: int
-    records: list[RawEvent]
+    messages: list[list[RawEvent]]
 
 
 class InvalidEvent(ValueError):
@@ -132,19 +129,16 @@ def validate(record: dict[str, Any], key: bytes | None) -> bool:
 
 
 class BatchProcessor:
-    def __init__(self, settings: Settings, store: StateStore) -> None:
+    def __init__(self, settings: Settings, store: StateStore, outputs: Outputs) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.store = store
+        self.outputs = outputs
         self.codec = EventCodec(logical_types=False)
         self.reader = EventReader(self.codec)
+        self.session_starts = SessionStartWriter(self.codec)
         self.links = AvroCodec(IDENTITY_LINK, logical_types=False)
         self.gap_us = int(settings.session_gap_s * 1_000_000)
-        self._failed: list[str] = []
-        # Delivery reports for failures only, to one callback: no per-record Python callback on success.
-        reports = {"delivery.report.only.error": True, "on_delivery": self._on_delivery}
-        # A batch's records are produced back to back and flushed at once anyway.
-        self.producer = Producer(producer_config(settings, **reports, **{"linger.ms": 2}))
 
     # --- the batch --------------------------------------------------------------------------------
 
@@ -156,12 +150,12 @@ class BatchProcessor:
         for visitor in self._group(messages):
             state = VisitorState.from_doc(self.store.get(visitor.key))
             out += self._enrich(state, visitor)
-            events += len(visitor.records)
+            events += sum(map(len, visitor.messages))
             self.store.put(visitor.key, visitor.partition, state.to_doc())
         metrics.MESSAGES_IN.inc(len(messages))
         metrics.EVENTS_IN.inc(events)
         metrics.EVENTS_OUT.inc(out)
-        self._flush()
+        self.outputs.check()
         elapsed = time.perf_counter() - started
         metrics.BATCH_EVENTS.observe(events)
         metrics.BATCH_SECONDS.observe(elapsed)
@@ -176,45 +170,53 @@ class BatchProcessor:
             except DecodeError as exc:
                 self._dead_letter(msg, f"DecodeError: {exc}")
                 continue
+            valid: list[RawEvent] = []
             for record, datum in events:
                 try:
                     unchanged = validate(record, msg.key)
                 except InvalidEvent as exc:
                     self._dead_letter(msg, f"InvalidEvent: {exc}", self.codec.encode_event(record))
                     continue
+                valid.append((record, datum if unchanged else None))
+            if valid:
                 batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
                 if batch is None:
                     batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [])  # type: ignore[index,arg-type]
-                batch.records.append((record, datum if unchanged else None))
+                batch.messages.append(valid)
         return list(by_key.values())
 
     # --- one visitor's events ---------------------------------------------------------------------
 
     def _enrich(self, state: VisitorState, visitor: VisitorBatch) -> int:
-        """Places the visitor's events, stamps session and contact ids, produces them (and the session_starts
-        they open). Returns the number of enriched records produced. The hot loop: ~all events pass here."""
-        s, key, topic, codec = self.settings, visitor.key, self.topics.enriched_events, self.codec
-        encode, send = codec.encode_event, self._produce
-        produced = 0
-        for record, datum in visitor.records:
-            t = record["occurred_at"]
-            is_identify = record["event_type"] == IDENTIFY
-            if is_identify and state.link(t, record["user_id"], s.processors_max_links):
-                self._publish_link(key, record)
-            placed = state.place(t, self.gap_us, s.processors_max_sessions)
-            user = record["user_id"] if is_identify else state.user_at(t)
-            record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
-            record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
-                                                               placed.session_start_us)
-            if placed.opens_session:
-                send(topic, key, encode(session_start_for(record, start_event_id)))
-                metrics.SESSION_STARTS.inc()
-                produced += 1
-            if datum is not None:
-                send(topic, key, restamp(codec, datum, record["session_id"], record["customer_id"]))
-            else:
-                send(topic, key, encode(record))
-            produced += 1
+        """Places the visitor's events, stamps session and contact ids and produces one enriched message per
+        raw message. Returns the number of enriched events (with session_starts). The hot loop: ~all events
+        pass here."""
+        s, key, topic = self.settings, visitor.key, self.topics.enriched_events
+        header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
+        produced = starts = 0
+        for events in visitor.messages:
+            out: list[bytes] = []
+            for record, datum in events:
+                t = record["occurred_at"]
+                is_identify = record["event_type"] == IDENTIFY
+                if is_identify and state.link(t, record["user_id"], s.processors_max_links):
+                    self._publish_link(key, record)
+                placed = state.place(t, self.gap_us, s.processors_max_sessions)
+                user = record["user_id"] if is_identify else state.user_at(t)
+                record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
+                record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
+                                                                   placed.session_start_us)
+                if placed.opens_session:
+                    out.append(start_datum(record, start_event_id, record["session_id"], record["customer_id"]))
+                    starts += 1
+                if datum is not None:
+                    out.append(restamp(datum, record["session_id"], record["customer_id"]))
+                else:
+                    out.append(datum_of(record))
+            self.outputs.send(topic, key, frame_batch(header, out))
+            produced += len(out)
+        if starts:
+            metrics.SESSION_STARTS.inc(starts)
         return produced
 
     def _publish_link(self, key: bytes, identify: dict[str, Any]) -> None:
@@ -226,47 +228,19 @@ class BatchProcessor:
             "customer_id": contact_id(identify["tenant_id"], identify["user_id"]),
             "linked_at": identify["occurred_at"],
         }
-        self._produce(self.topics.identity_links, key, self.links.encode(link))
+        self.outputs.send(self.topics.identity_links, key, self.links.encode(link))
         metrics.IDENTITY_LINKS.inc()
 
     # --- output -----------------------------------------------------------------------------------
-
-    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        produce(self.producer, topic, value, key, headers=headers)
 
     def _dead_letter(self, msg: RawMessage, reason: str, value: bytes | None = None) -> None:
         """Dead-letters a raw message, or with `value` just one bad event out of a batch message."""
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
-        self._produce(self.topics.dead_letter, msg.key or b"", value if value is not None else msg.value or b"",
-                      headers)
+        self.outputs.send(self.topics.dead_letter, msg.key or b"",
+                          value if value is not None else msg.value or b"", headers=headers)
         metrics.DEAD_LETTERS.inc()
-
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            self._failed.append(str(err))
-
-    def _flush(self) -> None:
-        """Blocks until every output of the batch is delivered. Deliberately synchronous: the batch then has
-        no await point, so a shutdown can never cancel it half-way and have faust ack undelivered events."""
-        while self.producer.flush(1.0) > 0:
-            pass  # librdkafka retries until message.timeout.ms, then reports failures below
-        if self._failed:
-            # Exiting without a commit is the at-least-once answer: a restarted worker redoes this batch.
-            log.critical("outputs not delivered; exiting so the batch is not committed",
-                         extra={"errors": self._failed[:5], "failed": len(self._failed)})
-            logging.shutdown()
-            os._exit(EXIT_DELIVERY_FAILED)
-
-
-def produce(producer: Producer, topic: str, value: bytes, key: bytes, **options: Any) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, key, **options)
-            return
-        except BufferError:  # local queue full: let librdkafka drain some, then retry
-            producer.poll(0.05)
 
 
 def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:

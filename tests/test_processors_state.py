@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from schemas.codec import EventCodec
-from site_activity.events import customer_id_for, session_id_for, session_start_event_id
+from site_activity.events import (customer_id_for, customer_id_text, session_id_for, session_id_text,
+                                   session_start_event_id, session_start_event_id_text)
 from site_activity.topics import event_key
-from stream_processors.processor import InvalidEvent, contact_id, from_us, session_ids, validate
+from stream_processors.processor import InvalidEvent, contact_id, session_ids, session_start_for, validate
 from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, restamp
+from stream_processors.wire import EventReader, SessionStartWriter, frame_batch, restamp
 
 MIN = 60_000_000  # µs
 GAP = 30 * MIN
@@ -97,6 +99,22 @@ def raw_event(i: int, **fields: Any) -> dict[str, Any]:
     return record
 
 
+def from_us(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def test_id_text_functions_are_rfc_4122_uuid5() -> None:
+    """The processors' text ids are exactly uuid.uuid5 of the documented names (site_activity.events)."""
+    ns = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e01")
+    for visitor, us in [("v", 0), ("ü✓-visitor", 1_795_513_650_123_457), ("", -62_135_596_800_000_000)]:
+        sid = session_id_text(str(WIDGET), visitor, us)
+        assert sid == str(uuid.uuid5(ns, f"{WIDGET}|{visitor}|{us}"))
+        assert session_id_for(WIDGET, visitor, from_us(us)) == uuid.UUID(sid)
+        assert session_start_event_id_text(sid) == str(uuid.uuid5(ns, f"start|{sid}"))
+    assert customer_id_text(str(TENANT), "u-ü") == str(uuid.uuid5(uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e02"),
+                                                               f"{TENANT}|u-ü"))
+
+
 TENANT, WIDGET = uuid.UUID("0b6f2f3c-5f0e-4a53-9d2e-1f6c3b0a9e11"), uuid.UUID("7d1e0c55-2a4b-4c7e-8f10-3a2b1c0d9e8f")
 RAW = EventCodec(logical_types=False)
 
@@ -104,20 +122,47 @@ RAW = EventCodec(logical_types=False)
 def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
     events = [raw_event(i) for i in range(40)]
     reader = EventReader(RAW)
+    stamps = [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("x", "y" * 200), (None, None)]
     for data in (RAW.encode_batch(events), RAW.encode_batch(events[:1])):
         read = reader.read(data)
         assert [r for r, _ in read] == RAW.decode_events(data)
-        for record, datum in read:
-            assert datum is not None
-            for sid, cid in [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("x", "y" * 200), (None, None)]:
-                assert restamp(RAW, datum, sid, cid) == RAW.encode_event({**record, "session_id": sid, "customer_id": cid})
+        for sid, cid in stamps:
+            stamped = [{**record, "session_id": sid, "customer_id": cid} for record, _ in read]
+            datums = [restamp(datum, sid, cid) for _, datum in read]  # type: ignore[arg-type]
+            assert datums == [RAW.event.encode_datum(r) for r in stamped]
+            assert frame_batch(RAW.batch.header, datums) == RAW.encode_batch(stamped)
     # a single-event message (older producers) works the same way
     [(record, datum)] = reader.read(RAW.encode_event(events[3]))
-    assert record == events[3] and restamp(RAW, datum, "s", "c") == RAW.encode_event({**events[3], "session_id": "s",
-                                                                                      "customer_id": "c"})
+    assert record == events[3]
+    assert RAW.event.header + restamp(datum, "s", "c") == RAW.encode_event({**events[3], "session_id": "s",  # type: ignore[arg-type]
+                                                                              "customer_id": "c"})
     # events whose ids are already set are not restampable (their datum does not end with two nulls)
     [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
     assert datum is None
+
+
+def test_session_start_writer_equals_fastavro() -> None:
+    """The hand-written session_start datum is byte for byte what fastavro writes for session_start_for()."""
+    writer = SessionStartWriter(RAW)
+    openers = [raw_event(i) for i in range(30)] + [
+        raw_event(1, visitor_id="ü-✓" * 40, url="", referrer=None),
+        raw_event(2, occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),  # years 1 and 9999
+        raw_event(3, occurred_at=0, received_at=-1),
+    ]
+    for i, opener in enumerate(openers):
+        event_id = str(uuid.UUID(int=i, version=5))
+        for session_id, customer_id in [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("s" * i, "c" * 70)]:
+            expected = {**session_start_for(opener, event_id), "session_id": session_id, "customer_id": customer_id}
+            assert writer.datum(opener, event_id, session_id, customer_id) == RAW.event.encode_datum(expected)
+
+
+def test_framed_batches_of_any_size_decode() -> None:
+    """Block counts are zigzag varints: 0, 1, 63, 64 (two bytes) and 200 items all read back."""
+    for n in (0, 1, 63, 64, 200):
+        records = [{**raw_event(i), "session_id": f"s{i}"} for i in range(n)]
+        data = frame_batch(RAW.batch.header, [RAW.event.encode_datum(r) for r in records])
+        assert data == RAW.encode_batch(records)
+        assert RAW.decode_events(data) == records
 
 
 def test_raw_values_and_logical_types_read_the_same_bytes() -> None:

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from schemas.codec import VISITOR_EVENT, AvroCodec
+from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
@@ -68,6 +68,14 @@ def produce(settings: Settings, topic: str, records: list[dict[str, Any] | bytes
         producer.poll(0)
     assert producer.flush(30) == 0
     assert not errors, errors
+
+
+def produce_batch(settings: Settings, topic: str, records: list[dict[str, Any]]) -> None:
+    """One VisitorEventBatch message of one visitor's records, as the API publishes a request."""
+    producer = Producer(producer_config(settings))
+    key = event_key(str(records[0]["widget_id"]), records[0]["visitor_id"])
+    producer.produce(topic, key=key, value=EventCodec().encode_batch(records))
+    assert producer.flush(30) == 0
 
 
 def count_rows(conn: psycopg.Connection, widget_id: uuid.UUID) -> int:
@@ -274,15 +282,20 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     bad_json = make_event(w, "v-1", "custom", T0, name="bad", properties="{not json")
     nul_byte = make_event(w, "v-1", "custom", T0, name="nul\x00byte")
     garbage = b"\x00\x01 definitely not avro"
+    # and a batch message (as the API and the processors write them) with one bad event among good ones
+    in_batch = [make_event(w, "v-2", at=T0 + timedelta(seconds=i)) for i in range(3)]
+    bad_in_batch = make_event(w, "v-2", "custom", T0, name="bad", properties="[1, 2")
     produce(raw_settings, topics.raw_events, [good[0], garbage, good[1], bad_json, nul_byte, good[2]])
+    produce_batch(raw_settings, topics.raw_events, [in_batch[0], bad_in_batch, *in_batch[1:]])
+    good += in_batch
 
     start_service("sink", settings_override=raw_settings)
-    wait_count(db, w.id, 3)
-    letters = read_topic(raw_settings, topics.dead_letter, 3)
-    assert len(letters) == 3
+    wait_count(db, w.id, len(good))
+    letters = read_topic(raw_settings, topics.dead_letter, 4)
+    assert len(letters) == 4
     by_value = {m.value(): dict(m.headers()) for m in letters}
     assert by_value[garbage]["x-reason"].startswith(b"undecodable")
-    for rec in (bad_json, nul_byte):
+    for rec in (bad_json, nul_byte, bad_in_batch):  # each bad event alone, as a single-event message
         headers = by_value[CODEC.encode(rec)]
         assert headers["x-reason"].startswith(b"db_rejected"), headers
         assert headers["x-source-topic"] == topics.raw_events.encode()
@@ -291,8 +304,8 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     assert sorted(event_ids(db, w.id)) == sorted(e["event_id"] for e in good)
     # The sink moved on: nothing is stuck behind the poison messages.
     produce(raw_settings, topics.raw_events, [make_event(w, "v-1")])
-    wait_count(db, w.id, 4)
-    assert metric(raw_settings.sink_http_port, "site_activity_sink_dead_letters_total") == 3
+    wait_count(db, w.id, len(good) + 1)
+    assert metric(raw_settings.sink_http_port, "site_activity_sink_dead_letters_total") == 4
 
 
 def test_events_of_a_deleted_widget_are_dropped(raw_settings, topics, db, make_widget, start_service) -> None:
