@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     sink_group: str = "site-activity-sink"
     sink_http_port: int = 8002  # /healthz and /metrics of the sink process
     sink_batch_max_events: int = 20_000  # bigger batches amortise each transaction's fixed cost
-    sink_batch_max_ms: int = 500
+    sink_batch_max_ms: int = 250  # the freshness a batch costs: up to this long waiting for more rows
     sink_retry_max_backoff_s: float = 10.0
     # Read the processors' enriched stream; set false to sink the raw topic directly (no processors).
     sink_from_enriched: bool = True

@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
+from sink.batch import Batch
 from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
@@ -447,3 +448,40 @@ def test_shared_computer_keeps_earlier_events_with_first_contact(
     assert linked(db, w.id) == {anon["event_id"]: a, ident_a["event_id"]: a, between["event_id"]: a,
                                 ident_b["event_id"]: b, after_b["event_id"]: b}
     assert customer(db, w.tenant_id, "alice")[3] == "Alice" and customer(db, w.tenant_id, "bob")[3] == "Bob"
+
+
+# --- batching -----------------------------------------------------------------------------------------
+
+class _Message:
+    """What sink.batch reads of a consumed message."""
+
+    def __init__(self, value: bytes, partition: int = 0) -> None:
+        self._value, self._partition = value, partition
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._partition
+
+
+def test_sink_batches_are_bounded_by_events_not_messages() -> None:
+    raw = EventCodec(logical_types=False)
+    event = {"event_id": str(uuid.uuid4()), "event_type": "pageview", "tenant_id": str(uuid.uuid4()),
+             "widget_id": str(uuid.uuid4()), "visitor_id": "v", "name": None, "url": None, "referrer": None,
+             "properties": "{}", "user_id": None, "occurred_at": 1, "received_at": 2, "session_id": None,
+             "customer_id": None}
+    request = _Message(raw.encode_batch([event] * 25))  # one request's 25 events, as both event topics carry them
+    batch = Batch(max_events=1000, max_ms=60_000)
+    assert batch.room() == 10  # nothing seen yet: as if every message held 100 events
+    batch.max_events = 100
+    batch.add([request, request])
+    assert (len(batch), batch.events, batch.due()) == (2, 50, False)
+    assert batch.room() == 2  # 50 events still wanted, at 25 per message
+    batch.add([request, _Message(raw.encode_event(event), partition=1), request])
+    assert batch.events == 101 and batch.due()
+    assert batch.drop_partitions({("t", 1)}) == 1 and batch.events == 100
+    assert len(batch.take()) == 4 and batch.events == 0 and not batch.due()
