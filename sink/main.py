@@ -189,6 +189,8 @@ class Sink:
         m.rows_skipped.inc(len(job.batch.rows) - len(result.rejected) - result.inserted)
         m.customers_upserted.inc(result.customers)
         m.events_relinked.inc(result.relinked)
+        for step, seconds in result.step_seconds.items():
+            m.step_seconds.labels(step).inc(seconds)
         if job.batch.letters:
             m.dead_letters.labels("undecodable").inc(len(job.batch.letters))
         if result.rejected:

@@ -24,6 +24,8 @@ class SinkMetrics:
         self.batch_seconds = Histogram(
             f"{p}_batch_seconds", "Write + dead-letter + commit time of one batch", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.step_seconds = Counter(
+            f"{p}_write_step_seconds", "Time spent in each step of the batch transactions", ["step"], registry=r)
         self.batch_size = Histogram(f"{p}_batch_messages", "Messages per batch", registry=r,
                                     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000))
         self.dead_letters = Counter(f"{p}_dead_letters", "Messages sent to the dead-letter topic", ["reason"],

@@ -13,6 +13,7 @@ back as a dead letter; any other database error is transient and raised as `Tran
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -154,10 +155,14 @@ class WriteResult:
     customers: int = 0
     relinked: int = 0
     rejected: list[DeadLetter] = field(default_factory=list)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # copy, contacts, insert, retro_link, commit
 
     def add(self, other: WriteResult) -> WriteResult:
+        steps = dict(self.step_seconds)
+        for step, seconds in other.step_seconds.items():
+            steps[step] = steps.get(step, 0.0) + seconds
         return WriteResult(self.inserted + other.inserted, self.customers + other.customers,
-                           self.relinked + other.relinked, self.rejected + other.rejected)
+                           self.relinked + other.relinked, self.rejected + other.rejected, steps)
 
 
 class EventWriter:
@@ -213,18 +218,26 @@ class EventWriter:
         conn = self._connection()
         has_identity = _has_identity(rows)
         customers = relinked = 0
+        steps: dict[str, float] = {}
+        clock = time.perf_counter
         with conn.transaction(), conn.cursor() as cur:
+            t = clock()
             with cur.copy(_COPY) as copy:
                 copy.set_types(_COPY_TYPES)
                 write_row = copy.write_row
                 for ord_, row in enumerate(rows):
                     write_row((ord_, *row.values))
+            steps["copy"], t = clock() - t, clock()
             if has_identity:
                 cur.execute(_UPSERT_CUSTOMERS)
                 customers = max(cur.rowcount, 0)
+                steps["contacts"], t = clock() - t, clock()
             cur.execute(_INSERT_EVENTS)
             inserted = max(cur.rowcount, 0)
+            steps["insert"], t = clock() - t, clock()
             if has_identity:
                 cur.execute(_RETRO_LINK)
                 relinked = max(cur.rowcount, 0)
-        return WriteResult(inserted=inserted, customers=customers, relinked=relinked)
+                steps["retro_link"], t = clock() - t, clock()
+        steps["commit"] = clock() - t
+        return WriteResult(inserted=inserted, customers=customers, relinked=relinked, step_seconds=steps)

@@ -195,12 +195,18 @@ class BatchProcessor:
         header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
         produced = starts = 0
         for events in visitor.messages:
+            # A message's links first: its events before the identify (the usual request: anonymous page views,
+            # then the login) are stamped with the contact right away instead of being written anonymous and
+            # updated by the sink's retro-link. Per message, so the output never depends on how messages were
+            # grouped into batches.
+            for record, _ in events:
+                if record["event_type"] == IDENTIFY and state.link(record["occurred_at"], record["user_id"],
+                                                                   s.processors_max_links):
+                    self._publish_link(key, record)
             out: list[bytes] = []
             for record, datum in events:
                 t = record["occurred_at"]
                 is_identify = record["event_type"] == IDENTIFY
-                if is_identify and state.link(t, record["user_id"], s.processors_max_links):
-                    self._publish_link(key, record)
                 placed = state.place(t, self.gap_us, s.processors_max_sessions)
                 user = record["user_id"] if is_identify else state.user_at(t)
                 record["customer_id"] = contact_id(record["tenant_id"], user) if user else None

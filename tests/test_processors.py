@@ -303,6 +303,22 @@ def visitor_stream(w: widgets.Widget, visitors: int, per_visitor: int, start: da
     return [next(cursors[b[0]["visitor_id"]]) for b in batches]
 
 
+def test_events_before_the_login_in_one_request_carry_the_contact(settings: Settings, pipeline: Any,
+                                                                   feed: RawFeed,
+                                                                   make_widget: Callable[..., widgets.Widget],
+                                                                   db: psycopg.Connection) -> None:
+    """A request with page views and then the identify: the processors stamp all of them with the contact, so
+    the sink inserts them linked (no retro-link update needed)."""
+    w = make_widget()
+    feed.send_batch([ev(w, "v-login", T0), ev(w, "v-login", T0 + MIN), identify(w, "v-login", T0 + 2 * MIN, "u-l")])
+    contact = customer_id_for(w.tenant_id, "u-l")
+    records = enriched(settings, 4)  # the session_start, two page views, the identify
+    assert [r["event_type"] for r in records] == ["session_start", "pageview", "pageview", "identify"]
+    assert {r["customer_id"] for r in records} == {contact}
+    got = rows(db, w, 4)
+    assert {r[4] for r in got} == {contact}
+
+
 def test_restart_recovery_sigterm_and_sigkill(settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
                                              make_widget: Callable[..., widgets.Widget],
                                              db: psycopg.Connection) -> None:
