@@ -219,8 +219,16 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
     (so an unwanted extra event, e.g. a duplicate pageview, sent before the marker fails the count)."""
     tab.wait_loaded()  # else the marker waits in the snippet's queue and the timer is armed after we ran it
     tab.page.evaluate("hydra.track('__end__')")
-    tab.flush_timer()
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'", (widget_id,), 1)
+    deadline = time.monotonic() + 30
+    while True:
+        # Fake time must keep passing: a request answered 503 (a slow broker moment) is retried after a
+        # backoff on the page's clock, which only moves when the test moves it.
+        tab.flush_timer()
+        if db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
+                      (widget_id,)).fetchone():
+            break
+        assert time.monotonic() < deadline, f"the end marker was never stored; page warnings: {tab.warnings}"
+        time.sleep(0.5)
     found = rows(db, widget_id, expected + 1)
     assert len(found) == expected + 1, found
     return [r for r in found if r[1] != "__end__"]
