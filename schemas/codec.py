@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,19 @@ def without_logical_types(schema: Any) -> Any:
     return schema
 
 
+def read_long(buf: io.BytesIO) -> int:
+    """An Avro long (zigzag varint) read from `buf`."""
+    shift = acc = 0
+    while True:
+        byte = buf.read(1)
+        if not byte:
+            raise DecodeError("truncated Avro long")
+        acc |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return (acc >> 1) ^ -(acc & 1)
+        shift += 7
+
+
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
     parsed = fastavro.parse_schema(schema, _write_hint=False)
     hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
@@ -58,8 +70,8 @@ class AvroCodec:
         self.name = name
         self.schema = load_schema(SCHEMA_DIR / f"{name}.avsc")
         self.header = MAGIC + schema_fingerprint(self.schema)
-        self._parsed = self._parse(self.schema, logical_types)
-        self._writers: dict[bytes, Any] = {self.header[2:]: self._parsed}
+        self.parsed = self._parse(self.schema, logical_types)  # the current schema, parsed for fastavro
+        self._writers: dict[bytes, Any] = {self.header[2:]: self.parsed}
         # every schema this codec decodes, by fingerprint (the current one first)
         self.versions: dict[bytes, dict[str, Any]] = {self.header[2:]: self.schema}
         for old in sorted((SCHEMA_DIR / "history").glob(f"{name}.v*.avsc")):
@@ -74,13 +86,13 @@ class AvroCodec:
     def encode(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
         buf.write(self.header)
-        fastavro.schemaless_writer(buf, self._parsed, record)
+        fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
     def encode_datum(self, record: dict[str, Any]) -> bytes:
         """The record's Avro binary encoding alone, without the single-object header (an item of an array)."""
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self._parsed, record)
+        fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
     def knows(self, data: bytes) -> bool:
@@ -94,7 +106,7 @@ class AvroCodec:
         if writer is None:
             raise DecodeError(f"unknown {self.name} schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}")
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self._parsed)  # type: ignore[no-any-return]
+            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self.parsed)  # type: ignore[no-any-return]
         except Exception as exc:  # fastavro raises a zoo of types on truncated/garbage input
             raise DecodeError(f"corrupt {self.name} payload: {exc}") from exc
 

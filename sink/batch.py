@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import time
 
 from confluent_kafka import Message, TopicPartition
 
-from schemas.codec import HEADER_LEN, EventCodec
+from schemas.codec import HEADER_LEN, MAGIC, DecodeError, EventCodec, read_long
 
-_BATCH_HEADERS = tuple(b"\xc3\x01" + fp for fp in EventCodec(logical_types=False).batch.versions)
+_BATCH_HEADERS = tuple(MAGIC + fp for fp in EventCodec(logical_types=False).batch.versions)
 
 
 def events_in(value: bytes | None) -> int:
@@ -16,13 +17,12 @@ def events_in(value: bytes | None) -> int:
     first block's; our writers write one block); anything else counts as one."""
     if not value or not value.startswith(_BATCH_HEADERS):
         return 1
-    shift = acc = 0
-    for byte in value[HEADER_LEN:HEADER_LEN + 10]:
-        acc |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return max(1, abs((acc >> 1) ^ -(acc & 1)))
-        shift += 7
-    return 1
+    buf = io.BytesIO(value)
+    buf.seek(HEADER_LEN)
+    try:
+        return max(1, abs(read_long(buf)))
+    except DecodeError:  # truncated: the decoder dead-letters it later
+        return 1
 
 
 class Batch:

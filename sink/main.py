@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from sink.batch import Batch, next_offsets
 from sink.dead_letter import DeadLetterError, DeadLetterPublisher
 from sink.metrics import Liveness, SinkMetrics, serve_http
-from sink.records import DecodedBatch, make_codec
+from sink.records import DecodedBatch, EventDecoder
 from sink.writer import EventWriter, TransientError, WriteResult
 from site_activity.kafka import consumer_config
 from site_activity.settings import Settings
@@ -58,7 +58,7 @@ class Sink:
         self.source_topic = topics.enriched_events if settings.sink_from_enriched else topics.raw_events
         self.metrics = SinkMetrics()
         self.liveness = Liveness(max_silence_s=max(30.0, 3 * settings.sink_retry_max_backoff_s))
-        self.codec = make_codec()
+        self.codec = EventDecoder()
         self.writer = EventWriter(settings.postgres_dsn)
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-writer")  # owns the connection
         self.dead_letters = DeadLetterPublisher(settings, topics.dead_letter)

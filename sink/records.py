@@ -16,7 +16,7 @@ from typing import Any
 import fastavro
 from confluent_kafka import Message
 
-from schemas.codec import HEADER_LEN, DecodeError, EventCodec, without_logical_types
+from schemas.codec import HEADER_LEN, DecodeError, EventCodec
 
 # The event fields a row carries, in this order (the COPY column order, see sink.writer). The first two are
 # the table's primary key.
@@ -41,8 +41,8 @@ class EventDecoder:
         self.codec = EventCodec(logical_types=False)
         self._event_header = self.codec.event.header
         self._batch_header = self.codec.batch.header
-        self._event = fastavro.parse_schema(without_logical_types(self.codec.event.schema))
-        self._batch = fastavro.parse_schema(without_logical_types(self.codec.batch.schema))
+        self._event = self.codec.event.parsed
+        self._batch = self.codec.batch.parsed
 
     def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
         if data is not None:
@@ -60,10 +60,6 @@ class EventDecoder:
         buf = io.BytesIO(data)  # shares the bytes, no copy
         buf.seek(HEADER_LEN)
         return buf
-
-
-def make_codec() -> EventDecoder:
-    return EventDecoder()
 
 
 @dataclass(frozen=True)

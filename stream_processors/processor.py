@@ -248,8 +248,3 @@ class BatchProcessor:
                           value if value is not None else msg.value or b"", headers=headers)
         metrics.DEAD_LETTERS.inc()
 
-
-def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:
-    """The derived event that marks a session: the opener's who, where and when, with a deterministic id."""
-    return {**opener, "event_id": event_id, "event_type": SESSION_START, "name": None, "properties": "{}",
-            "user_id": None}

@@ -14,7 +14,7 @@ from schemas.codec import EventCodec
 from site_activity.events import (customer_id_for, customer_id_text, session_id_for, session_id_text,
                                    session_start_event_id, session_start_event_id_text)
 from site_activity.topics import event_key
-from stream_processors.processor import InvalidEvent, contact_id, session_ids, session_start_for, validate
+from stream_processors.processor import InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import VisitorState
 from stream_processors.wire import EventReader, SessionStartWriter, frame_batch, restamp
 
@@ -139,6 +139,12 @@ def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
     # events whose ids are already set are not restampable (their datum does not end with two nulls)
     [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
     assert datum is None
+
+
+def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:
+    """The derived event that marks a session: the opener's who, where and when, with a deterministic id."""
+    return {**opener, "event_id": event_id, "event_type": "session_start", "name": None, "properties": "{}",
+            "user_id": None}
 
 
 def test_session_start_writer_equals_fastavro() -> None:
