@@ -60,7 +60,15 @@ class IngestService:
             events.sort(key=lambda e: e["occurred_at"])
             # One message per request: all its events share the visitor's key anyway, and downstream consumers
             # (faust above all) pay their per-message cost once per request instead of once per event.
-            message = (event_key(envelope.widget_id, envelope.visitor_id), self._codec.encode_batch(events))
+            value = self._codec.encode_batch(events)
+            if len(value) > self.limits.max_raw_message_bytes:
+                # Every field is within its limit, but together (and copied into session_starts downstream)
+                # they would not fit one Kafka message: the client must split the request. Nothing is written.
+                raise ApiError(413, "batch_too_large",
+                               f"these events take {len(value)} bytes once encoded, at most "
+                               f"{self.limits.max_raw_message_bytes} per request; send them in smaller requests",
+                               limit=self.limits.max_raw_message_bytes)
+            message = (event_key(envelope.widget_id, envelope.visitor_id), value)
             try:
                 await self._producer.send(self._topic, [message], self._timeout)
             except ProduceError as exc:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     demo_port: int = 8001
     # Origins allowed to POST events; the widget runs on customers' own domains, so "*" by default.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # Read deadlines per request (producer_api/http_protocol.py): a client that has not sent its headers this
+    # long after connecting (or after the first byte of a request), or its whole body this long after the
+    # headers, is cut off (408 / close). uvicorn itself only times out idle keep-alive connections.
+    http_header_timeout_s: float = 15.0
+    http_body_timeout_s: float = 30.0
     max_body_bytes: int = 512 * 1024
     max_events_per_batch: int = 100
     max_name_chars: int = 100
