@@ -9,9 +9,9 @@ becomes an `Unfaithful` marker, and the validator refuses the one event that car
 
 Two parsers:
 - orjson, the fast path, when the body has no number that a double could change: orjson silently turns
-  integers beyond 64 bits into floats and rounds long decimals, so any digit run of 16 or more significant
-  digits, or a three-digit exponent, anywhere in the body (strings included: a false positive only costs
-  speed) sends the body to the careful parser. With at most 15 significant digits and a two-digit exponent
+  integers beyond 64 bits into floats and rounds long decimals, so 16 digits in a row (decimal points
+  between them allowed) or a three-digit exponent anywhere in the body (strings included: a false positive
+  only costs speed) sends the body to the careful parser. With at most 15 significant digits and a two-digit exponent
   every JSON number is an exact double (DBL_DIG = 15), so the fast path needs no per-number check.
 - the standard library's parser, with hooks that see each number's text, when orjson cannot be trusted or
   refuses the body (NaN/Infinity literals, unpaired UTF-16 surrogate escapes, nesting deeper than orjson's
@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-# With digits and "." all mapped to "0" (and E to e, - to +): 16 digits in a row (a decimal point may sit
-# between them) or an exponent of three or more digits. Three plain substring searches: ~4 µs per KB, where
+# With digits and "." all mapped to "0" (and E to e, - to +): 16 digits-or-points in a row, or an exponent
+# of three or more digits. Three plain substring searches: ~4 µs per KB, where
 # an equivalent regular expression costs ~15 times that.
 _NORMALIZE = bytes.maketrans(b"123456789.E-", b"0000000000e+")
 _RISKY = (b"0" * 16, b"e000", b"e+000")

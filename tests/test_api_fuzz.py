@@ -5,6 +5,7 @@ whatever the body, the answer is never a 5xx, and every event the API accepted (
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import httpx
 import psycopg
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from producer_api.json_body import Unfaithful, parse_body
 from site_activity import widgets
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
@@ -181,3 +183,28 @@ def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
     assert len(rows) == len(expected)
     for event_id, properties in rows:
         assert exact(properties) == expected[event_id], event_id
+
+
+def faithful(text: str) -> bool:
+    """The number rule (README, "Numbers"): a double reads `text` back as the same value."""
+    double = float(text)
+    return math.isfinite(double) and Decimal(repr(double)) == Decimal(text)
+
+
+@hsettings(max_examples=2000, deadline=None, database=None)
+@given(st.one_of(
+    st.integers(-(10**40), 10**40).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.decimals(allow_nan=False, allow_infinity=False).map(str),
+    st.builds(lambda digits, exp: f"{digits}e{exp}", st.integers(-(10**20), 10**20), st.integers(-400, 400)),
+))
+def test_a_parsed_number_is_the_number_sent_or_marked_unfaithful(text: str) -> None:
+    """Both parsers (orjson for short numbers, the careful one for long ones) keep every number exactly or
+    mark it, whatever surrounds it."""
+    for body in (f'{{"n":{text}}}', f'{{"n":{text},"s":"{"1" * 16}"}}', f'{{"n":{text},"x":NaN}}'):
+        value = parse_body(body.encode(), 36)["n"]
+        if faithful(text):
+            assert not isinstance(value, Unfaithful), (body, value)
+            assert Decimal(json.dumps(value)) == Decimal(text), (body, value)  # what gets stored
+        else:
+            assert isinstance(value, Unfaithful), (body, value)
