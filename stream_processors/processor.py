@@ -197,7 +197,7 @@ class BatchProcessor:
 
     def _enrich(self, state: VisitorState, visitor: VisitorBatch) -> int:
         """Places the visitor's events, stamps session and contact ids and produces one enriched message per
-        raw message. Returns the number of enriched events (with session_starts). The hot loop: ~all events
+        raw message (several when it would exceed the message size limit). Returns the number of enriched events (with session_starts). The hot loop: ~all events
         pass here."""
         s, key, topic = self.settings, visitor.key, self.topics.enriched_events
         header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
