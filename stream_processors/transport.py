@@ -112,7 +112,9 @@ class Consumer(driver.Consumer):
             if missing and handler is not None:
                 log.warning("faust would commit past messages that were never processed; processing them now",
                             extra={"topic": tp.topic, "partition": tp.partition, "first": missing[0],
-                                   "last": missing[-1], "offsets": len(missing)})
+                                   "last": missing[-1], "offsets": len(missing), "committed": committed,
+                                   "first_acked": min(acked), "recorded_as_gap": sum(
+                                       1 for offset in missing if self._gap[tp].overlaps(offset))})
                 if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
                     acked.extend(missing)
                     acked.sort()
