@@ -101,16 +101,21 @@ class VisitorState:
     sessions: list[Session] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
     events: list[list[Any]] = field(default_factory=list)  # [[event_id, t, session start], ...], oldest first
-    _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    max_events: int | None = field(default=None, compare=False)  # set by remember(); to_doc() keeps that many
+    _index: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any] | None) -> VisitorState:
         if not doc:
             return cls()
+        # The event entries are never changed in place, so the outer list is all that needs copying.
         return cls(sessions=[list(s) for s in doc.get("s", [])], links=[list(x) for x in doc.get("l", [])],
-                   events=[list(e) for e in doc.get("e", [])])
+                   events=list(doc.get("e", ())))
 
     def to_doc(self) -> dict[str, Any]:
+        if self.max_events is not None and len(self.events) > self.max_events:
+            self.events = self.events[len(self.events) - self.max_events:]
+            self._index = None
         return {"s": self.sessions, "l": self.links, "e": self.events}
 
     # --- duplicates -------------------------------------------------------------------------------
@@ -118,21 +123,19 @@ class VisitorState:
     def seen(self, event_id: str) -> Seen | None:
         """The first copy of this event, if it is among the remembered ones."""
         if self._index is None:
-            self._index = {e[0]: i for i, e in enumerate(self.events)}
-        i = self._index.get(event_id)
-        if i is None:
+            self._index = {e[0]: e for e in self.events}
+        entry = self._index.get(event_id)
+        if entry is None:
             return None
-        _, t, start = self.events[i]
-        return Seen(t, start)
+        return Seen(entry[1], entry[2])
 
     def remember(self, event_id: str, t: int, session_start_us: int, max_events: int) -> None:
-        """Records the first copy of an event (call after placing it), keeping the last max_events."""
-        self.events.append([event_id, t, session_start_us])
-        if len(self.events) > max_events:
-            del self.events[: len(self.events) - max_events]
-            self._index = None  # positions shifted; rebuilt on the next lookup
-        elif self._index is not None:
-            self._index[event_id] = len(self.events) - 1
+        """Records the first copy of an event (call after placing it); the last max_events are kept."""
+        entry = [event_id, t, session_start_us]
+        self.events.append(entry)
+        self.max_events = max_events
+        if self._index is not None:
+            self._index[event_id] = entry
 
     # --- sessions ---------------------------------------------------------------------------------
 
