@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # bounds idle polling; some brokers (the embedded Tansu) hold every fetch for part of it, which then adds
     # straight to end-to-end latency at each consumer hop.
     consumer_fetch_wait_max_ms: int = 100
+    # The largest message (key + value + headers, uncompressed) any producer of ours writes: librdkafka's
+    # message.max.bytes. Must not exceed the topics' / broker's max.message.bytes (Kafka's default: 1 MB).
+    # The processors split enriched output to fit it; what can never fit goes to the dead-letter topic.
+    kafka_max_message_bytes: int = 1_000_000
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"
@@ -76,6 +80,12 @@ class Settings(BaseSettings):
     # Recent sessions / identity links remembered per visitor to place late events (see stream_processors/state.py).
     processors_max_sessions: int = 16
     processors_max_links: int = 8
+    # Event ids remembered per visitor, so that a copy of an event (retry, re-send with another clock) changes
+    # nothing and derives nothing (state.py, "Duplicates"). One API request holds at most max_events_per_batch.
+    processors_max_recent_events: int = 100
+    # How long the repair of offsets faust skipped (transport.py) keeps trying to read them before the worker
+    # exits without committing (a restarted worker redoes them).
+    processors_repair_timeout_s: float = 120.0
     # Max bytes per produce batch of the processors' producer (enriched events, links, table changelog):
     # librdkafka's batch.size. 1 = one record per batch, which a broker with wrong end offsets (the embedded
     # Tansu) needs for exact table recovery after a crash.
