@@ -15,6 +15,7 @@ from producer_api.errors import ApiError
 from producer_api.json_body import MalformedJson, Unfaithful, parse_body
 from site_activity.events import EventType, VisitorEvent
 from site_activity.settings import Settings
+from site_activity.topics import max_event_value_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,11 @@ class Limits:
     max_events: int
     max_name_chars: int
     max_properties_bytes: int  # UTF-8 bytes of the compact JSON, as stored
+    # The encoded raw Kafka message (VisitorEventBatch value) of one request: what one Kafka message can carry
+    # (topics.max_event_value_bytes: kafka_max_message_bytes minus key and framing). It follows from the raw
+    # message alone, since the processors split their enriched output by size however much it grows. With the
+    # default body limit no request reaches it (README, "Request size"); it guards inconsistent settings.
+    max_raw_message_bytes: int
     max_visitor_id_chars: int = 128
     max_user_id_chars: int = 255
     max_url_chars: int = 2048
@@ -33,15 +39,11 @@ class Limits:
     max_property_key_chars: int = 128
     # Levels of objects/arrays in properties and traits, the properties object itself being level 1.
     max_depth: int = 32
-    # The encoded raw Kafka message of one request. The processors' enriched message for it is at most twice
-    # this plus 148 bytes per event (a session_start before every event, both stamped with two uuids), so
-    # 480,000 keeps it under librdkafka's 1,000,000-byte message.max.bytes: 2 * 480,000 + 100 * 148 = 974,800.
-    max_raw_message_bytes: int = 480_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.max_body_bytes, settings.max_events_per_batch, settings.max_name_chars,
-                   settings.max_properties_bytes)
+                   settings.max_properties_bytes, max_event_value_bytes(settings))
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     consumer_fetch_wait_max_ms: int = 100
     # The largest message (key + value + headers, uncompressed) any producer of ours writes: librdkafka's
     # message.max.bytes. Must not exceed the topics' / broker's max.message.bytes (Kafka's default: 1 MB).
-    # The processors split enriched output to fit it; what can never fit goes to the dead-letter topic.
+    # The API refuses a request whose raw message would not fit (minus key and framing: 413, see
+    # topics.max_event_value_bytes); the processors split enriched output to fit it; what can never fit goes
+    # to the dead-letter topic.
     kafka_max_message_bytes: int = 1_000_000
 
     # --- sink ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
 from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
-from site_activity.topics import Topics, event_key
+from site_activity.topics import Topics, event_key, max_event_value_bytes
 from stream_processors import metrics
 from stream_processors.outputs import Outputs, Source
 from stream_processors.state import VisitorState
@@ -145,7 +145,7 @@ class BatchProcessor:
         self.links = AvroCodec(IDENTITY_LINK, logical_types=False)
         self.gap_us = int(settings.session_gap_s * 1_000_000)
         # Room for the key and the record framing below the producer's message.max.bytes.
-        self.max_value_bytes = settings.kafka_max_message_bytes - 1024
+        self.max_value_bytes = max_event_value_bytes(settings)
 
     # --- the batch --------------------------------------------------------------------------------
 

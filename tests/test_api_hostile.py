@@ -4,6 +4,7 @@ the outcome is a row, the sink or the processors + sink) over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -17,14 +18,22 @@ import httpx
 import psycopg
 import pytest
 
-from producer_api.validation import PLACEHOLDER_USER_IDS, Limits, is_placeholder_user_id
+from producer_api.errors import ApiError
+from producer_api.ingest import IngestService
+from producer_api.metrics import ApiMetrics
+from producer_api.producer import EventProducer
+from producer_api.validation import (PLACEHOLDER_USER_IDS, Limits, build_events, is_placeholder_user_id,
+                                     parse_envelope)
+from producer_api.widget_cache import WidgetCache
+from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.settings import Settings
-from site_activity.topics import Topics
+from site_activity.topics import KEY_AND_FRAMING_BYTES, Topics, event_key, max_event_value_bytes
 from tests.conftest import Service, iso, read_topic, wait_for_rows
 
 TRACK = "/api/widget/track"
 LIMITS = Limits.from_settings(Settings())  # the defaults the API runs with in these tests
+CODEC = EventCodec()
 
 
 def now() -> datetime:
@@ -232,74 +241,146 @@ def test_every_text_field_has_a_limit_in_characters(raw_pipeline: Settings, api_
     assert resp.status_code == 400 and "visitor_id must be at most 128" in resp.json()["reason"]
 
 
-def worst_case_request(widget_id: uuid.UUID, visitor: str, count: int, start: datetime) -> dict[str, Any]:
-    """`count` pageviews 31 minutes apart (each opens a session), with the longest 4-byte-character url and
-    referrer, plus a custom event with full properties: the biggest enriched message per raw byte."""
+def issue_request(widget_id: uuid.UUID, visitor: str, start: datetime, count: int = 62,
+                  char: str = "é") -> dict[str, Any]:
+    """Issue 8, case 3: `count` page views 31 minutes apart (so each opens a session, and its session_start
+    repeats the url, referrer and visitor id), each with a 2048-character non-ASCII url and referrer."""
     events = [event("pageview", occurred_at=iso(start + timedelta(minutes=31 * i)),
-                    url="😀" * LIMITS.max_url_chars, referrer="😀" * LIMITS.max_referrer_chars)
+                    url="https://shop.example/" + char * (LIMITS.max_url_chars - 21),
+                    referrer="https://ref.example/" + char * (LIMITS.max_referrer_chars - 20))
               for i in range(count)]
     return body(widget_id, events, visitor=visitor)
 
 
-def test_largest_request_fits_one_enriched_message_and_lands(
+def as_text(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode()  # UTF-8, "é" two bytes: what a browser sends
+
+
+def test_the_issue_request_lands_whole_with_every_session_start(
         settings: Settings, start_service: Callable[..., Service], api_url: str, db: psycopg.Connection,
         make_widget: Callable[..., widgets.Widget]) -> None:
-    """The issue's request: a 128-emoji visitor id and ~62 pageviews 31 minutes apart with 2048-character
-    non-ASCII urls and referrers. Over the raw message budget it is refused whole (413, nothing written,
-    split it); the largest request that fits lands with all its session_starts, and the enriched message
-    stays within the bound the budget is derived from."""
+    """Issue 8, case 3, exactly: a 128-emoji visitor id and 62 page views 31 minutes apart, each with a
+    2048-character non-ASCII url and referrer (~515 KB of JSON, under the 512 KiB body limit), then small
+    requests from other visitors. Its raw message (~545 KB) fits one Kafka message; its enriched output
+    (~1.1 MB: a session_start before every page view) does not, so the processors split it by size. Right:
+    every request 204, every event a row (62 session_starts included), nothing dead-lettered."""
     start_service("api")
     start_service("processors")
     start_service("sink")
     w = make_widget()
     visitor = "😀" * LIMITS.max_visitor_id_chars
-    start = now() - timedelta(days=3)
-    too_big = worst_case_request(w.id, visitor, 62, start)
-    too_big["events"] = [{**e, "url": "é" * 2048, "referrer": "é" * 2048} for e in too_big["events"]]
-    raw_json = json.dumps(too_big, ensure_ascii=False).encode()
-    assert 500_000 < len(raw_json) < settings.max_body_bytes
-    resp = httpx.post(api_url + TRACK, content=raw_json, headers={"content-type": "text/plain"}, timeout=15)
-    assert resp.status_code == 413, resp.text
-    assert resp.json()["error"] == "batch_too_large" and resp.json()["limit"] == LIMITS.max_raw_message_bytes
-
-    # The most 4-byte-character pageviews one request can carry (each opens a session, so the enriched
-    # message has a session_start copy of every url and referrer), found by bisection: 413 above it.
-    fits, too_many, accepted_requests = 1, 64, 0
-    while too_many - fits > 1:
-        count = (fits + too_many) // 2
-        probe_visitor = visitor[:-1] + chr(0x1F600 + count)  # another visitor, with an id as long in bytes
-        resp = httpx.post(api_url + TRACK, json=worst_case_request(w.id, probe_visitor, count, start), timeout=15)
-        assert resp.status_code in (204, 413), resp.text
-        if resp.status_code == 204:
-            fits, accepted_requests = count, accepted_requests + 1
-        else:
-            too_many = count
-    assert 20 <= fits < 64
-    biggest = worst_case_request(w.id, visitor, fits, start)
-    assert httpx.post(api_url + TRACK, json=biggest, timeout=15).status_code == 204
-    # ... and other visitors' small requests behind it land too.
-    small = [body(w.id, [event("pageview")], visitor=f"other-{i}") for i in range(3)]
+    big = issue_request(w.id, visitor, now() - timedelta(days=3))
+    payload = as_text(big)
+    assert 500_000 < len(payload) <= settings.max_body_bytes
+    resp = post(api_url, payload)
+    assert resp.status_code == 204, resp.text
+    small = [body(w.id, [event("pageview"), event()], visitor=f"other-{i}") for i in range(5)]
     for b in small:
-        assert httpx.post(api_url + TRACK, json=b, timeout=15).status_code == 204
+        resp = httpx.post(api_url + TRACK, json=b, timeout=15)
+        assert resp.status_code == 204, resp.text
 
-    ids = [e["event_id"] for e in biggest["events"]] + [b["events"][0]["event_id"] for b in small]
+    ids = [e["event_id"] for e in big["events"]] + [e["event_id"] for b in small for e in b["events"]]
     rows = wait_for_rows(db, "SELECT event_id::text FROM visitor_events WHERE event_id = ANY(%s)",
-                         ([uuid.UUID(i) for i in ids],), len(ids), timeout=60)
-    assert len(rows) == len(ids)
-    starts = db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND visitor_id = %s "
-                        "AND event_type = 'session_start'", (w.id, visitor)).fetchone()[0]
-    assert starts == fits
+                         ([uuid.UUID(i) for i in ids],), len(ids), timeout=90)
+    assert sorted(r[0] for r in rows) == sorted(ids)
+    starts = db.execute("SELECT visitor_id, count(*) FROM visitor_events WHERE widget_id = %s "
+                        "AND event_type = 'session_start' GROUP BY visitor_id", (w.id,)).fetchall()
+    assert dict(starts) == {visitor: 62, **{f"other-{i}": 1 for i in range(5)}}
 
     topics = Topics.from_settings(settings)
-    messages = accepted_requests + 1 + len(small)
-    raw_sizes = [len(m.value()) for m in read_topic(settings, topics.raw_events, messages)]
-    enriched_sizes = [len(m.value()) for m in read_topic(settings, topics.enriched_events, messages)]
-    assert len(raw_sizes) == len(enriched_sizes) == messages
-    largest_raw = max(raw_sizes)
-    assert largest_raw <= LIMITS.max_raw_message_bytes
-    # The bound the budget rests on (LIMITS.max_raw_message_bytes): enriched <= 2 * raw + 148 per event.
-    assert max(enriched_sizes) <= 2 * largest_raw + 148 * fits
-    assert max(enriched_sizes) < 1_000_000
+    key = event_key(str(w.id), visitor)
+    raw = [m for m in read_topic(settings, topics.raw_events, 1 + len(small)) if m.key() == key]
+    assert len(raw) == 1 and 480_000 < len(raw[0].value()) <= LIMITS.max_raw_message_bytes  # one request, whole
+    enriched = [m for m in read_topic(settings, topics.enriched_events, 2 + len(small)) if m.key() == key]
+    assert len(enriched) >= 2, "the enriched output is over one message and must have been split"
+    assert all(len(m.key()) + len(m.value()) <= settings.kafka_max_message_bytes for m in enriched)
+    records = [r for m in enriched for r in CODEC.decode_events(m.value())]
+    assert [r["event_type"] for r in records] == ["session_start", "pageview"] * 62  # in order across messages
+    assert read_topic(settings, topics.dead_letter, 1, timeout=3) == []
+
+
+def test_the_default_body_limit_cannot_reach_the_raw_message_limit() -> None:
+    """The raw budget (what one Kafka message carries) is a guard for inconsistent settings: with the default
+    body limit no request gets near it. The densest requests in raw bytes per body byte repeat a 128-emoji
+    visitor id in each of 100 events; filled up to the body limit they encode to about 570 KB."""
+    widget, tenant = uuid.uuid4(), uuid.uuid4()
+    visitor = "😀" * LIMITS.max_visitor_id_chars
+    # The room left for the key and librdkafka's record framing (at most 36 bytes) holds the longest key.
+    assert len(event_key(str(widget), visitor)) + 36 <= KEY_AND_FRAMING_BYTES
+    assert LIMITS.max_raw_message_bytes == Settings().kafka_max_message_bytes - KEY_AND_FRAMING_BYTES
+    shapes: dict[str, Callable[[int], dict[str, Any]]] = {
+        "pageview": lambda n: event("pageview", url="😀" * n, referrer="😀" * n),
+        "identify": lambda n: event("identify", user_id="😀" * LIMITS.max_user_id_chars, url="😀" * n,
+                                    traits={f"k{i}": "😀" * 200 for i in range(5)}),
+        "custom": lambda n: event(name="😀" * LIMITS.max_name_chars, url="😀" * n,
+                                  properties={f"k{i}": "😀" * 200 for i in range(5)}),
+    }
+    for shape, make in shapes.items():
+        largest = 0
+        for n in range(0, LIMITS.max_url_chars + 1, 16):
+            payload = as_text(body(widget, [make(n) for _ in range(LIMITS.max_events)], visitor=visitor))
+            if len(payload) > LIMITS.max_body_bytes:
+                break
+            events, rejected = build_events(parse_envelope(payload, LIMITS), str(tenant), now(), LIMITS)
+            assert not rejected, (shape, rejected[:1])
+            largest = max(largest, len(CODEC.encode_batch(events)))
+        assert 500_000 < largest < 600_000 < LIMITS.max_raw_message_bytes, (shape, largest)
+
+
+def test_a_raw_message_over_what_kafka_takes_is_refused_up_front(
+        settings: Settings, start_service: Callable[..., Service], api_url: str,
+        make_widget: Callable[..., widgets.Widget]) -> None:
+    """Inconsistent settings: the body limit raised to 2 MiB while Kafka still takes 1 MB messages. A request
+    whose raw message would be over what one message carries is refused whole (413 batch_too_large, its limit
+    kafka_max_message_bytes minus key and framing), nothing is written, never a 5xx; below it, 204."""
+    roomy = settings.model_copy(update={"max_body_bytes": 2 * 1024 * 1024})
+    start_service("api", settings_override=roomy)
+    w = make_widget()
+    start = now() - timedelta(days=3)
+    too_big = issue_request(w.id, "v-too-big", start, count=62, char="😀")  # ~1.06 MB of JSON, ~1.1 MB raw
+    resp = post(api_url, as_text(too_big))
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"] == "batch_too_large"
+    assert resp.json()["limit"] == max_event_value_bytes(roomy) == roomy.kafka_max_message_bytes - KEY_AND_FRAMING_BYTES
+    fits = issue_request(w.id, "v-fits", start)  # ~545 KB raw: over the 480,000 bytes of the old 2x budget
+    resp = post(api_url, as_text(fits))
+    assert resp.status_code == 204, resp.text
+    raw = read_topic(roomy, Topics.from_settings(roomy).raw_events, 2, timeout=10)
+    assert [m.key() for m in raw] == [event_key(str(w.id), "v-fits")]  # nothing of the refused request
+
+
+def test_a_message_kafka_refuses_at_produce_time_is_a_4xx_not_a_503(
+        settings: Settings, make_widget: Callable[..., widgets.Widget]) -> None:
+    """If librdkafka still refuses a request's message for its size (here the producer's message.max.bytes
+    is 300 KB while the API's budget follows the default 1 MB), that is permanent: 413 batch_too_large with
+    Kafka's reason, never a 503 that tells the client to retry forever; the producer keeps serving."""
+    w = make_widget()
+    strict = settings.model_copy(update={"kafka_max_message_bytes": 300_000})
+
+    async def run() -> tuple[ApiError, int, float]:
+        metrics = ApiMetrics()
+        producer = EventProducer(strict, metrics)
+        cache = WidgetCache(settings.postgres_dsn, settings.widget_cache_refresh_s)
+        producer.start()
+        await cache.start()
+        try:
+            ingest = IngestService(settings, cache, producer, metrics)
+            with pytest.raises(ApiError) as refused:
+                await ingest.ingest(as_text(issue_request(w.id, "v-refused", now() - timedelta(days=3))))
+            after = await ingest.ingest(as_text(body(w.id, [event("pageview")], visitor="v-after")))
+            unwritable = metrics.registry.get_sample_value("site_activity_api_produce_failures_total",
+                                                           {"reason": "unwritable"})
+            return refused.value, after.accepted, unwritable or 0.0
+        finally:
+            await cache.stop()
+            producer.close()
+
+    refused, accepted_after, unwritable = asyncio.run(run())
+    assert refused.status == 413 and refused.error == "batch_too_large", (refused.status, refused.reason)
+    assert "size too large" in refused.reason.lower() and "smaller requests" in refused.reason
+    assert accepted_after == 1 and unwritable == 1
+    raw = read_topic(settings, Topics.from_settings(settings).raw_events, 2, timeout=10)
+    assert [m.key() for m in raw] == [event_key(str(w.id), "v-after")]
 
 
 # --- case 4: placeholder user ids ----------------------------------------------------------------------------
