@@ -49,7 +49,8 @@ def _librdkafka_logger() -> logging.Logger:
 
 
 class ProduceError(Exception):
-    """Some message of the request was not (or not yet) written; the client should retry."""
+    """Some message of the request was not (or not yet) written; the client should retry (unless it is the
+    subclass Unwritable)."""
 
 
 class Unwritable(ProduceError):
