@@ -275,9 +275,11 @@ class EmbeddedApacheKafka:
             node.proc.kill()  # type: ignore[union-attr]
             node.proc.wait(10)  # type: ignore[union-attr]
 
-    def restart(self, index: int, timeout: float = 90.0) -> None:
-        """Starts a stopped/killed node again on its data and waits until every node is registered."""
-        self._launch(self.nodes[index])
+    def restart(self, *indices: int, timeout: float = 90.0) -> None:
+        """Starts stopped/killed nodes again on their data and waits until every live node is registered."""
+        for index in indices:
+            if not self.nodes[index].alive():
+                self._launch(self.nodes[index])
         self.wait_ready(timeout, brokers=sum(1 for n in self.nodes if n.alive()))
 
     def stop(self) -> None:

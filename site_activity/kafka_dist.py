@@ -15,7 +15,10 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from site_activity.settings import Settings
 
 BrokerKind = Literal["kafka", "tansu"]
 MIN_JAVA = 17
@@ -68,6 +71,16 @@ def default_broker(dist_dir: Path, version: str) -> BrokerKind:
     """The embedded broker when none is configured: real Apache Kafka, which is what users run in
     production, wherever it can run here; Tansu (a pip wheel, no Java) only as the fallback."""
     return "kafka" if can_run_kafka(dist_dir, version) else "tansu"
+
+
+def machine_settings(root: Path) -> Settings:
+    """Settings() with the broker choice of this machine, and Kafka's jar cache anchored at project `root`
+    (so tests and benchmarks share the fetched jars whatever data dir they run with)."""
+    from site_activity.settings import Settings
+
+    base = Settings()
+    dist = base.kafka_dist if base.kafka_dist.is_absolute() else root / base.kafka_dist
+    return base.model_copy(update={"kafka_dist_dir": dist})
 
 
 def ensure_kafka(dist_dir: Path, version: str, quiet: bool = True) -> Path:

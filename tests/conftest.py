@@ -20,6 +20,7 @@ from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
+from site_activity.kafka_dist import machine_settings
 from site_activity.process import StageProcess
 from site_activity.settings import Settings
 from site_activity.topics import Topics
@@ -34,9 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def broker_settings() -> Settings:
     """The machine's broker choice; Kafka's jars are cached under the project's data dir, not per session."""
-    base = Settings()
-    dist = base.kafka_dist if base.kafka_dist.is_absolute() else ROOT / base.kafka_dist
-    return base.model_copy(update={"kafka_dist_dir": dist})
+    return machine_settings(ROOT)
 
 
 @pytest.fixture(scope="session")
