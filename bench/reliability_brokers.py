@@ -91,12 +91,14 @@ def healthy(url: str) -> bool:
         return False
 
 
-def probe_writes(api: str, widget_id: str, until: float, out: dict[str, int], seed: int) -> None:
-    """Posts fresh one-event bodies back to back until `until` (monotonic) and counts the answers."""
+def probe_writes(api: str, widget_id: str, until: float, out: dict[str, int], sent: list[str], seed: int) -> None:
+    """Posts fresh one-event bodies back to back until `until` (monotonic), counts the answers and notes the
+    event ids (a 503'd event may still be stored later: it was sent)."""
     rng = random.Random(seed)
     while time.monotonic() < until:
         body = make_bodies(widget_id, 1, rng.getrandbits(32))[0]
         body["events"] = body["events"][:1]
+        sent.append(body["events"][0]["event_id"])
         try:
             status = str(httpx.post(f"{api}/api/widget/track", json=body, timeout=15).status_code)
         except httpx.HTTPError as exc:
@@ -154,13 +156,14 @@ def run_scenario(scenario: str, rate: float, run: int) -> Outcome:
             stdout=load_out, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
         victims = [1] if scenario == "one" else [1, 2]
+        probe_ids: list[str] = []
         time.sleep(max(0.0, t0 + KILL_AT_S - time.monotonic()))
         killed_at = time.monotonic()
         for v in victims:
             cluster.kill(v)
         say(f"[{scenario}#{run}] SIGKILLed broker(s) {[v + 1 for v in victims]}")
         if scenario == "two":
-            probes = [threading.Thread(target=probe_writes, args=(api, str(w.id), t0 + RESTART_AT_S, out.probes, i))
+            probes = [threading.Thread(target=probe_writes, args=(api, str(w.id), t0 + RESTART_AT_S, out.probes, probe_ids, i))
                       for i in range(4)]
             time.sleep(SETTLE_S)
             for p in probes:
@@ -183,6 +186,7 @@ def run_scenario(scenario: str, rate: float, run: int) -> Outcome:
         bodies = {b["events"][0]["event_id"]: b for b in make_bodies(str(w.id), requests + 10, seed)}
         acked_ids = {uuid.UUID(e["event_id"]) for first in acked for e in bodies[first]["events"]}
         sent_ids = {uuid.UUID(e["event_id"]) for b in bodies.values() for e in b["events"]}
+        sent_ids |= {uuid.UUID(i) for i in probe_ids}
         out.events_204 = len(acked_ids)
         check_rows(out, pg.dsn, w, acked_ids, sent_ids, load_done)
         out.stage_restarts = dict(sup._restarts)

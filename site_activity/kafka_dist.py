@@ -142,15 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     return _run_foreground(settings, args.nodes)
 
 
-def _run_foreground(settings: object, nodes: int) -> int:
+def _run_foreground(settings: Settings, nodes: int) -> int:
     import signal
     import threading
     import time
 
     from site_activity.embedded import EmbeddedApacheKafka
-    from site_activity.settings import Settings
 
-    assert isinstance(settings, Settings)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
