@@ -136,8 +136,8 @@ class Stack:
     @contextlib.contextmanager
     def kafka(self, section: str) -> Iterator[EmbeddedBroker]:
         chosen = machine_settings(ROOT)
-        broker = make_broker(chosen, self.workdir / f"{section}-{chosen.embedded_broker}", free_ports=True)
-        say(f"[{section}] starting a fresh {chosen.embedded_broker} broker on {broker.bootstrap}")
+        broker = make_broker(chosen, self.workdir / f"{section}-{chosen.broker_kind}", free_ports=True)
+        say(f"[{section}] starting a fresh {chosen.broker_kind} broker on {broker.bootstrap}")
         try:
             broker.start()
             yield broker

@@ -132,7 +132,7 @@ def fresh_broker(name: str) -> Iterator[tuple[EmbeddedBroker, Settings, Topics]]
     """A new broker per scenario (SITE_ACTIVITY_EMBEDDED_BROKER; Tansu's memory storage only grows), with the
     scenario's topics created."""
     chosen = machine_settings(ROOT)
-    broker = make_broker(chosen, work_dir() / f"{chosen.embedded_broker}-{name}", free_ports=True)
+    broker = make_broker(chosen, work_dir() / f"{chosen.broker_kind}-{name}", free_ports=True)
     broker.start()
     try:
         settings = bench_settings(broker, name)

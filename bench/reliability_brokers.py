@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", choices=["one", "two", "both"], default="both")
     p.add_argument("--rate", type=float, default=40.0, help="requests per second (25 events each)")
     args = p.parse_args(argv)
-    if machine_settings(ROOT).embedded_broker != "kafka":
+    if machine_settings(ROOT).broker_kind != "kafka":
         print("needs Apache Kafka: Java 17+ (and Maven to fetch it); see scripts/kafka", file=sys.stderr)
         return 2
     outcomes: list[Outcome] = []

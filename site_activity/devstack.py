@@ -36,7 +36,7 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
     updates: dict[str, object] = {}
     if "kafka_bootstrap" not in settings.model_fields_set:
         # Apache Kafka keeps its log dirs in <data dir>/kafka-data across runs, like Postgres keeps its rows.
-        broker = make_broker(settings, settings.data_dir / ("kafka-data" if settings.embedded_broker == "kafka" else "logs"))
+        broker = make_broker(settings, settings.data_dir / ("kafka-data" if settings.broker_kind == "kafka" else "logs"))
         broker.start()
         stack.callback(broker.stop)
         updates["kafka_bootstrap"] = broker.bootstrap
@@ -44,7 +44,7 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
             # A cluster: replicate the product's topics like production does (see deploy/README.md).
             updates["topic_replication_factor"] = min(3, len(broker.nodes))
             updates["topic_min_insync_replicas"] = min(2, len(broker.nodes))
-        log.info("started the embedded broker", extra={"broker": settings.embedded_broker, "bootstrap": broker.bootstrap})
+        log.info("started the embedded broker", extra={"broker": settings.broker_kind, "bootstrap": broker.bootstrap})
     if "postgres_dsn" not in settings.model_fields_set:
         pg = EmbeddedPostgres(settings.data_dir.resolve() / "postgres", settings.embedded_postgres_port)
         pg.start()

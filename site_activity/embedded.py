@@ -293,9 +293,9 @@ class EmbeddedApacheKafka:
 
 def make_broker(settings: Settings, data_dir: Path, free_ports: bool = False,
                 nodes: int | None = None) -> EmbeddedApacheKafka | EmbeddedTansu:
-    """The configured embedded broker (settings.embedded_broker), not started. Apache Kafka keeps its log
+    """The configured embedded broker (settings.broker_kind), not started. Apache Kafka keeps its log
     dirs under `data_dir`; Tansu (memory storage) only writes its log there."""
-    if settings.embedded_broker == "tansu":
+    if settings.broker_kind == "tansu":
         return EmbeddedTansu(free_port() if free_ports else settings.embedded_kafka_port, data_dir / "tansu.log")
     return EmbeddedApacheKafka.from_settings(settings, data_dir, nodes=nodes, free_ports=free_ports)
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dist, version = settings.kafka_dist, settings.kafka_version
     if args.command == "default":
-        print(default_broker(dist, version))
+        print(settings.broker_kind)
         return 0
     if args.command == "fetch":
         if args.if_java and not can_run_kafka(dist, version):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -94,13 +94,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @model_validator(mode="after")
-    def _pick_broker(self) -> Settings:
-        if self.embedded_broker is None:
-            from site_activity.kafka_dist import default_broker
+    @property
+    def broker_kind(self) -> Literal["kafka", "tansu"]:
+        """The embedded broker to start: the setting, else this machine's default (looked up only here, so
+        processes that never start a broker never probe for Java)."""
+        if self.embedded_broker is not None:
+            return self.embedded_broker
+        from site_activity.kafka_dist import default_broker
 
-            self.embedded_broker = default_broker(self.kafka_dist, self.kafka_version)
-        return self
+        return default_broker(self.kafka_dist, self.kafka_version)
 
     @property
     def kafka_dist(self) -> Path:

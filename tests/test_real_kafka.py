@@ -16,7 +16,7 @@ from site_activity.settings import Settings
 from tests.conftest import broker_settings
 from tests.test_sink import count_rows, make_event, metric, produce, wait_count
 
-pytestmark = pytest.mark.skipif(broker_settings().embedded_broker != "kafka",
+pytestmark = pytest.mark.skipif(broker_settings().broker_kind != "kafka",
                                 reason="needs Apache Kafka (Java 17+): Tansu's end offsets are wrong")
 
 LAG = "site_activity_sink_consumer_lag"
