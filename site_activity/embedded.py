@@ -128,6 +128,7 @@ class KafkaNode:
     controller_port: int
     home: Path
     proc: subprocess.Popen[bytes] | None = None
+    log_offset: int = 0  # size of server.log when the node was last launched
 
     @property
     def config_path(self) -> Path:
@@ -151,6 +152,8 @@ class EmbeddedApacheKafka:
     libs: Path
     data_dir: Path
     ports: list[tuple[int, int]]  # (client port, controller port) per node
+    # Ports picked by the OS: re-picked right before launch, and again if another process took one first.
+    free_ports: bool = False
     nodes: list[KafkaNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ class EmbeddedApacheKafka:
         libs = ensure_kafka(settings.kafka_dist, settings.kafka_version)
         base = settings.embedded_kafka_port
         ports = [(free_port(), free_port()) if free_ports else (base + 2 * i, base + 2 * i + 1) for i in range(n)]
-        return cls(libs, data_dir, ports)
+        return cls(libs, data_dir, ports, free_ports=free_ports)
 
     @property
     def bootstrap(self) -> str:
@@ -234,11 +237,32 @@ class EmbeddedApacheKafka:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda node: self._format(node, cluster_id), self.nodes))
-        for node in self.nodes:
-            self._launch(node)
-        self.wait_ready(timeout)
+        attempts = 3 if self.free_ports else 1
+        for attempt in range(1, attempts + 1):
+            if self.free_ports:
+                # A free port is only free until someone binds it: pick them as late as possible (formatting
+                # takes seconds) and, if a node still lost one to another process, pick new ones.
+                for node in self.nodes:
+                    node.port, node.controller_port = free_port(), free_port()
+                for node in self.nodes:  # every config names every node's controller port
+                    self._write_config(node)
+            for node in self.nodes:
+                self._launch(node)
+            try:
+                self.wait_ready(timeout)
+                return
+            except RuntimeError:
+                if attempt == attempts or not any(self._lost_port(n) for n in self.nodes):
+                    raise
+                self.stop()
+
+    def _lost_port(self, node: KafkaNode) -> bool:
+        """Whether the node's latest start failed because its port was taken (BindException)."""
+        log = node.log_path.read_bytes()[node.log_offset:] if node.log_path.exists() else b""
+        return b"Address already in use" in log
 
     def _launch(self, node: KafkaNode) -> None:
+        node.log_offset = node.log_path.stat().st_size if node.log_path.exists() else 0
         with open(node.home / "stdout.log", "ab") as out:
             node.proc = subprocess.Popen(self._java("kafka.Kafka", str(node.config_path), node=node),
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
