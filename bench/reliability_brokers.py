@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,7 @@ def probe_writes(api: str, widget_id: str, until: float, out: dict[str, int], se
         out[status] = out.get(status, 0) + 1
 
 
-def run_scenario(scenario: str, rate: float, run: int) -> Outcome:
+def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
     out = Outcome(scenario)
     started = time.monotonic()
     chosen = machine_settings(ROOT)
@@ -192,6 +193,8 @@ def run_scenario(scenario: str, rate: float, run: int) -> Outcome:
         out.stage_restarts = dict(sup._restarts)
     out.seconds = round(time.monotonic() - started, 1)
     judge(out)
+    if out.ok and not keep:
+        shutil.rmtree(work, ignore_errors=True)  # ~120 MB of broker and Postgres data; kept when a check fails
     return out
 
 
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--scenario", choices=["one", "two", "both"], default="both")
     p.add_argument("--rate", type=float, default=40.0, help="requests per second (25 events each)")
+    p.add_argument("--keep", action="store_true", help="keep each run's work dir (logs, data) even when it passes")
     args = p.parse_args(argv)
     if machine_settings(ROOT).broker_kind != "kafka":
         print("needs Apache Kafka: Java 17+ (and Maven to fetch it); see scripts/kafka", file=sys.stderr)
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     for run in range(1, args.runs + 1):
         for scenario in (["one", "two"] if args.scenario == "both" else [args.scenario]):
-            o = run_scenario(scenario, args.rate, run)
+            o = run_scenario(scenario, args.rate, run, args.keep)
             outcomes.append(o)
             say(f"[{scenario}#{run}] {'PASS' if o.ok else 'FAIL'} {json.dumps(o.__dict__ | {'ok': o.ok})}")
     results = ROOT / "bench" / "results"
