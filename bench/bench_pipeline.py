@@ -1,5 +1,6 @@
 """Pipeline benchmark: ingest API, sink, end to end, and the Avro codec, each next to its limit measured
-in the same run on the same embedded stack (own Tansu + Postgres on free ports, started and stopped here).
+in the same run on the same embedded stack (own broker + Postgres on free ports, started and stopped here;
+SITE_ACTIVITY_EMBEDDED_BROKER=kafka|tansu picks the broker, default Apache Kafka where Java 17+ is found).
 
     .venv/bin/python bench/bench_pipeline.py            # full run, about 4-6 minutes
     .venv/bin/python bench/bench_pipeline.py --quick    # smoke test, about 1.5 minutes
@@ -45,7 +46,8 @@ from bench.workload import (  # noqa: E402
 )
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
+from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from site_activity.kafka_dist import machine_settings  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
@@ -115,7 +117,8 @@ def verdict(ok: bool) -> str:
 
 
 class Stack:
-    """Postgres for the whole run, a fresh Tansu per section (its memory storage slows down as it grows)."""
+    """Postgres for the whole run, a fresh broker per section (SITE_ACTIVITY_EMBEDDED_BROKER: Apache Kafka or
+    Tansu, whose memory storage slows down as it grows)."""
 
     def __init__(self, workdir: Path, exit_stack: contextlib.ExitStack, profiler: Profiler, cpu: CpuMeter) -> None:
         self.workdir = workdir
@@ -131,16 +134,17 @@ class Stack:
         migrate(self.postgres.dsn)
 
     @contextlib.contextmanager
-    def kafka(self, section: str) -> Iterator[EmbeddedKafka]:
-        broker = EmbeddedKafka(free_port(), self.workdir / f"{section}-tansu.log")
-        say(f"[{section}] starting a fresh Tansu broker on {broker.bootstrap}")
+    def kafka(self, section: str) -> Iterator[EmbeddedBroker]:
+        chosen = machine_settings(ROOT)
+        broker = make_broker(chosen, self.workdir / f"{section}-{chosen.broker_kind}", free_ports=True)
+        say(f"[{section}] starting a fresh {chosen.broker_kind} broker on {broker.bootstrap}")
         try:
             broker.start()
             yield broker
         finally:
             broker.stop()
 
-    def settings(self, section: str, broker: EmbeddedKafka) -> Settings:
+    def settings(self, section: str, broker: EmbeddedBroker) -> Settings:
         s = Settings(
             data_dir=self.workdir / section, kafka_bootstrap=broker.bootstrap, postgres_dsn=self.postgres.dsn,
             topic_prefix=f"bench-{section}", sink_group=f"bench-sink-{section}",

@@ -1,4 +1,5 @@
-"""Stream-processor throughput, next to its limit and its naive baseline, in one run on embedded Tansu.
+"""Stream-processor throughput, next to its limit and its naive baseline, in one run on the embedded broker
+(SITE_ACTIVITY_EMBEDDED_BROKER=kafka|tansu; default Apache Kafka where Java 17+ is found).
 
     .venv/bin/python bench/bench_processors.py [--events 200000] [--naive-events 20000]
 
@@ -38,10 +39,12 @@ import httpx
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from schemas.codec import EventCodec  # noqa: E402
-from site_activity.embedded import EmbeddedKafka, free_port, wait_until  # noqa: E402
+from site_activity.embedded import EmbeddedBroker, free_port, make_broker, wait_until  # noqa: E402
+from site_activity.kafka_dist import machine_settings  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
@@ -125,9 +128,11 @@ def work_dir() -> Path:
 
 
 @contextmanager
-def fresh_broker(name: str) -> Iterator[tuple[EmbeddedKafka, Settings, Topics]]:
-    """A new broker per scenario (Tansu's memory storage only grows), with the scenario's topics created."""
-    broker = EmbeddedKafka(free_port(), work_dir() / f"tansu-{name}.log")
+def fresh_broker(name: str) -> Iterator[tuple[EmbeddedBroker, Settings, Topics]]:
+    """A new broker per scenario (SITE_ACTIVITY_EMBEDDED_BROKER; Tansu's memory storage only grows), with the
+    scenario's topics created."""
+    chosen = machine_settings(ROOT)
+    broker = make_broker(chosen, work_dir() / f"{chosen.broker_kind}-{name}", free_ports=True)
     broker.start()
     try:
         settings = bench_settings(broker, name)
@@ -137,7 +142,7 @@ def fresh_broker(name: str) -> Iterator[tuple[EmbeddedKafka, Settings, Topics]]:
         broker.stop()
 
 
-def bench_settings(kafka: EmbeddedKafka, name: str) -> Settings:
+def bench_settings(kafka: EmbeddedBroker, name: str) -> Settings:
     return Settings(
         data_dir=work_dir() / name, kafka_bootstrap=kafka.bootstrap, topic_prefix=name, topic_partitions=PARTITIONS,
         processors_app_id=f"bench-{name}", processors_web_port=free_port(), postgres_dsn="postgresql://unused",

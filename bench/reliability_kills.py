@@ -1,4 +1,5 @@
-"""Reliability under kills (issue 8, case 16): the dev-like stack (Tansu + Postgres, the api, processors and sink
+"""Reliability under kills (issue 8, case 16): the dev-like stack (the embedded broker that
+`SITE_ACTIVITY_EMBEDDED_BROKER` picks — Apache Kafka where Java 17+ is found, else Tansu — + Postgres, the api, processors and sink
 as real processes with their default settings), an open loop of unique-body requests (bench/loadgen.py), and
 SIGKILLs of the processors and of the sink, each restarted at once (as a supervisor would). Reports the events
 answered 204, their rows, what was lost, duplicates (rows per event id, session_starts per session) and each
@@ -37,7 +38,7 @@ from bench.bench_pipeline import Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
+from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
@@ -95,14 +96,15 @@ class Stage:
 
 @contextlib.contextmanager
 def infrastructure(workdir: Path, bootstrap: str | None) -> Iterator[tuple[str, str]]:
-    """(kafka bootstrap, postgres dsn): a fresh Postgres, and a fresh Tansu unless a broker is given."""
+    """(kafka bootstrap, postgres dsn): a fresh Postgres, and a fresh embedded broker (the configured kind)
+    unless a broker is given."""
     pg = EmbeddedPostgres(workdir / "pg", free_port())
     pg.start()
     broker = None
     try:
         migrate(pg.dsn)
         if bootstrap is None:
-            broker = EmbeddedKafka(free_port(), workdir / "tansu.log")
+            broker = make_broker(Settings(), workdir / "broker", free_ports=True)
             broker.start()
             bootstrap = broker.bootstrap
         yield bootstrap, pg.dsn
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sink-kills", type=int, default=3)
     p.add_argument("--drain-timeout", type=float, default=300.0, help="seconds to wait for the rows after the load")
     p.add_argument("--seed", type=int, default=int(time.time()))
-    p.add_argument("--kafka-bootstrap", default=None, help="use this broker instead of a fresh embedded Tansu")
+    p.add_argument("--kafka-bootstrap", default=None, help="use this broker instead of a fresh embedded one")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(args)

@@ -1,6 +1,6 @@
 """`site-activity dev`: the whole pipeline in one terminal on the embedded stack.
 
-Starts Tansu and Postgres (unless SITE_ACTIVITY_KAFKA_BOOTSTRAP / SITE_ACTIVITY_POSTGRES_DSN point elsewhere),
+Starts the embedded broker (Apache Kafka, or Tansu without Java; SITE_ACTIVITY_EMBEDDED_BROKER) and Postgres (unless SITE_ACTIVITY_KAFKA_BOOTSTRAP / SITE_ACTIVITY_POSTGRES_DSN point elsewhere),
 applies migrations, creates topics, makes sure an enabled demo widget exists, runs the API, processors and
 sink as child processes (restarted if they die), serves the demo site, writes <data dir>/stack.json and stops
 everything it started on Ctrl-C / SIGTERM."""
@@ -18,7 +18,7 @@ from types import FrameType
 
 from site_activity import widgets
 from site_activity.db import connect, ensure_database, migrate
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, port_open, wait_until
+from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, make_broker, port_open, wait_until
 from site_activity.kafka import ensure_topics
 from site_activity.process import StageProcess
 from site_activity.settings import Settings
@@ -35,11 +35,16 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
     """Starts what the settings do not point elsewhere; returns settings that name what runs."""
     updates: dict[str, object] = {}
     if "kafka_bootstrap" not in settings.model_fields_set:
-        broker = EmbeddedKafka(settings.embedded_kafka_port, settings.data_dir / "logs" / "tansu.log")
+        # Apache Kafka keeps its log dirs in <data dir>/kafka-data across runs, like Postgres keeps its rows.
+        broker = make_broker(settings, settings.data_dir / ("kafka-data" if settings.broker_kind == "kafka" else "logs"))
         broker.start()
         stack.callback(broker.stop)
         updates["kafka_bootstrap"] = broker.bootstrap
-        log.info("started Tansu broker", extra={"bootstrap": broker.bootstrap, "pid": broker.proc.pid})  # type: ignore[union-attr]
+        if isinstance(broker, EmbeddedApacheKafka) and len(broker.nodes) > 1:
+            # A cluster: replicate the product's topics like production does (see deploy/README.md).
+            updates["topic_replication_factor"] = min(3, len(broker.nodes))
+            updates["topic_min_insync_replicas"] = min(2, len(broker.nodes))
+        log.info("started the embedded broker", extra={"broker": settings.broker_kind, "bootstrap": broker.bootstrap})
     if "postgres_dsn" not in settings.model_fields_set:
         pg = EmbeddedPostgres(settings.data_dir.resolve() / "postgres", settings.embedded_postgres_port)
         pg.start()

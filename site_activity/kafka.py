@@ -54,9 +54,11 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     """Creates missing topics with their final partition counts; existing topics are left alone."""
     client = admin(settings)
     existing = set(client.list_topics(timeout=timeout).topics)
+    rf = settings.topic_replication_factor
+    # Replicated topics say how many replicas an acks=all write needs; one replica has nothing to say.
+    isr = {"min.insync.replicas": str(settings.topic_min_insync_replicas)} if rf > 1 else {}
     wanted = [
-        NewTopic(spec.name, num_partitions=spec.partitions,
-                 replication_factor=settings.topic_replication_factor, config=spec.config)
+        NewTopic(spec.name, num_partitions=spec.partitions, replication_factor=rf, config={**spec.config, **isr})
         for spec in Topics.from_settings(settings).specs(settings)
         if spec.name not in existing
     ]

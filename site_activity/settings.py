@@ -6,6 +6,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,11 +17,20 @@ class Settings(BaseSettings):
 
     # --- where things live -------------------------------------------------------------------
     data_dir: Path = Path(".site-activity")
-    # Empty means "the embedded stack": `dev` starts Tansu / Postgres and fills these in.
+    # Unset means "the embedded stack": `dev` starts a broker / Postgres and fills these in.
     kafka_bootstrap: str = "127.0.0.1:9092"
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5433/site_activity"
+    # The embedded broker: "kafka" (Apache Kafka, KRaft, needs Java 17+) or "tansu" (a pip wheel). Unset:
+    # "kafka" where Java 17+ is found, else "tansu" (site_activity.kafka_dist.default_broker).
+    embedded_broker: Literal["kafka", "tansu"] | None = None
+    # Apache Kafka nodes of the embedded cluster (combined broker+controller). Node i listens on
+    # embedded_kafka_port + 2*i and its controller on the port after it.
+    embedded_kafka_nodes: int = 1
     embedded_kafka_port: int = 9092
     embedded_postgres_port: int = 5433
+    kafka_version: str = "4.1.1"
+    # Where fetched Kafka jars live (<dir>/<version>/libs); unset: <data_dir>/kafka.
+    kafka_dist_dir: Path | None = None
 
     # --- HTTP ----------------------------------------------------------------------------------
     http_host: str = "127.0.0.1"
@@ -46,6 +57,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "site-activity"
     topic_partitions: int = 6
     topic_replication_factor: int = 1
+    # With acks=all, a write is acknowledged once this many replicas have it (only set on topics with
+    # replication_factor > 1): 2 of 3 survives one broker loss without acknowledging unreplicated writes.
+    topic_min_insync_replicas: int = 1
     producer_queue_max_messages: int = 200_000
     producer_linger_ms: int = 5
     producer_compression: str = "lz4"
@@ -98,6 +112,20 @@ class Settings(BaseSettings):
     log_json: bool = True
 
     @property
+    def broker_kind(self) -> Literal["kafka", "tansu"]:
+        """The embedded broker to start: the setting, else this machine's default (looked up only here, so
+        processes that never start a broker never probe for Java)."""
+        if self.embedded_broker is not None:
+            return self.embedded_broker
+        from site_activity.kafka_dist import default_broker
+
+        return default_broker(self.kafka_dist, self.kafka_version)
+
+    @property
+    def kafka_dist(self) -> Path:
+        return self.kafka_dist_dir if self.kafka_dist_dir is not None else self.data_dir / "kafka"
+
+    @property
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
 
@@ -111,6 +139,7 @@ class Settings(BaseSettings):
         return {
             f"SITE_ACTIVITY_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             for name, value in self.model_dump().items()
+            if value is not None
         }
 
 

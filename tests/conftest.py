@@ -1,5 +1,6 @@
-"""Shared fixtures: one real Tansu broker and one real Postgres per test session; unique topics, groups and
-widgets per test; stages started as real `site-activity <stage>` processes."""
+"""Shared fixtures: one real broker (Apache Kafka where Java 17+ is found, else Tansu; see
+SITE_ACTIVITY_EMBEDDED_BROKER) and one real Postgres per test session; unique topics, groups and widgets per
+test; stages started as real `site-activity <stage>` processes."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from confluent_kafka import Consumer, Message
 from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until
+from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
+from site_activity.kafka_dist import machine_settings
 from site_activity.process import StageProcess
 from site_activity.settings import Settings
 from site_activity.topics import Topics
@@ -28,9 +30,26 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def broker_settings() -> Settings:
+    """The machine's broker choice; Kafka's jars are cached under the project's data dir, not per session."""
+    return machine_settings(ROOT)
+
+
 @pytest.fixture(scope="session")
-def kafka(session_dir: Path) -> Iterator[EmbeddedKafka]:
-    broker = EmbeddedKafka(free_port(), session_dir / "tansu.log")
+def kafka(session_dir: Path) -> Iterator[EmbeddedBroker]:
+    broker = make_broker(broker_settings(), session_dir / "kafka", free_ports=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTansu]:
+    """A Tansu broker for the smoke tests that keep the pip-only fallback honest (tests/test_tansu_smoke.py)."""
+    broker = EmbeddedTansu(free_port(), tmp_path_factory.mktemp("tansu") / "tansu.log")
     broker.start()
     yield broker
     broker.stop()
@@ -50,12 +69,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
+def settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
     """Settings for one test: unique topic prefix and consumer groups, short group timeouts."""
     return make_settings(kafka, postgres, tmp_path / "data")
 
 
-def make_settings(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
+def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
     """Unique topics, groups and ports on the session's broker and database; topics created.
     Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
     tag = uuid.uuid4().hex[:10]

@@ -331,9 +331,8 @@ def test_events_before_the_login_in_one_request_carry_the_contact(settings: Sett
 def test_restart_recovery_sigterm_and_sigkill(settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
                                              make_widget: Callable[..., widgets.Widget],
                                              db: psycopg.Connection) -> None:
-    # One record per producer batch for the changelog: Tansu's end offsets are otherwise wrong and
-    # recovery after SIGKILL can stop early (see the Tansu notes); real Kafka does not need this.
-    s = settings.model_copy(update={"processors_producer_batch_bytes": 1})
+    # Default producer batching: the table changelog is recovered exactly after a SIGKILL (real Kafka).
+    s = settings
     w = make_widget()
     visitors = 30
     sink = start_service("sink")

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, make_settings, wait_for_rows
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
@@ -62,7 +62,7 @@ window.fetch = function (url, init) {
 
 # --- the pipeline: one API + sink for the module, raw topic straight into Postgres -------------------
 @pytest.fixture(scope="module")
-def stack(kafka: EmbeddedKafka, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     log_dir = tmp_path_factory.mktemp("widget-stack")
     settings = make_settings(kafka, postgres, log_dir / "data", sink_from_enriched=False)
     api = _start(Service("api", settings, log_dir), f"http://127.0.0.1:{settings.http_port}/healthz")
