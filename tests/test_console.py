@@ -7,6 +7,7 @@ import hashlib
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from console import accounts
 from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings
+from tests.conftest import Service, http_ok, iso, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
 
 
@@ -341,3 +342,35 @@ def test_member_cannot_post_the_form(console: httpx.Client, console_settings: Se
     assert resp.status_code == 403
     assert member.get("/settings/audit-log").status_code == 403
     member.close()
+
+
+def test_ingest_honours_a_console_flip_within_5_s(console: httpx.Client, postgres: EmbeddedPostgres,
+                                                  start_service: Callable[..., Service], settings: Settings) -> None:
+    t = make_tenant(postgres.dsn, "Vandelay")
+    start_service("api")
+    api = httpx.Client(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10)
+
+    def post() -> None:
+        at = iso(datetime.now(UTC))
+        event = {"event_id": str(uuid.uuid4()), "type": "pageview", "url": "https://vandelay.example/",
+                 "occurred_at": at}
+        resp = api.post("/api/widget/track", json={"widget_id": str(t.widget.id), "visitor_id": "v-1",
+                                                   "sent_at": at, "events": [event]})
+        assert resp.status_code == 204, resp.text
+
+    def dropped() -> float:
+        for line in api.get("/metrics").text.splitlines():
+            if line.startswith('site_activity_api_events_total{outcome="dropped_disabled"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    post()
+    assert dropped() == 0
+    assert console.patch(f"/api/v1/widgets/{t.widget.id}", json={"tracking_enabled": False},
+                         headers=t.auth("admin")).status_code == 200
+    flipped = time.monotonic()
+    while dropped() == 0:  # every post answers 204 either way; the counter shows when the switch took effect
+        assert time.monotonic() - flipped < 5, "disabling tracking in the console took more than 5 s at ingest"
+        post()
+        time.sleep(0.1)
+    api.close()
