@@ -231,6 +231,13 @@ def create_login_token(conn: psycopg.Connection, tenant_id: uuid.UUID, email: st
     return token
 
 
+def login_link(conn: psycopg.Connection, console_origin: str, tenant_id: uuid.UUID, email: str, ttl_s: int) -> str:
+    """A one-time sign-in URL for the console at console_origin."""
+    from urllib.parse import quote
+
+    return f"{console_origin.rstrip('/')}/login?token={quote(create_login_token(conn, tenant_id, email, ttl_s))}"
+
+
 def consume_login_token(conn: psycopg.Connection, token: str) -> Member | None:
     """Spends the token: the member it signs in, or None when it is unknown, used or expired. Atomic, so two
     concurrent uses of one link cannot both succeed."""

@@ -164,14 +164,12 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _login_link(args: argparse.Namespace, settings: Settings) -> int:
-    from urllib.parse import quote
-
     from console import accounts
     from site_activity.db import connect
 
     with connect(settings.postgres_dsn, autocommit=True) as conn:
-        token = accounts.create_login_token(conn, args.tenant, args.email, settings.console_login_link_ttl_s)
-    print(f"{settings.console_origin}/login?token={quote(token)}")
+        print(accounts.login_link(conn, settings.console_origin, args.tenant, args.email,
+                                  settings.console_login_link_ttl_s))
     print(f"one-time sign-in link for {args.email}; expires in {settings.console_login_link_ttl_s // 60} minutes",
           file=sys.stderr)
     return 0
