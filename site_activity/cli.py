@@ -175,6 +175,14 @@ def _login_link(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.retention import run_with_progress
+
+    run_with_progress(settings.postgres_dsn, batch_rows=args.batch_rows or settings.purge_batch_rows,
+                      dry_run=args.dry_run)
+    return 0
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -193,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=_stage("stream_processors.main"))
     sub.add_parser("console", help="run the console: management API and pages").set_defaults(
         func=_stage("console.main"))
+    pg = sub.add_parser("purge", help="delete events older than their widget's retention (run daily)")
+    pg.set_defaults(func=_purge)
+    pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
     sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
 

@@ -72,6 +72,23 @@ def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
                                    settings.console_login_link_ttl_s)
 
 
+def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Runs the retention purge now and then every purge_interval_s until `stop` is set (a daemon thread)."""
+    from site_activity.retention import purge
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                purge(settings.postgres_dsn, batch_rows=settings.purge_batch_rows)
+            except Exception:  # keep the dev stack up; the next run tries again
+                log.exception("retention purge failed")
+            stop.wait(settings.purge_interval_s)
+
+    thread = threading.Thread(target=loop, name="retention-purge", daemon=True)
+    thread.start()
+    return thread
+
+
 class Supervisor:
     """Keeps the stage processes running; a stage that dies is restarted with a growing delay."""
 
@@ -142,6 +159,7 @@ def run(settings: Settings) -> int:
         stack_file = _write_stack_file(settings, demo_url, widget, sup)
         wait_until(lambda: port_open(settings.console_port) or stop.is_set(), 60, "console")
         sign_in = demo_owner_link(settings, widget)
+        start_daily_purge(settings, stop)
 
         print(
             "\nSite Activity is running on the embedded stack\n"
@@ -154,6 +172,8 @@ def run(settings: Settings) -> int:
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
             "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"
+            f"  purge          every {settings.purge_interval_s / 3600:g} h in the background"
+            " (now: .venv/bin/site-activity purge --dry-run)\n"
             f"  stack file     {stack_file}\n"
             f"  logs           {settings.data_dir / 'logs'}/\n"
             "Ctrl-C stops everything.\n",
