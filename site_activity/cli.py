@@ -176,8 +176,18 @@ def _login_link(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from site_activity.retention import run_with_progress
+    from site_activity.retention import purge_every, run_with_progress
 
+    if args.loop:
+        import signal
+        import threading
+
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        purge_every(settings.postgres_dsn, settings.purge_interval_s, stop,
+                    batch_rows=args.batch_rows or settings.purge_batch_rows)
+        return 0
     run_with_progress(settings.postgres_dsn, batch_rows=args.batch_rows or settings.purge_batch_rows,
                       dry_run=args.dry_run)
     return 0
@@ -205,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     pg.set_defaults(func=_purge)
     pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
+    pg.add_argument("--loop", action="store_true",
+                    help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)")
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
     sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
 

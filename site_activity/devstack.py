@@ -74,17 +74,11 @@ def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
 
 def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Thread:
     """Runs the retention purge now and then every purge_interval_s until `stop` is set (a daemon thread)."""
-    from site_activity.retention import purge
+    from site_activity.retention import purge_every
 
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                purge(settings.postgres_dsn, batch_rows=settings.purge_batch_rows)
-            except Exception:  # keep the dev stack up; the next run tries again
-                log.exception("retention purge failed")
-            stop.wait(settings.purge_interval_s)
-
-    thread = threading.Thread(target=loop, name="retention-purge", daemon=True)
+    thread = threading.Thread(target=purge_every, name="retention-purge", daemon=True,
+                              args=(settings.postgres_dsn, settings.purge_interval_s, stop),
+                              kwargs={"batch_rows": settings.purge_batch_rows})
     thread.start()
     return thread
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -141,3 +142,14 @@ def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool) -> PurgeRepor
     out.print(f"{report.rows:,} rows {'to remove' if dry_run else 'removed'} across {len(report.widgets)} "
                     f"widget(s) in {report.seconds:.2f} s")
     return report
+
+
+def purge_every(dsn: str, interval_s: float, stop: threading.Event, *, batch_rows: int) -> None:
+    """Runs the purge now and then every interval_s until `stop` is set; a failed run is logged and the next
+    one tries again (how `dev` and the compose `purge` service schedule it)."""
+    while not stop.is_set():
+        try:
+            purge(dsn, batch_rows=batch_rows)
+        except Exception:
+            log.exception("retention purge failed; retrying at the next interval")
+        stop.wait(interval_s)
