@@ -10,7 +10,7 @@ import psycopg
 
 from console.accounts import Member
 from console.errors import ConsoleError, not_found
-from site_activity import widgets
+from site_activity import erasure, widgets
 from site_activity.widgets import Widget, WidgetError
 
 
@@ -79,3 +79,24 @@ def audit_page(conn: psycopg.Connection, member: Member, *, limit: int, cursor: 
     data = [{"id": str(r[0]), "at": r[1].isoformat(), "actor": r[2], "action": r[3], "entity": r[4],
              "entity_id": r[5], "before": r[6], "after": r[7], "request_id": r[8]} for r in rows[:limit]]
     return {"data": data, "next_cursor": data[-1]["id"] if len(rows) > limit else None}
+
+
+def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visitor_id: str,
+                  request_id: str) -> dict[str, Any]:
+    """Deletes and suppresses one visitor of one of the tenant's widgets; 404 for another tenant's widget."""
+    if not visitor_id or len(visitor_id) > 200:
+        raise ConsoleError(400, "visitor_id must be 1-200 characters")
+    try:
+        return erasure.erase_visitor(conn, member.tenant_id, parse_uuid(widget_id, "widget"), visitor_id,
+                                     actor=member.email, request_id=request_id).public()
+    except erasure.ErasureError:
+        raise not_found(f"no widget {widget_id}") from None
+
+
+def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, request_id: str) -> dict[str, Any]:
+    """Deletes and suppresses a contact with all its visitors' events; 404 for another tenant's contact."""
+    try:
+        return erasure.erase_contact(conn, member.tenant_id, parse_uuid(customer_id, "contact"),
+                                     actor=member.email, request_id=request_id).public()
+    except erasure.ErasureError:
+        raise not_found(f"no contact {customer_id}") from None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from sink.records import CUSTOMER_ID, FIELDS, DeadLetter, Row
+from site_activity.erasure import TENANT_LOCK_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,22 @@ def _may_hold_expired(rows: Sequence[Row]) -> bool:
     return oldest < time.time_ns() // 1000 - _MIN_RETENTION_US + 60_000_000  # a minute of slack for clock drift
 
 
+# --- erasure (console issue): an erased subject's events are dropped from the batch before anything is written --
+# The shared per-tenant lock orders this against an erase (site_activity/erasure.py), which holds the exclusive
+# one: it is taken in its own statement, so the DELETE below runs on a snapshot that sees every erase that
+# finished before the lock was granted. The `IN (SELECT tenant_id ...)` is one hashed lookup per row, so tenants
+# without erasures pay no hashing.
+_LOCK_TENANTS = (f"SELECT count(pg_advisory_xact_lock_shared({TENANT_LOCK_CLASS}, hashtext(t::text)))"
+                 f" FROM (SELECT DISTINCT tenant_id AS t FROM {_RAW} ORDER BY 1) d")
+_DROP_ERASED = f"""
+DELETE FROM {_RAW} r
+WHERE r.tenant_id IN (SELECT tenant_id FROM erased_subjects)
+  AND EXISTS (SELECT 1 FROM erased_subjects s WHERE s.tenant_id = r.tenant_id AND s.subject_hash IN (
+        erasure_hash(r.tenant_id, 'visitor', r.widget_id::text || ':' || r.visitor_id),
+        erasure_hash(r.tenant_id, 'user', r.user_id),
+        erasure_hash(r.tenant_id, 'contact', r.customer_id::text)))
+"""
+
 _STATEMENT_TIMEOUT_MS = 60_000
 _TEMP_BUFFERS = "64MB"  # a whole batch of the temp table stays in memory (the default 8MB holds ~25k rows)
 
@@ -173,6 +190,7 @@ class WriteResult:
     rejected: list[DeadLetter] = field(default_factory=list)
     step_seconds: dict[str, float] = field(default_factory=dict)  # copy, contacts, insert, retro_link, commit
     expired: int = 0  # rows not stored because they were already older than their widget's retention
+    erased: int = 0  # rows not stored because their visitor / user / contact was erased
 
     def add(self, other: WriteResult) -> WriteResult:
         steps = dict(self.step_seconds)
@@ -180,7 +198,7 @@ class WriteResult:
             steps[step] = steps.get(step, 0.0) + seconds
         return WriteResult(self.inserted + other.inserted, self.customers + other.customers,
                            self.relinked + other.relinked, self.rejected + other.rejected, steps,
-                           self.expired + other.expired)
+                           self.expired + other.expired, self.erased + other.erased)
 
 
 class EventWriter:
@@ -246,6 +264,9 @@ class EventWriter:
                 for ord_, row in enumerate(rows):
                     write_row((ord_, *row.values))
             steps["copy"], t = clock() - t, clock()
+            cur.execute(_LOCK_TENANTS)
+            erased = max(cur.execute(_DROP_ERASED).rowcount, 0)
+            steps["erasures"], t = clock() - t, clock()
             if has_identity:
                 cur.execute(_UPSERT_CUSTOMERS)
                 customers = max(cur.rowcount, 0)
@@ -260,4 +281,4 @@ class EventWriter:
                 steps["retro_link"], t = clock() - t, clock()
         steps["commit"] = clock() - t
         return WriteResult(inserted=inserted, customers=customers, relinked=relinked, step_seconds=steps,
-                           expired=expired)
+                           expired=expired, erased=erased)

@@ -193,6 +193,19 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _erase(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity import erasure
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        if args.erase_kind == "visitor":
+            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor)
+        else:
+            done = erasure.erase_contact(conn, args.tenant, args.contact, actor=args.actor)
+    print(json.dumps(done.public(), indent=2))
+    return 0
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -285,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--tenant", type=_uuid_arg, required=True)
     kr.add_argument("--actor", required=True)
 
+    er = sub.add_parser("erase", help="erase a person (GDPR): delete their events and suppress them from now on")
+    er.set_defaults(func=_erase)
+    ersub = er.add_subparsers(dest="erase_kind", required=True)
+    ev = ersub.add_parser("visitor", help="one anonymous visitor id of one widget")
+    ev.add_argument("--widget", type=_uuid_arg, required=True)
+    ev.add_argument("--visitor", required=True)
+    ec = ersub.add_parser("contact", help="a contact, every visitor linked to it, and its user id")
+    ec.add_argument("--contact", type=_uuid_arg, required=True, help="the contact's (customer) id")
+    for p in (ev, ec):
+        p.add_argument("--tenant", type=_uuid_arg, required=True)
+        p.add_argument("--actor", required=True, help="who asked for it (recorded in the audit log)")
+
     ll = sub.add_parser("login-link", help="print a one-time console sign-in link (15 minutes)")
     ll.set_defaults(func=_login_link)
     ll.add_argument("--tenant", type=_uuid_arg, required=True)
@@ -302,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # operator-facing: one clear line, not a traceback
         from console.accounts import AccountError
+        from site_activity.erasure import ErasureError
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError)):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -62,7 +62,17 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, bool]] = [  # method, pat
     ("GET", "/api/v1/widgets/{w}", None, False),
     ("PATCH", "/api/v1/widgets/{w}", {"tracking_enabled": True}, True),
     ("GET", "/api/v1/audit-log", None, True),
+    ("DELETE", "/api/v1/visitors/visitor-x?widget_id={w}", None, True),
+    ("DELETE", "/api/v1/contacts/{c}", None, True),
 ]
+
+
+def new_contact(dsn: str, tenant: Tenant) -> uuid.UUID:
+    contact = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (id, tenant_id, external_id) VALUES (%s, %s, %s)",
+                     (contact, tenant.id, f"user-{contact.hex[:8]}"))
+    return contact
 
 
 @pytest.mark.parametrize(("method", "path", "body", "_admin"), ENDPOINTS)
@@ -78,30 +88,36 @@ def test_missing_invalid_or_revoked_key_is_401(console: httpx.Client, acme: Tena
         headers["Authorization"] = f"Bearer {secret}"
     elif auth is not None:
         headers["Authorization"] = auth
-    resp = console.request(method, path.format(w=acme.widget.id), json=body, headers=headers)
+    resp = console.request(method, path.format(w=acme.widget.id, c=new_contact(postgres.dsn, acme)), json=body,
+                           headers=headers)
     error_of(resp, 401)
     assert resp.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(("method", "path", "body", "admin_only"), ENDPOINTS)
 @pytest.mark.parametrize("role", ["owner", "admin", "member"])
-def test_roles(console: httpx.Client, acme: Tenant, method: str, path: str, body: dict[str, Any] | None,
-               admin_only: bool, role: str) -> None:
-    resp = console.request(method, path.format(w=acme.widget.id), json=body, headers=acme.auth(role))
+def test_roles(console: httpx.Client, acme: Tenant, postgres: EmbeddedPostgres, method: str, path: str,
+               body: dict[str, Any] | None, admin_only: bool, role: str) -> None:
+    contact = new_contact(postgres.dsn, acme)
+    resp = console.request(method, path.format(w=acme.widget.id, c=contact), json=body, headers=acme.auth(role))
     if admin_only and role == "member":
         assert "admin" in error_of(resp, 403)["reason"]
     else:
         assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.parametrize(("method", "path", "body", "admin_only"), [e for e in ENDPOINTS if "{w}" in e[1]])
+@pytest.mark.parametrize(("method", "path", "body", "admin_only"),
+                         [e for e in ENDPOINTS if "{w}" in e[1] or "{c}" in e[1]])
 @pytest.mark.parametrize("role", ["owner", "admin"])
-def test_other_tenants_and_unknown_widgets_are_404(console: httpx.Client, acme: Tenant, globex: Tenant, method: str,
-                                                   path: str, body: dict[str, Any] | None, admin_only: bool,
-                                                   role: str) -> None:
-    for widget_id in (globex.widget.id, uuid.uuid4(), "not-a-uuid"):
-        resp = console.request(method, path.format(w=widget_id), json=body, headers=acme.auth(role))
+def test_other_tenants_and_unknown_objects_are_404(console: httpx.Client, acme: Tenant, globex: Tenant,
+                                                   postgres: EmbeddedPostgres, method: str, path: str,
+                                                   body: dict[str, Any] | None, admin_only: bool, role: str) -> None:
+    theirs = new_contact(postgres.dsn, globex)
+    for widget_id, contact in ((globex.widget.id, theirs), (uuid.uuid4(), uuid.uuid4()), ("not-a-uuid", "nope")):
+        resp = console.request(method, path.format(w=widget_id, c=contact), json=body, headers=acme.auth(role))
         error_of(resp, 404)
+    with psycopg.connect(postgres.dsn) as conn:  # nothing of the other tenant was touched
+        assert conn.execute("SELECT count(*) FROM customers WHERE id = %s", (theirs,)).fetchone() == (1,)
     listed = console.get("/api/v1/widgets", headers=acme.auth(role)).json()["data"]
     assert [w["id"] for w in listed] == [str(acme.widget.id)]
 

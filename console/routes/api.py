@@ -45,3 +45,14 @@ def patch_widget(widget_id: str, body: WidgetPatch, admin: ApiAdmin, conn: ConnD
 def audit_log(admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 50,
               cursor: Annotated[str | None, Query()] = None) -> dict[str, Any]:
     return services.audit_page(conn, admin, limit=limit, cursor=cursor)
+
+
+@router.delete("/visitors/{visitor_id}")
+def erase_visitor(visitor_id: str, widget_id: Annotated[str, Query()], admin: ApiAdmin, conn: ConnDep,
+                  request_id: RequestIdDep) -> dict[str, Any]:
+    return services.erase_visitor(conn, admin, widget_id, visitor_id, request_id)
+
+
+@router.delete("/contacts/{customer_id}")
+def erase_contact(customer_id: str, admin: ApiAdmin, conn: ConnDep, request_id: RequestIdDep) -> dict[str, Any]:
+    return services.erase_contact(conn, admin, customer_id, request_id)
