@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from console.errors import install_error_handlers
 from console.routes import api, pages
 from console.security import Signer, load_secret
+from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -22,6 +23,7 @@ def create_app(settings: Settings) -> FastAPI:
                   openapi_url="/api/v1/openapi.json")
     app.state.settings = settings
     app.state.signer = Signer(load_secret(settings), settings.console_session_ttl_s)
+    app.state.notify = kafka_notifier(settings)  # erasures tell the processors through Kafka
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(pages.router)

@@ -13,6 +13,7 @@ from console import accounts
 from console.accounts import Member
 from console.errors import ConsoleError
 from console.security import COOKIE, Session, Signer
+from site_activity.erasure import Notify
 from site_activity.settings import Settings
 
 
@@ -31,6 +32,10 @@ def get_conn(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[p
         yield conn
 
 
+def get_notify(request: Request) -> Notify:
+    return request.app.state.notify  # type: ignore[no-any-return]
+
+
 def get_request_id(request: Request) -> str:
     return request.state.request_id  # type: ignore[no-any-return]
 
@@ -39,6 +44,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SignerDep = Annotated[Signer, Depends(get_signer)]
 ConnDep = Annotated[psycopg.Connection, Depends(get_conn)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+NotifyDep = Annotated[Notify, Depends(get_notify)]
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 

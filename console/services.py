@@ -82,21 +82,30 @@ def audit_page(conn: psycopg.Connection, member: Member, *, limit: int, cursor: 
 
 
 def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visitor_id: str,
-                  request_id: str) -> dict[str, Any]:
+                  notify: erasure.Notify, request_id: str) -> dict[str, Any]:
     """Deletes and suppresses one visitor of one of the tenant's widgets; 404 for another tenant's widget."""
     if not visitor_id or len(visitor_id) > 200:
         raise ConsoleError(400, "visitor_id must be 1-200 characters")
     try:
         return erasure.erase_visitor(conn, member.tenant_id, parse_uuid(widget_id, "widget"), visitor_id,
-                                     actor=member.email, request_id=request_id).public()
+                                     actor=member.email, notify=notify, request_id=request_id).public()
     except erasure.ErasureError:
         raise not_found(f"no widget {widget_id}") from None
+    except erasure.NotifyError as exc:
+        raise _unavailable(exc) from None
 
 
-def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, request_id: str) -> dict[str, Any]:
+def _unavailable(exc: Exception) -> ConsoleError:
+    return ConsoleError(503, f"nothing was erased: {exc}; retry shortly", headers={"Retry-After": "5"})
+
+
+def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, notify: erasure.Notify,
+                  request_id: str) -> dict[str, Any]:
     """Deletes and suppresses a contact with all its visitors' events; 404 for another tenant's contact."""
     try:
         return erasure.erase_contact(conn, member.tenant_id, parse_uuid(customer_id, "contact"),
-                                     actor=member.email, request_id=request_id).public()
+                                     actor=member.email, notify=notify, request_id=request_id).public()
     except erasure.ErasureError:
         raise not_found(f"no contact {customer_id}") from None
+    except erasure.NotifyError as exc:
+        raise _unavailable(exc) from None

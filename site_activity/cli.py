@@ -198,10 +198,12 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
     from site_activity.db import connect
 
     with connect(settings.postgres_dsn, autocommit=True) as conn:
+        notify = erasure.kafka_notifier(settings)
         if args.erase_kind == "visitor":
-            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor)
+            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor,
+                                         notify=notify)
         else:
-            done = erasure.erase_contact(conn, args.tenant, args.contact, actor=args.actor)
+            done = erasure.erase_contact(conn, args.tenant, args.contact, actor=args.actor, notify=notify)
     print(json.dumps(done.public(), indent=2))
     return 0
 
@@ -327,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # operator-facing: one clear line, not a traceback
         from console.accounts import AccountError
-        from site_activity.erasure import ErasureError
+        from site_activity.erasure import ErasureError, NotifyError
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError)):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

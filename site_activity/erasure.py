@@ -9,10 +9,14 @@ Subjects are stored and audited only as salted hashes (SQL function erasure_hash
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
+
+from site_activity.settings import Settings
+from site_activity.topics import Topics, event_key
 
 # pg_advisory_xact_lock(int4, int4) key space: (this class, hashtext(tenant id)). A hash collision between two
 # tenants only makes one wait for the other's erase.
@@ -22,6 +26,40 @@ _LOCK_EXCLUSIVE = "SELECT pg_advisory_xact_lock(%s, hashtext(%s::text))"
 
 class ErasureError(ValueError):
     """The subject to erase does not exist in the tenant (callers answer 404)."""
+
+
+class NotifyError(RuntimeError):
+    """The processors could not be told (Kafka unreachable); nothing was erased, the erase can be retried."""
+
+
+# Tells the processors which visitor keys ("<widget_id>:<visitor_id>") were erased; raises NotifyError.
+Notify = Callable[[list[bytes]], None]
+ERASED_MARKER = b'{"erased":true}'
+
+
+def kafka_notifier(settings: Settings, timeout_s: float = 10.0) -> Notify:
+    """Publishes one marker per erased visitor key to the compacted erasures topic (co-partitioned with the
+    raw topic: same key, same partitioner), and waits until Kafka has them. The processors then drop the
+    visitor's state and ignore their events for good (stream_processors/erasures.py)."""
+    from confluent_kafka import Producer
+
+    from site_activity.kafka import producer_config
+
+    topic = Topics.from_settings(settings).erasures
+
+    def notify(keys: list[bytes]) -> None:
+        if not keys:
+            return
+        failed: list[str] = []
+        producer = Producer(producer_config(settings))
+        for key in keys:
+            producer.produce(topic, ERASED_MARKER, key,
+                             on_delivery=lambda err, _m: failed.append(str(err)) if err else None)
+        left = producer.flush(timeout_s)
+        if left or failed:
+            raise NotifyError(f"could not publish erasure markers to {topic}: {failed[:1] or f'{left} undelivered'}")
+
+    return notify
 
 
 @dataclass(frozen=True)
@@ -53,9 +91,10 @@ def _audit(conn: psycopg.Connection, tenant_id: uuid.UUID, actor: str, action: s
 
 
 def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uuid.UUID, visitor_id: str, *,
-                  actor: str, request_id: str | None = None) -> Erasure:
+                  actor: str, notify: Notify, request_id: str | None = None) -> Erasure:
     """Deletes every event of the widget's visitor and suppresses that visitor id from now on (also before it
-    was ever seen). Raises ErasureError when the widget is not the tenant's."""
+    was ever seen). Raises ErasureError when the widget is not the tenant's, NotifyError (nothing erased)
+    when the processors cannot be told."""
     with conn.transaction():
         if conn.execute("SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s",
                         (widget_id, tenant_id)).fetchone() is None:
@@ -67,11 +106,14 @@ def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uui
         result = Erasure(digest, deleted)
         _audit(conn, tenant_id, actor, "erase.visitor", "visitor", digest,
                {"events_deleted": deleted}, request_id)
+        # Last, before the commit: if Kafka cannot take the marker, the whole erase rolls back and can be
+        # retried (every step is idempotent); once it is committed, the processors know too.
+        notify([event_key(str(widget_id), visitor_id)])
     return result
 
 
 def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: uuid.UUID, *, actor: str,
-                  request_id: str | None = None) -> Erasure:
+                  notify: Notify, request_id: str | None = None) -> Erasure:
     """Deletes the contact, every event of every visitor ever linked to it (and its identify calls), and
     suppresses the contact, its user id and those visitors from now on. Raises ErasureError when the tenant
     has no such contact."""
@@ -100,4 +142,5 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
         result = Erasure(digest, deleted, visitors=len(visitors), contact_deleted=True)
         _audit(conn, tenant_id, actor, "erase.contact", "contact", digest,
                {"events_deleted": deleted, "visitors": len(visitors)}, request_id)
+        notify([event_key(str(w), v) for w, v in visitors])  # last, before the commit (see erase_visitor)
     return result

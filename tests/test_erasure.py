@@ -3,6 +3,7 @@ events already in flight through the processors and sink when the erase ran."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -13,9 +14,11 @@ import httpx
 import psycopg
 import pytest
 
-from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port, wait_until
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, iso, make_settings, wait_for_rows
+from site_activity import erasure
+from site_activity.topics import Topics, event_key
+from tests.conftest import Service, http_ok, iso, make_settings, read_topic, wait_for_rows
 from tests.console_helpers import Tenant, cli, make_tenant
 
 
@@ -33,6 +36,16 @@ def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory
     with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as client:
         yield client
     svc.stop()
+
+
+def stack_with_console(settings: Settings, start_service: Callable[..., Service]) -> tuple[Settings, httpx.Client]:
+    """Sink, processors, API and a console on one topic prefix (the console tells the processors through it)."""
+    s = settings.model_copy(update={"console_port": free_port()})
+    for stage in ("sink", "processors", "api"):
+        start_service(stage, settings_override=s)
+    start_service("console", settings_override=s)
+    wait_until(http_ok(f"http://127.0.0.1:{s.console_port}/healthz"), 30, "console", interval=0.2)
+    return s, httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30)
 
 
 def seed(conn: psycopg.Connection, t: Tenant, visitor: str, n: int, *, widget_id: uuid.UUID | None = None,
@@ -101,15 +114,13 @@ def test_erase_contact_deletes_every_linked_visitor_and_the_contact(console: htt
     assert other.returncode == 2 and "no contact" in other.stderr
 
 
-def test_erase_with_events_in_flight_leaves_zero_rows(console: httpx.Client, db: psycopg.Connection,
-                                                      postgres: EmbeddedPostgres, settings: Settings,
+def test_erase_with_events_in_flight_leaves_zero_rows(db: psycopg.Connection, postgres: EmbeddedPostgres,
+                                                      settings: Settings,
                                                       start_service: Callable[..., Service]) -> None:
     """A visitor keeps sending while being erased, with the processors and sink running: nothing of theirs is
     left or lands later; a bystander's events all land."""
     t = make_tenant(postgres.dsn, "Race")
-    start_service("sink")
-    start_service("processors")
-    start_service("api")
+    settings, console = stack_with_console(settings, start_service)
     api = httpx.Client(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10)
     sent: dict[str, list[str]] = {"erased-visitor": [], "bystander": []}
     stop = threading.Event()
@@ -160,18 +171,31 @@ def test_erase_with_events_in_flight_leaves_zero_rows(console: httpx.Client, db:
     metrics = httpx.get(f"http://127.0.0.1:{settings.sink_http_port}/metrics").text
     erased = next(float(line.split()[-1]) for line in metrics.splitlines()
                   if line.startswith("site_activity_sink_rows_erased_total"))
-    assert erased > 0  # events after the erase were dropped by the sink, and counted
+    # (most of the visitor's later events are dropped by the processors already; both are counted below)
+    # The processors' state for the visitor is a tombstone from the erase on: the last changelog record of
+    # the key says erased, and no session or link was written for it afterwards.
+    key = event_key(str(t.widget.id), "erased-visitor")
+    changelog = f"{settings.processors_app_id}-visitor-state-changelog"
+    records = [json.loads(m.value()) for m in read_topic(settings, changelog, 10**9, timeout=5) if m.key() == key]
+    assert records and records[-1] == {"erased": True}, records[-3:]
+    first_erased = records.index({"erased": True})
+    assert all(r == {"erased": True} for r in records[first_erased:])
+    links = read_topic(settings, Topics.from_settings(settings).identity_links, 10**9, timeout=3)
+    assert len([m for m in links if m.key() == key]) == 1  # the identify before the erase; none after
+    proc_metrics = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics").text
+    dropped = next(float(line.split()[-1]) for line in proc_metrics.splitlines()
+                   if line.startswith("site_activity_processors_erased_events_total"))
+    assert dropped + erased > 0  # events after the erase were dropped (processors or sink), and counted
     api.close()
+    console.close()
 
 
-def test_erased_contact_never_reappears(console: httpx.Client, db: psycopg.Connection, postgres: EmbeddedPostgres,
-                                        settings: Settings, start_service: Callable[..., Service]) -> None:
+def test_erased_contact_never_reappears(db: psycopg.Connection, postgres: EmbeddedPostgres, settings: Settings,
+                                        start_service: Callable[..., Service]) -> None:
     """After a contact is erased, the same user identifying from a new browser stores nothing: no contact row,
     no events linked to it, not even the new browser's anonymous events that the processors link to it."""
     t = make_tenant(postgres.dsn, "Reappear")
-    start_service("sink")
-    start_service("processors")
-    start_service("api")
+    settings, console = stack_with_console(settings, start_service)
     api = httpx.Client(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10)
 
     def post(visitor: str, *events: dict[str, object]) -> None:
@@ -200,4 +224,26 @@ def test_erased_contact_never_reappears(console: httpx.Client, db: psycopg.Conne
     assert all(r[0] == "second-browser" and r[2] is None and r[3] is None for r in rows), rows
     assert count(db, "SELECT count(*) FROM visitor_events WHERE customer_id = %s OR (tenant_id = %s AND"
                      " user_id = 'u_gone')", contact, t.id) == 0
+    # The first browser's state in the processors is a tombstone: nothing new was placed or linked for it.
+    key = event_key(str(t.widget.id), "first-browser")
+    changelog = f"{settings.processors_app_id}-visitor-state-changelog"
+    records = [json.loads(m.value()) for m in read_topic(settings, changelog, 10**9, timeout=5) if m.key() == key]
+    assert records[-1] == {"erased": True}, records
     api.close()
+    console.close()
+
+
+def test_erase_that_cannot_reach_kafka_erases_nothing(db: psycopg.Connection, postgres: EmbeddedPostgres) -> None:
+    """The processors are told inside the erase's transaction: if Kafka cannot take the marker, nothing is
+    erased (and the caller, told 503, can retry)."""
+    t = make_tenant(postgres.dsn, "NoKafka")
+    seed(db, t, "kept", 3)
+
+    def unreachable(keys: list[bytes]) -> None:
+        raise erasure.NotifyError("broker down")
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn, pytest.raises(erasure.NotifyError):
+        erasure.erase_visitor(conn, t.id, t.widget.id, "kept", actor="tests", notify=unreachable)
+    assert count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND visitor_id = 'kept'", t.id) == 3
+    assert count(db, "SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", t.id) == 0
+    assert count(db, "SELECT count(*) FROM audit_log WHERE tenant_id = %s AND action LIKE 'erase.%%'", t.id) == 0

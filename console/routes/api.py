@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from console import services
-from console.deps import ApiAdmin, ApiMember, ConnDep, RequestIdDep
+from console.deps import ApiAdmin, ApiMember, ConnDep, NotifyDep, RequestIdDep
 
 router = APIRouter(prefix="/api/v1")
 
@@ -49,10 +49,11 @@ def audit_log(admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 5
 
 @router.delete("/visitors/{visitor_id}")
 def erase_visitor(visitor_id: str, widget_id: Annotated[str, Query()], admin: ApiAdmin, conn: ConnDep,
-                  request_id: RequestIdDep) -> dict[str, Any]:
-    return services.erase_visitor(conn, admin, widget_id, visitor_id, request_id)
+                  notify: NotifyDep, request_id: RequestIdDep) -> dict[str, Any]:
+    return services.erase_visitor(conn, admin, widget_id, visitor_id, notify, request_id)
 
 
 @router.delete("/contacts/{customer_id}")
-def erase_contact(customer_id: str, admin: ApiAdmin, conn: ConnDep, request_id: RequestIdDep) -> dict[str, Any]:
-    return services.erase_contact(conn, admin, customer_id, request_id)
+def erase_contact(customer_id: str, admin: ApiAdmin, conn: ConnDep, notify: NotifyDep,
+                  request_id: RequestIdDep) -> dict[str, Any]:
+    return services.erase_contact(conn, admin, customer_id, notify, request_id)
