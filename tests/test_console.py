@@ -390,3 +390,26 @@ def test_ingest_honours_a_console_flip_within_5_s(console: httpx.Client, postgre
         post()
         time.sleep(0.1)
     api.close()
+
+
+def test_sign_out_needs_the_form_token_and_ends_the_page_session(console: httpx.Client, console_settings: Settings,
+                                                                 acme: Tenant) -> None:
+    client = sign_in(console, console_settings, acme, "member")
+    page = client.get("/settings/widgets").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    assert client.post("/logout", data={}).status_code == 403  # a cross-site POST cannot sign anyone out
+    resp = client.post("/logout", data={"csrf_token": token})
+    assert resp.status_code == 303 and 'sa_session=""' in resp.headers["set-cookie"]
+    assert client.get("/settings/widgets").status_code == 401
+    client.close()
+
+
+def test_removed_member_loses_page_access_at_once(console: httpx.Client, console_settings: Settings,
+                                                  postgres: EmbeddedPostgres) -> None:
+    t = make_tenant(postgres.dsn, "Leaver")
+    client = sign_in(console, console_settings, t, "admin")
+    assert client.get("/settings/widgets").status_code == 200
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        accounts.remove_member(conn, t.id, t.emails["admin"], actor="tests")
+    assert client.get("/settings/widgets").status_code == 401  # the cookie is still signed, the member gone
+    client.close()
