@@ -49,8 +49,8 @@ def _lifespan(settings: Settings, metrics: ApiMetrics):  # type: ignore[no-untyp
     return lifespan
 
 
-def create_app(settings: Settings) -> FastAPI:
-    metrics = ApiMetrics()
+def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI:
+    metrics = metrics or ApiMetrics()
     app = FastAPI(title="Site Activity ingest API", version="1", docs_url=None, redoc_url=None,
                   lifespan=_lifespan(settings, metrics))
     install_error_handlers(app)

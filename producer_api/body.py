@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from producer_api.errors import ApiError
 
@@ -69,12 +69,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     inflater = _Inflater(limit) if encoding != "identity" else None
     parts: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _too_large(limit, "")
-        if inflater is not None:
-            inflater.feed(chunk)
-        else:
-            parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(limit, "")
+            if inflater is not None:
+                inflater.feed(chunk)
+            else:
+                parts.append(chunk)
+    except ClientDisconnect:
+        # The client went away, or the body deadline cut it off (http_protocol.py); nobody reads this answer.
+        raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
     return inflater.result() if inflater is not None else b"".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -15,7 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    try:
+        content = orjson.dumps(body)
+    except TypeError:  # a reason quoting client text orjson refuses (an unpaired surrogate): escape it instead
+        content = json.dumps(body).encode()
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
 class ApiError(Exception):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from confluent_kafka import KafkaError
+
 from producer_api.errors import ApiError
 from producer_api.metrics import ApiMetrics
-from producer_api.producer import EventProducer, ProduceError
+from producer_api.producer import EventProducer, ProduceError, Unwritable
 from producer_api.validation import Limits, Rejection, build_events, parse_envelope
 from producer_api.widget_cache import CacheUnavailable, WidgetCache
 from schemas.codec import EventCodec
@@ -35,6 +37,13 @@ class IngestService:
     def _unavailable(self, error: str, reason: str) -> ApiError:
         return ApiError(503, error, reason, headers=self._retry_after)
 
+    def _unwritable(self, exc: Unwritable) -> ApiError:
+        """Kafka refused the request's message for what it is, so a retry can never succeed: a 4xx, never a
+        503. Too large (the broker's or topic's limit below kafka_max_message_bytes): 413, split the request."""
+        if exc.code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE):
+            return ApiError(413, "batch_too_large", f"{exc}; send these events in smaller requests")
+        return ApiError(422, "unwritable_events", f"{exc}; do not retry")
+
     async def ingest(self, body: bytes) -> Outcome:
         """Publishes the batch's valid events and returns the rejected ones. Raises ApiError when the request
         as a whole is refused (then nothing was published) or when Kafka did not confirm the valid events."""
@@ -60,9 +69,21 @@ class IngestService:
             events.sort(key=lambda e: e["occurred_at"])
             # One message per request: all its events share the visitor's key anyway, and downstream consumers
             # (faust above all) pay their per-message cost once per request instead of once per event.
-            message = (event_key(envelope.widget_id, envelope.visitor_id), self._codec.encode_batch(events))
+            value = self._codec.encode_batch(events)
+            if len(value) > self.limits.max_raw_message_bytes:
+                # Every field is within its limit, but together they do not fit one Kafka message (only when
+                # max_body_bytes is set above what kafka_max_message_bytes takes): the client must split the
+                # request. Nothing is written. (How much the processors' output grows does not matter: they
+                # split it by size.)
+                raise ApiError(413, "batch_too_large",
+                               f"these events take {len(value)} bytes once encoded, at most "
+                               f"{self.limits.max_raw_message_bytes} per request; send them in smaller requests",
+                               limit=self.limits.max_raw_message_bytes)
+            message = (event_key(envelope.widget_id, envelope.visitor_id), value)
             try:
                 await self._producer.send(self._topic, [message], self._timeout)
+            except Unwritable as exc:
+                raise self._unwritable(exc) from None
             except ProduceError as exc:
                 raise self._unavailable("kafka_unavailable", str(exc)) from None
             self._metrics.events_accepted.inc(len(events))

@@ -8,6 +8,8 @@ import signal
 import uvicorn
 
 from producer_api.app import create_app
+from producer_api.http_protocol import guarded_protocol
+from producer_api.metrics import ApiMetrics
 from site_activity.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -15,12 +17,15 @@ log = logging.getLogger(__name__)
 
 def run(settings: Settings) -> int:
     """Serves until SIGTERM/SIGINT, then drains requests, flushes the producer and returns the exit code."""
+    metrics = ApiMetrics()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, metrics),
         host=settings.http_host,
         port=settings.http_port,
         loop="uvloop",
-        http="httptools",
+        # httptools with header and body read deadlines (slow clients are cut off, see http_protocol.py).
+        http=guarded_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
+                              on_timeout=lambda phase: metrics.slow_clients_closed.labels(phase).inc()),
         workers=1,
         lifespan="on",
         log_config=None,  # keep our JSON logging

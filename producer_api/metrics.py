@@ -27,6 +27,9 @@ class ApiMetrics:
         self.events_dropped_disabled = events.labels("dropped_disabled")
         self.produce_failures = Counter("site_activity_api_produce_failures_total",
                                         "Kafka messages (one per request) not confirmed by Kafka, by reason", ["reason"], registry=r)
+        self.slow_clients_closed = Counter("site_activity_api_slow_clients_closed_total",
+                                           "Connections cut because a request's headers or body did not arrive "
+                                           "within its deadline", ["phase"], registry=r)
         self.producer_queue = Gauge("site_activity_api_producer_queue_messages",
                                     "Messages waiting in the producer queue", registry=r)
         self.widget_cache_size = Gauge("site_activity_api_widget_cache_size", "Widget configs in the cache",

@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from producer_api.metrics import ApiMetrics
+from site_activity.dead_letters import is_unwritable
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 
@@ -48,7 +49,18 @@ def _librdkafka_logger() -> logging.Logger:
 
 
 class ProduceError(Exception):
-    """Some message of the request was not (or not yet) written; the client should retry."""
+    """Some message of the request was not (or not yet) written; the client should retry (unless it is the
+    subclass Unwritable)."""
+
+
+class Unwritable(ProduceError):
+    """Kafka refused a message for what it is (too large for message.max.bytes or the topic, an invalid
+    record: dead_letters.UNWRITABLE), not for the cluster's state: the same bytes can never be written, so
+    the client must not retry them. `code` is the KafkaError code."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class _PendingRequest:
@@ -59,20 +71,20 @@ class _PendingRequest:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, expected: int, failures: Any) -> None:
         self._loop = loop
-        self.future: asyncio.Future[str | None] = loop.create_future()
+        self.future: asyncio.Future[KafkaError | None] = loop.create_future()
         self._remaining = expected
-        self._error: str | None = None
+        self._error: KafkaError | None = None
         self._resolved = False
         self._lock = threading.Lock()
         self._failures = failures
 
     def on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
-            self._failures.labels("delivery").inc()
+            self._failures.labels("unwritable" if is_unwritable(err) else "delivery").inc()
         with self._lock:
             self._remaining -= 1
             if err is not None and self._error is None:
-                self._error = err.str()
+                self._error = err
             if self._resolved or (self._remaining > 0 and self._error is None):
                 return
             self._resolved = True
@@ -80,7 +92,7 @@ class _PendingRequest:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._resolve, self._error)
 
-    def _resolve(self, error: str | None) -> None:
+    def _resolve(self, error: KafkaError | None) -> None:
         if not self.future.done():  # a timed-out request has cancelled its future
             self.future.set_result(error)
 
@@ -111,7 +123,10 @@ class EventProducer:
                                      extra={"kafka_error": err.name(), "fatal": err.fatal()})
 
     async def send(self, topic: str, messages: Sequence[tuple[bytes, bytes]], timeout: float) -> None:
-        """Produces (key, value) pairs and returns once Kafka confirmed all of them; raises ProduceError."""
+        """Produces (key, value) pairs and returns once Kafka confirmed all of them. Raises Unwritable when
+        Kafka refuses a message for what it is (at produce() or in its delivery report; with several messages,
+        the others may still land), ProduceError when it did not confirm them for now (queue full, broker
+        trouble, timeout: the same messages can be retried)."""
         if not messages:
             return
         pending = _PendingRequest(asyncio.get_running_loop(), len(messages), self._metrics.produce_failures)
@@ -119,19 +134,26 @@ class EventProducer:
         for sent, (key, value) in enumerate(messages):
             try:
                 produce(topic, value, key, on_delivery=pending.on_delivery)
-            except (BufferError, KafkaException) as exc:
+            except KafkaException as exc:
+                # Messages already queued may still land; a retry is deduplicated downstream by event_id.
+                if is_unwritable(exc.args[0]):  # e.g. MSG_SIZE_TOO_LARGE: over message.max.bytes
+                    self._metrics.produce_failures.labels("unwritable").inc(len(messages) - sent)
+                    raise Unwritable(f"Kafka refused the message: {exc.args[0].str()}", exc.args[0].code()) from None
+                self._metrics.produce_failures.labels("produce").inc(len(messages) - sent)
+                raise ProduceError(f"produce failed: {exc}") from None
+            except BufferError:
                 # Messages already queued may still land; the client's retry is deduplicated by event_id.
-                reason = "producer queue full" if isinstance(exc, BufferError) else f"produce failed: {exc}"
-                self._metrics.produce_failures.labels("queue_full" if isinstance(exc, BufferError) else "produce"
-                                                      ).inc(len(messages) - sent)
-                raise ProduceError(reason) from None
+                self._metrics.produce_failures.labels("queue_full").inc(len(messages) - sent)
+                raise ProduceError("producer queue full") from None
         try:
             error = await asyncio.wait_for(pending.future, timeout)
         except TimeoutError:
             self._metrics.produce_failures.labels("timeout").inc(len(messages))
             raise ProduceError(f"Kafka did not confirm delivery within {timeout:g} s") from None
+        if error is not None and is_unwritable(error):  # e.g. the topic's max.message.bytes is lower than ours
+            raise Unwritable(f"Kafka refused the message: {error.str()}", error.code())
         if error is not None:
-            raise ProduceError(f"Kafka delivery failed: {error}")
+            raise ProduceError(f"Kafka delivery failed: {error.str()}")
 
     async def reachable(self, topic: str, max_age: float = 1.5) -> tuple[bool, str]:
         """Cheap metadata round trip, cached for max_age seconds so probes cannot load the broker."""

@@ -1,13 +1,17 @@
-"""Step 3 of a batch: publish what can never be written to the dead-letter topic, durably, before committing."""
+"""Step 3 of a batch: publish what can never be written to the dead-letter topic, durably, before committing.
+
+A dead letter too big to be a message itself is published without its payload (`x-dropped-bytes`; the source
+headers point at the original message), so no dead letter can stall the sink."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from sink.records import DeadLetter
-from site_activity.dead_letters import dead_letter_headers
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 
@@ -21,6 +25,7 @@ class DeadLetterError(Exception):
 class DeadLetterPublisher:
     def __init__(self, settings: Settings, topic: str, timeout_s: float = 15.0) -> None:
         self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+        self._max_bytes = settings.kafka_max_message_bytes
         self._topic = topic
         self._timeout_s = timeout_s
 
@@ -28,24 +33,45 @@ class DeadLetterPublisher:
         if not letters:
             return
         failures: list[KafkaError] = []
+        refused: list[tuple[bytes | None, list[tuple[str, bytes]]]] = []
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                return
+            if is_unwritable(err) and msg.value():  # refused for its size/content: again without the payload
+                refused.append((msg.key(), [*(msg.headers() or []), ("x-dropped-bytes", str(len(msg.value())).encode())]))
+            else:
                 failures.append(err)
 
         for letter in letters:
             src = letter.source
-            self._producer.produce(
-                self._topic, key=src.key, value=letter.payload, on_delivery=delivered,
-                headers=dead_letter_headers("sink", letter.reason, src.topic, src.partition, src.offset),
-            )
+            headers = dead_letter_headers("sink", letter.reason, src.topic, src.partition, src.offset)
+            value, headers = fit_dead_letter(src.key, letter.payload, headers, self._max_bytes)
+            self._produce(src.key, value, headers, delivered)
         remaining = self._producer.flush(self._timeout_s)
+        for key, headers in refused:
+            self._produce(key, b"", headers, delivered)
+        if refused:
+            remaining = self._producer.flush(self._timeout_s)
         if failures or remaining:
             raise DeadLetterError(f"{len(failures)} dead letter(s) failed, {remaining} unconfirmed: {failures[:1]}")
         for letter in letters:
             log.warning("dead-lettered message", extra={
                 "reason": letter.reason, "topic": letter.source.topic, "partition": letter.source.partition,
                 "offset": letter.source.offset})
+
+    def _produce(self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
+                 delivered: Callable[[KafkaError | None, Message], None]) -> None:
+        while True:
+            try:
+                self._producer.produce(self._topic, key=key, value=value, headers=headers, on_delivery=delivered)
+                return
+            except BufferError:  # local queue full: let some drain
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                if not is_unwritable(exc.args[0]) or not value:
+                    raise DeadLetterError(str(exc)) from exc
+                headers, value = [*headers, ("x-dropped-bytes", str(len(value)).encode())], b""
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)

@@ -255,7 +255,8 @@ class Sink:
 
 def run(settings: Settings) -> int:
     sink = Sink(settings)
-    server = serve_http("127.0.0.1", settings.sink_http_port, sink.metrics, sink.liveness)
+    # Probes (Kubernetes) reach the pod's address: bind where the settings say, like every stage.
+    server = serve_http(settings.http_host, settings.sink_http_port, sink.metrics, sink.liveness)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("stop requested", extra={"signal": signal.Signals(signum).name})

@@ -119,25 +119,46 @@ WHERE {{keep}}
 ON CONFLICT (widget_id, event_id) DO NOTHING
 """
 
-# Only anonymous events are claimed, so on a shared computer the events before a second identify stay with the
-# first contact. An event claimed by several identifies of this batch goes to the earliest one after it.
+# The identity rule of the processors (stream_processors/state.py), applied to the rows already written: every
+# event of a visitor (tenant_id, visitor_id: a visitor id is per origin per tenant, so one browser on several
+# widgets of a tenant is one visitor here, while the processors see each widget's events apart) carries the contact of the link in force at its occurred_at (the
+# latest identify at or before it), and events before the visitor's first link carry the first link's contact.
+# Run for the visitors with an identify in this batch, over all their stored identifies, so a newly learned link
+# claims the rows from its time up to the visitor's next link (and, if it is the first link, every row before
+# it) whatever order the events arrived in; rows already right are not written. On a shared computer (identify
+# as A, later as B) the events before B's identify stay with A. Ties at the same occurred_at: the larger
+# event_id wins, so the result does not depend on arrival order.
 _RETRO_LINK = f"""
-WITH ident AS (
-    SELECT DISTINCT b.tenant_id, b.visitor_id, b.customer_id, b.occurred_at
+WITH visitor AS (
+    SELECT DISTINCT b.tenant_id, b.visitor_id
     FROM {_TEMP} b
     JOIN widget_configs w ON w.id = b.widget_id
     JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id
     WHERE b.event_type = 'identify'
 ),
+link AS (
+    SELECT e.tenant_id, e.visitor_id, e.occurred_at, e.event_id, e.customer_id
+    FROM visitor v
+    JOIN visitor_events e ON e.tenant_id = v.tenant_id AND e.visitor_id = v.visitor_id
+    WHERE e.event_type = 'identify' AND e.customer_id IS NOT NULL
+),
 claim AS (
-    SELECT DISTINCT ON (e.widget_id, e.event_id) e.widget_id, e.event_id, i.customer_id
-    FROM ident i
-    JOIN visitor_events e ON e.tenant_id = i.tenant_id AND e.visitor_id = i.visitor_id
-                         AND e.occurred_at <= i.occurred_at AND e.customer_id IS NULL
-    ORDER BY e.widget_id, e.event_id, i.occurred_at
+    SELECT e.widget_id, e.event_id, coalesce(
+        (SELECT l.customer_id FROM link l
+         WHERE l.tenant_id = e.tenant_id AND l.visitor_id = e.visitor_id
+           AND l.occurred_at <= e.occurred_at
+         ORDER BY l.occurred_at DESC, l.event_id DESC LIMIT 1),
+        (SELECT l.customer_id FROM link l
+         WHERE l.tenant_id = e.tenant_id AND l.visitor_id = e.visitor_id
+         ORDER BY l.occurred_at, l.event_id LIMIT 1)) AS customer_id
+    FROM visitor v
+    JOIN visitor_events e ON e.tenant_id = v.tenant_id AND e.visitor_id = v.visitor_id
+    WHERE e.event_type <> 'identify'
 )
 UPDATE visitor_events e SET customer_id = claim.customer_id
-FROM claim WHERE e.widget_id = claim.widget_id AND e.event_id = claim.event_id
+FROM claim
+WHERE e.widget_id = claim.widget_id AND e.event_id = claim.event_id
+  AND e.customer_id IS DISTINCT FROM claim.customer_id
 """
 
 # --- retention (console issue): an event already older than its widget's retention is not stored -------------

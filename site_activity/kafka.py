@@ -25,6 +25,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         # Same key -> same partition as the Java client and faust/aiokafka (murmur2).
         "partitioner": "murmur2_random",
         "message.timeout.ms": max(int(settings.produce_timeout_s * 1000) * 6, 30_000),
+        "message.max.bytes": settings.kafka_max_message_bytes,
     }
     conf.update(overrides)
     return conf

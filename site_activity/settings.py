@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     demo_port: int = 8001
     # Origins allowed to POST events; the widget runs on customers' own domains, so "*" by default.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # Read deadlines per request (producer_api/http_protocol.py): a client that has not sent its headers this
+    # long after connecting (or after the first byte of a request), or its whole body this long after the
+    # headers, is cut off (408 / close). uvicorn itself only times out idle keep-alive connections.
+    http_header_timeout_s: float = 15.0
+    http_body_timeout_s: float = 30.0
     max_body_bytes: int = 512 * 1024
     max_events_per_batch: int = 100
     max_name_chars: int = 100
@@ -50,6 +55,12 @@ class Settings(BaseSettings):
     # bounds idle polling; some brokers (the embedded Tansu) hold every fetch for part of it, which then adds
     # straight to end-to-end latency at each consumer hop.
     consumer_fetch_wait_max_ms: int = 100
+    # The largest message (key + value + headers, uncompressed) any producer of ours writes: librdkafka's
+    # message.max.bytes. Must not exceed the topics' / broker's max.message.bytes (Kafka's default: 1 MB).
+    # The API refuses a request whose raw message would not fit (minus key and framing: 413, see
+    # topics.max_event_value_bytes); the processors split enriched output to fit it; what can never fit goes
+    # to the dead-letter topic.
+    kafka_max_message_bytes: int = 1_000_000
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"
@@ -71,6 +82,12 @@ class Settings(BaseSettings):
     # Recent sessions / identity links remembered per visitor to place late events (see stream_processors/state.py).
     processors_max_sessions: int = 16
     processors_max_links: int = 8
+    # Event ids remembered per visitor, so that a copy of an event (retry, re-send with another clock) changes
+    # nothing and derives nothing (state.py, "Duplicates"). One API request holds at most max_events_per_batch.
+    processors_max_recent_events: int = 100
+    # How long the repair of offsets faust skipped (transport.py) keeps trying to read them before the worker
+    # exits without committing (a restarted worker redoes them).
+    processors_repair_timeout_s: float = 120.0
     # Max bytes per produce batch of the processors' producer (enriched events, links, table changelog):
     # librdkafka's batch.size. 1 = one record per batch, which a broker with wrong end offsets (the embedded
     # Tansu) needs for exact table recovery after a crash.

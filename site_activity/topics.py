@@ -54,3 +54,19 @@ class Topics:
 def event_key(widget_id: str, visitor_id: str) -> bytes:
     """One visitor's events on one widget share a key, so they stay ordered in one partition."""
     return f"{widget_id}:{visitor_id}".encode()
+
+
+# What an event-topic record takes in a message besides its value. librdkafka checks key + value + headers +
+# the record's own framing against message.max.bytes (settings.kafka_max_message_bytes): the key is
+# "<widget_id>:<visitor_id>", at most 36 + 1 + 4 × 128 = 549 bytes (a canonical UUID, ':', 128 characters of
+# at most 4 UTF-8 bytes); the framing is at most 36 bytes (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD: varint lengths,
+# attributes, timestamp and offset deltas); event records carry no headers. Rounded up to leave slack.
+KEY_AND_FRAMING_BYTES = 1024
+
+
+def max_event_value_bytes(settings: Settings) -> int:
+    """The largest value (encoded VisitorEventBatch, in bytes) one message on the raw or enriched topic may
+    carry so that the producers' message.max.bytes never refuses it: kafka_max_message_bytes minus the key
+    and framing (KEY_AND_FRAMING_BYTES). The API refuses a request whose raw message is bigger (413
+    batch_too_large); the processors split enriched output into messages of at most this size."""
+    return settings.kafka_max_message_bytes - KEY_AND_FRAMING_BYTES

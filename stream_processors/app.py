@@ -15,6 +15,7 @@ throughput.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from site_activity.kafka import consumer_config
-from site_activity.settings import Settings
+from site_activity.settings import Settings, reachable_host
 from site_activity.topics import Topics
 from stream_processors.erasures import add_erasure_agent
-from stream_processors.outputs import Outputs
+from stream_processors.outputs import EXIT_DELIVERY_FAILED, Outputs
 from stream_processors.processor import BatchProcessor
 from stream_processors.transport import App
 
@@ -72,40 +73,67 @@ class FetchedMessage:
 
 
 class SkippedReader:
-    """Reads the raw messages faust skipped (see `transport.py`) straight from Kafka and processes them,
-    before faust commits past them. A group-less consumer: it never commits anything itself."""
+    """Reads the raw messages faust would commit past without processing them (see `transport.py`) straight
+    from Kafka and processes them, before faust commits. A group-less consumer: it never commits anything.
+
+    It reads from the first offset asked for until it has seen an offset at or past the last one (the log
+    answers which offsets hold messages), retrying fetch errors; if that takes longer than `timeout_s` the
+    process exits without committing, so a restarted worker redoes those messages: never a commit past an
+    unprocessed offset."""
 
     def __init__(self, settings: Settings, raw_topic: str, process: Callable[[list[FetchedMessage]], None],
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float, on_give_up: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.raw_topic = raw_topic
         self.process = process
         self.timeout_s = timeout_s
+        self.on_give_up = on_give_up or _exit_without_committing
 
-    def __call__(self, topic: str, partition: int, first: int, end: int) -> None:
+    def __call__(self, topic: str, partition: int, offsets: list[int]) -> bool:
         if topic != self.raw_topic:
-            return
+            return False
+        messages = self.read(topic, partition, offsets)
+        if messages is None:
+            log.critical("could not read the messages faust skipped; exiting without committing past them",
+                         extra={"topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
+                                "timeout_s": self.timeout_s})
+            self.on_give_up()
+            raise RuntimeError("skipped messages not processed")  # on_give_up must not return
+        log.warning("processed skipped messages", extra={
+            "topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
+            "offsets": len(offsets), "messages": len(messages)})
+        if messages:
+            self.process(messages)
+        return True
+
+    def read(self, topic: str, partition: int, offsets: list[int]) -> list[FetchedMessage] | None:
+        """The messages at `offsets` (sorted) that exist, or None if the log could not be read in time."""
+        wanted, last = set(offsets), offsets[-1]
         consumer = Consumer(consumer_config(self.settings, f"{self.settings.processors_app_id}-skipped"))
-        consumer.assign([TopicPartition(topic, partition, first)])
+        consumer.assign([TopicPartition(topic, partition, offsets[0])])
         messages: list[FetchedMessage] = []
         deadline = time.monotonic() + self.timeout_s
         try:
             while time.monotonic() < deadline:
                 msg = consumer.poll(0.2)
-                if msg is None or msg.error() is not None:
+                if msg is None:
                     continue
-                if msg.offset() >= end:
-                    break
-                messages.append(FetchedMessage(topic, partition, msg.offset(), msg.timestamp()[1] / 1000,
-                                               msg.key(), msg.value()))
-                if msg.offset() == end - 1:
-                    break
+                if msg.error() is not None:
+                    log.warning("reading skipped messages", extra={"error": str(msg.error())})
+                    continue
+                if msg.offset() in wanted:
+                    messages.append(FetchedMessage(topic, partition, msg.offset(), msg.timestamp()[1] / 1000,
+                                                   msg.key(), msg.value()))
+                if msg.offset() >= last:
+                    return messages
+            return None
         finally:
             consumer.close()
-        log.warning("processed skipped messages", extra={
-            "topic": topic, "partition": partition, "first": first, "end": end, "messages": len(messages)})
-        if messages:
-            self.process(messages)
+
+
+def _exit_without_committing() -> None:
+    logging.shutdown()
+    os._exit(EXIT_DELIVERY_FAILED)
 
 
 def create_app(settings: Settings) -> App:
@@ -125,8 +153,9 @@ def create_app(settings: Settings) -> App:
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=max(4096, 2 * settings.processors_batch_max_messages),
         web_enabled=True,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
+        # Probes (Kubernetes) reach the pod's address: bind where the settings say, like every stage.
+        web_bind=settings.http_host,
+        web_host=reachable_host(settings.http_host),
         web_port=settings.processors_web_port,
         autodiscover=False,
     )
@@ -138,7 +167,8 @@ def create_app(settings: Settings) -> App:
     outputs = Outputs(settings)
     processor = BatchProcessor(settings, TableStore(table, outputs), outputs)
     app.commit_barriers.append(outputs.deliver)
-    app.skipped_offsets_handler = SkippedReader(settings, topics.raw_events, processor.process)
+    app.skipped_offsets_handler = SkippedReader(settings, topics.raw_events, processor.process,
+                                                settings.processors_repair_timeout_s)
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:

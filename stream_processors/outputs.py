@@ -1,6 +1,11 @@
 """Everything the processors write to Kafka goes through one confluent-kafka producer: enriched events,
 identity links, dead letters and the visitor-state changelog.
 
+A record that can never be written (bigger than the message size limit, or refused by the broker as invalid:
+`site_activity.dead_letters.is_unwritable`) goes to the dead-letter topic with the reason, whether the producer
+refuses it at once or the broker refuses it later; everything else flows on. Only a record that cannot even be
+dead-lettered makes the process exit.
+
 Records are handed over without waiting and without a Python callback per success (librdkafka reports only
 failures). `deliver()` is the commit barrier (see `transport.py`): it blocks until everything produced so
 far is acknowledged, and faust commits offsets only after it returned. If librdkafka gives up on a record,
@@ -19,10 +24,13 @@ import os
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
+from site_activity.topics import Topics
+from stream_processors import metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +38,16 @@ log = logging.getLogger(__name__)
 EXIT_DELIVERY_FAILED = 75
 
 
+Source = tuple[str, int, int]  # (topic, partition, offset) of the input a record was derived from
+
+
 class Outputs:
     def __init__(self, settings: Settings) -> None:
         self._failed: list[str] = []
+        # (topic, partition, key, value, headers, reason) of records the broker refused for good
+        self._refused: list[tuple[str, int, bytes | None, bytes | None, list[tuple[str, bytes]] | None, str]] = []
+        self.dead_letter_topic = Topics.from_settings(settings).dead_letter
+        self.max_message_bytes = settings.kafka_max_message_bytes
         self.producer = Producer(producer_config(
             settings,
             **{"delivery.report.only.error": True, "on_delivery": self._on_delivery,
@@ -40,7 +55,9 @@ class Outputs:
         ))
 
     def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
-             headers: list[tuple[str, bytes]] | None = None) -> None:
+             headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None:
+        """Hands a record to the producer. One that can never be written is dead-lettered instead, with
+        `source` (else the record's own topic and partition, offset -1) in the dead-letter headers."""
         options: dict[str, Any] = {"headers": headers} if headers else {}
         if partition is not None:
             options["partition"] = partition
@@ -50,6 +67,35 @@ class Outputs:
                 return
             except BufferError:  # local queue full: let librdkafka drain some, then retry
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not is_unwritable(err) or _dropped(headers):
+                    raise
+                if topic == self.dead_letter_topic:  # keep the headers (reason, source), drop the payload
+                    headers = [*(headers or []), ("x-dropped-bytes", str(len(value)).encode())]
+                    options["headers"], value = headers, b""
+                    continue
+                src = source or (topic, -1 if partition is None else partition, -1)
+                self._dead_letter(key, value, f"unwritable output to {topic}: {err.name()} {err.str()}", src)
+                return
+
+    def _dead_letter(self, key: bytes | None, value: bytes | None, reason: str, source: Source) -> None:
+        log.warning("dead-lettered an output record", extra={
+            "reason": reason, "topic": source[0], "partition": source[1], "offset": source[2]})
+        headers = dead_letter_headers("processors", reason, *source)
+        value, headers = fit_dead_letter(key, value, headers, self.max_message_bytes)
+        self.send(self.dead_letter_topic, key or b"", value or b"", headers=headers)
+        metrics.DEAD_LETTERS.inc()
+
+    def _dead_letter_refused(self) -> None:
+        """Dead-letters the records the broker refused for good (reported by delivery callbacks)."""
+        refused, self._refused = self._refused, []
+        for topic, partition, key, value, headers, reason in refused:
+            if topic == self.dead_letter_topic:  # a dead letter refused: keep its headers, drop the payload
+                self.send(topic, key or b"", b"",
+                          headers=[*(headers or []), ("x-dropped-bytes", str(len(value or b"")).encode())])
+            else:
+                self._dead_letter(key, value, f"unwritable output to {topic}: {reason}", (topic, partition, -1))
 
     def send_state(self, changelog_topic: str, partition: int, key: bytes, doc: dict[str, Any]) -> None:
         """A table changelog record, on the partition of the key's input (the table is co-partitioned)."""
@@ -58,16 +104,26 @@ class Outputs:
     def check(self) -> None:
         """Non-blocking: serves pending failure reports; exits if a record was lost for good."""
         self.producer.poll(0)
+        self._dead_letter_refused()
         self._exit_if_failed()
 
     def deliver(self) -> None:
-        """Blocks until every record produced so far is delivered, or exits if one cannot be."""
-        while self.producer.flush(1.0) > 0:
-            pass  # librdkafka retries until message.timeout.ms, then reports failures below
+        """Blocks until every record produced so far is delivered or dead-lettered, or exits if one cannot be."""
+        while True:
+            while self.producer.flush(1.0) > 0:
+                pass  # librdkafka retries until message.timeout.ms, then reports failures below
+            if not self._refused:
+                break
+            self._dead_letter_refused()  # then flush those too
         self._exit_if_failed()
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is None:
+            return
+        if is_unwritable(err) and not _dropped(msg.headers()):
+            self._refused.append((msg.topic(), msg.partition(), msg.key(), msg.value(), msg.headers(),
+                                  f"{err.name()} {err.str()}"))
+        else:
             self._failed.append(str(err))
 
     def _exit_if_failed(self) -> None:
@@ -76,3 +132,8 @@ class Outputs:
                          extra={"errors": self._failed[:5], "failed": len(self._failed)})
             logging.shutdown()
             os._exit(EXIT_DELIVERY_FAILED)
+
+
+def _dropped(headers: list[tuple[str, bytes]] | None) -> bool:
+    """Whether a record is a dead letter already stripped of its payload (the last resort)."""
+    return any(k == "x-dropped-bytes" for k, _ in headers or [])

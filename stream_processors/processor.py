@@ -5,7 +5,11 @@ events (a VisitorEventBatch) or a single event. Events are decoded once, as raw 
 int µs: EventCodec(logical_types=False)), grouped per visitor (the Kafka key), each visitor's state is read
 from the table once, all its events are placed in offset order (see `state.py` for the rules), and the state
 is written back once (one changelog record). Each raw message becomes one enriched message: a
-VisitorEventBatch of its events, stamped, each preceded by the session_start it opened. The stamped events
+VisitorEventBatch of its events, stamped, each preceded by the session_start it opened — or, when that would
+exceed the message size limit (session_starts repeat their opener's url and referrer, so the output can be
+about twice the input), several such messages with the same key, in order, split deterministically by size
+(`wire.frame_batches`). A copy of an event already placed (same event_id) is emitted as its first copy was and
+changes nothing (state.py, "Duplicates"). The stamped events
 are their raw bytes with the two ids appended (`wire.py`), not a re-encoding.
 
 Outputs are handed to `Outputs` (one confluent-kafka producer) without waiting, and the agent moves on to the
@@ -30,15 +34,15 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
-from site_activity.dead_letters import dead_letter_headers
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
 from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
-from site_activity.topics import Topics, event_key
+from site_activity.topics import Topics, event_key, max_event_value_bytes
 from stream_processors import erasures, metrics
 from stream_processors.erasures import is_erased
-from stream_processors.outputs import Outputs
+from stream_processors.outputs import Outputs, Source
 from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batch, restamp
+from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, restamp
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class VisitorBatch:
     key: bytes
     partition: int
     messages: list[list[RawEvent]]
+    sources: list[Source]  # (topic, partition, offset) of each raw message
 
 
 class InvalidEvent(ValueError):
@@ -140,6 +145,8 @@ class BatchProcessor:
         self.session_starts = SessionStartWriter(self.codec)
         self.links = AvroCodec(IDENTITY_LINK, logical_types=False)
         self.gap_us = int(settings.session_gap_s * 1_000_000)
+        # Room for the key and the record framing below the producer's message.max.bytes.
+        self.max_value_bytes = max_event_value_bytes(settings)
 
     # --- the batch --------------------------------------------------------------------------------
 
@@ -186,33 +193,42 @@ class BatchProcessor:
             if valid:
                 batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
                 if batch is None:
-                    batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [])  # type: ignore[index,arg-type]
+                    batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [], [])  # type: ignore[index,arg-type]
                 batch.messages.append(valid)
+                batch.sources.append((msg.topic, msg.partition, msg.offset))
         return list(by_key.values())
 
     # --- one visitor's events ---------------------------------------------------------------------
 
     def _enrich(self, state: VisitorState, visitor: VisitorBatch) -> int:
         """Places the visitor's events, stamps session and contact ids and produces one enriched message per
-        raw message. Returns the number of enriched events (with session_starts). The hot loop: ~all events
+        raw message (several when it would exceed the message size limit). Returns the number of enriched events (with session_starts). The hot loop: ~all events
         pass here."""
         s, key, topic = self.settings, visitor.key, self.topics.enriched_events
         header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
         produced = starts = 0
-        for events in visitor.messages:
+        max_value = self.max_value_bytes - len(key)
+        for events, source in zip(visitor.messages, visitor.sources, strict=True):
             # A message's links first: its events before the identify (the usual request: anonymous page views,
             # then the login) are stamped with the contact right away instead of being written anonymous and
             # updated by the sink's retro-link. Per message, so the output never depends on how messages were
-            # grouped into batches.
+            # grouped into batches. A copy of an identify already seen links nothing.
             for record, _ in events:
-                if record["event_type"] == IDENTIFY and state.link(record["occurred_at"], record["user_id"],
-                                                                   s.processors_max_links):
+                if (record["event_type"] == IDENTIFY and state.seen(record["event_id"]) is None
+                        and state.link(record["occurred_at"], record["user_id"], s.processors_max_links)):
                     self._publish_link(key, record)
             out: list[bytes] = []
             for record, datum in events:
-                t = record["occurred_at"]
+                first = state.seen(record["event_id"])
+                if first is None:
+                    t = record["occurred_at"]
+                    placed = state.place(t, self.gap_us, s.processors_max_sessions)
+                    state.remember(record["event_id"], t, placed.session_start_us, s.processors_max_recent_events)
+                else:  # a copy: stamped like its first copy, derives nothing new, changes nothing
+                    t, placed = first.t, first.placement
+                    if record["occurred_at"] != t:  # a re-send whose clock correction differed: the first time
+                        record["occurred_at"], datum = t, None
                 is_identify = record["event_type"] == IDENTIFY
-                placed = state.place(t, self.gap_us, s.processors_max_sessions)
                 user = record["user_id"] if is_identify else state.user_at(t)
                 record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
                 record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
@@ -224,7 +240,8 @@ class BatchProcessor:
                     out.append(restamp(datum, record["session_id"], record["customer_id"]))
                 else:
                     out.append(datum_of(record))
-            self.outputs.send(topic, key, frame_batch(header, out))
+            for value in frame_batches(header, out, max_value):
+                self.outputs.send(topic, key, value, source=source)
             produced += len(out)
         if starts:
             metrics.SESSION_STARTS.inc(starts)
@@ -249,7 +266,8 @@ class BatchProcessor:
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
-        self.outputs.send(self.topics.dead_letter, msg.key or b"",
-                          value if value is not None else msg.value or b"", headers=headers)
+        key, value = msg.key or b"", value if value is not None else msg.value or b""
+        value, headers = fit_dead_letter(key, value, headers, self.settings.kafka_max_message_bytes)
+        self.outputs.send(self.topics.dead_letter, key, value or b"", headers=headers)
         metrics.DEAD_LETTERS.inc()
 

@@ -5,7 +5,8 @@ A visitor is one (widget_id, visitor_id) pair, i.e. one Kafka key. Its state is 
 in a faust table (changelog-backed), read and written once per batch::
 
     {"s": [[start, lo, hi], ...],      # recent sessions, oldest first, times in µs since the epoch
-     "l": [[at, user_id], ...]}        # identity links, oldest first
+     "l": [[at, user_id], ...],        # identity links, oldest first
+     "e": [[event_id, t, start], ...]} # recently placed events, oldest first (duplicates, below)
 
 * ``start`` is the occurred_at of the event that opened the session and never changes: the session id is
   ``session_id_for(widget_id, visitor_id, start)``, so ids need no storage and are the same on every replay.
@@ -42,12 +43,26 @@ The session_start of a session is emitted for every event whose occurred_at equa
 carry the same deterministic event id, so downstream writes collapse them into one row, and a crash
 between writing the table and delivering the output can never lose a session_start.
 
+Duplicates (the same event_id again)
+-------------------------------------
+An event is identified by its event_id; a copy (a client retry, a re-send whose corrected time differs
+because the device clock changed, a replay after a crash) is the same event. A copy never changes the state
+and never derives anything new: it is placed where the first copy was (its session, its ``t``), links
+nothing, and is emitted exactly as the first copy was — with that session's session_start again if the first
+copy opened it (same deterministic ids, so the sink keeps one row). Emitting again rather than dropping keeps
+a crash safe: the state (changelog) and the outputs are flushed together but may land apart, so a replay must
+reproduce the outputs of events the recovered state already knows. The last ``max_events`` event ids of
+each visitor are remembered (``processors_max_recent_events``); a copy older than that is placed as a new
+event (the sink still keeps one row of it, but it can open a session of its own).
+
 Identity links
 --------------
 An identify event (user_id U at time t) links the visitor to the contact ``customer_id_for(tenant, U)``
 from t on. Every event gets the contact of the link in force at its occurred_at (the latest link with
-``at <= t``); events before the first link get the first link's contact (retro-linking of late arrivals;
-rows already written are retro-linked by the sink). A shared computer (identify as A, later as B) keeps
+``at <= t``); events before the first link get the first link's contact (retro-linking of late arrivals).
+So a newly learned link (an identify arriving after later events) covers the events from its time up to
+the visitor's next link, and, if it is the first link, every event before it. Rows already written when a
+link is learned are re-linked by the sink by the same rule (sink/writer.py, ``_RETRO_LINK``). A shared computer (identify as A, later as B) keeps
 earlier events on A and later ones on B. At most ``max_links`` links are remembered.
 """
 
@@ -70,18 +85,57 @@ class Placement:
 
 
 @dataclass
+class Seen:
+    """The first copy of an event: where it was placed."""
+
+    t: int  # its occurred_at (µs)
+    session_start_us: int  # its session's start
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.session_start_us, self.t == self.session_start_us)
+
+
+@dataclass
 class VisitorState:
     sessions: list[Session] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
+    events: list[list[Any]] = field(default_factory=list)  # [[event_id, t, session start], ...], oldest first
+    max_events: int | None = field(default=None, compare=False)  # set by remember(); to_doc() keeps that many
+    _index: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any] | None) -> VisitorState:
         if not doc:
             return cls()
-        return cls(sessions=[list(s) for s in doc.get("s", [])], links=[list(x) for x in doc.get("l", [])])
+        # The event entries are never changed in place, so the outer list is all that needs copying.
+        return cls(sessions=[list(s) for s in doc.get("s", [])], links=[list(x) for x in doc.get("l", [])],
+                   events=list(doc.get("e", ())))
 
     def to_doc(self) -> dict[str, Any]:
-        return {"s": self.sessions, "l": self.links}
+        if self.max_events is not None and len(self.events) > self.max_events:
+            self.events = self.events[len(self.events) - self.max_events:]
+            self._index = None
+        return {"s": self.sessions, "l": self.links, "e": self.events}
+
+    # --- duplicates -------------------------------------------------------------------------------
+
+    def seen(self, event_id: str) -> Seen | None:
+        """The first copy of this event, if it is among the remembered ones."""
+        if self._index is None:
+            self._index = {e[0]: e for e in self.events}
+        entry = self._index.get(event_id)
+        if entry is None:
+            return None
+        return Seen(entry[1], entry[2])
+
+    def remember(self, event_id: str, t: int, session_start_us: int, max_events: int) -> None:
+        """Records the first copy of an event (call after placing it); the last max_events are kept."""
+        entry = [event_id, t, session_start_us]
+        self.events.append(entry)
+        self.max_events = max_events
+        if self._index is not None:
+            self._index[event_id] = entry
 
     # --- sessions ---------------------------------------------------------------------------------
 

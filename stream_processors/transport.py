@@ -8,30 +8,83 @@ repair for offsets faust would commit without having processed them.
 * faust flushes its own producer before it commits offsets, but knows nothing of the processors'
   confluent-kafka producer. `App.commit_barriers` run right before every offset commit (periodic,
   rebalance, shutdown), so offsets are never committed ahead of the outputs of their messages.
-* faust computes the offset to commit from the offsets its streams acked, but compares the first acked
-  offset with the committed one off by one (`min(acked) - committed > 1`, faust 0.11-0.15): when the message
-  *at* the committed offset never reached the agent and the ones after it did, faust commits past it and
-  the message is lost for good. That happened in about one restart in ten here (a message fetched right
-  after the worker's start-up rebalance never reached the stream). `Consumer._new_offset` hands such
-  offsets to `App.skipped_offsets_handler` (the processors read and process them directly) before faust
-  computes the commit.
+* faust computes the offset to commit from the offsets its streams acked, and commits past offsets that were
+  never processed in two ways: it compares the first acked offset with the committed one off by one
+  (`min(acked) - committed > 1`), so a message *at* the committed offset that never reached the agent is
+  committed past; and it fills "gaps" into the acked offsets — offsets its fetch loop did not see delivered
+  (`Consumer._add_gap`, meant for compaction and transaction markers), which also include messages faust
+  itself dropped (records taken from the fetcher but not handed on around a rebalance or a flow suspension).
+  Either way the message is lost for good. `Consumer._new_offset` hands every offset between the committed
+  one and the highest acked one that was not acked, gaps included, to `App.skipped_offsets_handler`, which
+  reads them from Kafka and processes those that exist, before faust computes the commit; the handler
+  either processes them all or ends the process without committing. Their outputs are flushed by the
+  commit barrier like every other output.
+
+  Cause of the loss of one acknowledged request after a processors kill (issue 8, case 16): the first
+  version of this repair only looked at offsets below the first acked one and skipped those faust had
+  recorded as gaps. After a restart the group rebalanced while records were in flight; the message faust
+  dropped *after* the first acked one was recorded as a gap (one missing offset between two delivered ones),
+  so faust committed past it while the repair, firing for a message at the head, never looked at it.
+
+This module overrides private parts of faust and aiokafka: `check_internals()` fails start-up with a clear
+message if an installed version lacks them (pyproject pins the versions it was written against).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiokafka
 import faust
+import faust.transport.consumer
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
 
 log = logging.getLogger(__name__)
 
-# (topic, partition, first offset, end offset): processes the messages in [first, end) of that partition.
-SkippedOffsetsHandler = Callable[[str, int, int, int], None]
+# (topic, partition, sorted offsets): processes the messages at those offsets of that partition (some offsets may
+# hold no message), returns True once they are processed, False for a topic it does not handle; never returns
+# having processed only part of them (it ends the process instead).
+SkippedOffsetsHandler = Callable[[str, int, list[int]], bool]
+
+# The private parts of faust and aiokafka this module relies on (see check_internals).
+_FAUST_CONSUMER_METHODS = ("_new_offset", "_commit", "_new_consumer_thread", "_add_gap")
+_FAUST_CONSUMER_STATE = ("_acked", "_acked_index", "_committed_offset", "_gap")
+_FAUST_THREAD_METHODS = ("_create_worker_consumer",)
+
+
+def check_internals() -> None:
+    """Fails fast, with a clear message, if the installed faust/aiokafka lack what this module overrides."""
+    missing = [f"faust Consumer.{name}" for name in _FAUST_CONSUMER_METHODS if not hasattr(driver.Consumer, name)]
+    missing += [f"faust AIOKafkaConsumerThread.{name}" for name in _FAUST_THREAD_METHODS
+                if not hasattr(driver.AIOKafkaConsumerThread, name)]
+    init_source = _source(faust.transport.consumer.Consumer.__init__)
+    missing += [f"faust Consumer().{name}" for name in _FAUST_CONSUMER_STATE if f"self.{name} =" not in init_source]
+    if "self._fetch_max_wait_ms" not in _source(aiokafka.AIOKafkaConsumer.__init__):
+        missing.append("aiokafka AIOKafkaConsumer()._fetch_max_wait_ms")
+    if missing:
+        raise RuntimeError(
+            "stream_processors.transport overrides private parts of faust-streaming/aiokafka that the installed "
+            f"versions (faust-streaming {_version('faust-streaming')}, aiokafka {_version('aiokafka')}) lack: "
+            f"{', '.join(missing)}. Install the versions pinned in pyproject.toml, or port transport.py.")
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 class ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -53,18 +106,30 @@ class Consumer(driver.Consumer):
 
     def _new_offset(self, tp: TP) -> int | None:
         acked, committed = self._acked[tp], self._committed_offset[tp]
-        if acked and committed is not None and min(acked) > committed:
-            head = min(acked)
-            gaps = self._gap[tp]  # offsets the fetcher saw missing from the log (compaction, markers)
-            if any(not gaps.overlaps(offset) for offset in range(committed, head)):
-                handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
-                log.warning("faust skipped messages that were never processed; processing them now",
-                            extra={"topic": tp.topic, "partition": tp.partition, "first": committed, "end": head})
-                if handler is not None:
-                    handler(tp.topic, tp.partition, committed, head)
-                acked.extend(range(committed, head))
-                acked.sort()
+        if acked and committed is not None:
+            missing = unacked_offsets(acked, committed)
+            handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
+            if missing and handler is not None:
+                log.warning("faust would commit past messages that were never processed; processing them now",
+                            extra={"topic": tp.topic, "partition": tp.partition, "first": missing[0],
+                                   "last": missing[-1], "offsets": len(missing), "committed": committed,
+                                   "first_acked": min(acked), "recorded_as_gap": sum(
+                                       1 for offset in missing if self._gap[tp].overlaps(offset))})
+                if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
+                    acked.extend(missing)
+                    acked.sort()
+                    self._acked_index[tp].update(missing)
+                    # faust would add these again from its gap records (duplicates in `acked` end its
+                    # consecutive run early); they are handled now.
+                    self._gap[tp].chop(missing[0], missing[-1] + 1)
         return super()._new_offset(tp)  # type: ignore[no-any-return]
+
+
+def unacked_offsets(acked: list[int], committed: int) -> list[int]:
+    """The offsets from `committed` (the next offset to read) up to the highest acked one that were not acked:
+    messages that never reached the agent, or offsets without a message (which reading the log reveals)."""
+    have = set(acked)
+    return [offset for offset in range(committed, max(acked)) if offset not in have]
 
 
 class Transport(driver.Transport):
@@ -81,6 +146,7 @@ class App(faust.App):
         # messages processed so far are durable (or end the process).
         self.commit_barriers: list[Callable[[], None]] = []
         self.skipped_offsets_handler: SkippedOffsetsHandler | None = None
+        check_internals()
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Transport:

@@ -147,6 +147,28 @@ def restamp(datum: bytes, session_id: str | None, customer_id: str | None) -> by
     return b"".join((datum[:-2], _optional_string(session_id), _optional_string(customer_id)))
 
 
+def frame_batches(header: bytes, datums: list[bytes], max_bytes: int) -> list[bytes]:
+    """The datums as VisitorEventBatch messages of at most max_bytes each where possible, in order: greedy, so
+    the same datums always give the same messages (a replay writes the same records). A datum that alone
+    exceeds max_bytes gets a message of its own (the producer then refuses it and it is dead-lettered)."""
+    whole = len(header) + len(_long(len(datums))) + sum(map(len, datums)) + 1
+    if whole <= max_bytes:  # the usual case: one message
+        return [frame_batch(header, datums)]
+    framing = len(header) + 6  # header, block count (<= 5 bytes for any list that fits), end of array
+    out: list[bytes] = []
+    chunk: list[bytes] = []
+    size = framing
+    for datum in datums:
+        if chunk and size + len(datum) > max_bytes:
+            out.append(frame_batch(header, chunk))
+            chunk, size = [], framing
+        chunk.append(datum)
+        size += len(datum)
+    if chunk or not out:
+        out.append(frame_batch(header, chunk))
+    return out
+
+
 def frame_batch(header: bytes, datums: list[bytes]) -> bytes:
     """A VisitorEventBatch message (`header`: the batch codec's) whose events are the given item datums:
     one array block of len(datums) items, then the empty block that ends the array."""

@@ -57,14 +57,23 @@ def identify(widget: widgets.Widget, visitor: str, at: datetime, user_id: str, *
 
 class RawFeed:
     """Publishes to the raw topic, keyed by widget:visitor, each call's events in the order given (the API
-    sorts an HTTP batch by occurred_at): `send` as one message per event (what older producers wrote; most
-    tests use it), `send_batch` as one VisitorEventBatch message, which is what the API writes now."""
+    sorts an HTTP batch by occurred_at): `send` as one VisitorEventBatch message per call, which is what the
+    API writes (one message per request); `send_single` as one message per event (what older producers
+    wrote: readers must still accept it)."""
 
     def __init__(self, settings: Settings) -> None:
         self.topic = Topics.from_settings(settings).raw_events
         self.producer = Producer(producer_config(settings))
 
     def send(self, records: list[dict[str, Any]]) -> None:
+        """One message per visitor (a request holds one visitor's events), visitors in order of appearance."""
+        by_visitor: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+        for r in records:
+            by_visitor.setdefault((r["widget_id"], r["visitor_id"]), []).append(r)
+        for batch in by_visitor.values():
+            self.send_batch(batch)
+
+    def send_single(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             self.producer.produce(self.topic, CODEC.encode(r), event_key(str(r["widget_id"]), r["visitor_id"]))
         assert self.producer.flush(15) == 0
@@ -183,7 +192,7 @@ def test_batch_messages_are_processed_like_single_event_messages(settings: Setti
         [ev(w_single, "v", T0 + 10 * MIN), ev(w_single, "v", T0 + 100 * MIN)],  # late: joins, then opens
     ]
     for batch in timeline:
-        feed.send(batch)
+        feed.send_single(batch)
         feed.send_batch([{**r, "widget_id": w_batch.id} for r in batch])  # same event ids, other widget
 
     records = enriched(settings, 2 * (8 + 4))  # 8 events + 4 session_starts per widget
@@ -367,18 +376,25 @@ def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, 
     assert {r[3] for r in got} == {sid(w, f"r{v}", T0) for v in range(visitors)}
 
 
+class GaveUp(Exception):
+    pass
+
+
 def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Settings, feed: RawFeed,
                                                                 make_widget: Callable[..., widgets.Widget]) -> None:
-    """faust would commit past a message that never reached the agent (its off-by-one check of the first
-    acked offset); the transport reads such messages from Kafka and processes them before the commit."""
+    """faust would commit past messages that never reached the agent: one at the committed offset (its
+    off-by-one check of the first acked offset), and ones it recorded as "gaps" (offsets its fetch loop did
+    not see delivered, which include messages faust itself dropped around a rebalance: the loss of issue 8,
+    case 16). The transport reads every unacked offset below the highest acked one from Kafka and processes
+    the messages before the commit; if it cannot, it gives up without committing."""
     w = make_widget()
     topics = Topics.from_settings(settings)
-    for i in range(6):
-        feed.send([ev(w, "v-skip", T0 + i * MIN)])  # one key: all on one partition, offsets 0..5
+    for i in range(12):
+        feed.send([ev(w, "v-skip", T0 + i * MIN)])  # one key: all on one partition, offsets 0..11
     app = create_app(settings)
     processed: list[tuple[int, int]] = []
     app.skipped_offsets_handler = SkippedReader(
-        settings, topics.raw_events, lambda msgs: processed.extend((m.partition, m.offset) for m in msgs))
+        settings, topics.raw_events, lambda msgs: processed.extend((m.partition, m.offset) for m in msgs), 20.0)
     partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-skip"))
     tp = TP(topics.raw_events, partition)
     consumer = app.consumer
@@ -386,9 +402,28 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     consumer._acked[tp].extend([4, 5])  # 2 and 3 never reached the agent
     assert consumer._new_offset(tp) == 6  # commit after 5, now that 2 and 3 are processed too
     assert processed == [(partition, 2), (partition, 3)]
+
+    # A message faust dropped after the first acked one is recorded as a gap (one offset missing between two
+    # delivered ones): faust's own computation fills it in and commits past it, unprocessed.
     consumer._committed_offset[tp], processed[:] = 6, []
-    consumer._acked[tp].extend([6, 7])  # nothing skipped: faust's own computation, no reads
-    assert consumer._new_offset(tp) == 8 and processed == []
+    consumer._acked[tp].extend([6, 8, 9])
+    consumer._gap[tp].addi(7, 8)
+    assert consumer._new_offset(tp) == 10
+    assert processed == [(partition, 7)]
+
+    consumer._committed_offset[tp], processed[:] = 10, []
+    consumer._acked[tp].extend([10, 11])  # nothing skipped: faust's own computation, no reads
+    assert consumer._new_offset(tp) == 12 and processed == []
+
+    # Offsets that cannot be read (here: past the end of the log) within the time limit: no commit past them.
+    def give_up() -> None:
+        raise GaveUp
+    app.skipped_offsets_handler = SkippedReader(settings, topics.raw_events, processed.extend, 1.0, on_give_up=give_up)
+    consumer._committed_offset[tp] = 12
+    consumer._acked[tp].extend([20])  # 12..19 are not in the log: the read never reaches offset 19
+    with pytest.raises(GaveUp):
+        consumer._new_offset(tp)
+    assert processed == [] and consumer._acked[tp] == [20]
 
 
 def partition_of(settings: Settings, topic: str, key: bytes) -> int:
@@ -471,9 +506,8 @@ def test_reference_check_session_starts_equal_batch_computation(settings: Settin
     batches = reference_workload(w, 520, random.Random(2026))
     n_events = sum(len(b) for b in batches)
     assert n_events >= 10_000
-    for b in batches:
-        for r in b:
-            feed.producer.produce(feed.topic, CODEC.encode(r), event_key(str(w.id), r["visitor_id"]))
+    for b in batches:  # one message per request, as the API writes them
+        feed.producer.produce(feed.topic, EVENTS.encode_batch(b), event_key(str(w.id), b[0]["visitor_id"]))
         feed.producer.poll(0)
     assert feed.producer.flush(30) == 0
 
@@ -490,3 +524,161 @@ def test_reference_check_session_starts_equal_batch_computation(settings: Settin
             SELECT s.session_id FROM visitor_events s WHERE s.widget_id = e.widget_id
               AND s.visitor_id = e.visitor_id AND s.event_type = 'session_start' AND s.occurred_at <= e.occurred_at
             ORDER BY s.occurred_at DESC LIMIT 1)""", (w.id,)).fetchone() == (0,)
+
+
+# --- issue 8: duplicates, late links, oversized output, bind address ----------------------------------------
+
+def test_resent_event_with_another_corrected_time_opens_no_session(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                                   make_widget: Callable[..., widgets.Widget],
+                                                                   db: psycopg.Connection) -> None:
+    """Issue 8, case 6: E, then a copy of E (same event_id) whose clock-corrected time is 45 min earlier (the
+    device clock changed), then F 5 min after E. The kind: a copy of an event changes no state and derives
+    nothing — one session_start, no session without events, the copy of an identify links nothing."""
+    w = make_widget()
+    e = ev(w, "v-copy", T0)
+    f = ev(w, "v-copy", T0 + 5 * MIN)
+    feed.send([e])
+    feed.send([{**e, "occurred_at": T0 - 45 * MIN, "received_at": T0 - 45 * MIN + SEC}])
+    feed.send([f])
+    # The same for an identify: its copy 45 min earlier must not link the events before it to the contact.
+    anon = ev(w, "v-copy-id", T0 - 60 * MIN)
+    ident = identify(w, "v-copy-id", T0, "u-copy")
+    feed.send([anon])
+    feed.send([ident])
+    feed.send([{**ident, "occurred_at": T0 - 45 * MIN}])
+    feed.send([ev(w, "v-copy", T0 + 6 * MIN)])  # the end marker
+
+    got = rows(db, w, 4 + 4)
+    mine = [r for r in got if r[1] == "v-copy"]
+    assert [(r[0], r[2]) for r in mine] == [("session_start", T0), ("pageview", T0), ("pageview", T0 + 5 * MIN),
+                                           ("pageview", T0 + 6 * MIN)]
+    assert {r[3] for r in mine} == {sid(w, "v-copy", T0)}
+    # no session without events, for any visitor
+    assert db.execute("""SELECT count(*) FROM visitor_events s WHERE s.widget_id = %s AND s.event_type = 'session_start'
+                         AND NOT EXISTS (SELECT 1 FROM visitor_events e WHERE e.widget_id = s.widget_id
+                                         AND e.session_id = s.session_id AND e.event_type <> 'session_start')""",
+                      (w.id,)).fetchone() == (0,)
+    contact_id = customer_id_for(w.tenant_id, "u-copy")
+    assert [(r[0], r[2], r[4]) for r in got if r[1] == "v-copy-id"] == [
+        ("session_start", T0 - 60 * MIN, contact_id), ("pageview", T0 - 60 * MIN, contact_id),
+        ("session_start", T0, contact_id), ("identify", T0, contact_id)]
+    links = read_topic(settings, Topics.from_settings(settings).identity_links, 2, timeout=5)
+    assert len(links) == 1  # the copy published no second link
+
+
+def test_identify_arriving_after_later_events_links_them(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                         make_widget: Callable[..., widgets.Widget],
+                                                         db: psycopg.Connection) -> None:
+    """Issue 8, case 5, both orders: a page view at T0+100 s, and an identify at T0-100 s that arrives after
+    the page view's row was written (or before it). The rule: an event carries the contact of the link in
+    force at its time (the first link's before any), so a newly learned link claims the events from its time
+    up to the visitor's next link — rows already written are re-linked by the sink."""
+    w = make_widget()
+    x = customer_id_for(w.tenant_id, "u-x")
+    # identify after the page view
+    feed.send([ev(w, "v-after", T0 + 100 * SEC)])
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-after'", (w.id,), 2)
+    feed.send([identify(w, "v-after", T0 - 100 * SEC, "u-x")])
+    # identify before the page view
+    feed.send([identify(w, "v-before", T0 - 100 * SEC, "u-x")])
+    feed.send([ev(w, "v-before", T0 + 100 * SEC)])
+    # a link learned late between two links: claims the rows up to the next link, not after it
+    a, b = customer_id_for(w.tenant_id, "u-a"), customer_id_for(w.tenant_id, "u-b")
+    c = customer_id_for(w.tenant_id, "u-c")
+    feed.send([identify(w, "v-mid", T0, "u-a"), ev(w, "v-mid", T0 + 5 * MIN), ev(w, "v-mid", T0 + 15 * MIN),
+               identify(w, "v-mid", T0 + 20 * MIN, "u-c"), ev(w, "v-mid", T0 + 25 * MIN)])
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-mid'", (w.id,), 6)
+    feed.send([identify(w, "v-mid", T0 + 10 * MIN, "u-b")])
+    feed.send([ev(w, "v-mid", T0 + 12 * MIN)])  # arrives after: the processors apply the same rule
+
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-after' "
+                      "AND customer_id = %s", (w.id, x), 3, timeout=30)
+    for visitor in ("v-after", "v-before"):
+        assert sorted((t, c_) for t, _, c_ in customers_of(db, w, visitor)) == [
+            ("identify", x), ("pageview", x), ("session_start", x)], visitor
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-mid' "
+                      "AND customer_id = %s", (w.id, b), 3, timeout=30)
+    assert [(t, at - T0, c_) for t, at, c_ in customers_of(db, w, "v-mid")] == [
+        ("session_start", 0 * MIN, a), ("identify", 0 * MIN, a), ("pageview", 5 * MIN, a),
+        ("identify", 10 * MIN, b), ("pageview", 12 * MIN, b), ("pageview", 15 * MIN, b),
+        ("identify", 20 * MIN, c), ("pageview", 25 * MIN, c)]
+
+
+KAFKA_MESSAGE_LIMIT = 1_000_000  # Kafka's default max.message.bytes, and the producers' message.max.bytes
+
+
+def oversized_visitor(w: widgets.Widget) -> list[dict[str, Any]]:
+    """Issue 8, case 3: a visitor id of 128 emoji, 62 page views 31 min apart (each opens a session, whose
+    session_start repeats the url and referrer), each with a 2048-character non-ASCII url and referrer."""
+    visitor = "😀" * 128
+    return [ev(w, visitor, T0 + i * 31 * MIN, url="https://shop.example/" + "✓" * 2027,
+               referrer="https://ref.example/" + "é" * 2028) for i in range(62)]
+
+
+def test_oversized_enriched_output_is_split_and_everything_lands(settings: Settings, pipeline: Any, feed: RawFeed,
+                                                                 make_widget: Callable[..., widgets.Widget],
+                                                                 db: psycopg.Connection) -> None:
+    """The enriched output of one request can be about twice the request: it is split into several messages
+    (same key, in order) within the message size limit; nothing stalls and every event lands."""
+    w = make_widget()
+    big = oversized_visitor(w)
+    assert len(big[0]["url"]) == 2048 and len(big[0]["referrer"]) == 2048
+    raw = EVENTS.encode_batch(big)
+    assert 600_000 < len(raw) < KAFKA_MESSAGE_LIMIT  # a request the API could have put on the raw topic
+    feed.send_bytes(event_key(str(w.id), big[0]["visitor_id"]), raw)
+    for v in range(5):  # other visitors right behind it
+        feed.send([ev(w, f"small-{v}", T0), ev(w, f"small-{v}", T0 + MIN)])
+
+    got = rows(db, w, 62 * 2 + 5 * 3, timeout=60)
+    assert len(got) == 62 * 2 + 5 * 3
+    assert sum(1 for r in got if r[0] == "session_start" and r[1] == big[0]["visitor_id"]) == 62
+    msgs = [m for m in read_topic(settings, Topics.from_settings(settings).enriched_events, 7, timeout=10)
+            if m.key() == event_key(str(w.id), big[0]["visitor_id"])]
+    assert len(msgs) >= 2 and all(len(m.value()) + len(m.key()) <= KAFKA_MESSAGE_LIMIT for m in msgs)
+    records = [r for m in msgs for r in EVENTS.decode_events(m.value())]
+    assert [r["event_type"] for r in records] == ["session_start", "pageview"] * 62  # in order across messages
+    assert read_topic(settings, Topics.from_settings(settings).dead_letter, 1, timeout=2) == []
+
+
+def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
+        settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
+        make_widget: Callable[..., widgets.Widget], db: psycopg.Connection) -> None:
+    """A record over the message size limit on its own (here the limit is lowered to 200 KB and one event
+    carries a 300 KB url) cannot be split: it goes to the dead-letter topic with its reason, and neither the
+    processors nor anyone behind them stall."""
+    small = settings.model_copy(update={"kafka_max_message_bytes": 200_000})
+    start_service("sink")
+    proc = start_service("processors", settings_override=small)
+    w = make_widget()
+    huge = ev(w, "v-huge", T0, url="https://shop.example/" + "x" * 300_000)
+    feed.send([huge, ev(w, "v-huge", T0 + MIN)])
+    for v in range(3):
+        feed.send([ev(w, f"after-{v}", T0)])
+
+    with logs_on_failure(proc):
+        got = rows(db, w, 1 + 3 * 2, timeout=60)
+        assert sorted((r[0], r[1]) for r in got) == sorted(
+            [("pageview", "v-huge")] + [(t, f"after-{v}") for v in range(3) for t in ("session_start", "pageview")])
+        dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2, timeout=20)
+        assert len(dead) == 2  # the session_start it opened (it repeats the url) and the event
+        for m in dead:
+            h = {k: v.decode() for k, v in m.headers()}
+            assert "MSG_SIZE_TOO_LARGE" in h["x-reason"] and h["x-stage"] == "processors"
+            assert h["x-source-topic"] == Topics.from_settings(settings).raw_events and h["x-source-offset"] == "0"
+            assert int(h["x-dropped-bytes"]) > 300_000 and m.value() in (b"", None)  # too big to keep
+        assert proc.alive()
+
+
+@pytest.mark.parametrize("stage", ["processors", "sink"])
+def test_health_and_metrics_bind_to_the_configured_host(stage: str, settings: Settings,
+                                                        start_service: Callable[..., Any]) -> None:
+    """Issue 8, case 13: Kubernetes probes reach the pod's address, so each stage serves /healthz and
+    /metrics on `http_host` (0.0.0.0 in the image), not on 127.0.0.1 only."""
+    import psutil
+
+    s = settings.model_copy(update={"http_host": "0.0.0.0"})
+    svc = start_service(stage, settings_override=s)
+    port = s.processors_web_port if stage == "processors" else s.sink_http_port
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(svc.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert ("0.0.0.0", port) in listening, listening

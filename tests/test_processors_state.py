@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from faust.transport import consumer as faust_consumer
+
 from schemas.codec import EventCodec
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
+from site_activity.settings import Settings
 from site_activity.events import (customer_id_for, customer_id_text, session_id_for, session_id_text,
                                    session_start_event_id, session_start_event_id_text)
 from site_activity.topics import event_key
-from stream_processors.processor import InvalidEvent, contact_id, session_ids, validate
-from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, SessionStartWriter, frame_batch, restamp
+from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
+from stream_processors.state import Seen, VisitorState
+from stream_processors.transport import check_internals, unacked_offsets
+from stream_processors.wire import EventReader, SessionStartWriter, frame_batch, frame_batches, restamp
 
 MIN = 60_000_000  # µs
 GAP = 30 * MIN
@@ -192,8 +198,125 @@ def test_validate_normalises_uuid_text_like_the_typed_decoding() -> None:
 
 
 def test_cached_ids_are_the_documented_deterministic_ids() -> None:
+    """The processors' cached ids equal uuid5 of the documented names, computed here independently."""
+    session_ns = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e01")
+    customer_ns = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e02")
     for i, us in enumerate([0, 1, 999_999, 1_795_513_650_123_457, 1_795_513_650_999_999, 253_402_300_799_999_999]):
         sid, start_id = session_ids(str(WIDGET), f"v{i}", us)
-        assert sid == str(session_id_for(WIDGET, f"v{i}", from_us(us)))
-        assert start_id == str(session_start_event_id(uuid.UUID(sid)))
-    assert contact_id(str(TENANT), "u-1") == str(customer_id_for(TENANT, "u-1"))
+        expected_sid = uuid.uuid5(session_ns, f"{WIDGET}|v{i}|{us}")
+        assert sid == str(expected_sid)
+        assert start_id == str(uuid.uuid5(session_ns, f"start|{expected_sid}"))
+    assert contact_id(str(TENANT), "u-1") == str(uuid.uuid5(customer_ns, f"{TENANT}|u-1"))
+
+
+# --- duplicates (issue 8, case 6) ---------------------------------------------------------------------------
+
+def test_a_copy_is_placed_like_its_first_copy_and_changes_nothing() -> None:
+    s = VisitorState()
+    assert s.seen("e") is None
+    placed = s.place(10 * MIN, GAP, 16)
+    s.remember("e", 10 * MIN, placed.session_start_us, 100)
+    before = s.to_doc()
+    first = s.seen("e")
+    assert first is not None and (first.t, first.placement) == (10 * MIN, placed)
+    assert VisitorState.from_doc(s.to_doc()).seen("e") == first  # survives the changelog
+    assert s.to_doc() == before
+
+
+def test_remembered_event_ids_are_bounded() -> None:
+    s = VisitorState()
+    for i in range(10):
+        s.remember(f"e{i}", i, 0, 4)
+        assert s.seen(f"e{i}") is not None
+    doc = s.to_doc()  # what the changelog keeps: the last 4
+    assert [e[0] for e in doc["e"]] == ["e6", "e7", "e8", "e9"]
+    kept = VisitorState.from_doc(doc)
+    assert kept.seen("e5") is None and kept.seen("e6") == Seen(6, 0)
+
+
+class _Outputs:
+    """What BatchProcessor hands to the producer, kept in memory (a pure test of one batch's logic)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None, headers: Any = None,
+             source: Any = None) -> None:
+        self.sent.append((topic, key, value))
+
+    def check(self) -> None:
+        pass
+
+
+class _Store(dict):  # type: ignore[type-arg]
+    def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None:
+        self[key] = doc
+
+
+@dataclass
+class _Msg:
+    value: bytes
+    key: bytes
+    topic: str = "raw"
+    partition: int = 0
+    offset: int = 0
+    timestamp: float = 0.0
+
+
+def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None:
+    """E, its copy with an occurred_at 45 min earlier, F 5 min after E: one session, one session_start id."""
+    settings = Settings()
+    outputs, store = _Outputs(), _Store()
+    processor = BatchProcessor(settings, store, outputs)  # type: ignore[arg-type]
+    key = event_key(str(WIDGET), "v-0")
+    t = 1_795_513_650_000_000
+    e = raw_event(0, event_type="pageview", visitor_id="v-0", occurred_at=t)
+    copy = {**e, "occurred_at": t - 45 * MIN}
+    f = raw_event(3, event_type="pageview", visitor_id="v-0", occurred_at=t + 5 * MIN)
+    for i, r in enumerate([e, copy, f]):
+        processor.process([_Msg(RAW.encode_batch([r]), key, offset=i)])
+    out = [RAW.decode_events(v) for topic, _, v in outputs.sent if topic.endswith("enriched")]
+    starts = {r["event_id"] for batch in out for r in batch if r["event_type"] == "session_start"}
+    sessions = {r["session_id"] for batch in out for r in batch}
+    assert len(starts) == 1 and len(sessions) == 1
+    assert [r["occurred_at"] for r in out[1] if r["event_type"] != "session_start"] == [t]  # as the first copy
+    assert VisitorState.from_doc(store[key]).sessions == [[t, t, t + 5 * MIN]]
+
+
+# --- oversized output (issue 8, case 3) ---------------------------------------------------------------------
+
+def test_frame_batches_splits_by_size_deterministically_and_in_order() -> None:
+    datums = [RAW.event.encode_datum(raw_event(i, referrer="r" * (i * 997 % 5000))) for i in range(60)]
+    whole = frame_batch(RAW.batch.header, datums)
+    assert frame_batches(RAW.batch.header, datums, len(whole)) == [whole]
+    for limit in (len(whole) // 2, 20_000, 6_000):
+        parts = frame_batches(RAW.batch.header, datums, limit)
+        assert parts == frame_batches(RAW.batch.header, datums, limit)  # same split on every replay
+        assert len(parts) > 1 and all(len(p) <= limit for p in parts)
+        decoded = [r for p in parts for r in RAW.decode_events(p)]
+        assert decoded == RAW.decode_events(whole)
+    alone = frame_batches(RAW.batch.header, [b"x" * 100, b"y" * 10_000, b"z" * 100], 1_000)
+    assert [len(p) for p in alone] == [len(frame_batch(RAW.batch.header, [d])) for d in
+                                       (b"x" * 100, b"y" * 10_000, b"z" * 100)]
+
+
+def test_dead_letters_keep_the_payload_when_it_fits() -> None:
+    headers = dead_letter_headers("processors", "why", "t", 0, 1)
+    assert fit_dead_letter(b"k", b"v" * 100, headers, 10_000) == (b"v" * 100, headers)
+    value, with_drop = fit_dead_letter(b"k", b"v" * 20_000, headers, 10_000)
+    assert value == b"" and with_drop == [*headers, ("x-dropped-bytes", b"20000")]
+
+
+# --- the faust repair (issue 8, cases 15 and 16) ------------------------------------------------------------
+
+def test_unacked_offsets_cover_the_head_and_every_hole() -> None:
+    assert unacked_offsets([4, 5], 2) == [2, 3]
+    assert unacked_offsets([6, 8, 9, 12], 6) == [7, 10, 11]
+    assert unacked_offsets([10, 11], 10) == []
+
+
+def test_start_up_checks_the_faust_and_aiokafka_internals_it_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_internals()  # the pinned versions have them
+    monkeypatch.delattr(faust_consumer.Consumer, "_new_offset")  # a faust without the method we override
+    with pytest.raises(RuntimeError, match=r"faust Consumer\._new_offset.*pinned in pyproject"):
+        check_internals()

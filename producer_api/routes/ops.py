@@ -20,15 +20,20 @@ async def healthz() -> Response:
 
 @router.get("/readyz")
 async def readyz(producer: ProducerDep, cache: WidgetCacheDep, topics: TopicsDep) -> Response:
+    """Ready = this replica can accept and durably write events: Kafka answers and the widget configs have
+    been loaded once. Postgres is reported but does not gate: while it is down the cached configs keep
+    serving, and taking every replica out of the load balancer for it would refuse all traffic instead."""
     kafka_ok, kafka_detail = await producer.reachable(topics.raw_events)
     age = cache.age()
+    loaded = age is not None
     postgres_ok = cache.fresh()
     postgres_detail = ("never loaded widget configs" if age is None
                        else f"widget configs refreshed {age:.1f} s ago" + ("" if postgres_ok else " (stale)"))
-    ready = kafka_ok and postgres_ok
+    ready = kafka_ok and loaded
     return json_response(200 if ready else 503, {
         "status": "ready" if ready else "not_ready",
         "kafka": {"ok": kafka_ok, "detail": kafka_detail},
+        "widget_cache": {"ok": loaded, "widgets": cache.size()},
         "postgres": {"ok": postgres_ok, "detail": postgres_detail},
     })
 
