@@ -4,7 +4,9 @@ Race with events in flight: the erase takes an exclusive per-tenant advisory loc
 takes the shared one before it filters a batch against `erased_subjects` (sink/writer.py). So a sink transaction
 either committed before the erase started (its rows are visible to the erase's DELETE) or starts its filter
 after the erase committed (it sees the suppression) — no event of an erased subject survives.
-Subjects are stored and audited only as salted hashes (SQL function erasure_hash, migration 0004)."""
+Subjects are stored and audited only as salted hashes (SQL function erasure_hash, migration 0004).
+While an erase holds the lock the sink waits, so an erase is kept short: its lookups are index scans (one
+visitor's events; a contact's linked events and identify calls) and the Kafka notice is bounded (10 s)."""
 
 from __future__ import annotations
 
