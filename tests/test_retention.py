@@ -4,17 +4,23 @@ that arrive already that old are never stored."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
 from site_activity import widgets
+from site_activity.embedded import wait_until
 from site_activity.retention import purge
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
@@ -129,3 +135,29 @@ def test_events_already_past_retention_are_not_stored(settings: Settings, db: ps
 def test_purge_validates_its_batch_size(settings: Settings) -> None:
     with pytest.raises(ValueError):
         purge(settings.postgres_dsn, batch_rows=0)
+
+
+def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db: psycopg.Connection,
+                                                          make_widget: Callable[..., widgets.Widget],
+                                                          tmp_path: Path) -> None:
+    """`purge --loop` (the compose service): purges at start and again every interval; SIGTERM ends it cleanly."""
+    w = make_widget()
+    widgets.set_retention(db, w.id, 7, actor="tests")
+    s = settings.model_copy(update={"purge_interval_s": 1.0})
+    log = open(tmp_path / "purge.log", "wb")
+    loop = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "purge", "--loop"],
+                            env={**os.environ, **s.to_env()}, stdout=log, stderr=log)
+    try:
+        seed(db, w, 3, timedelta(days=30))
+        wait_until(lambda: not stored(db, w), 20, "first purge")
+        later = seed(db, w, 2, timedelta(days=8))  # expired rows that appear after the first run
+        kept = seed(db, w, 2, timedelta(days=1))
+        wait_until(lambda: stored(db, w) == set(kept), 20, "a later scheduled purge")
+        assert later
+        loop.send_signal(signal.SIGTERM)
+        assert loop.wait(20) == 0
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait(10)
+        log.close()
