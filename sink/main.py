@@ -186,7 +186,9 @@ class Sink:
         m.batch_size.observe(len(job.batch.messages))
         m.batches.inc()
         m.rows_written.inc(result.inserted)
-        m.rows_skipped.inc(len(job.batch.rows) - len(result.rejected) - result.inserted)
+        m.rows_skipped.inc(len(job.batch.rows) - len(result.rejected) - result.inserted - result.expired - result.erased)
+        m.rows_expired.inc(result.expired)
+        m.rows_erased.inc(result.erased)
         m.customers_upserted.inc(result.customers)
         m.events_relinked.inc(result.relinked)
         for step, seconds in result.step_seconds.items():

@@ -18,6 +18,10 @@ class SinkMetrics:
         self.rows_written = Counter(f"{p}_rows_written", "Event rows inserted into visitor_events", registry=r)
         self.rows_skipped = Counter(
             f"{p}_rows_skipped", "Rows not inserted: already present (redelivery) or widget deleted", registry=r)
+        self.rows_expired = Counter(
+            f"{p}_rows_expired", "Rows not stored: already older than their widget's retention", registry=r)
+        self.rows_erased = Counter(
+            f"{p}_rows_erased", "Rows not stored: their visitor, user or contact was erased", registry=r)
         self.customers_upserted = Counter(f"{p}_customers_upserted", "Contacts created or updated", registry=r)
         self.events_relinked = Counter(f"{p}_events_relinked", "Anonymous events linked to a contact", registry=r)
         self.batches = Counter(f"{p}_batches", "Batches written and committed", registry=r)

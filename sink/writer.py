@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from sink.records import CUSTOMER_ID, FIELDS, DeadLetter, Row
+from site_activity.erasure import TENANT_LOCK_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ SELECT b.widget_id, b.event_id, b.tenant_id, b.visitor_id, b.event_type, b.name,
 FROM {_TEMP} b
 JOIN widget_configs w ON w.id = b.widget_id
 LEFT JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id
+WHERE {{keep}}
 ON CONFLICT (widget_id, event_id) DO NOTHING
 """
 
@@ -159,6 +161,37 @@ WHERE e.widget_id = claim.widget_id AND e.event_id = claim.event_id
   AND e.customer_id IS DISTINCT FROM claim.customer_id
 """
 
+# --- retention (console issue): an event already older than its widget's retention is not stored -------------
+# The purge (site_activity/retention.py) removes what ages out later; this keeps it from coming back.
+_FRESH = "b.occurred_at >= now() - make_interval(days => w.event_retention_days)"
+_INSERT_EVENTS = _INSERT_EVENTS.replace("{keep}", _FRESH)
+_COUNT_EXPIRED = f"SELECT count(*) FROM {_TEMP} b JOIN widget_configs w ON w.id = b.widget_id WHERE NOT ({_FRESH})"
+_OCCURRED_AT = FIELDS.index("occurred_at")
+_MIN_RETENTION_US = 24 * 3600 * 1_000_000  # one day: the shortest retention a widget can have
+
+
+def _may_hold_expired(rows: Sequence[Row]) -> bool:
+    # Counting expired rows costs a scan of the batch; only a batch with a day-old event can hold one.
+    oldest = min(row.values[_OCCURRED_AT] for row in rows)
+    return oldest < time.time_ns() // 1000 - _MIN_RETENTION_US + 60_000_000  # a minute of slack for clock drift
+
+
+# --- erasure (console issue): an erased subject's events are dropped from the batch before anything is written --
+# The shared per-tenant lock orders this against an erase (site_activity/erasure.py), which holds the exclusive
+# one: it is taken in its own statement, so the DELETE below runs on a snapshot that sees every erase that
+# finished before the lock was granted. The `IN (SELECT tenant_id ...)` is one hashed lookup per row, so tenants
+# without erasures pay no hashing.
+_LOCK_TENANTS = (f"SELECT count(pg_advisory_xact_lock_shared({TENANT_LOCK_CLASS}, hashtext(t::text)))"
+                 f" FROM (SELECT DISTINCT tenant_id AS t FROM {_RAW} ORDER BY 1) d")
+_DROP_ERASED = f"""
+DELETE FROM {_RAW} r
+WHERE r.tenant_id IN (SELECT tenant_id FROM erased_subjects)
+  AND EXISTS (SELECT 1 FROM erased_subjects s WHERE s.tenant_id = r.tenant_id AND s.subject_hash IN (
+        erasure_hash(r.tenant_id, 'visitor', r.widget_id::text || ':' || r.visitor_id),
+        erasure_hash(r.tenant_id, 'user', r.user_id),
+        erasure_hash(r.tenant_id, 'contact', r.customer_id::text)))
+"""
+
 _STATEMENT_TIMEOUT_MS = 60_000
 _TEMP_BUFFERS = "64MB"  # a whole batch of the temp table stays in memory (the default 8MB holds ~25k rows)
 
@@ -177,13 +210,16 @@ class WriteResult:
     relinked: int = 0
     rejected: list[DeadLetter] = field(default_factory=list)
     step_seconds: dict[str, float] = field(default_factory=dict)  # copy, contacts, insert, retro_link, commit
+    expired: int = 0  # rows not stored because they were already older than their widget's retention
+    erased: int = 0  # rows not stored because their visitor / user / contact was erased
 
     def add(self, other: WriteResult) -> WriteResult:
         steps = dict(self.step_seconds)
         for step, seconds in other.step_seconds.items():
             steps[step] = steps.get(step, 0.0) + seconds
         return WriteResult(self.inserted + other.inserted, self.customers + other.customers,
-                           self.relinked + other.relinked, self.rejected + other.rejected, steps)
+                           self.relinked + other.relinked, self.rejected + other.rejected, steps,
+                           self.expired + other.expired, self.erased + other.erased)
 
 
 class EventWriter:
@@ -249,6 +285,9 @@ class EventWriter:
                 for ord_, row in enumerate(rows):
                     write_row((ord_, *row.values))
             steps["copy"], t = clock() - t, clock()
+            cur.execute(_LOCK_TENANTS)
+            erased = max(cur.execute(_DROP_ERASED).rowcount, 0)
+            steps["erasures"], t = clock() - t, clock()
             if has_identity:
                 cur.execute(_UPSERT_CUSTOMERS)
                 customers = max(cur.rowcount, 0)
@@ -256,9 +295,11 @@ class EventWriter:
             cur.execute(_INSERT_EVENTS)
             inserted = max(cur.rowcount, 0)
             steps["insert"], t = clock() - t, clock()
+            expired = cur.execute(_COUNT_EXPIRED).fetchone()[0] if _may_hold_expired(rows) else 0  # type: ignore[index]
             if has_identity:
                 cur.execute(_RETRO_LINK)
                 relinked = max(cur.rowcount, 0)
                 steps["retro_link"], t = clock() - t, clock()
         steps["commit"] = clock() - t
-        return WriteResult(inserted=inserted, customers=customers, relinked=relinked, step_seconds=steps)
+        return WriteResult(inserted=inserted, customers=customers, relinked=relinked, step_seconds=steps,
+                           expired=expired, erased=erased)

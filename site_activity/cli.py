@@ -114,6 +114,100 @@ def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
             time.sleep(1)
 
 
+def _members(args: argparse.Namespace, settings: Settings) -> int:
+    from console import accounts
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        action = args.members_action
+        if action == "add":
+            m = accounts.add_member(conn, args.tenant, args.email, args.role, actor=args.actor)
+            print(f"added {m.email} as {m.role}")
+        elif action == "set-role":
+            m = accounts.set_role(conn, args.tenant, args.email, args.role, actor=args.actor)
+            print(f"{m.email} is now {m.role}")
+        elif action == "remove":
+            accounts.remove_member(conn, args.tenant, args.email, actor=args.actor)
+            print(f"removed {args.email} (their API keys and sign-in links with them)")
+        else:
+            rows = accounts.list_members(conn, args.tenant)
+            if args.json:
+                print(json.dumps([m.public() for m in rows], indent=2))
+            for m in rows if not args.json else ():
+                print(f"{m.email:40}  {m.role:7}  since {m.created_at:%Y-%m-%d}")
+    return 0
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from console import accounts
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        action = args.keys_action
+        if action == "create":
+            key, secret = accounts.create_key(conn, args.tenant, args.email, args.name, actor=args.actor or args.email)
+            print(secret)
+            print(f"API key {key.id} ({key.prefix}…) for {key.email}: the secret above is shown only now.",
+                  file=sys.stderr)
+        elif action == "revoke":
+            accounts.revoke_key(conn, args.tenant, args.key_id, actor=args.actor)
+            print(f"revoked {args.key_id}")
+        else:
+            rows = accounts.list_keys(conn, args.tenant, args.email)
+            if args.json:
+                print(json.dumps([k.public() for k in rows], indent=2))
+            for k in rows if not args.json else ():
+                state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+                used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
+                print(f"{k.id!s:36}  {k.prefix}…  {k.email:30}  {k.name:20}  {state:18}  last used {used}")
+    return 0
+
+
+def _login_link(args: argparse.Namespace, settings: Settings) -> int:
+    from console import accounts
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        print(accounts.login_link(conn, settings.console_origin, args.tenant, args.email,
+                                  settings.console_login_link_ttl_s))
+    print(f"one-time sign-in link for {args.email}; expires in {settings.console_login_link_ttl_s // 60} minutes",
+          file=sys.stderr)
+    return 0
+
+
+def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.retention import purge_every, run_with_progress
+
+    if args.loop:
+        import signal
+        import threading
+
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        purge_every(settings.postgres_dsn, settings.purge_interval_s, stop,
+                    batch_rows=args.batch_rows or settings.purge_batch_rows)
+        return 0
+    run_with_progress(settings.postgres_dsn, batch_rows=args.batch_rows or settings.purge_batch_rows,
+                      dry_run=args.dry_run)
+    return 0
+
+
+def _erase(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity import erasure
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        notify = erasure.kafka_notifier(settings)
+        if args.erase_kind == "visitor":
+            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor,
+                                         notify=notify)
+        else:
+            done = erasure.erase_contact(conn, args.tenant, args.contact, actor=args.actor, notify=notify)
+    print(json.dumps(done.public(), indent=2))
+    return 0
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -130,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sink", help="run the Kafka -> Postgres sink").set_defaults(func=_stage("sink.main"))
     sub.add_parser("processors", help="run the faust stream processors").set_defaults(
         func=_stage("stream_processors.main"))
+    sub.add_parser("console", help="run the console: management API and pages").set_defaults(
+        func=_stage("console.main"))
+    pg = sub.add_parser("purge", help="delete events older than their widget's retention (run daily)")
+    pg.set_defaults(func=_purge)
+    pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
+    pg.add_argument("--loop", action="store_true",
+                    help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)")
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
     sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
 
@@ -166,6 +268,54 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("days", type=int)
     for p in (create, *(wsub.choices[n] for n in ("enable", "disable", "delete", "set-retention"))):
         p.add_argument("--actor", required=True, help="who asked for the change (recorded in the audit log)")
+
+    m = sub.add_parser("members", help="tenant members and their roles (owner, admin, member)")
+    m.set_defaults(func=_members)
+    msub = m.add_subparsers(dest="members_action", required=True)
+    for name in ("add", "list", "set-role", "remove"):
+        p = msub.add_parser(name)
+        p.add_argument("--tenant", type=_uuid_arg, required=True)
+        if name != "list":
+            p.add_argument("--email", required=True)
+            p.add_argument("--actor", required=True, help="who asked for the change (recorded in the audit log)")
+        if name in ("add", "set-role"):
+            p.add_argument("--role", required=True, choices=("owner", "admin", "member"))
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("keys", help="personal API keys for the console's REST API")
+    k.set_defaults(func=_keys)
+    ksub = k.add_subparsers(dest="keys_action", required=True)
+    kc = ksub.add_parser("create", help="create a key; prints the secret once")
+    kc.add_argument("--tenant", type=_uuid_arg, required=True)
+    kc.add_argument("--email", required=True, help="the member the key acts as")
+    kc.add_argument("--name", default="cli")
+    kc.add_argument("--actor", help="who asked for it (default: the member)")
+    kl = ksub.add_parser("list")
+    kl.add_argument("--tenant", type=_uuid_arg, required=True)
+    kl.add_argument("--email")
+    kl.add_argument("--json", action="store_true")
+    kr = ksub.add_parser("revoke")
+    kr.add_argument("key_id", type=_uuid_arg)
+    kr.add_argument("--tenant", type=_uuid_arg, required=True)
+    kr.add_argument("--actor", required=True)
+
+    er = sub.add_parser("erase", help="erase a person (GDPR): delete their events and suppress them from now on")
+    er.set_defaults(func=_erase)
+    ersub = er.add_subparsers(dest="erase_kind", required=True)
+    ev = ersub.add_parser("visitor", help="one anonymous visitor id of one widget")
+    ev.add_argument("--widget", type=_uuid_arg, required=True)
+    ev.add_argument("--visitor", required=True)
+    ec = ersub.add_parser("contact", help="a contact, every visitor linked to it, and its user id")
+    ec.add_argument("--contact", type=_uuid_arg, required=True, help="the contact's (customer) id")
+    for p in (ev, ec):
+        p.add_argument("--tenant", type=_uuid_arg, required=True)
+        p.add_argument("--actor", required=True, help="who asked for it (recorded in the audit log)")
+
+    ll = sub.add_parser("login-link", help="print a one-time console sign-in link (15 minutes)")
+    ll.set_defaults(func=_login_link)
+    ll.add_argument("--tenant", type=_uuid_arg, required=True)
+    ll.add_argument("--email", required=True)
     return parser
 
 
@@ -178,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # operator-facing: one clear line, not a traceback
+        from console.accounts import AccountError
+        from site_activity.erasure import ErasureError, NotifyError
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, WidgetError):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -26,9 +26,10 @@ from widget.demo_server import start_demo
 
 log = logging.getLogger(__name__)
 
-STAGES = ("api", "processors", "sink")
+STAGES = ("api", "processors", "sink", "console")
 DEMO_TENANT = "Demo tenant"
 DEMO_WIDGET = "Demo site"
+DEMO_OWNER = "owner@demo.example"
 
 
 def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
@@ -61,6 +62,30 @@ def ensure_demo_widget(dsn: str) -> widgets.Widget:
                 return w if w.tracking_enabled else widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
         w = widgets.create_widget(conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev")
         return widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
+
+
+def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
+    """Makes sure the demo tenant has an owner; returns a fresh one-time console sign-in link for them."""
+    from console import accounts
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        try:
+            accounts.get_member(conn, widget.tenant_id, DEMO_OWNER)
+        except accounts.AccountError:
+            accounts.add_member(conn, widget.tenant_id, DEMO_OWNER, "owner", actor="site-activity dev")
+        return accounts.login_link(conn, settings.console_origin, widget.tenant_id, DEMO_OWNER,
+                                   settings.console_login_link_ttl_s)
+
+
+def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Runs the retention purge now and then every purge_interval_s until `stop` is set (a daemon thread)."""
+    from site_activity.retention import purge_every
+
+    thread = threading.Thread(target=purge_every, name="retention-purge", daemon=True,
+                              args=(settings.postgres_dsn, settings.purge_interval_s, stop),
+                              kwargs={"batch_rows": settings.purge_batch_rows})
+    thread.start()
+    return thread
 
 
 class Supervisor:
@@ -97,6 +122,8 @@ def _write_stack_file(settings: Settings, demo_url: str, widget: widgets.Widget,
         "kafka_bootstrap": settings.kafka_bootstrap,
         "demo_url": demo_url,
         "demo_widget_id": str(widget.id),
+        "demo_tenant_id": str(widget.tenant_id),
+        "console_url": settings.console_origin,
         "pids": {stage: proc.pid for stage, proc in sup.procs.items()},
     }
     settings.stack_file.write_text(json.dumps(info, indent=2) + "\n")
@@ -129,15 +156,23 @@ def run(settings: Settings) -> int:
         stack.callback(demo.stop)
         demo_url = demo.url + "/"
         stack_file = _write_stack_file(settings, demo_url, widget, sup)
+        wait_until(lambda: port_open(settings.console_port) or stop.is_set(), 60, "console")
+        sign_in = demo_owner_link(settings, widget)
+        start_daily_purge(settings, stop)
 
         print(
             "\nSite Activity is running on the embedded stack\n"
             f"  demo site      {demo_url}   (click around; events land in Postgres seconds later)\n"
             f"  ingest API     {api_url}/api/widget/track   (health {api_url}/readyz, metrics {api_url}/metrics)\n"
             f"  widget script  {api_url}/widget.js   demo widget id {widget.id}\n"
+            f"  console        {settings.console_origin}   sign in as {DEMO_OWNER} (one-time link, 15 min):\n"
+            f"                 {sign_in}\n"
+            f"                 new link: .venv/bin/site-activity login-link --tenant {widget.tenant_id} --email {DEMO_OWNER}\n"
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
             "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"
+            f"  purge          every {settings.purge_interval_s / 3600:g} h in the background"
+            " (now: .venv/bin/site-activity purge --dry-run)\n"
             f"  stack file     {stack_file}\n"
             f"  logs           {settings.data_dir / 'logs'}/\n"
             "Ctrl-C stops everything.\n",

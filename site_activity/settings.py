@@ -107,6 +107,24 @@ class Settings(BaseSettings):
     # Tansu) needs for exact table recovery after a crash.
     processors_producer_batch_bytes: int = 1_000_000
 
+    # --- console (management API and pages) ---------------------------------------------------
+    console_port: int = 8003
+    # Signs session cookies and CSRF tokens. Empty: a random key kept in <data_dir>/console-secret (fine for
+    # one console process; set it explicitly when several replicas serve the console).
+    console_secret_key: str = ""
+    # Where sign-in links point (the console as browsers reach it). Empty: http://<http_host>:<console_port>.
+    console_public_url: str = ""
+    console_session_ttl_s: int = 12 * 3600
+    console_login_link_ttl_s: int = 15 * 60
+    # Mark cookies Secure (only sent over HTTPS). Off by default: the embedded stack serves plain HTTP.
+    console_cookie_secure: bool = False
+
+    # --- retention purge -----------------------------------------------------------------------
+    # Rows per DELETE transaction: bounds lock time and WAL per transaction (Matomo uses 100k).
+    purge_batch_rows: int = 10_000
+    # How often `dev` runs the purge in the background.
+    purge_interval_s: float = 24 * 3600
+
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
@@ -133,6 +151,11 @@ class Settings(BaseSettings):
     def api_origin(self) -> str:
         """Where browsers and local tools reach the API (a wildcard bind address is not openable)."""
         return f"http://{reachable_host(self.http_host)}:{self.http_port}"
+
+    @property
+    def console_origin(self) -> str:
+        """Where browsers reach the console; sign-in links point here."""
+        return self.console_public_url.rstrip("/") or f"http://{reachable_host(self.http_host)}:{self.console_port}"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""

@@ -24,6 +24,9 @@ class Topics:
     identity_links: str
     # Messages no stage could process, with the reason in headers.
     dead_letter: str
+    # Erased visitors, keyed like the raw topic (co-partitioned with it); compacted. The processors drop
+    # the visitor's state and ignore their events from then on (site_activity/erasure.py).
+    erasures: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -33,6 +36,7 @@ class Topics:
             enriched_events=f"{p}.events.enriched",
             identity_links=f"{p}.identity.links",
             dead_letter=f"{p}.dead-letter",
+            erasures=f"{p}.erasures",
         )
 
     def specs(self, settings: Settings) -> list[TopicSpec]:
@@ -43,6 +47,7 @@ class Topics:
             TopicSpec(self.enriched_events, n, {"retention.ms": week_ms}),
             TopicSpec(self.identity_links, n, {"cleanup.policy": "compact"}),
             TopicSpec(self.dead_letter, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+            TopicSpec(self.erasures, n, {"cleanup.policy": "compact"}),
         ]
 
 

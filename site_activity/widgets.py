@@ -37,12 +37,13 @@ _COLUMNS = "id, tenant_id, name, tracking_enabled, event_retention_days, created
 
 
 def _audit(conn: psycopg.Connection, actor: str, action: str, widget: Widget | None, old: dict[str, Any] | None,
-           new: dict[str, Any] | None, widget_id: uuid.UUID, tenant_id: uuid.UUID | None) -> None:
+           new: dict[str, Any] | None, widget_id: uuid.UUID, tenant_id: uuid.UUID | None,
+           request_id: str | None = None) -> None:
     conn.execute(
-        "INSERT INTO audit_log (actor, action, tenant_id, entity, entity_id, old_value, new_value)"
-        " VALUES (%s, %s, %s, 'widget_config', %s, %s, %s)",
+        "INSERT INTO audit_log (actor, action, tenant_id, entity, entity_id, old_value, new_value, request_id)"
+        " VALUES (%s, %s, %s, 'widget_config', %s, %s, %s, %s)",
         (actor, action, tenant_id, str(widget_id), Jsonb(old) if old is not None else None,
-         Jsonb(new) if new is not None else None),
+         Jsonb(new) if new is not None else None, request_id),
     )
 
 
@@ -83,27 +84,37 @@ def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id:
     return widget
 
 
-def _update(conn: psycopg.Connection, widget_id: uuid.UUID, column: str, value: Any, actor: str, action: str) -> Widget:
+def _update(conn: psycopg.Connection, widget_id: uuid.UUID, column: str, value: Any, actor: str, action: str,
+            request_id: str | None = None) -> Widget:
     with conn.transaction():
         old = get_widget(conn, widget_id)
+        if getattr(old, column) == value:
+            return old  # nothing changes, so nothing to audit
         conn.execute(
             f"UPDATE widget_configs SET {column} = %s, updated_at = now() WHERE id = %s",  # column is ours, not input
             (value, widget_id),
         )
         new = get_widget(conn, widget_id)
         _audit(conn, actor, action, new, {column: getattr(old, column)}, {column: getattr(new, column)},
-               widget_id, new.tenant_id)
+               widget_id, new.tenant_id, request_id)
     return new
 
 
-def set_tracking(conn: psycopg.Connection, widget_id: uuid.UUID, enabled: bool, *, actor: str) -> Widget:
-    return _update(conn, widget_id, "tracking_enabled", enabled, actor, "enable" if enabled else "disable")
+def set_tracking(conn: psycopg.Connection, widget_id: uuid.UUID, enabled: bool, *, actor: str,
+                 request_id: str | None = None) -> Widget:
+    return _update(conn, widget_id, "tracking_enabled", enabled, actor, "enable" if enabled else "disable",
+                   request_id)
 
 
-def set_retention(conn: psycopg.Connection, widget_id: uuid.UUID, days: int, *, actor: str) -> Widget:
+def check_retention(days: int) -> None:
     if not MIN_RETENTION_DAYS <= days <= MAX_RETENTION_DAYS:
         raise WidgetError(f"retention must be between {MIN_RETENTION_DAYS} and {MAX_RETENTION_DAYS} days, got {days}")
-    return _update(conn, widget_id, "event_retention_days", days, actor, "set-retention")
+
+
+def set_retention(conn: psycopg.Connection, widget_id: uuid.UUID, days: int, *, actor: str,
+                  request_id: str | None = None) -> Widget:
+    check_retention(days)
+    return _update(conn, widget_id, "event_retention_days", days, actor, "set-retention", request_id)
 
 
 def delete_widget(conn: psycopg.Connection, widget_id: uuid.UUID, *, actor: str) -> int:

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from site_activity.kafka import consumer_config
 from site_activity.settings import Settings, reachable_host
 from site_activity.topics import Topics
+from stream_processors.erasures import add_erasure_agent
 from stream_processors.outputs import EXIT_DELIVERY_FAILED, Outputs
 from stream_processors.processor import BatchProcessor
 from stream_processors.transport import App
@@ -175,6 +176,7 @@ def create_app(settings: Settings) -> App:
                                                within=settings.processors_batch_max_s):
             processor.process([event.message for event in events])
 
+    add_erasure_agent(app, topics.erasures, settings.topic_partitions, processor.store)
     _add_pages(app)
     return app
 

@@ -38,7 +38,8 @@ from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
 from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key, max_event_value_bytes
-from stream_processors import metrics
+from stream_processors import erasures, metrics
+from stream_processors.erasures import is_erased
 from stream_processors.outputs import Outputs, Source
 from stream_processors.state import VisitorState
 from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, restamp
@@ -155,7 +156,11 @@ class BatchProcessor:
             metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
         events = out = 0
         for visitor in self._group(messages):
-            state = VisitorState.from_doc(self.store.get(visitor.key))
+            doc = self.store.get(visitor.key)
+            if is_erased(doc):  # an erased visitor: nothing of theirs is placed, linked or emitted again
+                erasures.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
+                continue
+            state = VisitorState.from_doc(doc)
             out += self._enrich(state, visitor)
             events += sum(map(len, visitor.messages))
             self.store.put(visitor.key, visitor.partition, state.to_doc())

@@ -167,6 +167,7 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
             "api": f"http://127.0.0.1:{s.http_port}/healthz",
             "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
             "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
+            "console": f"http://127.0.0.1:{s.console_port}/healthz",
         }.get(stage)
         svc.ready = http_ok(health) if health else None
         started.append(svc)
@@ -226,3 +227,21 @@ def read_events(settings: Settings, topic: str, expected: int, timeout: float = 
     """(key, event) pairs from the start of `topic`: a raw-topic message holds a whole request's events."""
     msgs = read_topic(settings, topic, expected, timeout, weight=lambda m: len(_EVENTS.decode_events(m.value())))
     return [(m.key(), event) for m in msgs for event in _EVENTS.decode_events(m.value())]
+
+
+@pytest.fixture(scope="module")
+def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
+                     tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for one test module's console (its own topics, groups and ports)."""
+    return make_settings(kafka, postgres, tmp_path_factory.mktemp("console") / "data", console_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A running `site-activity console` for the module, and an HTTP client pointed at it."""
+    svc = Service("console", console_settings, tmp_path_factory.mktemp("console-logs"))
+    svc.ready = http_ok(f"http://127.0.0.1:{console_settings.console_port}/healthz")
+    svc.start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as client:
+        yield client
+    svc.stop()

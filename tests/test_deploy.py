@@ -90,10 +90,10 @@ def test_compose_env_vars_are_real_settings(services: dict[str, dict[str, Any]])
 
 def test_compose_commands_are_real_subcommands(services: dict[str, dict[str, Any]]) -> None:
     ours = {name: s for name, s in services.items() if is_ours(s)}
-    assert set(ours) == {"migrate", "topics", *STAGES}
+    assert set(ours) == {"migrate", "topics", *STAGES, "console", "purge"}
     for name, service in ours.items():
         assert_real_command(service["command"], f"compose {name}")
-        assert service["command"] == [name], "each service runs the stage it is named after"
+        assert service["command"][0] == name, "each service runs the stage it is named after"
 
 
 def test_compose_kafka_is_three_kraft_nodes_with_replication(services: dict[str, dict[str, Any]]) -> None:
@@ -213,8 +213,16 @@ def deployment(objects: dict[tuple[str, str], dict[str, Any]], stage: str) -> di
     return objects[("Deployment", f"site-activity-{stage}")]
 
 
+def pod_template(workload: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod template of a Deployment/Job/CronJob, or None for objects that run nothing."""
+    spec = workload.get("spec", {})
+    if "jobTemplate" in spec:
+        return spec["jobTemplate"]["spec"]["template"]  # type: ignore[no-any-return]
+    return spec.get("template")
+
+
 def pod_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = workload["spec"]["template"]["spec"]
+    spec = pod_template(workload)["spec"]  # type: ignore[index]
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
@@ -238,7 +246,7 @@ def test_kustomization_lists_every_manifest_but_the_secret_placeholder() -> None
 def test_k8s_env_names_are_real_settings(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     for (kind, name), doc in objects.items():
         names = set(doc.get("data", {})) | set(doc.get("stringData", {}))
-        if "template" in doc.get("spec", {}):
+        if pod_template(doc):
             names |= {e["name"] for c in pod_containers(doc) for e in c.get("env", [])}
         assert_real_settings({n for n in names if n.startswith(ENV_PREFIX)}, f"{kind}/{name}")
 
@@ -250,7 +258,7 @@ def test_env_names_in_docs_and_dockerfile_are_real_settings() -> None:
 
 def test_k8s_env_sources_exist(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     for (kind, name), doc in objects.items():
-        if "template" not in doc.get("spec", {}):
+        if not pod_template(doc):
             continue
         for container in pod_containers(doc):
             for source in container.get("envFrom", []):
@@ -265,13 +273,13 @@ def test_k8s_env_sources_exist(objects: dict[tuple[str, str], dict[str, Any]]) -
 def test_k8s_commands_are_real_subcommands(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     run = {}
     for (kind, name), doc in objects.items():
-        if "template" in doc.get("spec", {}):
+        if pod_template(doc):
             for container in pod_containers(doc):
                 assert "command" not in container, "the image's ENTRYPOINT is site-activity"
                 assert_real_command(container["args"], f"{kind}/{name} {container['name']}")
                 run[container["args"][0]] = kind
     assert run == {"migrate": "Job", "topics": "Job", "api": "Deployment", "processors": "Deployment",
-                   "sink": "Deployment"}
+                   "sink": "Deployment", "console": "Deployment", "purge": "CronJob"}
 
 
 def test_migrate_job_runs_migrations_before_topics_with_replication_3(
@@ -305,11 +313,12 @@ def test_k8s_deployment_ports_probes_and_labels_agree(
     assert annotations["prometheus.io/path"] == METRICS and int(annotations["prometheus.io/port"]) == listen
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+@pytest.mark.parametrize("kind", ["Deployment", "Job", "CronJob"])
 def test_k8s_containers_have_resources_and_run_non_root(
         objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> None:
+    assert of_kind(objects, kind), f"no {kind}"
     for name, workload in of_kind(objects, kind).items():
-        assert workload["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True, name
+        assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name  # type: ignore[index]
         for container in pod_containers(workload):
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}/{container['name']}"
@@ -345,3 +354,55 @@ def test_each_deployment_has_a_pdb_selecting_exactly_its_pods(
         assert matching == [f"site-activity-{stage}"], stage
         replicas = deployment(objects, stage)["spec"]["replicas"]
         assert pdbs[matching[0]]["spec"]["minAvailable"] < replicas, "a node drain must be able to proceed"
+
+
+# --- console and retention purge ------------------------------------------------------------------------
+
+
+def test_compose_console_serves_its_port_and_signs_with_a_configured_key(services: dict[str, dict[str, Any]]) -> None:
+    console = services["console"]
+    env = env_of(console)
+    port = stage_setting(env, "console_port")
+    [url] = re.findall(r"http://[^'\"\s]+", " ".join(console["healthcheck"]["test"]))
+    assert urlparse(url).path == HEALTHZ and str(urlparse(url).port) == port
+    assert console["ports"] == [f"{port}:{port}"]
+    assert env["SITE_ACTIVITY_HTTP_HOST"] == "0.0.0.0"
+    assert env["SITE_ACTIVITY_CONSOLE_SECRET_KEY"], "replicas and restarts must sign cookies with one key"
+    assert urlparse(env["SITE_ACTIVITY_CONSOLE_PUBLIC_URL"]).port == int(port)
+
+
+def test_compose_purge_is_scheduled_daily(services: dict[str, dict[str, Any]]) -> None:
+    purge = services["purge"]
+    assert purge["command"] == ["purge", "--loop"]
+    assert float(stage_setting(env_of(purge), "purge_interval_s")) == 24 * 3600
+    assert purge["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert purge.get("restart", "unless-stopped") != "no", "a scheduler must come back after a crash"
+
+
+def test_k8s_purge_cronjob_runs_daily_without_overlap(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    cron = objects[("CronJob", "site-activity-purge")]
+    minute, hour, day, month, weekday = cron["spec"]["schedule"].split()
+    assert (day, month, weekday) == ("*", "*", "*") and minute.isdigit() and hour.isdigit(), "once a day"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    [container] = pod_containers(cron)
+    assert container["args"] == ["purge"]
+    assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")  # type: ignore[index]
+
+
+def test_k8s_console_ports_probes_and_secret_agree(objects: dict[tuple[str, str], dict[str, Any]],
+                                                  settings_env: dict[str, str]) -> None:
+    dep = deployment(objects, "console")
+    template = dep["spec"]["template"]
+    assert selects(dep["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
+    [container] = template["spec"]["containers"]
+    listen = int(stage_setting(settings_env, "console_port"))
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": listen}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": HEALTHZ, "port": "http"}
+    secret = objects[("Secret", "site-activity-postgres")]["stringData"]
+    assert "SITE_ACTIVITY_CONSOLE_SECRET_KEY" in secret, "every console pod must sign cookies with one key"
+    assert settings_env["SITE_ACTIVITY_CONSOLE_COOKIE_SECURE"] == "true"
+    service = objects[("Service", "site-activity-console")]
+    for stage in (*STAGES, "console"):
+        labels = deployment(objects, stage)["spec"]["template"]["metadata"]["labels"]
+        assert selects(service["spec"]["selector"], labels) == (stage == "console"), stage

@@ -22,7 +22,8 @@ from tests.conftest import broker_settings
 
 def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    ports = {name: free_port() for name in ("HTTP", "DEMO", "SINK_HTTP", "PROCESSORS_WEB", "EMBEDDED_KAFKA", "EMBEDDED_POSTGRES")}
+    ports = {name: free_port() for name in ("HTTP", "DEMO", "SINK_HTTP", "PROCESSORS_WEB", "EMBEDDED_KAFKA", "EMBEDDED_POSTGRES",
+                                                "CONSOLE")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITE_ACTIVITY_")}
     # The suite's broker choice, and Kafka's already-fetched jars instead of a fresh copy in the data dir.
     chosen = broker_settings()
@@ -61,8 +62,16 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
 
         wait_until(landed, 90, "event through api -> processors -> sink", interval=1)
 
+        # The console: dev printed a one-time sign-in link for the demo tenant's owner.
+        assert stack["console_url"] == f"http://127.0.0.1:{ports['CONSOLE']}"
+        printed = (tmp_path / "dev.log").read_text()
+        link = next(w for w in printed.split() if w.startswith(stack["console_url"] + "/login?token="))
+        with httpx.Client(base_url=stack["console_url"], timeout=5) as console:
+            assert console.post("/login", data={"token": link.split("token=", 1)[1]}).status_code == 303
+            assert "Demo site" in console.get("/settings/widgets").text
+
         children = psutil.Process(dev.pid).children(recursive=True)
-        assert len(children) >= 5  # broker, postgres, api, processors, sink
+        assert len(children) >= 6  # broker, postgres, api, processors, sink, console
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(60) == 0
         time.sleep(0.5)

@@ -16,8 +16,8 @@ from faust.transport import consumer as faust_consumer
 from schemas.codec import EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
 from site_activity.settings import Settings
-from site_activity.events import (customer_id_for, customer_id_text, session_id_for, session_id_text,
-                                   session_start_event_id, session_start_event_id_text)
+from site_activity.events import (customer_id_text, session_id_for, session_id_text,
+                                   session_start_event_id_text)
 from site_activity.topics import event_key
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState

@@ -28,7 +28,8 @@ from site_activity.topics import event_key
 from tests.conftest import http_ok, read_topic
 
 CODEC = AvroCodec(VISITOR_EVENT)
-T0 = datetime(2026, 11, 24, 8, 0, 0, 123456, tzinfo=UTC)
+# Relative to today: the sink does not store events older than their widget's retention (90 days here).
+T0 = (datetime.now(UTC) - timedelta(days=2)).replace(hour=8, minute=0, second=0, microsecond=123456)
 
 EVENT_COLUMNS = ("widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,"
                  " customer_id, session_id, occurred_at, received_at")
@@ -157,7 +158,9 @@ def test_strings_and_timestamps_round_trip_exactly(raw_settings, topics, db, mak
     props = json.dumps({"quote": 'say "hi"\\', "esc": "\\n\\t", "raw": "a\tb\nc", "ü": "🚀"}, ensure_ascii=False)
     times = [T0, datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC),
              datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC)]
-    events = [make_event(w, f"v{text}", "custom", times[i % len(times)], name=text, url=text, referrer=text,
+    # occurred_at must be within the widget's retention (older events are not stored); received_at is not bound.
+    occurred = [T0, T0 - timedelta(microseconds=1), datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC)]
+    events = [make_event(w, f"v{text}", "custom", occurred[i % len(occurred)], name=text, url=text, referrer=text,
                          properties=props, received_at=times[(i + 1) % len(times)])
               for i, text in enumerate(NASTY)]
     produce(raw_settings, topics.raw_events, events)

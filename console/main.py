@@ -1,0 +1,24 @@
+"""`site-activity console`: the console under uvicorn, bound to SITE_ACTIVITY_HTTP_HOST:SITE_ACTIVITY_CONSOLE_PORT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from console.app import create_app
+from site_activity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: Settings) -> int:
+    config = uvicorn.Config(create_app(settings), host=settings.http_host, port=settings.console_port,
+                            workers=1, lifespan="on", log_config=None, access_log=False, server_header=False)
+    server = uvicorn.Server(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # let uvicorn shut down gracefully, then return an exit code
+        signal.signal(sig, lambda *_: None)
+    log.info("console starting", extra={"host": settings.http_host, "port": settings.console_port})
+    server.run()
+    return 0 if server.started else 1

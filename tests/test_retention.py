@@ -1,0 +1,163 @@
+"""Retention: `site-activity purge` removes exactly the events older than each widget's retention, and events
+that arrive already that old are never stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from site_activity import widgets
+from site_activity.embedded import wait_until
+from site_activity.retention import purge
+from site_activity.settings import Settings
+from tests.conftest import Service, iso, wait_for_rows
+from tests.console_helpers import cli
+
+
+def seed(conn: psycopg.Connection, widget: widgets.Widget, n: int, age: timedelta, visitor: str = "v") -> list[uuid.UUID]:
+    """n events of the widget, `age` ago (a second apart), written straight into the table."""
+    ids = [uuid.uuid4() for _ in range(n)]
+    at = datetime.now(UTC) - age
+    with conn.cursor().copy("COPY visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, url,"
+                            " occurred_at, received_at) FROM STDIN") as copy:
+        for i, event_id in enumerate(ids):
+            copy.write_row((widget.id, event_id, widget.tenant_id, f"{visitor}-{i % 3}", "pageview",
+                            "https://shop.example/", at - timedelta(seconds=i), at))
+    return ids
+
+
+def stored(conn: psycopg.Connection, widget: widgets.Widget) -> set[uuid.UUID]:
+    return {r[0] for r in conn.execute("SELECT event_id FROM visitor_events WHERE widget_id = %s", (widget.id,))}
+
+
+def test_purge_removes_exactly_the_expired_events(settings: Settings, db: psycopg.Connection,
+                                                  make_widget: Callable[..., widgets.Widget]) -> None:
+    short, default, year = make_widget(name="short"), make_widget(name="default"), make_widget(name="year")
+    widgets.set_retention(db, short.id, 7, actor="tests")
+    widgets.set_retention(db, year.id, 365, actor="tests")
+    old = seed(db, short, 7, timedelta(days=30))
+    edge_old = seed(db, short, 1, timedelta(days=7, minutes=5))  # just past the cutoff
+    today = seed(db, short, 5, timedelta(hours=1))
+    edge_new = seed(db, short, 1, timedelta(days=6, hours=23))  # just inside it
+    default_kept = seed(db, default, 4, timedelta(days=30)) + seed(db, default, 2, timedelta(days=89))
+    default_old = seed(db, default, 3, timedelta(days=91))
+    year_kept = seed(db, year, 3, timedelta(days=364))
+    year_old = seed(db, year, 2, timedelta(days=400))
+
+    dry = cli(settings, "purge", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert re.search(rf"{short.id}.*\bshort\b.*\b8\b", dry.stdout), dry.stdout
+    assert stored(db, short) == set(old + edge_old + today + edge_new)  # a dry run deletes nothing
+
+    done = cli(settings, "purge", "--batch-rows", "3")  # several batches per widget
+    assert done.returncode == 0, done.stderr
+    assert stored(db, short) == set(today + edge_new)
+    assert stored(db, default) == set(default_kept)
+    assert stored(db, year) == set(year_kept)
+    assert re.search(rf"{short.id}.*\bshort\b.*\b8\b", done.stdout) and "removed" in done.stdout
+    summary = [json.loads(line) for line in done.stderr.splitlines() if '"purge finished"' in line]
+    assert len(summary) == 1 and summary[0]["rows"] >= 13 and summary[0]["widgets"] >= 3  # the summary log line
+    # A second run finds nothing more to remove.
+    again = purge(settings.postgres_dsn, batch_rows=3)
+    assert {w.widget_id: w.rows for w in again.widgets if w.widget_id in (short.id, default.id, year.id)} == {
+        short.id: 0, default.id: 0, year.id: 0}
+    assert default_old and year_old  # (kept for the reader: these were the ones removed)
+
+
+def test_shortening_retention_takes_effect_at_the_next_purge(settings: Settings, db: psycopg.Connection,
+                                                             make_widget: Callable[..., widgets.Widget]) -> None:
+    w = make_widget()
+    month_old = seed(db, w, 4, timedelta(days=30))
+    recent = seed(db, w, 2, timedelta(days=1, hours=1))
+    purge(settings.postgres_dsn)
+    assert stored(db, w) == set(month_old + recent)  # 90 days: nothing expired
+    widgets.set_retention(db, w.id, 1, actor="tests")
+    purge(settings.postgres_dsn)
+    assert stored(db, w) == set()
+    # Lengthening keeps only what has not been purged yet.
+    widgets.set_retention(db, w.id, 365, actor="tests")
+    assert stored(db, w) == set()
+
+
+def test_events_already_past_retention_are_not_stored(settings: Settings, db: psycopg.Connection,
+                                                      make_widget: Callable[..., widgets.Widget],
+                                                      start_service: Callable[..., Service], api_url: str) -> None:
+    w = make_widget()
+    widgets.set_retention(db, w.id, 7, actor="tests")
+    start_service("sink")
+    start_service("processors")
+    start_service("api")
+    now = datetime.now(UTC)
+
+    def event(age: timedelta) -> dict[str, str]:
+        return {"event_id": str(uuid.uuid4()), "type": "pageview", "url": "https://shop.example/",
+                "occurred_at": iso(now - age)}
+
+    old = [event(timedelta(days=30)), event(timedelta(days=8))]
+    fresh = [event(timedelta(days=6)), event(timedelta(seconds=1))]
+    # The late one arrives after a purge has run: the purge cannot help; the sink must not store it.
+    purge(settings.postgres_dsn)
+    with httpx.Client(base_url=api_url, timeout=10) as api:
+        resp = api.post("/api/widget/track", json={"widget_id": str(w.id), "visitor_id": "late-visitor",
+                                                   "sent_at": iso(now), "events": [*old, *fresh]})
+        assert resp.status_code == 204, resp.text  # accepted: the API does not know retention; nothing to retry
+    rows = wait_for_rows(db, "SELECT event_id FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'",
+                         (w.id,), 2)
+    assert {str(r[0]) for r in rows} == {e["event_id"] for e in fresh}
+    # The session_start the processors derived for the 30-day-old event is just as old: not stored either.
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND occurred_at < now() - interval '7 days'",
+                      (w.id,)).fetchone() == (0,)
+
+    def expired_metric() -> float:
+        text = httpx.get(f"http://127.0.0.1:{settings.sink_http_port}/metrics").text
+        match = re.search(r"^site_activity_sink_rows_expired_total (\S+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    deadline = time.monotonic() + 10
+    while expired_metric() < 2:
+        assert time.monotonic() < deadline, f"rows_expired stayed at {expired_metric()}"
+        time.sleep(0.2)
+
+
+def test_purge_validates_its_batch_size(settings: Settings) -> None:
+    with pytest.raises(ValueError):
+        purge(settings.postgres_dsn, batch_rows=0)
+
+
+def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db: psycopg.Connection,
+                                                          make_widget: Callable[..., widgets.Widget],
+                                                          tmp_path: Path) -> None:
+    """`purge --loop` (the compose service): purges at start and again every interval; SIGTERM ends it cleanly."""
+    w = make_widget()
+    widgets.set_retention(db, w.id, 7, actor="tests")
+    s = settings.model_copy(update={"purge_interval_s": 1.0})
+    log = open(tmp_path / "purge.log", "wb")
+    loop = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "purge", "--loop"],
+                            env={**os.environ, **s.to_env()}, stdout=log, stderr=log)
+    try:
+        seed(db, w, 3, timedelta(days=30))
+        wait_until(lambda: not stored(db, w), 20, "first purge")
+        later = seed(db, w, 2, timedelta(days=8))  # expired rows that appear after the first run
+        kept = seed(db, w, 2, timedelta(days=1))
+        wait_until(lambda: stored(db, w) == set(kept), 20, "a later scheduled purge")
+        assert later
+        loop.send_signal(signal.SIGTERM)
+        assert loop.wait(20) == 0
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait(10)
+        log.close()
