@@ -2,6 +2,12 @@
 
 Every check reads what a customer would see: rows in `visitor_events`. Timers run on Playwright's fake
 clock (`page.clock`), so "after 5 s" costs no real time; network and the pipeline are real.
+
+The fake clock is paused: it moves only when a test moves it, so "nothing was sent yet" holds however
+slow the machine is. Every wait for rows therefore keeps moving it (`Tab.wait_rows`): a request the real
+API answers 503 in a slow broker moment is retried after a backoff on that clock, and must not wait on a
+clock that stands still. Assertions that something was sent *without* a timer read the requests made
+(`posts`, `Pages.relayed`), never rows, so moving the clock while waiting for rows cannot make them pass.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -24,7 +31,7 @@ from starlette.routing import Route as HttpRoute
 
 from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings, wait_for_rows
+from tests.conftest import Service, http_ok, make_settings
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
 from widget.demo_server import ServerThread, start_demo
 
@@ -46,12 +53,14 @@ ROWS = """SELECT event_type, name, url, referrer, properties, user_id, visitor_i
 # as they are answered, so a test can wait for the widget to have handled a response.
 COUNT_POSTS = """
 window.__posts = 0; window.__answered = 0; window.__sizes = []; window.__counts = []; window.__statuses = [];
+window.__ids = [];
 const realFetch = window.fetch;
 window.fetch = function (url, init) {
   if (!String(url).endsWith('%s')) return realFetch.apply(this, arguments);
   window.__posts++;
   window.__sizes.push(new TextEncoder().encode(init.body).length);
   window.__counts.push(JSON.parse(init.body).events.length);
+  window.__ids.push(...JSON.parse(init.body).events.map((e) => e.event_id));
   return realFetch.apply(this, arguments).then(
     (r) => { window.__statuses.push(r.status); return r; },
     (e) => { window.__statuses.push(String(e)); throw e; },
@@ -102,6 +111,13 @@ class Pages:
     port: int
     api_origin: str
     content: dict[str, tuple[str, str, dict[str, str]]] = field(default_factory=dict)
+    relayed: list[dict] = field(default_factory=list)  # events of every POST made through `relay_host`
+
+    @property
+    def relay_host(self) -> str:
+        """A `data-api-host` that forwards to the real API and records what each POST carried, as the server
+        received it: requests of a page that has gone are seen too (the browser reports none of them)."""
+        return self.url("/relay")
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -124,6 +140,13 @@ class Pages:
 def page_server(api_origin: str) -> Iterator[Pages]:
     pages = Pages(free_port(), api_origin)
 
+    async def relay(request: Request) -> Response:
+        body = await request.body()
+        pages.relayed.extend(json.loads(body).get("events", []))
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(api_origin + TRACK_PATH, content=body, headers={"Content-Type": "text/plain"})
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
     async def serve(request: Request) -> Response:
         found = pages.content.get(request.url.path)
         if found is None:  # favicon.ico included: no 404 noise in the console the tests read
@@ -131,7 +154,8 @@ def page_server(api_origin: str) -> Iterator[Pages]:
         body, media_type, headers = found
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-store", **headers})
 
-    app = Starlette(routes=[HttpRoute("/{path:path}", serve)])
+    app = Starlette(routes=[HttpRoute("/relay" + TRACK_PATH, relay, methods=["POST"]),
+                            HttpRoute("/{path:path}", serve)])
     server = ServerThread(app, "127.0.0.1", pages.port).start()
     yield pages
     server.stop()
@@ -141,6 +165,7 @@ def page_server(api_origin: str) -> Iterator[Pages]:
 def pages(page_server: Pages) -> Iterator[Pages]:
     yield page_server
     page_server.content.clear()
+    page_server.relayed.clear()
 
 
 # --- the browser ---------------------------------------------------------------------------------------
@@ -174,6 +199,16 @@ class Tab:
     def posts(self) -> int:
         return self.page.evaluate("window.__posts")
 
+    def wait_rows(self, db: psycopg.Connection, widget_id: str, expected: int, timeout: float = 30.0) -> list[tuple]:
+        """Waits until the widget has `expected` rows, moving the page's paused clock meanwhile (timers and
+        retry backoffs fire), and returns them."""
+        deadline = time.monotonic() + timeout
+        while len(found := db.execute(ROWS, (widget_id,)).fetchall()) < expected:
+            assert time.monotonic() < deadline, f"expected {expected} rows, got {len(found)}: {found[:5]}; {self.warnings}"
+            self.page.clock.run_for(1000)
+            time.sleep(0.2)
+        return found
+
     def wait_answered(self, n: int, timeout: float = 10.0) -> None:
         """Waits (in real time) until `n` POSTs of the current document have been answered."""
         deadline = time.monotonic() + timeout
@@ -193,25 +228,30 @@ class Tab:
         self.page.clock.run_for(FLUSH_MS)
 
 
+def open_tab(context: BrowserContext) -> Tab:
+    """A page with the fake clock installed and paused, and the widget's POSTs counted and recorded."""
+    page = context.new_page()
+    tab = Tab(page, [])
+    page.on("console", lambda m: _record_warning(m, tab.warnings))
+    page.on("pageerror", lambda e: tab.warnings.append(f"pageerror: {e}"))
+    page.add_init_script(COUNT_POSTS)
+    pause_clock(page)
+    return tab
+
+
+def pause_clock(page: Page) -> None:
+    page.clock.install()
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))  # from here on only the test moves it
+
+
 @pytest.fixture
 def tab(context: BrowserContext) -> Tab:
-    """A page with the fake clock installed and the widget's POSTs counted."""
-    page = context.new_page()
-    warnings: list[str] = []
-    page.on("console", lambda m: _record_warning(m, warnings))
-    page.on("pageerror", lambda e: warnings.append(f"pageerror: {e}"))
-    page.add_init_script(COUNT_POSTS)
-    page.clock.install()
-    return Tab(page, warnings)
+    return open_tab(context)
 
 
 def _record_warning(message: ConsoleMessage, into: list[str]) -> None:
     if message.type in ("warning", "error"):
         into.append(message.text)
-
-
-def rows(db: psycopg.Connection, widget_id: str, expected: int) -> list[tuple]:
-    return wait_for_rows(db, ROWS, (widget_id,), expected, timeout=15)
 
 
 def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int) -> list[tuple]:
@@ -220,16 +260,12 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
     tab.wait_loaded()  # else the marker waits in the snippet's queue and the timer is armed after we ran it
     tab.page.evaluate("hydra.track('__end__')")
     deadline = time.monotonic() + 30
-    while True:
-        # Fake time must keep passing: a request answered 503 (a slow broker moment) is retried after a
-        # backoff on the page's clock, which only moves when the test moves it.
-        tab.flush_timer()
-        if db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
-                      (widget_id,)).fetchone():
-            break
+    while not db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
+                         (widget_id,)).fetchone():
         assert time.monotonic() < deadline, f"the end marker was never stored; page warnings: {tab.warnings}"
-        time.sleep(0.5)
-    found = rows(db, widget_id, expected + 1)
+        tab.flush_timer()  # the marker's timer, and the backoff of any retry (a 503 in a slow broker moment)
+        time.sleep(0.2)
+    found = tab.wait_rows(db, widget_id, expected + 1)
     assert len(found) == expected + 1, found
     return [r for r in found if r[1] != "__end__"]
 
@@ -300,29 +336,38 @@ def test_25_events_flush_at_once_and_fewer_after_5_seconds(db, pages, tab, widge
     assert tab.posts() == 0  # pageview + 23 = 24 queued: still waiting
     tab.page.evaluate("hydra.track('burst', {i: 24})")
     assert tab.posts() == 1  # the 25th event flushed at once, no timer involved
-    assert len(rows(db, widget_id, 25)) == 25
+    assert len(tab.wait_rows(db, widget_id, 25)) == 25  # (a 503 would be retried here)
 
-    tab.wait_answered(1)
+    tab.wait_answered(tab.posts())
+    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"  # nothing left to retry
+    before = tab.posts()
     tab.page.evaluate("for (let i = 25; i <= 27; i++) hydra.track('burst', {i})")
     tab.page.clock.run_for(FLUSH_MS - 100)
-    assert tab.posts() == 1  # three events wait for the 5 s timer
+    assert tab.posts() == before  # three events wait for the 5 s timer
     tab.page.clock.run_for(100)
-    assert tab.posts() == 2
-    found = rows(db, widget_id, 28)
+    assert tab.posts() == before + 1
+    found = tab.wait_rows(db, widget_id, 28)
     assert [r[4]["i"] for r in found if r[0] == "custom"] == list(range(1, 28))
 
 
 def test_leaving_the_page_flushes_the_queue(db, pages, tab, widget_id) -> None:
-    second = pages.page("/leave/2", widget_id)
-    first = pages.page("/leave/1", widget_id, f'<a id="next" href="{second}">next</a>')
+    relayed = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{pages.relay_host}" async')
+    second = pages.page("/leave/2", widget_id, head=relayed)
+    first = pages.page("/leave/1", widget_id, f'<a id="next" href="{second}">next</a>', head=relayed)
     tab.page.goto(first)
     tab.page.evaluate("hydra.track('before_leaving', {n: 1}); hydra.track('before_leaving', {n: 2})")
     tab.page.click("#next")  # pagehide: no timer fires, the clock stands still
-    found = rows(db, widget_id, 3)
-    assert [(r[0], r[1], r[2]) for r in found] == [
-        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     tab.page.wait_for_url(second)
+    tab.wait_loaded()
+    # Sent by the first page as it went: the second page sends nothing before its (paused) timer.
+    deadline = time.monotonic() + 10
+    while len(pages.relayed) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(e["type"], e.get("name"), e["url"]) for e in pages.relayed] == [
+        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     found = settled_rows(db, tab, widget_id, 4)
+    assert [(r[0], r[1], r[2]) for r in found[:3]] == [
+        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     assert pageviews(found)[-1] == (second, first)  # the full-page navigation's referrer
 
 
@@ -336,7 +381,7 @@ def test_a_hidden_tab_flushes_the_queue(db, pages, tab, widget_id) -> None:
         document.dispatchEvent(new Event('visibilitychange'));
     }""")
     assert tab.posts() == 1  # at once, no timer
-    assert [r[1] for r in rows(db, widget_id, 2)] == [None, "before_hiding"]
+    assert [r[1] for r in tab.wait_rows(db, widget_id, 2)] == [None, "before_hiding"]
 
 
 def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, widget_id) -> None:
@@ -358,7 +403,7 @@ def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, w
     assert tab.posts() == 1
     tab.page.clock.run_for(501)
     tab.wait_answered(2)
-    assert tab.page.evaluate("window.__statuses") == [503, 204]
+    assert tab.page.evaluate("window.__statuses")[0] == 503  # the real API may answer the retry 503 too
     assert len(bodies) == 2
     ids = [e["event_id"] for e in bodies[0]["events"]]
     assert [e["event_id"] for e in bodies[1]["events"]] == ids
@@ -390,9 +435,14 @@ def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
     tab.page.goto(pages.page("/nul", widget_id))
     tab.page.evaluate("hydra.track('bad\\u0000name'); hydra.track('good')")
     tab.flush_timer()
-    tab.wait_answered(1)
+    deadline = time.monotonic() + 30
+    while 400 not in tab.page.evaluate("window.__statuses"):  # a 503 (slow broker) is retried meanwhile
+        assert time.monotonic() < deadline, tab.page.evaluate("window.__statuses")
+        tab.page.clock.run_for(1000)
+        time.sleep(0.1)
     tab.page.clock.run_for(120_000)  # far beyond any backoff
-    assert tab.posts() == 1 and tab.page.evaluate("window.__statuses") == [400]
+    statuses = tab.page.evaluate("window.__statuses")
+    assert statuses[-1] == 400 and set(statuses[:-1]) <= {503} and tab.posts() == len(statuses), statuses
     assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
     found = settled_rows(db, tab, widget_id, 2)
     assert [r[1] for r in found] == [None, "good"]
@@ -415,7 +465,8 @@ def test_a_backlog_drains_in_chunks_under_the_keepalive_limit(db, pages, tab, wi
     assert sorted(r[4]["i"] for r in found if r[0] == "custom") == list(range(21, 520))  # chunks run in parallel
     assert pageviews(found) == [(second, None)]
     sizes, counts = tab.page.evaluate("window.__sizes"), tab.page.evaluate("window.__counts")
-    assert sum(counts) == 501 and max(counts) <= 100 and max(sizes) <= 60_000, (sizes, counts)
+    ids = tab.page.evaluate("window.__ids")  # a chunk answered 503 is sent again: count each event once
+    assert len(set(ids)) == 501 and max(counts) <= 100 and max(sizes) <= 60_000, (sizes, counts)
     # The first two requests went out together: 100 events, then only as many as fit in the 60 KB budget.
     assert counts[0] == 100 and counts[1] < 100 and 55_000 < sizes[0] + sizes[1] <= 60_000, (sizes, counts)
 
@@ -429,15 +480,14 @@ def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, wid
                                          ignore_default_args=["--disable-back-forward-cache"])
     try:
         page = browser.new_page()
-        page.clock.install()
+        pause_clock(page)
         page.goto(first)
         page.evaluate("window.__first_visit = true")
         page.click("#next")
         page.wait_for_url(second)
         page.go_back(wait_until="commit")  # a restore from the bfcache fires no load event
         page.wait_for_function("document.readyState === 'complete'")
-        page.clock.run_for(FLUSH_MS)
-        found = rows(db, widget_id, 3)
+        found = Tab(page, []).wait_rows(db, widget_id, 3)
         restored = page.evaluate("window.__first_visit === true")
     finally:
         browser.close()
@@ -448,7 +498,9 @@ def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, wid
 def test_visitor_id_persists_across_reloads_and_is_per_origin(db, pages, tab, widget_id) -> None:
     url = pages.page("/who", widget_id)
     tab.page.goto(url)
+    tab.wait_rows(db, widget_id, 1)  # each page's pageview lands before the next: a 503 can be retried
     tab.page.reload()
+    tab.wait_rows(db, widget_id, 2)
     tab.page.goto(pages.url("/who", host="localhost"))
     found = settled_rows(db, tab, widget_id, 3)
     by_host = [(r[2].split("/")[2].split(":")[0], r[6]) for r in found]
@@ -519,8 +571,7 @@ def test_works_under_a_strict_csp(db, pages, tab, widget_id, api_origin, snippet
     tab.page.goto(url)
     tab.wait_loaded()
     assert tab.page.title() != "inline ran"
-    tab.flush_timer()
-    found = rows(db, widget_id, 2)
+    found = tab.wait_rows(db, widget_id, 2)
     assert [(r[0], r[1], r[4]) for r in found] == [("pageview", None, {}), ("custom", "under_csp", {"ok": True})]
     assert len(tab.warnings) == 1 and "inline" in tab.warnings[0], tab.warnings  # only the deliberate one
 
