@@ -31,7 +31,7 @@ from starlette.routing import Route as HttpRoute
 
 from site_activity.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings
+from tests.conftest import Service, http_ok, make_settings, wait_for_rows
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
 from widget.demo_server import ServerThread, start_demo
 
@@ -599,3 +599,161 @@ def test_demo_site(db, tab, widget_id, stack) -> None:
         ("clicked_upgrade", {"plan": "growth", "source": "app"})]
     assert [(r[5], r[4]["email"]) for r in found if r[0] == "identify"] == [("u_88291", "paul@arrakis.example")]
     assert not tab.warnings
+
+
+# --- issue 8: field reports ----------------------------------------------------------------------------
+def stored_queue(tab: Tab, widget_id: str) -> list[dict]:
+    return json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") or "[]")
+
+
+def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, context, widget_id) -> None:
+    """All tabs of an origin share one stored queue: each write merges with what is stored by event id, and
+    a delivery removes exactly the ids it delivered, so no tab erases another's unsent events."""
+    dead_api = f"http://127.0.0.1:{free_port()}"
+    offline = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{dead_api}" async')
+    url_a, url_b, url_d = (pages.page(path, widget_id, head=offline) for path in ("/a", "/b", "/d"))
+    url_c, url_e = pages.page("/c", widget_id), pages.page("/e", widget_id)
+
+    a, b = open_tab(context), open_tab(context)
+    a.page.goto(url_a)
+    a.wait_loaded()
+    b.page.goto(url_b)
+    b.wait_loaded()
+    b.page.evaluate("hydra.track('b_click')")
+    a.page.evaluate("hydra.track('a_click')")
+    a.page.close()
+    b.page.close()
+
+    # D is still open (offline) while C, online, delivers what is stored; D tracks while C's request is out.
+    d = open_tab(context)
+    d.page.goto(url_d)
+    d.wait_loaded()
+    assert [(e["type"], e.get("name"), e["url"]) for e in stored_queue(d, widget_id)] == [
+        ("pageview", None, url_a), ("pageview", None, url_b), ("custom", "b_click", url_b),
+        ("custom", "a_click", url_a), ("pageview", None, url_d)]
+    c = open_tab(context)
+    held: list[Route] = []
+    c.page.route(f"**{TRACK_PATH}", lambda route: held.append(route))
+    c.page.goto(url_c)
+    c.wait_loaded()
+    c.flush_timer()
+    deadline = time.monotonic() + 10
+    while not held:
+        assert time.monotonic() < deadline, "tab C never sent"
+        c.page.evaluate("0")  # sync Playwright runs route handlers inside its calls only
+    d.page.evaluate("hydra.track('d_late')")
+    held[0].continue_()
+    c.wait_answered(1)
+    c.page.unroute(f"**{TRACK_PATH}")
+    assert [e.get("name") for e in stored_queue(c, widget_id)] == ["d_late"]  # removed by id, not overwritten
+    assert [e.get("name") for e in stored_queue(d, widget_id)] == ["d_late"]
+    d.page.close()
+
+    e = open_tab(context)
+    e.page.goto(url_e)
+    found = settled_rows(db, e, widget_id, 8)
+    assert sorted((r[0], r[1] or "", r[2]) for r in found) == sorted([
+        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b), ("custom", "a_click", url_a),
+        ("pageview", "", url_d), ("pageview", "", url_c), ("custom", "d_late", url_d), ("pageview", "", url_e)])
+    assert stored_queue(e, widget_id) == []
+
+
+def test_a_full_storage_keeps_the_visitor_id(db, pages, tab, widget_id) -> None:
+    """localStorage over its quota still reads: the stored visitor id stays, only writes fail."""
+    first, second = pages.page("/p1", widget_id), pages.page("/p2", widget_id)
+    tab.page.goto(first)
+    tab.wait_rows(db, widget_id, 1)
+    tab.wait_answered(tab.posts())
+    stored_id = tab.page.evaluate("localStorage.getItem('hydra_vid')")
+    full = tab.page.evaluate("""() => {
+        let size = 1 << 20, n = 0;
+        while (size >= 1) {
+            try { localStorage.setItem('fill_' + n++, 'x'.repeat(size)); } catch (e) { size = Math.floor(size / 2); }
+        }
+        try { localStorage.setItem('one_more', 'x'); return false; } catch (e) { return true; }
+    }""")
+    assert full
+    tab.page.goto(second)
+    tab.page.evaluate("hydra.track('on_a_full_storage')")
+    found = settled_rows(db, tab, widget_id, 3)
+    assert [(r[0], r[2]) for r in found] == [("pageview", first), ("pageview", second), ("custom", second)]
+    assert {r[6] for r in found} == {stored_id}
+    assert not tab.warnings
+
+
+def test_events_tracked_while_the_page_is_hidden_go_out_at_once(db, pages, tab, widget_id) -> None:
+    """The page's own visibilitychange handler runs after the widget's flush; what it tracks must not wait
+    for a timer that a discarded tab never runs. Likewise after pagehide."""
+    relayed = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{pages.relay_host}" async')
+    tab.page.goto(pages.page("/hidden", widget_id, head=relayed))
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        document.addEventListener('visibilitychange', () => {
+            if (document.visibilityState === 'hidden') hydra.track('time_on_page', {seconds: 42});
+        }, {once: true});  // closing the tab hides it again
+        addEventListener('pagehide', () => hydra.track('after_pagehide'));
+        Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    assert tab.posts() == 2  # the widget's own flush, then time_on_page at once: no timer ran
+    tab.page.close()  # the tab is discarded: no timer of this page ever runs again
+    deadline = time.monotonic() + 10
+    while len(pages.relayed) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e.get("name") for e in pages.relayed] == [None, "time_on_page", "after_pagehide"], pages.relayed
+    found = wait_for_rows(db, ROWS, (widget_id,), 3)
+    assert [(r[0], r[1]) for r in found] == [("pageview", None), ("custom", "time_on_page"), ("custom", "after_pagehide")]
+
+
+def test_url_fragments_are_never_stored(db, pages, tab, widget_id) -> None:
+    """Fragments carry secrets (OAuth implicit flow: #access_token=…): no url or referrer keeps one."""
+    callback = pages.page("/auth/callback", widget_id)
+    account, settings = pages.url("/account"), pages.url("/settings")
+    tab.page.goto(callback + "#access_token=tok_FAKE&refresh_token=rt_FAKE")
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        hydra.track('signed_in');                                  // url still has the hash
+        history.pushState({}, '', '/account#tab=keys&key=sk_FAKE'); // referrer had the hash, url has one
+        history.replaceState({}, '', '/account');                   // the app clears it
+        history.pushState({}, '', '/settings');
+    }""")
+    found = settled_rows(db, tab, widget_id, 4)
+    assert [(r[0], r[2], r[3]) for r in found] == [
+        ("pageview", callback, None), ("custom", callback, None), ("pageview", account, callback),
+        ("pageview", settings, account)]
+    every = db.execute("SELECT url, referrer FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchall()
+    assert not [r for r in every if "#" in (r[0] or "") + (r[1] or "") or "FAKE" in (r[0] or "") + (r[1] or "")]
+
+
+def test_url_tidying_by_replace_state_is_not_a_pageview(db, pages, tab, widget_id) -> None:
+    """replaceState keeping the path (utm_* stripped, a search box's ?q=) tidies the URL of the same page;
+    pushState and popstate to another URL are new pages, even on the same path."""
+    landing = pages.page("/landing", widget_id) + "?utm_source=newsletter&utm_campaign=fall"
+    tab.page.goto(landing)
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        history.replaceState({}, '', '/landing');
+        for (const q of ['s', 'sh', 'sho']) history.replaceState({}, '', '/landing?q=' + q);
+        hydra.track('searched');
+        history.pushState({}, '', '/landing?q=sho&page=2');
+    }""")
+    tab.page.go_back()  # popstate to /landing?q=sho
+    found = settled_rows(db, tab, widget_id, 4)
+    tidied, page2 = pages.url("/landing?q=sho"), pages.url("/landing?q=sho&page=2")
+    assert [(r[0], r[2], r[3]) for r in found] == [
+        ("pageview", landing, None), ("custom", tidied, None), ("pageview", page2, tidied),
+        ("pageview", tidied, page2)]
+
+
+def test_identify_refuses_placeholder_user_ids(db, pages, tab, widget_id) -> None:
+    """Ids that are a bug in the caller's code ("undefined", "[object Object]", …) would merge strangers
+    into one contact: refused with a warning, never sent. The API refuses the same list."""
+    placeholders = ["undefined", "UNDEFINED", "null", " Null ", "None", "nil", "NaN", "0", "-1", "true", "False",
+                    "[object Object]", "anonymous", "Guest", "", "   ", "\t\n"]
+    tab.page.goto(pages.page("/placeholders", widget_id))
+    tab.page.evaluate("ids => { for (const id of ids) hydra.identify(id, {plan: 'x'}); }", placeholders)
+    tab.page.evaluate("hydra.identify(0); hydra.identify(-1); hydra.identify(String({})); hydra.identify('u_0')")
+    found = settled_rows(db, tab, widget_id, 2)
+    assert [(r[0], r[5]) for r in found] == [("pageview", None), ("identify", "u_0")]
+    assert len(tab.warnings) == len(placeholders) + 3, tab.warnings
+    assert all(w.startswith("[hydra] identify:") for w in tab.warnings), tab.warnings
