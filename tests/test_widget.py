@@ -211,12 +211,17 @@ class Tab:
     def posts(self) -> int:
         return self.page.evaluate("window.__posts")
 
+    def statuses(self) -> list:
+        """The answers to the current document's POSTs so far (HTTP status, or the network error)."""
+        return self.page.evaluate("window.__statuses")
+
     def wait_rows(self, db: psycopg.Connection, widget_id: str, expected: int, timeout: float = WAIT_S) -> list[tuple]:
         """Waits until the widget has `expected` rows, moving the page's paused clock meanwhile (timers and
         retry backoffs fire), and returns them."""
         deadline = time.monotonic() + timeout
         while len(found := db.execute(ROWS, (widget_id,)).fetchall()) < expected:
-            assert time.monotonic() < deadline, f"expected {expected} rows, got {len(found)}: {found[:5]}; {self.warnings}"
+            assert time.monotonic() < deadline, (f"expected {expected} rows, got {len(found)}: {found[:5]}; "
+                                                 f"answers: {self.statuses()}; warnings: {self.warnings}")
             self.page.clock.run_for(1000)
             time.sleep(0.2)
         return found
@@ -279,12 +284,19 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
     deadline = time.monotonic() + WAIT_S
     while not db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
                          (widget_id,)).fetchone():
-        assert time.monotonic() < deadline, f"the end marker was never stored; page warnings: {tab.warnings}"
+        assert time.monotonic() < deadline, (f"the end marker was never stored; answers: {tab.statuses()}; "
+                                             f"warnings: {tab.warnings}")
         tab.flush_timer()  # the marker's timer, and the backoff of any retry (a 503 in a slow broker moment)
         time.sleep(0.2)
     found = tab.wait_rows(db, widget_id, expected + 1)
     assert len(found) == expected + 1, found
     return [r for r in found if r[1] != "__end__"]
+
+
+def stored_queue(tab: Tab, widget_id: str) -> list[dict]:
+    """The unsent events in the page origin's localStorage: every page's queue key of the widget."""
+    return tab.page.evaluate("""prefix => Object.keys(localStorage).filter((k) => k.startsWith(prefix)).sort()
+        .flatMap((k) => JSON.parse(localStorage.getItem(k)))""", f"hydra_q_{widget_id}:")
 
 
 def pageviews(found: list[tuple]) -> list[tuple[str, str | None]]:
@@ -357,7 +369,7 @@ def test_25_events_flush_at_once_and_fewer_after_5_seconds(db, pages, tab, widge
     assert len(tab.wait_rows(db, widget_id, 25)) == 25  # (a 503 would be retried here)
 
     tab.wait_answered(tab.posts())
-    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"  # nothing left to retry
+    assert stored_queue(tab, widget_id) == []  # nothing left to retry
     before = tab.posts()
     tab.page.evaluate("for (let i = 25; i <= 27; i++) hydra.track('burst', {i})")
     tab.page.clock.run_for(FLUSH_MS - 100)
@@ -419,7 +431,7 @@ def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, w
     assert tab.posts() == 1
     tab.page.clock.run_for(501)
     tab.wait_answered(2)
-    assert tab.page.evaluate("window.__statuses")[0] == 503  # the real API may answer the retry 503 too
+    assert tab.statuses()[0] == 503  # the real API may answer the retry 503 too
     assert len(bodies) == 2
     ids = [e["event_id"] for e in bodies[0]["events"]]
     assert [e["event_id"] for e in bodies[1]["events"]] == ids
@@ -438,12 +450,12 @@ def test_unsent_events_survive_a_navigation(db, pages, tab, widget_id) -> None:
     tab.flush_timer()
     tab.wait_answered(1)
     tab.page.goto(second)  # the pagehide flush fails too
-    stored = json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))
+    stored = stored_queue(tab, widget_id)
     assert [e.get("name") for e in stored] == [None, "while_offline", None]  # pageview 1, track, pageview 2
     tab.page.unroute(f"**{TRACK_PATH}")
     found = settled_rows(db, tab, widget_id, 3)
     assert [(r[0], r[2]) for r in found] == [("pageview", first), ("custom", first), ("pageview", second)]
-    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+    assert stored_queue(tab, widget_id) == []
 
 
 def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
@@ -452,14 +464,14 @@ def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
     tab.page.evaluate("hydra.track('bad\\u0000name'); hydra.track('good')")
     tab.flush_timer()
     deadline = time.monotonic() + WAIT_S
-    while 400 not in tab.page.evaluate("window.__statuses"):  # a 503 (slow broker) is retried meanwhile
-        assert time.monotonic() < deadline, tab.page.evaluate("window.__statuses")
+    while 400 not in tab.statuses():  # a 503 (slow broker) is retried meanwhile
+        assert time.monotonic() < deadline, tab.statuses()
         tab.page.clock.run_for(1000)
         time.sleep(0.1)
     tab.page.clock.run_for(120_000)  # far beyond any backoff
-    statuses = tab.page.evaluate("window.__statuses")
+    statuses = tab.statuses()
     assert statuses[-1] == 400 and set(statuses[:-1]) <= {503} and tab.posts() == len(statuses), statuses
-    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+    assert stored_queue(tab, widget_id) == []
     found = settled_rows(db, tab, widget_id, 2)
     assert [r[1] for r in found] == [None, "good"]
 
@@ -474,7 +486,7 @@ def test_a_backlog_drains_in_chunks_under_the_keepalive_limit(db, pages, tab, wi
     tab.page.goto(first)
     tab.page.evaluate("for (let i = 1; i <= 519; i++) hydra.track('offline', {i, pad: 'x'.repeat(200)})")
     assert tab.posts() >= 1 and all(size <= 60_000 for size in tab.page.evaluate("window.__sizes"))
-    assert len(json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))) == 500
+    assert len(stored_queue(tab, widget_id)) == 500
     tab.page.goto(second)
     found = settled_rows(db, tab, widget_id, 500)
     # pageview 1 and i=1..19 were dropped offline; this page's own pageview pushed out i=20
@@ -618,13 +630,9 @@ def test_demo_site(db, tab, widget_id, stack) -> None:
 
 
 # --- issue 8: field reports ----------------------------------------------------------------------------
-def stored_queue(tab: Tab, widget_id: str) -> list[dict]:
-    return json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") or "[]")
-
-
-def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, context, widget_id) -> None:
-    """All tabs of an origin share one stored queue: each write merges with what is stored by event id, and
-    a delivery removes exactly the ids it delivered, so no tab erases another's unsent events."""
+def test_tabs_of_an_origin_never_erase_each_others_unsent_events(db, pages, context, widget_id) -> None:
+    """Offline tabs /a and /b each keep their unsent events; a later page sends them all. A tab still open
+    keeps tracking while another page delivers what it adopted, and loses nothing either."""
     dead_api = f"http://127.0.0.1:{free_port()}"
     offline = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{dead_api}" async')
     url_a, url_b, url_d = (pages.page(path, widget_id, head=offline) for path in ("/a", "/b", "/d"))
@@ -636,7 +644,7 @@ def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, contex
     b.page.goto(url_b)
     b.wait_loaded()
     b.page.evaluate("hydra.track('b_click')")
-    a.page.evaluate("hydra.track('a_click')")
+    a.page.evaluate("hydra.track('a_click')")  # at once: tabs run in separate processes
     a.page.close()
     b.page.close()
 
@@ -644,9 +652,9 @@ def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, contex
     d = open_tab(context)
     d.page.goto(url_d)
     d.wait_loaded()
-    assert [(e["type"], e.get("name"), e["url"]) for e in stored_queue(d, widget_id)] == [
-        ("pageview", None, url_a), ("pageview", None, url_b), ("custom", "b_click", url_b),
-        ("custom", "a_click", url_a), ("pageview", None, url_d)]
+    assert sorted((e["type"], e.get("name") or "", e["url"]) for e in stored_queue(d, widget_id)) == sorted([
+        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b),
+        ("custom", "a_click", url_a), ("pageview", "", url_d)])
     c = open_tab(context)
     held: list[Route] = []
     c.page.route(f"**{TRACK_PATH}", lambda route: held.append(route))
@@ -661,8 +669,7 @@ def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, contex
     held[0].continue_()
     c.wait_answered(1)
     c.page.unroute(f"**{TRACK_PATH}")
-    assert [e.get("name") for e in stored_queue(c, widget_id)] == ["d_late"]  # removed by id, not overwritten
-    assert [e.get("name") for e in stored_queue(d, widget_id)] == ["d_late"]
+    assert "d_late" in [e.get("name") for e in stored_queue(c, widget_id)]
     d.page.close()
 
     e = open_tab(context)
@@ -672,6 +679,22 @@ def test_tabs_share_the_retry_queue_without_erasing_each_other(db, pages, contex
         ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b), ("custom", "a_click", url_a),
         ("pageview", "", url_d), ("pageview", "", url_c), ("custom", "d_late", url_d), ("pageview", "", url_e)])
     assert stored_queue(e, widget_id) == []
+
+
+def test_events_left_by_the_previous_widget_version_are_sent(db, pages, tab, widget_id) -> None:
+    """Before one queue key per page, all pages shared `hydra_q_<widget>`: what a visitor has there goes out."""
+    blank = pages.add("/blank", "<!doctype html><p>no widget here</p>")
+    left = {"type": "custom", "name": "left_by_v1", "event_id": str(uuid.uuid4()), "url": blank,
+            "occurred_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "properties": {}}
+    tab.page.goto(blank)
+    tab.page.evaluate("([key, value]) => localStorage.setItem(key, value)",
+                      [f"hydra_q_{widget_id}", json.dumps([left])])
+    tab.page.goto(pages.page("/v2", widget_id))
+    found = settled_rows(db, tab, widget_id, 2)
+    assert sorted((r[0], r[1] or "") for r in found) == [("custom", "left_by_v1"), ("pageview", "")]
+    assert [r[7] for r in found if r[0] == "custom"] == [left["event_id"]]
+    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") is None
 
 
 def test_a_full_storage_keeps_the_visitor_id(db, pages, tab, widget_id) -> None:

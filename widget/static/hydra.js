@@ -120,55 +120,55 @@
   }
 
   // --- the queue -------------------------------------------------------------------------------
-  // q holds the events this page sends and that the server has not answered yet, oldest first: its own,
-  // and those it found stored at load (left by pages that closed unsent). localStorage (one key per widget)
-  // holds the unsent events of all tabs of the origin, so a navigation or a closed tab does not lose them.
-  // Tabs share that key: every write merges by event id with what is stored now, never overwrites it.
-  // `busy` marks events in a request; `stored` those this page has seen in storage; `sent` those answered.
-  function loadQueue() {
-    if (!storage) return null;
+  // q holds the events this page sends and the server has not answered yet, oldest first, mirrored to
+  // localStorage so a navigation or a closed tab does not lose them. Each page writes only its own key
+  // (QUEUE_PREFIX + widget + ':' + a page id): the tabs of an origin run in separate processes, where a
+  // read-modify-write of one shared key can read another tab's write late and erase it. At load a page
+  // adopts the keys other pages left (closed before their events were answered), sends those events and
+  // removes the keys once its own holds them. A tab still open whose key was adopted sends its events too:
+  // twice is harmless, the pipeline keeps one row per event id. `busy` marks events in a request.
+  function readQueue(key) {
     try {
-      var stored = JSON.parse(load(queueKey) || '[]');
-      return Array.isArray(stored) ? stored : null;
+      var value = JSON.parse(load(key) || '[]');
+      return Array.isArray(value) ? value : [];
     } catch (e) {
-      return null; // unreadable: neither trust it nor conclude anything from what it lacks
+      return []; // not ours to read (edited, or written by other code)
     }
   }
 
   var busy = {};
-  var stored = {};
-  var sent = {};
   var inflightBytes = 0;
   var timer = 0;
   var retryAt = 0;
   var backoff = BACKOFF_MIN_MS;
 
-  function idSet(events, into) {
-    events.forEach(function (e) { into[e.event_id] = 1; });
-    return into;
-  }
-
-  function only(events, set, inSet) {
-    return events.filter(function (e) { return !!set[e.event_id] === inSet; });
-  }
-
-  // An event of ours that was stored and is gone from storage now was sent by another tab (or dropped by
-  // its cap): this page forgets it too. Returns the ids in storage.
-  function forgetGone(theirs) {
-    var inStore = idSet(theirs, {});
-    q = q.filter(function (e) { return inStore[e.event_id] || !stored[e.event_id]; });
-    return inStore;
-  }
-
-  // Read-modify-write of the shared queue: what is stored now, minus what this page sent, plus this page's
-  // events not stored yet, in the order they were written (not by occurred_at: device clocks jump); the
-  // last STORED_CAP written are kept.
+  // Returns whether the queue is stored (an empty queue leaves no key behind).
   function persist() {
-    var theirs = loadQueue();
-    if (!theirs) return; // blocked or unreadable: the queue lives in this page only
-    var merged = only(theirs, sent, false).concat(only(q, forgetGone(theirs), false)).slice(-STORED_CAP);
-    q = only(q, idSet(merged, {}), true);
-    if (save(queueKey, JSON.stringify(merged))) idSet(merged, stored);
+    if (q.length) return save(queueKey, JSON.stringify(q));
+    try { storage.removeItem(queueKey); } catch (e) { /* blocked: nothing was stored */ }
+    return false;
+  }
+
+  // The keys of this widget's queues left by other pages (and the single shared key of older versions).
+  function adoptQueues(legacyKey) {
+    var keys = [];
+    try {
+      for (var i = 0; i < storage.length; i++) {
+        var key = storage.key(i);
+        if (key === legacyKey || key.indexOf(legacyKey + ':') === 0) keys.push(key);
+      }
+    } catch (e) {
+      return; // blocked: nothing to adopt
+    }
+    var have = {};
+    keys.forEach(function (key) {
+      readQueue(key).forEach(function (e) {
+        if (!have[e.event_id]) q.push(e);
+        have[e.event_id] = 1;
+      });
+    });
+    if (q.length > STORED_CAP) q.splice(0, q.length - STORED_CAP);
+    if (!q.length || persist()) keys.forEach(function (key) { storage.removeItem(key); });
   }
 
   function unsentCount() {
@@ -238,8 +238,7 @@
       ids.forEach(function (id) { delete busy[id]; });
       if (delivered) {
         // 2xx, or a 4xx: the server kept the valid events of the batch and retrying cannot fix the rest.
-        ids.forEach(function (id) { sent[id] = 1; });
-        q = q.filter(function (e) { return !sent[e.event_id]; });
+        q = q.filter(function (e) { return ids.indexOf(e.event_id) < 0; });
         persist();
         backoff = BACKOFF_MIN_MS;
         retryAt = 0;
@@ -352,9 +351,9 @@
     endpoint = apiHost.replace(/\/+$/, '') + ENDPOINT_PATH;
     storage = openStorage();
     visitorId = loadVisitorId();
-    queueKey = 'hydra_q_' + widgetId;
-    q = loadQueue() || [];
-    idSet(q, stored);
+    queueKey = 'hydra_q_' + widgetId + ':' + uuid();
+    q = [];
+    adoptQueues('hydra_q_' + widgetId);
 
     var api = { track: guarded(track), identify: guarded(identify), _loaded: true };
     var queued = existing && Array.isArray(existing._q) ? existing._q : [];
@@ -381,10 +380,9 @@
     document.addEventListener('visibilitychange', function () {
       if (document.visibilityState === 'hidden') leave();
     });
-    // Another tab wrote the shared queue: forget what it sent of ours (a read; writes happen in persist()).
+    // A page loaded meanwhile adopted our key: store our queue again, it may have read an older version.
     window.addEventListener('storage', guarded(function (e) {
-      var theirs = e.key === queueKey && loadQueue();
-      if (theirs) forgetGone(theirs);
+      if (e.key === queueKey && e.newValue === null) persist();
     }));
     // A page restored from the back/forward cache is a new view of it without a new load.
     window.addEventListener('pageshow', guarded(function (e) {
