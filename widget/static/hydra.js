@@ -122,7 +122,7 @@
   // --- the queue -------------------------------------------------------------------------------
   // q holds the events this page sends and the server has not answered yet, oldest first, mirrored to
   // localStorage so a navigation or a closed tab does not lose them. Each page writes only its own key
-  // (QUEUE_PREFIX + widget + ':' + a page id): the tabs of an origin run in separate processes, where a
+  // ('hydra_q_' + widget + ':' + a page id): the tabs of an origin run in separate processes, where a
   // read-modify-write of one shared key can read another tab's write late and erase it. At load a page
   // adopts the keys other pages left (closed before their events were answered), sends those events and
   // removes the keys once its own holds them. A tab still open whose key was adopted sends its events too:
@@ -163,8 +163,9 @@
     var have = {};
     keys.forEach(function (key) {
       readQueue(key).forEach(function (e) {
-        if (!have[e.event_id]) q.push(e);
+        if (!e || !e.event_id || have[e.event_id]) return; // a copy adopted already, or not our event
         have[e.event_id] = 1;
+        q.push(e);
       });
     });
     if (q.length > STORED_CAP) q.splice(0, q.length - STORED_CAP);
