@@ -2,6 +2,15 @@
 
 Every check reads what a customer would see: rows in `visitor_events`. Timers run on Playwright's fake
 clock (`page.clock`), so "after 5 s" costs no real time; network and the pipeline are real.
+
+The fake clock flows with real time, and every wait for rows moves it ahead as well (`Tab.wait_rows`):
+a request the real API answers 503 in a slow broker moment is retried after a backoff on that clock, which
+must never stand still while a test waits for the retry's rows. Only single-page tests that assert
+"nothing was sent yet" pause it (`pause_clock`), so that holds however slow the machine is; their waits
+move it. (A paused clock across page loads would give the next page the same milliseconds, and events of
+two pages re-sent in one request could then be stored out of order.) Assertions that something was sent
+*without* a timer read the requests made (`posts`, `Pages.relayed`), never rows, so moving the clock while
+waiting for rows cannot make them pass.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -24,7 +34,7 @@ from starlette.routing import Route as HttpRoute
 
 from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings, wait_for_rows
+from tests.conftest import Service, http_ok, make_settings
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
 from widget.demo_server import ServerThread, start_demo
 
@@ -35,6 +45,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 TRACK_PATH = "/api/widget/track"
 FLUSH_MS = 5000
+WAIT_S = 30  # upper bound of every wait on a condition: generous, a loaded machine must not fail a test
 
 # Delivery order, then client order within a request. Not occurred_at alone: the fake clock jumps 5 s
 # ahead of real time, and the server's skew correction (rightly) moves such batches back in time.
@@ -46,12 +57,14 @@ ROWS = """SELECT event_type, name, url, referrer, properties, user_id, visitor_i
 # as they are answered, so a test can wait for the widget to have handled a response.
 COUNT_POSTS = """
 window.__posts = 0; window.__answered = 0; window.__sizes = []; window.__counts = []; window.__statuses = [];
+window.__ids = [];
 const realFetch = window.fetch;
 window.fetch = function (url, init) {
   if (!String(url).endsWith('%s')) return realFetch.apply(this, arguments);
   window.__posts++;
   window.__sizes.push(new TextEncoder().encode(init.body).length);
   window.__counts.push(JSON.parse(init.body).events.length);
+  window.__ids.push(...JSON.parse(init.body).events.map((e) => e.event_id));
   return realFetch.apply(this, arguments).then(
     (r) => { window.__statuses.push(r.status); return r; },
     (e) => { window.__statuses.push(String(e)); throw e; },
@@ -87,7 +100,7 @@ def widget_id(make_widget: Callable, api_origin: str) -> str:
     """A fresh enabled widget the API already knows (a 404 would make the widget drop the events)."""
     wid = str(make_widget().id)
     body = {"widget_id": wid, "visitor_id": "warm-up", "sent_at": "2026-01-01T00:00:00Z", "events": []}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while httpx.post(api_origin + TRACK_PATH, json=body).status_code != 204:
         assert time.monotonic() < deadline, "the API never learned about the new widget"
         time.sleep(0.1)
@@ -102,6 +115,21 @@ class Pages:
     port: int
     api_origin: str
     content: dict[str, tuple[str, str, dict[str, str]]] = field(default_factory=dict)
+    relayed: list[dict] = field(default_factory=list)  # events of every POST made through `relay_host`
+
+    @property
+    def relay_host(self) -> str:
+        """A `data-api-host` that forwards to the real API and records what each POST carried, as the server
+        received it: requests of a page that has gone are seen too (the browser reports none of them)."""
+        return self.url("/relay")
+
+    def wait_relayed(self, n: int) -> list[dict]:
+        """The events relayed once at least `n` were (real time only: no page clock is moved)."""
+        deadline = time.monotonic() + WAIT_S
+        while len(self.relayed) < n:
+            assert time.monotonic() < deadline, f"only {len(self.relayed)} events relayed, wanted {n}"
+            time.sleep(0.05)
+        return self.relayed
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -124,6 +152,13 @@ class Pages:
 def page_server(api_origin: str) -> Iterator[Pages]:
     pages = Pages(free_port(), api_origin)
 
+    async def relay(request: Request) -> Response:
+        body = await request.body()
+        pages.relayed.extend(json.loads(body).get("events", []))
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(api_origin + TRACK_PATH, content=body, headers={"Content-Type": "text/plain"})
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
     async def serve(request: Request) -> Response:
         found = pages.content.get(request.url.path)
         if found is None:  # favicon.ico included: no 404 noise in the console the tests read
@@ -131,7 +166,8 @@ def page_server(api_origin: str) -> Iterator[Pages]:
         body, media_type, headers = found
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-store", **headers})
 
-    app = Starlette(routes=[HttpRoute("/{path:path}", serve)])
+    app = Starlette(routes=[HttpRoute("/relay" + TRACK_PATH, relay, methods=["POST"]),
+                            HttpRoute("/{path:path}", serve)])
     server = ServerThread(app, "127.0.0.1", pages.port).start()
     yield pages
     server.stop()
@@ -141,6 +177,7 @@ def page_server(api_origin: str) -> Iterator[Pages]:
 def pages(page_server: Pages) -> Iterator[Pages]:
     yield page_server
     page_server.content.clear()
+    page_server.relayed.clear()
 
 
 # --- the browser ---------------------------------------------------------------------------------------
@@ -174,14 +211,29 @@ class Tab:
     def posts(self) -> int:
         return self.page.evaluate("window.__posts")
 
-    def wait_answered(self, n: int, timeout: float = 10.0) -> None:
+    def statuses(self) -> list:
+        """The answers to the current document's POSTs so far (HTTP status, or the network error)."""
+        return self.page.evaluate("window.__statuses")
+
+    def wait_rows(self, db: psycopg.Connection, widget_id: str, expected: int, timeout: float = WAIT_S) -> list[tuple]:
+        """Waits until the widget has `expected` rows, moving the page's paused clock meanwhile (timers and
+        retry backoffs fire), and returns them."""
+        deadline = time.monotonic() + timeout
+        while len(found := db.execute(ROWS, (widget_id,)).fetchall()) < expected:
+            assert time.monotonic() < deadline, (f"expected {expected} rows, got {len(found)}: {found[:5]}; "
+                                                 f"answers: {self.statuses()}; warnings: {self.warnings}")
+            self.page.clock.run_for(1000)
+            time.sleep(0.2)
+        return found
+
+    def wait_answered(self, n: int, timeout: float = WAIT_S) -> None:
         """Waits (in real time) until `n` POSTs of the current document have been answered."""
         deadline = time.monotonic() + timeout
         while self.page.evaluate("window.__answered") < n:
             assert time.monotonic() < deadline, f"only {self.page.evaluate('window.__answered')} answers, wanted {n}"
             time.sleep(0.05)
 
-    def wait_loaded(self, timeout: float = 10.0) -> None:
+    def wait_loaded(self, timeout: float = WAIT_S) -> None:
         """Waits for widget.js itself (not just the snippet) on the current document."""
         deadline = time.monotonic() + timeout
         while not self.page.evaluate("!!(window.hydra && window.hydra._loaded)"):
@@ -193,25 +245,35 @@ class Tab:
         self.page.clock.run_for(FLUSH_MS)
 
 
-@pytest.fixture
-def tab(context: BrowserContext) -> Tab:
+def open_tab(context: BrowserContext) -> Tab:
     """A page with the fake clock installed and the widget's POSTs counted."""
     page = context.new_page()
-    warnings: list[str] = []
-    page.on("console", lambda m: _record_warning(m, warnings))
-    page.on("pageerror", lambda e: warnings.append(f"pageerror: {e}"))
+    tab = Tab(page, [])
+    page.on("console", lambda m: _record_warning(m, tab.warnings))
+    page.on("pageerror", lambda e: tab.warnings.append(f"pageerror: {e}"))
     page.add_init_script(COUNT_POSTS)
     page.clock.install()
-    return Tab(page, warnings)
+    return tab
+
+
+def pause_clock(tab: Tab) -> None:
+    """From here on only the test moves the page's clock (call before the page loads)."""
+    tab.page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))
+
+
+@pytest.fixture
+def tab(context: BrowserContext) -> Tab:
+    return open_tab(context)
+
+
+# Chromium logs every failed request; a 503 from the real API in a slow broker moment is retried by the
+# widget (the tests then check the rows), so it is no warning of the page's.
+RETRIED_RESPONSE = "Failed to load resource: the server responded with a status of 503"
 
 
 def _record_warning(message: ConsoleMessage, into: list[str]) -> None:
-    if message.type in ("warning", "error"):
+    if message.type in ("warning", "error") and not message.text.startswith(RETRIED_RESPONSE):
         into.append(message.text)
-
-
-def rows(db: psycopg.Connection, widget_id: str, expected: int) -> list[tuple]:
-    return wait_for_rows(db, ROWS, (widget_id,), expected, timeout=15)
 
 
 def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int) -> list[tuple]:
@@ -219,19 +281,22 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
     (so an unwanted extra event, e.g. a duplicate pageview, sent before the marker fails the count)."""
     tab.wait_loaded()  # else the marker waits in the snippet's queue and the timer is armed after we ran it
     tab.page.evaluate("hydra.track('__end__')")
-    deadline = time.monotonic() + 30
-    while True:
-        # Fake time must keep passing: a request answered 503 (a slow broker moment) is retried after a
-        # backoff on the page's clock, which only moves when the test moves it.
-        tab.flush_timer()
-        if db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
-                      (widget_id,)).fetchone():
-            break
-        assert time.monotonic() < deadline, f"the end marker was never stored; page warnings: {tab.warnings}"
-        time.sleep(0.5)
-    found = rows(db, widget_id, expected + 1)
+    deadline = time.monotonic() + WAIT_S
+    while not db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
+                         (widget_id,)).fetchone():
+        assert time.monotonic() < deadline, (f"the end marker was never stored; answers: {tab.statuses()}; "
+                                             f"warnings: {tab.warnings}")
+        tab.flush_timer()  # the marker's timer, and the backoff of any retry (a 503 in a slow broker moment)
+        time.sleep(0.2)
+    found = tab.wait_rows(db, widget_id, expected + 1)
     assert len(found) == expected + 1, found
     return [r for r in found if r[1] != "__end__"]
+
+
+def stored_queue(tab: Tab, widget_id: str) -> list[dict]:
+    """The unsent events in the page origin's localStorage: every page's queue key of the widget."""
+    return tab.page.evaluate("""prefix => Object.keys(localStorage).filter((k) => k.startsWith(prefix)).sort()
+        .flatMap((k) => JSON.parse(localStorage.getItem(k)))""", f"hydra_q_{widget_id}:")
 
 
 def pageviews(found: list[tuple]) -> list[tuple[str, str | None]]:
@@ -295,34 +360,41 @@ def test_sync_script_without_snippet(db, pages, tab, widget_id) -> None:
 
 
 def test_25_events_flush_at_once_and_fewer_after_5_seconds(db, pages, tab, widget_id) -> None:
+    pause_clock(tab)
     tab.page.goto(pages.page("/burst", widget_id))
     tab.page.evaluate("for (let i = 1; i <= 23; i++) hydra.track('burst', {i})")
     assert tab.posts() == 0  # pageview + 23 = 24 queued: still waiting
     tab.page.evaluate("hydra.track('burst', {i: 24})")
     assert tab.posts() == 1  # the 25th event flushed at once, no timer involved
-    assert len(rows(db, widget_id, 25)) == 25
+    assert len(tab.wait_rows(db, widget_id, 25)) == 25  # (a 503 would be retried here)
 
-    tab.wait_answered(1)
+    tab.wait_answered(tab.posts())
+    assert stored_queue(tab, widget_id) == []  # nothing left to retry
+    before = tab.posts()
     tab.page.evaluate("for (let i = 25; i <= 27; i++) hydra.track('burst', {i})")
     tab.page.clock.run_for(FLUSH_MS - 100)
-    assert tab.posts() == 1  # three events wait for the 5 s timer
+    assert tab.posts() == before  # three events wait for the 5 s timer
     tab.page.clock.run_for(100)
-    assert tab.posts() == 2
-    found = rows(db, widget_id, 28)
+    assert tab.posts() == before + 1
+    found = tab.wait_rows(db, widget_id, 28)
     assert [r[4]["i"] for r in found if r[0] == "custom"] == list(range(1, 28))
 
 
 def test_leaving_the_page_flushes_the_queue(db, pages, tab, widget_id) -> None:
-    second = pages.page("/leave/2", widget_id)
-    first = pages.page("/leave/1", widget_id, f'<a id="next" href="{second}">next</a>')
+    relayed = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{pages.relay_host}" async')
+    second = pages.page("/leave/2", widget_id, head=relayed)
+    first = pages.page("/leave/1", widget_id, f'<a id="next" href="{second}">next</a>', head=relayed)
     tab.page.goto(first)
     tab.page.evaluate("hydra.track('before_leaving', {n: 1}); hydra.track('before_leaving', {n: 2})")
     tab.page.click("#next")  # pagehide: no timer fires, the clock stands still
-    found = rows(db, widget_id, 3)
-    assert [(r[0], r[1], r[2]) for r in found] == [
-        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     tab.page.wait_for_url(second)
+    tab.wait_loaded()
+    # Sent by the first page as it went, before the second page's 5 s timer could send anything.
+    assert [(e["type"], e.get("name"), e["url"]) for e in pages.wait_relayed(3)[:3]] == [
+        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     found = settled_rows(db, tab, widget_id, 4)
+    assert [(r[0], r[1], r[2]) for r in found[:3]] == [
+        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
     assert pageviews(found)[-1] == (second, first)  # the full-page navigation's referrer
 
 
@@ -336,7 +408,7 @@ def test_a_hidden_tab_flushes_the_queue(db, pages, tab, widget_id) -> None:
         document.dispatchEvent(new Event('visibilitychange'));
     }""")
     assert tab.posts() == 1  # at once, no timer
-    assert [r[1] for r in rows(db, widget_id, 2)] == [None, "before_hiding"]
+    assert [r[1] for r in tab.wait_rows(db, widget_id, 2)] == [None, "before_hiding"]
 
 
 def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, widget_id) -> None:
@@ -350,6 +422,7 @@ def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, w
             route.continue_()
 
     tab.page.route(f"**{TRACK_PATH}", first_fails)
+    pause_clock(tab)
     tab.page.goto(pages.page("/retry", widget_id))
     tab.page.evaluate("hydra.track('kept', {n: 1}); hydra.track('kept', {n: 2})")
     tab.flush_timer()
@@ -358,7 +431,7 @@ def test_503_is_retried_with_the_same_event_ids_and_lands_once(db, pages, tab, w
     assert tab.posts() == 1
     tab.page.clock.run_for(501)
     tab.wait_answered(2)
-    assert tab.page.evaluate("window.__statuses") == [503, 204]
+    assert tab.statuses()[0] == 503  # the real API may answer the retry 503 too
     assert len(bodies) == 2
     ids = [e["event_id"] for e in bodies[0]["events"]]
     assert [e["event_id"] for e in bodies[1]["events"]] == ids
@@ -377,12 +450,12 @@ def test_unsent_events_survive_a_navigation(db, pages, tab, widget_id) -> None:
     tab.flush_timer()
     tab.wait_answered(1)
     tab.page.goto(second)  # the pagehide flush fails too
-    stored = json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))
+    stored = stored_queue(tab, widget_id)
     assert [e.get("name") for e in stored] == [None, "while_offline", None]  # pageview 1, track, pageview 2
     tab.page.unroute(f"**{TRACK_PATH}")
     found = settled_rows(db, tab, widget_id, 3)
     assert [(r[0], r[2]) for r in found] == [("pageview", first), ("custom", first), ("pageview", second)]
-    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+    assert stored_queue(tab, widget_id) == []
 
 
 def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
@@ -390,10 +463,15 @@ def test_a_4xx_is_not_retried(db, pages, tab, widget_id) -> None:
     tab.page.goto(pages.page("/nul", widget_id))
     tab.page.evaluate("hydra.track('bad\\u0000name'); hydra.track('good')")
     tab.flush_timer()
-    tab.wait_answered(1)
+    deadline = time.monotonic() + WAIT_S
+    while 400 not in tab.statuses():  # a 503 (slow broker) is retried meanwhile
+        assert time.monotonic() < deadline, tab.statuses()
+        tab.page.clock.run_for(1000)
+        time.sleep(0.1)
     tab.page.clock.run_for(120_000)  # far beyond any backoff
-    assert tab.posts() == 1 and tab.page.evaluate("window.__statuses") == [400]
-    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") == "[]"
+    statuses = tab.statuses()
+    assert statuses[-1] == 400 and set(statuses[:-1]) <= {503} and tab.posts() == len(statuses), statuses
+    assert stored_queue(tab, widget_id) == []
     found = settled_rows(db, tab, widget_id, 2)
     assert [r[1] for r in found] == [None, "good"]
 
@@ -408,14 +486,15 @@ def test_a_backlog_drains_in_chunks_under_the_keepalive_limit(db, pages, tab, wi
     tab.page.goto(first)
     tab.page.evaluate("for (let i = 1; i <= 519; i++) hydra.track('offline', {i, pad: 'x'.repeat(200)})")
     assert tab.posts() >= 1 and all(size <= 60_000 for size in tab.page.evaluate("window.__sizes"))
-    assert len(json.loads(tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')"))) == 500
+    assert len(stored_queue(tab, widget_id)) == 500
     tab.page.goto(second)
     found = settled_rows(db, tab, widget_id, 500)
     # pageview 1 and i=1..19 were dropped offline; this page's own pageview pushed out i=20
     assert sorted(r[4]["i"] for r in found if r[0] == "custom") == list(range(21, 520))  # chunks run in parallel
     assert pageviews(found) == [(second, None)]
     sizes, counts = tab.page.evaluate("window.__sizes"), tab.page.evaluate("window.__counts")
-    assert sum(counts) == 501 and max(counts) <= 100 and max(sizes) <= 60_000, (sizes, counts)
+    ids = tab.page.evaluate("window.__ids")  # a chunk answered 503 is sent again: count each event once
+    assert len(set(ids)) == 501 and max(counts) <= 100 and max(sizes) <= 60_000, (sizes, counts)
     # The first two requests went out together: 100 events, then only as many as fit in the 60 KB budget.
     assert counts[0] == 100 and counts[1] < 100 and 55_000 < sizes[0] + sizes[1] <= 60_000, (sizes, counts)
 
@@ -436,8 +515,7 @@ def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, wid
         page.wait_for_url(second)
         page.go_back(wait_until="commit")  # a restore from the bfcache fires no load event
         page.wait_for_function("document.readyState === 'complete'")
-        page.clock.run_for(FLUSH_MS)
-        found = rows(db, widget_id, 3)
+        found = Tab(page, []).wait_rows(db, widget_id, 3)
         restored = page.evaluate("window.__first_visit === true")
     finally:
         browser.close()
@@ -448,7 +526,9 @@ def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, wid
 def test_visitor_id_persists_across_reloads_and_is_per_origin(db, pages, tab, widget_id) -> None:
     url = pages.page("/who", widget_id)
     tab.page.goto(url)
+    tab.wait_rows(db, widget_id, 1)  # each page's pageview lands before the next: a 503 can be retried
     tab.page.reload()
+    tab.wait_rows(db, widget_id, 2)
     tab.page.goto(pages.url("/who", host="localhost"))
     found = settled_rows(db, tab, widget_id, 3)
     by_host = [(r[2].split("/")[2].split(":")[0], r[6]) for r in found]
@@ -519,8 +599,7 @@ def test_works_under_a_strict_csp(db, pages, tab, widget_id, api_origin, snippet
     tab.page.goto(url)
     tab.wait_loaded()
     assert tab.page.title() != "inline ran"
-    tab.flush_timer()
-    found = rows(db, widget_id, 2)
+    found = tab.wait_rows(db, widget_id, 2)
     assert [(r[0], r[1], r[4]) for r in found] == [("pageview", None, {}), ("custom", "under_csp", {"ok": True})]
     assert len(tab.warnings) == 1 and "inline" in tab.warnings[0], tab.warnings  # only the deliberate one
 
@@ -548,3 +627,173 @@ def test_demo_site(db, tab, widget_id, stack) -> None:
         ("clicked_upgrade", {"plan": "growth", "source": "app"})]
     assert [(r[5], r[4]["email"]) for r in found if r[0] == "identify"] == [("u_88291", "paul@arrakis.example")]
     assert not tab.warnings
+
+
+# --- issue 8: field reports ----------------------------------------------------------------------------
+def test_tabs_of_an_origin_never_erase_each_others_unsent_events(db, pages, context, widget_id) -> None:
+    """Offline tabs /a and /b each keep their unsent events; a later page sends them all. A tab still open
+    keeps tracking while another page delivers what it adopted, and loses nothing either."""
+    dead_api = f"http://127.0.0.1:{free_port()}"
+    offline = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{dead_api}" async')
+    url_a, url_b, url_d = (pages.page(path, widget_id, head=offline) for path in ("/a", "/b", "/d"))
+    url_c, url_e = pages.page("/c", widget_id), pages.page("/e", widget_id)
+
+    a, b = open_tab(context), open_tab(context)
+    a.page.goto(url_a)
+    a.wait_loaded()
+    b.page.goto(url_b)
+    b.wait_loaded()
+    b.page.evaluate("hydra.track('b_click')")
+    a.page.evaluate("hydra.track('a_click')")  # at once: tabs run in separate processes
+    a.page.close()
+    b.page.close()
+
+    # D is still open (offline) while C, online, delivers what is stored; D tracks while C's request is out.
+    d = open_tab(context)
+    d.page.goto(url_d)
+    d.wait_loaded()
+    assert sorted((e["type"], e.get("name") or "", e["url"]) for e in stored_queue(d, widget_id)) == sorted([
+        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b),
+        ("custom", "a_click", url_a), ("pageview", "", url_d)])
+    c = open_tab(context)
+    held: list[Route] = []
+    c.page.route(f"**{TRACK_PATH}", lambda route: held.append(route))
+    c.page.goto(url_c)
+    c.wait_loaded()
+    c.flush_timer()
+    deadline = time.monotonic() + WAIT_S
+    while not held:
+        assert time.monotonic() < deadline, "tab C never sent"
+        c.page.evaluate("0")  # sync Playwright runs route handlers inside its calls only
+    d.page.evaluate("hydra.track('d_late')")
+    held[0].continue_()
+    c.wait_answered(1)
+    c.page.unroute(f"**{TRACK_PATH}")
+    assert "d_late" in [e.get("name") for e in stored_queue(c, widget_id)]
+    d.page.close()
+
+    e = open_tab(context)
+    e.page.goto(url_e)
+    found = settled_rows(db, e, widget_id, 8)
+    assert sorted((r[0], r[1] or "", r[2]) for r in found) == sorted([
+        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b), ("custom", "a_click", url_a),
+        ("pageview", "", url_d), ("pageview", "", url_c), ("custom", "d_late", url_d), ("pageview", "", url_e)])
+    assert stored_queue(e, widget_id) == []
+
+
+def test_events_left_by_the_previous_widget_version_are_sent(db, pages, tab, widget_id) -> None:
+    """Before one queue key per page, all pages shared `hydra_q_<widget>`: what a visitor has there goes out."""
+    blank = pages.add("/blank", "<!doctype html><p>no widget here</p>")
+    left = {"type": "custom", "name": "left_by_v1", "event_id": str(uuid.uuid4()), "url": blank,
+            "occurred_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "properties": {}}
+    tab.page.goto(blank)
+    tab.page.evaluate("([key, value]) => localStorage.setItem(key, value)",
+                      [f"hydra_q_{widget_id}", json.dumps([left])])
+    tab.page.goto(pages.page("/v2", widget_id))
+    found = settled_rows(db, tab, widget_id, 2)
+    assert sorted((r[0], r[1] or "") for r in found) == [("custom", "left_by_v1"), ("pageview", "")]
+    assert [r[7] for r in found if r[0] == "custom"] == [left["event_id"]]
+    assert tab.page.evaluate(f"localStorage.getItem('hydra_q_{widget_id}')") is None
+
+
+def test_a_full_storage_keeps_the_visitor_id(db, pages, tab, widget_id) -> None:
+    """localStorage over its quota still reads: the stored visitor id stays, only writes fail."""
+    first, second = pages.page("/p1", widget_id), pages.page("/p2", widget_id)
+    tab.page.goto(first)
+    tab.wait_rows(db, widget_id, 1)
+    tab.wait_answered(tab.posts())
+    stored_id = tab.page.evaluate("localStorage.getItem('hydra_vid')")
+    full = tab.page.evaluate("""() => {
+        let size = 1 << 20, n = 0;
+        while (size >= 1) {
+            try { localStorage.setItem('fill_' + n++, 'x'.repeat(size)); } catch (e) { size = Math.floor(size / 2); }
+        }
+        try { localStorage.setItem('one_more', 'x'); return false; } catch (e) { return true; }
+    }""")
+    assert full
+    tab.page.goto(second)
+    tab.page.evaluate("hydra.track('on_a_full_storage')")
+    found = settled_rows(db, tab, widget_id, 3)
+    assert [(r[0], r[2]) for r in found] == [("pageview", first), ("pageview", second), ("custom", second)]
+    assert {r[6] for r in found} == {stored_id}
+    assert not tab.warnings
+
+
+def test_events_tracked_while_the_page_is_hidden_go_out_at_once(db, pages, context, tab, widget_id) -> None:
+    """The page's own visibilitychange handler runs after the widget's flush; what it tracks must not wait
+    for a timer that a discarded tab never runs. Likewise after pagehide."""
+    relayed = snippet_html() + pages.tag(widget_id, extra=f'data-api-host="{pages.relay_host}" async')
+    tab.page.goto(pages.page("/hidden", widget_id, head=relayed))
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        document.addEventListener('visibilitychange', () => {
+            if (document.visibilityState === 'hidden') hydra.track('time_on_page', {seconds: 42});
+        }, {once: true});  // closing the tab hides it again
+        addEventListener('pagehide', () => hydra.track('after_pagehide'));
+        Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    assert tab.posts() == 2  # the widget's own flush, then time_on_page at once: no timer ran
+    tab.page.close()  # the tab is discarded: no timer of this page ever runs again
+    assert [e.get("name") for e in pages.wait_relayed(3)] == [None, "time_on_page", "after_pagehide"]
+    # The next visit re-sends whatever a slow-broker 503 left unanswered (the rows are one per event id).
+    later = open_tab(context)
+    later.page.goto(pages.page("/later", widget_id))
+    found = settled_rows(db, later, widget_id, 4)
+    assert [(r[0], r[1]) for r in found] == [
+        ("pageview", None), ("custom", "time_on_page"), ("custom", "after_pagehide"), ("pageview", None)]
+
+
+def test_url_fragments_are_never_stored(db, pages, tab, widget_id) -> None:
+    """Fragments carry secrets (OAuth implicit flow: #access_token=…): no url or referrer keeps one."""
+    callback = pages.page("/auth/callback", widget_id)
+    account, settings = pages.url("/account"), pages.url("/settings")
+    tab.page.goto(callback + "#access_token=tok_FAKE&refresh_token=rt_FAKE")
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        hydra.track('signed_in');                                  // url still has the hash
+        history.pushState({}, '', '/account#tab=keys&key=sk_FAKE'); // referrer had the hash, url has one
+        history.replaceState({}, '', '/account');                   // the app clears it
+        history.pushState({}, '', '/settings');
+    }""")
+    found = settled_rows(db, tab, widget_id, 4)
+    assert [(r[0], r[2], r[3]) for r in found] == [
+        ("pageview", callback, None), ("custom", callback, None), ("pageview", account, callback),
+        ("pageview", settings, account)]
+    every = db.execute("SELECT url, referrer FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchall()
+    assert not [r for r in every if "#" in (r[0] or "") + (r[1] or "") or "FAKE" in (r[0] or "") + (r[1] or "")]
+
+
+def test_url_tidying_by_replace_state_is_not_a_pageview(db, pages, tab, widget_id) -> None:
+    """replaceState keeping the path (utm_* stripped, a search box's ?q=) tidies the URL of the same page;
+    pushState and popstate to another URL are new pages, even on the same path."""
+    landing = pages.page("/landing", widget_id) + "?utm_source=newsletter&utm_campaign=fall"
+    tab.page.goto(landing)
+    tab.wait_loaded()
+    tab.page.evaluate("""() => {
+        history.replaceState({}, '', '/landing');
+        for (const q of ['s', 'sh', 'sho']) history.replaceState({}, '', '/landing?q=' + q);
+        hydra.track('searched');
+        history.pushState({}, '', '/landing?q=sho&page=2');
+    }""")
+    tab.page.go_back()  # popstate to /landing?q=sho
+    found = settled_rows(db, tab, widget_id, 4)
+    tidied, page2 = pages.url("/landing?q=sho"), pages.url("/landing?q=sho&page=2")
+    assert [(r[0], r[2], r[3]) for r in found] == [
+        ("pageview", landing, None), ("custom", tidied, None), ("pageview", page2, tidied),
+        ("pageview", tidied, page2)]
+
+
+def test_identify_refuses_placeholder_user_ids(db, pages, tab, widget_id) -> None:
+    """Ids that are a bug in the caller's code ("undefined", "[object Object]", …) would merge strangers
+    into one contact: refused with a warning, never sent. The API refuses the same list."""
+    placeholders = ["undefined", "UNDEFINED", "null", " Null ", "None", "nil", "NaN", "0", "-1", "true", "False",
+                    "[object Object]", "anonymous", "Guest", "", "   ", "\t\n"]
+    tab.page.goto(pages.page("/placeholders", widget_id))
+    tab.page.evaluate("ids => { for (const id of ids) hydra.identify(id, {plan: 'x'}); }", placeholders)
+    tab.page.evaluate("hydra.identify(0); hydra.identify(-1); hydra.identify(String({})); hydra.identify('u_0')")
+    found = settled_rows(db, tab, widget_id, 2)
+    assert [(r[0], r[5]) for r in found] == [("pageview", None), ("identify", "u_0")]
+    assert len(tab.warnings) == len(placeholders) + 3, tab.warnings
+    assert all(w.startswith("[hydra] identify:") for w in tab.warnings), tab.warnings

@@ -17,6 +17,10 @@
   var BACKOFF_MIN_MS = 1000;
   var BACKOFF_MAX_MS = 60000;
   var VID_KEY = 'hydra_vid';
+  // identify() ids that are a bug in the caller's code, not a user (compared trimmed and lowercased);
+  // the API refuses the same list, so such an id never merges strangers into one contact.
+  var PLACEHOLDER_IDS = ['', 'undefined', 'null', 'none', 'nil', 'nan', '0', '-1', 'true', 'false',
+    '[object object]', 'anonymous', 'guest'];
 
   var existing = window.hydra;
   if (existing && existing._loaded) return; // the script was included twice: the first copy wins
@@ -73,16 +77,22 @@
     return chars(text) > MAX_URL_CHARS ? Array.from(text).slice(0, MAX_URL_CHARS).join('') : text;
   }
 
+  // A URL as we store it: never its fragment, which often carries secrets (OAuth tokens in #access_token=…).
+  function noHash(url) {
+    return clip(String(url || '').split('#')[0]);
+  }
+
   function utf8Bytes(text) {
     return new TextEncoder().encode(text).length;
   }
 
-  // --- storage: the page origin's localStorage, or nothing (blocked, private mode, quota) ------------
+  // --- storage: the page origin's localStorage, or nothing (blocked, private mode) --------------------
+  // Reading and writing fail independently: a full storage (quota) still reads, so writes are best effort
+  // and never make us forget what can be read.
   function openStorage() {
     try {
       var s = window.localStorage;
-      s.setItem('hydra_t', '1');
-      s.removeItem('hydra_t');
+      s.getItem(VID_KEY);
       return s;
     } catch (e) {
       return null;
@@ -93,12 +103,14 @@
     try { return storage && storage.getItem(key); } catch (e) { return null; }
   }
 
+  // Returns whether the value was stored.
   function save(key, value) {
-    try { if (storage) storage.setItem(key, value); } catch (e) { /* full or revoked: keep going in memory */ }
+    try { storage.setItem(key, value); return true; } catch (e) { return false; /* full or blocked: memory */ }
   }
 
   // The anonymous visitor id is per origin (localStorage is); without storage it lives as long as the page.
   // A value that is not one of our UUIDs (edited, or written by other code) would get every batch rejected.
+  // A new id is minted only when none can be read.
   function loadVisitorId() {
     var id = load(VID_KEY);
     if (/^[0-9a-f-]{36}$/.test(id || '')) return id;
@@ -108,14 +120,19 @@
   }
 
   // --- the queue -------------------------------------------------------------------------------
-  // q holds every event not yet answered by the server, oldest first, mirrored to localStorage (key
-  // per widget) so a navigation or a closed tab does not lose it. `busy` marks those in a request.
-  function loadQueue() {
+  // q holds the events this page sends and the server has not answered yet, oldest first, mirrored to
+  // localStorage so a navigation or a closed tab does not lose them. Each page writes only its own key
+  // ('hydra_q_' + widget + ':' + a page id): the tabs of an origin run in separate processes, where a
+  // read-modify-write of one shared key can read another tab's write late and erase it. At load a page
+  // adopts the keys other pages left (closed before their events were answered), sends those events and
+  // removes the keys once its own holds them. A tab still open whose key was adopted sends its events too:
+  // twice is harmless, the pipeline keeps one row per event id. `busy` marks events in a request.
+  function readQueue(key) {
     try {
-      var stored = JSON.parse(load(queueKey) || '[]');
-      return Array.isArray(stored) ? stored : [];
+      var value = JSON.parse(load(key) || '[]');
+      return Array.isArray(value) ? value : [];
     } catch (e) {
-      return [];
+      return []; // not ours to read (edited, or written by other code)
     }
   }
 
@@ -125,8 +142,34 @@
   var retryAt = 0;
   var backoff = BACKOFF_MIN_MS;
 
+  // Returns whether the queue is stored (an empty queue leaves no key behind).
   function persist() {
-    save(queueKey, JSON.stringify(q));
+    if (q.length) return save(queueKey, JSON.stringify(q));
+    try { storage.removeItem(queueKey); } catch (e) { /* blocked: nothing was stored */ }
+    return false;
+  }
+
+  // The keys of this widget's queues left by other pages (and the single shared key of older versions).
+  function adoptQueues(legacyKey) {
+    var keys = [];
+    try {
+      for (var i = 0; i < storage.length; i++) {
+        var key = storage.key(i);
+        if (key === legacyKey || key.indexOf(legacyKey + ':') === 0) keys.push(key);
+      }
+    } catch (e) {
+      return; // blocked: nothing to adopt
+    }
+    var have = {};
+    keys.forEach(function (key) {
+      readQueue(key).forEach(function (e) {
+        if (!e || !e.event_id || have[e.event_id]) return; // a copy adopted already, or not our event
+        have[e.event_id] = 1;
+        q.push(e);
+      });
+    });
+    if (q.length > STORED_CAP) q.splice(0, q.length - STORED_CAP);
+    if (!q.length || persist()) keys.forEach(function (key) { storage.removeItem(key); });
   }
 
   function unsentCount() {
@@ -143,16 +186,20 @@
   function enqueue(event) {
     event.event_id = uuid();
     event.occurred_at = now();
-    event.url = clip(location.href);
+    event.url = noHash(location.href);
     q.push(event);
     if (q.length > STORED_CAP) q.splice(0, q.length - STORED_CAP);
     persist();
     schedule();
   }
 
+  // A hidden page may be discarded without another event, and after pagehide no timer may ever fire:
+  // then whatever is queued goes out at once.
+  var leaving = false;
   function schedule() {
     var n = unsentCount();
-    if (n >= FLUSH_COUNT) flush();
+    if (n && (leaving || document.visibilityState === 'hidden')) flush(true);
+    else if (n >= FLUSH_COUNT) flush();
     else if (n && !timer) arm(FLUSH_MS);
   }
 
@@ -251,6 +298,9 @@
   function identify(userId, traits) {
     if (typeof userId === 'number' && isFinite(userId)) userId = String(userId);
     if (typeof userId !== 'string' || !userId) return warn('identify: userId must be a non-empty string; call dropped');
+    if (PLACEHOLDER_IDS.indexOf(userId.trim().toLowerCase()) >= 0) {
+      return warn('identify: "' + userId + '" is a placeholder, not a user id; call dropped');
+    }
     if (chars(userId) > MAX_USER_ID_CHARS) return warn('identify: userId exceeds ' + MAX_USER_ID_CHARS + ' characters; call dropped');
     var checked = checkObject(traits, 'identify: traits');
     if (checked) enqueue({ type: 'identify', user_id: userId, traits: checked });
@@ -258,33 +308,34 @@
 
   // Route changes are compared without the hash: jumping to an in-page anchor is not a new page.
   var lastPage = null;
-  function pageKey() {
-    return location.href.split('#')[0];
-  }
 
   function pageview(referrer) {
-    if (pageKey() === lastPage) return; // e.g. replaceState with the same URL, or a popstate to a hash
-    lastPage = pageKey();
+    if (noHash(location.href) === lastPage) return; // e.g. pushState to the same URL, or a popstate to a hash
+    lastPage = noHash(location.href);
     var event = { type: 'pageview' };
-    if (referrer) event.referrer = clip(referrer);
+    if (referrer) event.referrer = noHash(referrer);
     enqueue(event);
   }
 
   // SPA navigations: the page we come from is the referrer, as it would be for a full page load.
-  // popstate fires after location changed, so the URL we were on is remembered here.
+  // popstate fires after location changed, so the URL we were on is remembered here. `tidy`: the URL
+  // changed within the same page (replaceState keeping the path, e.g. dropping utm_* or a search box's
+  // ?q=): no pageview, and later events and the next referrer carry the tidied URL.
   var currentUrl;
-  var routeChanged = guarded(function () {
+  var routeChanged = guarded(function (tidy) {
     var from = currentUrl;
     currentUrl = location.href;
-    pageview(from);
+    if (tidy) lastPage = noHash(currentUrl);
+    else pageview(from);
   });
 
   function hookHistory(method) {
     var original = history[method];
     if (typeof original !== 'function') return;
     history[method] = function () {
+      var path = location.pathname;
       var result = original.apply(this, arguments); // the host's own errors propagate untouched
-      routeChanged();
+      routeChanged(method === 'replaceState' && location.pathname === path);
       return result;
     };
   }
@@ -301,8 +352,9 @@
     endpoint = apiHost.replace(/\/+$/, '') + ENDPOINT_PATH;
     storage = openStorage();
     visitorId = loadVisitorId();
-    queueKey = 'hydra_q_' + widgetId;
-    q = loadQueue();
+    queueKey = 'hydra_q_' + widgetId + ':' + uuid();
+    q = [];
+    adoptQueues('hydra_q_' + widgetId);
 
     var api = { track: guarded(track), identify: guarded(identify), _loaded: true };
     var queued = existing && Array.isArray(existing._q) ? existing._q : [];
@@ -312,7 +364,7 @@
     pageview(document.referrer);
     hookHistory('pushState');
     hookHistory('replaceState');
-    window.addEventListener('popstate', routeChanged);
+    window.addEventListener('popstate', function () { routeChanged(); });
 
     // Calls buffered by the pre-load snippet replay in order, after the pageview of this page load.
     queued.forEach(function (call) {
@@ -322,12 +374,20 @@
 
     // The page may never come back: send what is queued while the browser still lets us.
     var leave = guarded(function () { flush(true); });
-    window.addEventListener('pagehide', leave);
+    window.addEventListener('pagehide', function () {
+      leaving = true;
+      leave();
+    });
     document.addEventListener('visibilitychange', function () {
       if (document.visibilityState === 'hidden') leave();
     });
+    // A page loaded meanwhile adopted our key: store our queue again, it may have read an older version.
+    window.addEventListener('storage', guarded(function (e) {
+      if (e.key === queueKey && e.newValue === null) persist();
+    }));
     // A page restored from the back/forward cache is a new view of it without a new load.
     window.addEventListener('pageshow', guarded(function (e) {
+      leaving = false;
       if (e.persisted) {
         lastPage = null;
         pageview(document.referrer);
