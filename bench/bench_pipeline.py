@@ -194,8 +194,7 @@ class Stack:
 
     def widget(self, name: str) -> tuple[str, str]:
         with psycopg.connect(self.postgres.dsn) as conn:
-            w = widgets.create_widget(conn, name=name, actor="bench")
-            widgets.set_tracking(conn, w.id, True, actor="bench")
+            w = widgets.create_widget(conn, name=name, actor="bench", tracking_enabled=True)
         return str(w.id), str(w.tenant_id)
 
     def truncate_events(self) -> None:

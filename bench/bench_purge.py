@@ -211,8 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"seeded in {seed_s:.1f} s; {expired:,} rows are past their widget's retention")
 
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            live = widgets.create_widget(conn, name="bench live", actor="bench")
-            live = widgets.set_tracking(conn, live.id, True, actor="bench")
+            live = widgets.create_widget(conn, name="bench live", actor="bench", tracking_enabled=True)
         log = Path(tmp) / "sink.log"
         # Each phase: the backlog is produced while the sink is stopped, then the sink drains it, so both
         # phases measure the same thing (a drain), and producing never competes with the sink for CPU.

@@ -130,8 +130,7 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         )
         ensure_topics(settings)
         with psycopg.connect(pg.dsn) as conn:
-            w = widgets.create_widget(conn, name="reliability", actor="reliability")
-            w = widgets.set_tracking(conn, w.id, True, actor="reliability")
+            w = widgets.create_widget(conn, name="reliability", actor="reliability", tracking_enabled=True)
         sup = Supervisor(settings, work / "logs")
         sup.start()
         stack.callback(sup.stop)

@@ -148,8 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      processors_web_port=free_port())
         ensure_topics(s)
         with psycopg.connect(dsn) as conn:
-            w = widgets.create_widget(conn, name="reliability", actor="bench")
-            widgets.set_tracking(conn, w.id, True, actor="bench")
+            w = widgets.create_widget(conn, name="reliability", actor="bench", tracking_enabled=True)
         widget_id = str(w.id)
         stages = {"api": Stage("api", s, workdir, s.http_port),
                   "processors": Stage("processors", s, workdir, s.processors_web_port),

@@ -60,8 +60,8 @@ def ensure_demo_widget(dsn: str) -> widgets.Widget:
         for w in widgets.list_widgets(conn):
             if w.name == DEMO_WIDGET:
                 return w if w.tracking_enabled else widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
-        w = widgets.create_widget(conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev")
-        return widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
+        return widgets.create_widget(conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev",
+                                     tracking_enabled=True)
 
 
 def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:

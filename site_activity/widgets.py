@@ -65,8 +65,12 @@ def list_widgets(conn: psycopg.Connection, tenant_id: uuid.UUID | None = None) -
 
 
 def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id: uuid.UUID | None = None,
-                  tenant_name: str | None = None) -> Widget:
-    """Creates a widget (tracking off, 90-day retention); a new tenant too when none is given."""
+                  tenant_name: str | None = None, tracking_enabled: bool = False) -> Widget:
+    """Creates a widget (90-day retention); a new tenant too when none is given.
+
+    Tracking is off unless `tracking_enabled`; when on, the enable is audited and committed in the SAME
+    transaction as the create, so no reader (the API's widget cache) ever sees the widget disabled first.
+    """
     if not name.strip():
         raise WidgetError("widget name must not be empty")
     with conn.transaction():
@@ -81,6 +85,8 @@ def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id:
         )
         widget = get_widget(conn, widget_id)
         _audit(conn, actor, "create", widget, None, widget.public(), widget.id, widget.tenant_id)
+        if tracking_enabled:
+            widget = set_tracking(conn, widget_id, True, actor=actor)
     return widget
 
 

@@ -117,10 +117,8 @@ def make_widget(postgres: EmbeddedPostgres) -> Callable[..., widgets.Widget]:
 
     def make(enabled: bool = True, tenant_id: uuid.UUID | None = None, name: str = "test widget") -> widgets.Widget:
         with psycopg.connect(postgres.dsn) as conn:
-            w = widgets.create_widget(conn, name=name, tenant_id=tenant_id, actor="tests")
-            if enabled:
-                w = widgets.set_tracking(conn, w.id, True, actor="tests")
-            return w
+            # One transaction: the API's widget cache must never see the widget disabled in between.
+            return widgets.create_widget(conn, name=name, tenant_id=tenant_id, actor="tests", tracking_enabled=enabled)
 
     return make
 

@@ -34,8 +34,7 @@ class Tenant:
 def make_tenant(dsn: str, name: str = "Acme") -> Tenant:
     """A tenant with one widget (tracking on) and an owner, an admin and a member, each with an API key."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        w = widgets.create_widget(conn, name=f"{name} site", tenant_name=name, actor="tests")
-        w = widgets.set_tracking(conn, w.id, True, actor="tests")
+        w = widgets.create_widget(conn, name=f"{name} site", tenant_name=name, actor="tests", tracking_enabled=True)
         t = Tenant(w.tenant_id, w)
         tag = uuid.uuid4().hex[:6]
         for role in ("owner", "admin", "member"):

@@ -218,8 +218,7 @@ def test_postgres_outage_retries_then_writes_everything_once(
     try:
         migrate(pg.dsn)
         with psycopg.connect(pg.dsn) as conn:
-            w = widgets.set_tracking(conn, widgets.create_widget(conn, name="outage", actor="tests").id, True,
-                                     actor="tests")
+            w = widgets.create_widget(conn, name="outage", actor="tests", tracking_enabled=True)
         s = raw_settings.model_copy(update={"postgres_dsn": pg.dsn, "sink_retry_max_backoff_s": 1.0})
         port = s.sink_http_port
         svc = start_service("sink", settings_override=s)

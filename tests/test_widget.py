@@ -97,7 +97,10 @@ def api_origin(stack: Settings) -> str:
 
 @pytest.fixture
 def widget_id(make_widget: Callable, api_origin: str) -> str:
-    """A fresh enabled widget the API already knows (a 404 would make the widget drop the events)."""
+    """A fresh enabled widget the API already knows (a 404 would make the widget drop the events).
+
+    make_widget creates and enables in one transaction, so the API's cache never holds it disabled: the first
+    204 here means known AND enabled (a disabled widget would also answer 204 but store nothing)."""
     wid = str(make_widget().id)
     body = {"widget_id": wid, "visitor_id": "warm-up", "sent_at": "2026-01-01T00:00:00Z", "events": []}
     deadline = time.monotonic() + WAIT_S
