@@ -91,12 +91,20 @@ def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visi
                                      actor=member.email, notify=notify, request_id=request_id).public()
     except erasure.ErasureError:
         raise not_found(f"no widget {widget_id}") from None
-    except erasure.NotifyError as exc:
+    except _RETRYABLE as exc:
         raise _unavailable(exc) from None
 
 
 def _unavailable(exc: Exception) -> ConsoleError:
-    return ConsoleError(503, f"nothing was erased: {exc}; retry shortly", headers={"Retry-After": "5"})
+    if isinstance(exc, erasure.NotifyError):
+        return ConsoleError(503, f"erased, but the processors were not told yet: {exc}; repeat the erase shortly",
+                            headers={"Retry-After": "5"})
+    return ConsoleError(503, "nothing was erased: the database was busy (concurrent change); retry shortly",
+                        headers={"Retry-After": "1"})
+
+
+# An erase that lost a lock race rolled back whole; the caller may simply retry.
+_RETRYABLE = (erasure.NotifyError, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, notify: erasure.Notify,
@@ -107,5 +115,5 @@ def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, no
                                      actor=member.email, notify=notify, request_id=request_id).public()
     except erasure.ErasureError:
         raise not_found(f"no contact {customer_id}") from None
-    except erasure.NotifyError as exc:
+    except _RETRYABLE as exc:
         raise _unavailable(exc) from None

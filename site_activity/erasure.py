@@ -6,10 +6,17 @@ either committed before the erase started (its rows are visible to the erase's D
 after the erase committed (it sees the suppression) — no event of an erased subject survives.
 Subjects are stored and audited only as salted hashes (SQL function erasure_hash, migration 0004).
 While an erase holds the lock the sink waits, so an erase is kept short: its lookups are index scans (one
-visitor's events; a contact's linked events and identify calls) and the Kafka notice is bounded (10 s)."""
+visitor's events; a contact's linked events and identify calls), and the Kafka notice is sent after the commit.
+
+Order: commit first, then tell the processors (a marker per visitor key on the erasures topic). A marker must
+never go out for an erase that did not commit: the processors would drop a live visitor's events forever. A
+marker that arrives late loses nothing: the zero-rows guarantee comes from the sink's lock + suppression check
+above, the marker only clears processor state. If Kafka cannot take the markers (after retries), the erase
+is still committed; NotifyError tells the caller to repeat the erase (idempotent), which resends them."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +38,8 @@ class ErasureError(ValueError):
 
 
 class NotifyError(RuntimeError):
-    """The processors could not be told (Kafka unreachable); nothing was erased, the erase can be retried."""
+    """The erase committed, but the processors could not be told (Kafka unreachable); repeating the erase
+    (idempotent) resends the markers."""
 
 
 # Tells the processors which visitor keys ("<widget_id>:<visitor_id>") were erased; raises NotifyError.
@@ -39,10 +47,11 @@ Notify = Callable[[list[bytes]], None]
 ERASED_MARKER = b'{"erased":true}'
 
 
-def kafka_notifier(settings: Settings, timeout_s: float = 10.0) -> Notify:
+def kafka_notifier(settings: Settings, timeout_s: float = 30.0) -> Notify:
     """Publishes one marker per erased visitor key to the compacted erasures topic (co-partitioned with the
-    raw topic: same key, same partitioner), and waits until Kafka has them. The processors then drop the
-    visitor's state and ignore their events for good (stream_processors/erasures.py)."""
+    raw topic: same key, same partitioner), and waits until Kafka has acknowledged every one, re-sending
+    refused ones until `timeout_s` is spent (then NotifyError). The processors then drop the visitor's state
+    and ignore their events for good (stream_processors/erasures.py)."""
     from confluent_kafka import Producer
 
     from site_activity.kafka import producer_config
@@ -50,16 +59,22 @@ def kafka_notifier(settings: Settings, timeout_s: float = 10.0) -> Notify:
     topic = Topics.from_settings(settings).erasures
 
     def notify(keys: list[bytes]) -> None:
-        if not keys:
-            return
-        failed: list[str] = []
+        deadline = time.monotonic() + timeout_s
         producer = Producer(producer_config(settings))
-        for key in keys:
-            producer.produce(topic, ERASED_MARKER, key,
-                             on_delivery=lambda err, _m: failed.append(str(err)) if err else None)
-        left = producer.flush(timeout_s)
-        if left or failed:
-            raise NotifyError(f"could not publish erasure markers to {topic}: {failed[:1] or f'{left} undelivered'}")
+        pending = list(keys)
+        while pending:
+            refused: list[tuple[bytes, str]] = []
+            for key in pending:
+                producer.produce(topic, ERASED_MARKER, key, on_delivery=lambda err, _m, k=key:
+                                 refused.append((k, str(err))) if err else None)
+            left = producer.flush(max(0.0, deadline - time.monotonic()))
+            if left:  # still queued when time ran out: they may go out later, harmless after the commit
+                raise NotifyError(f"could not publish erasure markers to {topic}: {left} undelivered")
+            if refused and time.monotonic() >= deadline:
+                raise NotifyError(f"could not publish erasure markers to {topic}: {refused[0][1]}")
+            pending = [k for k, _ in refused]
+            if pending:  # refused outright (e.g. leader moving): give the cluster a moment before re-sending
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     return notify
 
@@ -74,6 +89,11 @@ class Erasure:
     def public(self) -> dict[str, object]:
         return {"subject_hash": self.subject_hash, "events_deleted": self.events_deleted, "visitors": self.visitors,
                 "contact_deleted": self.contact_deleted}
+
+
+def _require_idle(conn: psycopg.Connection) -> None:
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise RuntimeError("erase needs a connection outside a transaction: it must commit before notifying")
 
 
 def _suppress(conn: psycopg.Connection, tenant_id: uuid.UUID, kind: str, subject: str) -> bytes:
@@ -95,8 +115,10 @@ def _audit(conn: psycopg.Connection, tenant_id: uuid.UUID, actor: str, action: s
 def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uuid.UUID, visitor_id: str, *,
                   actor: str, notify: Notify, request_id: str | None = None) -> Erasure:
     """Deletes every event of the widget's visitor and suppresses that visitor id from now on (also before it
-    was ever seen). Raises ErasureError when the widget is not the tenant's, NotifyError (nothing erased)
-    when the processors cannot be told."""
+    was ever seen). Raises ErasureError when the widget is not the tenant's (nothing erased), NotifyError
+    (erased, processors not told yet: repeat the erase) when Kafka cannot take the marker. `conn` must not be
+    inside a transaction: the erase commits before the marker is sent."""
+    _require_idle(conn)
     with conn.transaction():
         if conn.execute("SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s",
                         (widget_id, tenant_id)).fetchone() is None:
@@ -108,9 +130,7 @@ def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uui
         result = Erasure(digest, deleted)
         _audit(conn, tenant_id, actor, "erase.visitor", "visitor", digest,
                {"events_deleted": deleted}, request_id)
-        # Last, before the commit: if Kafka cannot take the marker, the whole erase rolls back and can be
-        # retried (every step is idempotent); once it is committed, the processors know too.
-        notify([event_key(str(widget_id), visitor_id)])
+    notify([event_key(str(widget_id), visitor_id)])  # only once committed (module docstring)
     return result
 
 
@@ -118,7 +138,8 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
                   notify: Notify, request_id: str | None = None) -> Erasure:
     """Deletes the contact, every event of every visitor ever linked to it (and its identify calls), and
     suppresses the contact, its user id and those visitors from now on. Raises ErasureError when the tenant
-    has no such contact."""
+    has no such contact, NotifyError as erase_visitor."""
+    _require_idle(conn)
     with conn.transaction():
         row = conn.execute("SELECT external_id FROM customers WHERE id = %s AND tenant_id = %s",
                            (customer_id, tenant_id)).fetchone()
@@ -144,5 +165,5 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
         result = Erasure(digest, deleted, visitors=len(visitors), contact_deleted=True)
         _audit(conn, tenant_id, actor, "erase.contact", "contact", digest,
                {"events_deleted": deleted, "visitors": len(visitors)}, request_id)
-        notify([event_key(str(w), v) for w, v in visitors])  # last, before the commit (see erase_visitor)
+    notify([event_key(str(w), v) for w, v in visitors])  # only once committed (module docstring)
     return result

@@ -217,17 +217,39 @@ def test_erased_contact_never_reappears(db: psycopg.Connection, postgres: Embedd
     console.close()
 
 
-def test_erase_that_cannot_reach_kafka_erases_nothing(db: psycopg.Connection, postgres: EmbeddedPostgres) -> None:
-    """The processors are told inside the erase's transaction: if Kafka cannot take the marker, nothing is
-    erased (and the caller, told 503, can retry)."""
+def test_marker_goes_out_only_after_the_erase_committed(db: psycopg.Connection, postgres: EmbeddedPostgres) -> None:
+    """A marker for an erase that never committed would make the processors drop a live visitor's events
+    forever; so the processors are told only once the erase is visible to everyone else."""
+    t = make_tenant(postgres.dsn, "Ordered")
+    seed(db, t, "gone", 3)
+    seen: list[tuple[int, int]] = []
+
+    def observe(keys: list[bytes]) -> None:  # what another session sees when the marker goes out
+        seen.append((count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND visitor_id = 'gone'",
+                           t.id),
+                     count(db, "SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", t.id)))
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        erasure.erase_visitor(conn, t.id, t.widget.id, "gone", actor="tests", notify=observe)
+    assert seen == [(0, 1)]
+
+
+def test_erase_that_cannot_reach_kafka_is_committed_and_can_be_repeated(db: psycopg.Connection,
+                                                                       postgres: EmbeddedPostgres) -> None:
+    """Kafka unreachable after the commit: the erase stands (the sink's suppression keeps the visitor out), the
+    caller is told (NotifyError, 503 in the console) and repeating the erase resends the marker."""
     t = make_tenant(postgres.dsn, "NoKafka")
-    seed(db, t, "kept", 3)
+    seed(db, t, "gone", 3)
+    sent: list[list[bytes]] = []
 
     def unreachable(keys: list[bytes]) -> None:
         raise erasure.NotifyError("broker down")
 
-    with psycopg.connect(postgres.dsn, autocommit=True) as conn, pytest.raises(erasure.NotifyError):
-        erasure.erase_visitor(conn, t.id, t.widget.id, "kept", actor="tests", notify=unreachable)
-    assert count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND visitor_id = 'kept'", t.id) == 3
-    assert count(db, "SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", t.id) == 0
-    assert count(db, "SELECT count(*) FROM audit_log WHERE tenant_id = %s AND action LIKE 'erase.%%'", t.id) == 0
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        with pytest.raises(erasure.NotifyError):
+            erasure.erase_visitor(conn, t.id, t.widget.id, "gone", actor="tests", notify=unreachable)
+        assert count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND visitor_id = 'gone'", t.id) == 0
+        assert count(db, "SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", t.id) == 1
+        again = erasure.erase_visitor(conn, t.id, t.widget.id, "gone", actor="tests", notify=sent.append)
+    assert again.events_deleted == 0 and sent == [[event_key(str(t.widget.id), "gone")]]
+    assert count(db, "SELECT count(*) FROM audit_log WHERE tenant_id = %s AND action = 'erase.visitor'", t.id) == 2
