@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from site_activity.kafka import consumer_config
 from site_activity.settings import Settings, reachable_host
 from site_activity.topics import Topics
-from stream_processors.erasures import add_erasure_agent
+from stream_processors.erasures import add_erasure_agent, apply_erasures
 from stream_processors.outputs import EXIT_DELIVERY_FAILED, Outputs
 from stream_processors.processor import BatchProcessor
 from stream_processors.transport import App
@@ -73,24 +73,26 @@ class FetchedMessage:
 
 
 class SkippedReader:
-    """Reads the raw messages faust would commit past without processing them (see `transport.py`) straight
+    """Reads the messages faust would commit past without processing them (see `transport.py`) straight
     from Kafka and processes them, before faust commits. A group-less consumer: it never commits anything.
+    `processes` maps each topic an agent consumes (raw events, erasure markers) to the function that agent
+    applies; offsets of other topics are left to faust.
 
     It reads from the first offset asked for until it has seen an offset at or past the last one (the log
     answers which offsets hold messages), retrying fetch errors; if that takes longer than `timeout_s` the
     process exits without committing, so a restarted worker redoes those messages: never a commit past an
     unprocessed offset."""
 
-    def __init__(self, settings: Settings, raw_topic: str, process: Callable[[list[FetchedMessage]], None],
+    def __init__(self, settings: Settings, processes: dict[str, Callable[[list[FetchedMessage]], None]],
                  timeout_s: float, on_give_up: Callable[[], None] | None = None) -> None:
         self.settings = settings
-        self.raw_topic = raw_topic
-        self.process = process
+        self.processes = processes
         self.timeout_s = timeout_s
         self.on_give_up = on_give_up or _exit_without_committing
 
     def __call__(self, topic: str, partition: int, offsets: list[int]) -> bool:
-        if topic != self.raw_topic:
+        process = self.processes.get(topic)
+        if process is None:
             return False
         messages = self.read(topic, partition, offsets)
         if messages is None:
@@ -103,7 +105,7 @@ class SkippedReader:
             "topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
             "offsets": len(offsets), "messages": len(messages)})
         if messages:
-            self.process(messages)
+            process(messages)
         return True
 
     def read(self, topic: str, partition: int, offsets: list[int]) -> list[FetchedMessage] | None:
@@ -167,8 +169,11 @@ def create_app(settings: Settings) -> App:
     outputs = Outputs(settings)
     processor = BatchProcessor(settings, TableStore(table, outputs), outputs)
     app.commit_barriers.append(outputs.deliver)
-    app.skipped_offsets_handler = SkippedReader(settings, topics.raw_events, processor.process,
-                                                settings.processors_repair_timeout_s)
+    # Same code paths as the agents below: a skipped erasure marker must not be committed past either.
+    app.skipped_offsets_handler = SkippedReader(
+        settings, {topics.raw_events: processor.process,
+                   topics.erasures: lambda msgs: apply_erasures(processor.store, msgs)},
+        settings.processors_repair_timeout_s)
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:

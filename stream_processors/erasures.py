@@ -9,6 +9,7 @@ The tombstone goes through the table's changelog like any state write, so it sur
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -33,7 +34,13 @@ def add_erasure_agent(app: faust.App, topic_name: str, partitions: int, store: A
     @app.agent(topic, name="erasures")
     async def erase(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            message = event.message
-            if message.key:
-                store.put(message.key, message.partition, ERASED_DOC)
-                ERASURES_APPLIED.inc()
+            apply_erasures(store, [event.message])
+
+
+def apply_erasures(store: Any, messages: Iterable[Any]) -> None:
+    """Turns the state of every marker's key into the tombstone. `messages` have `.key` (bytes, the raw topic's
+    key) and `.partition`: faust's messages (the agent) or ones read back by the skipped-offset repair."""
+    for message in messages:
+        if message.key:
+            store.put(message.key, message.partition, ERASED_DOC)
+            ERASURES_APPLIED.inc()

@@ -21,12 +21,13 @@ from confluent_kafka import Producer
 from faust.types import TP
 
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
-from site_activity import widgets
+from site_activity import erasure, widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
-from stream_processors.app import SkippedReader, create_app
+from stream_processors.app import STATE_TABLE, SkippedReader, create_app
+from stream_processors.erasures import ERASED_DOC
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
@@ -393,7 +394,7 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     app = create_app(settings)
     processed: list[tuple[int, int]] = []
     app.skipped_offsets_handler = SkippedReader(
-        settings, topics.raw_events, lambda msgs: processed.extend((m.partition, m.offset) for m in msgs), 20.0)
+        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0)
     partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-skip"))
     tp = TP(topics.raw_events, partition)
     consumer = app.consumer
@@ -417,12 +418,32 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     # Offsets that cannot be read (here: past the end of the log) within the time limit: no commit past them.
     def give_up() -> None:
         raise GaveUp
-    app.skipped_offsets_handler = SkippedReader(settings, topics.raw_events, processed.extend, 1.0, on_give_up=give_up)
+    app.skipped_offsets_handler = SkippedReader(settings, {topics.raw_events: processed.extend}, 1.0,
+                                                on_give_up=give_up)
     consumer._committed_offset[tp] = 12
     consumer._acked[tp].extend([20])  # 12..19 are not in the log: the read never reaches offset 19
     with pytest.raises(GaveUp):
         consumer._new_offset(tp)
     assert processed == [] and consumer._acked[tp] == [20]
+
+
+def test_a_skipped_erasure_marker_is_applied_before_the_commit(settings: Settings,
+                                                                make_widget: Callable[..., widgets.Widget]) -> None:
+    """faust's off-by-one may commit past a marker on the erasures topic too; the repair applies it the way the
+    erasures agent does (tombstone state), so the erased visitor is not tracked again."""
+    w = make_widget()
+    topics = Topics.from_settings(settings)
+    key = event_key(str(w.id), "v-erased")
+    notify = erasure.kafka_notifier(settings)
+    notify([key])
+    notify([key])  # offsets 0 and 1 of the key's partition
+    app = create_app(settings)
+    partition = partition_of(settings, topics.erasures, key)
+    tp = TP(topics.erasures, partition)
+    app.consumer._committed_offset[tp] = 0
+    app.consumer._acked[tp].extend([1])  # offset 0 never reached the agent
+    assert app.consumer._new_offset(tp) == 2
+    assert app.tables[STATE_TABLE].data.get(key) == ERASED_DOC
 
 
 def partition_of(settings: Settings, topic: str, key: bytes) -> int:
