@@ -42,14 +42,23 @@ class NotifyError(RuntimeError):
     (idempotent) resends the markers."""
 
 
-# Tells the processors which visitor keys ("<widget_id>:<visitor_id>") were erased; raises NotifyError.
+# Tells the processors which visitor keys ("<widget_id>:<visitor_id>") and contacts (contact_marker_key) were
+# erased; raises NotifyError.
 Notify = Callable[[list[bytes]], None]
 ERASED_MARKER = b'{"erased":true}'
+CONTACT_MARKER_PREFIX = b"contact:"  # never a visitor key: those start with a widget uuid
+
+
+def contact_marker_key(customer_id: uuid.UUID | str) -> bytes:
+    """The erasures-topic key telling every processor worker that this contact (customer_id_for(tenant, user),
+    a one-way uuid5, never the user id itself) was erased: they refuse new links to it."""
+    return CONTACT_MARKER_PREFIX + str(customer_id).encode()
 
 
 def kafka_notifier(settings: Settings, timeout_s: float = 30.0) -> Notify:
     """Publishes one marker per erased visitor key to the compacted erasures topic (co-partitioned with the
-    raw topic: same key, same partitioner), and waits until Kafka has acknowledged every one, re-sending
+    raw topic: same key, same partitioner) — a contact marker to every partition, since the contact's visitors
+    may be on any — and waits until Kafka has acknowledged every one, re-sending
     refused ones until `timeout_s` is spent (then NotifyError). The processors then drop the visitor's state
     and ignore their events for good (stream_processors/erasures.py)."""
     from confluent_kafka import Producer
@@ -61,11 +70,20 @@ def kafka_notifier(settings: Settings, timeout_s: float = 30.0) -> Notify:
     def notify(keys: list[bytes]) -> None:
         deadline = time.monotonic() + timeout_s
         producer = Producer(producer_config(settings))
-        pending = list(keys)
+        pending: list[tuple[bytes, int | None]] = []  # (key, partition: None = the key's own)
+        for key in keys:
+            if key.startswith(CONTACT_MARKER_PREFIX):
+                partitions = producer.list_topics(topic, timeout=max(0.1, deadline - time.monotonic())).topics
+                if topic not in partitions or not partitions[topic].partitions:
+                    raise NotifyError(f"could not publish erasure markers: no partitions for {topic}")
+                pending += [(key, p) for p in partitions[topic].partitions]
+            else:
+                pending.append((key, None))
         while pending:
-            refused: list[tuple[bytes, str]] = []
-            for key in pending:
-                producer.produce(topic, ERASED_MARKER, key, on_delivery=lambda err, _m, k=key:
+            refused: list[tuple[tuple[bytes, int | None], str]] = []
+            for key, partition in pending:
+                extra = {} if partition is None else {"partition": partition}
+                producer.produce(topic, ERASED_MARKER, key, **extra, on_delivery=lambda err, _m, k=(key, partition):
                                  refused.append((k, str(err))) if err else None)
             left = producer.flush(max(0.0, deadline - time.monotonic()))
             if left:  # still queued when time ran out: they may go out later, harmless after the commit
@@ -165,5 +183,7 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
         result = Erasure(digest, deleted, visitors=len(visitors), contact_deleted=True)
         _audit(conn, tenant_id, actor, "erase.contact", "contact", digest,
                {"events_deleted": deleted, "visitors": len(visitors)}, request_id)
-    notify([event_key(str(w), v) for w, v in visitors])  # only once committed (module docstring)
+    # Only once committed (module docstring). The contact marker stops links to the contact from identify
+    # calls still in flight (their visitors are not in the database yet, so not among `visitors`).
+    notify([event_key(str(w), v) for w, v in visitors] + [contact_marker_key(customer_id)])
     return result

@@ -5,7 +5,11 @@ The console's erase publishes a marker per erased visitor key to the compacted `
 partitions together with the raw topic's and the worker that owns a visitor's state gets its marker. The
 agent replaces the visitor's state with a tombstone document; the processor skips every later event of a
 visitor whose state is that tombstone, so no session or link of an erased visitor is rebuilt or published.
-The tombstone goes through the table's changelog like any state write, so it survives restarts."""
+The tombstone goes through the table's changelog like any state write, so it survives restarts.
+
+An erased contact's marker goes to every partition; each partition records it in its state, and the processor
+then never links a visitor to that contact (an identify still in flight when the erase ran would otherwise
+link its visitor and publish the link), and drops such a link a visitor's state already holds."""
 
 from __future__ import annotations
 
@@ -15,9 +19,13 @@ from typing import Any
 import faust
 from prometheus_client import Counter
 
+from site_activity.erasure import CONTACT_MARKER_PREFIX
+
 ERASED_DOC: dict[str, Any] = {"erased": True}
 
 ERASURES_APPLIED = Counter("site_activity_processors_erasures_total", "Erasure markers applied to visitor state")
+LINKS_REFUSED = Counter("site_activity_processors_erased_contact_links_total",
+                        "Links to erased contacts refused or forgotten by the processors")
 EVENTS_DROPPED = Counter("site_activity_processors_erased_events_total",
                          "Events of erased visitors dropped by the processors")
 
@@ -38,9 +46,25 @@ def add_erasure_agent(app: faust.App, topic_name: str, partitions: int, store: A
 
 
 def apply_erasures(store: Any, messages: Iterable[Any]) -> None:
-    """Turns the state of every marker's key into the tombstone. `messages` have `.key` (bytes, the raw topic's
-    key) and `.partition`: faust's messages (the agent) or ones read back by the skipped-offset repair."""
+    """Turns the state of every visitor marker's key into the tombstone, and records every contact marker
+    (one per partition) in that partition's state. `messages` have `.key` (bytes) and `.partition`: faust's
+    messages (the agent) or ones read back by the skipped-offset repair."""
     for message in messages:
-        if message.key:
+        if not message.key:
+            continue
+        if message.key.startswith(CONTACT_MARKER_PREFIX):
+            customer_id = message.key[len(CONTACT_MARKER_PREFIX):].decode(errors="replace")
+            store.put(erased_contact_key(message.partition, customer_id), message.partition, ERASED_DOC)
+        else:
             store.put(message.key, message.partition, ERASED_DOC)
-            ERASURES_APPLIED.inc()
+        ERASURES_APPLIED.inc()
+
+
+def erased_contact_key(partition: int, customer_id: str) -> bytes:
+    """State key of an erased contact on one partition (each partition keeps its own record, restored with
+    that partition's changelog). Never a visitor key: those start with a widget uuid."""
+    return b"erased-contact:%d:%s" % (partition, customer_id.encode())
+
+
+def is_contact_erased(store: Any, partition: int, customer_id: str) -> bool:
+    return is_erased(store.get(erased_contact_key(partition, customer_id)))

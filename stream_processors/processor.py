@@ -205,6 +205,9 @@ class BatchProcessor:
         raw message (several when it would exceed the message size limit). Returns the number of enriched events (with session_starts). The hot loop: ~all events
         pass here."""
         s, key, topic = self.settings, visitor.key, self.topics.enriched_events
+        tenant_id = visitor.messages[0][0][0]["tenant_id"]
+        if state.links:  # links learned before their contact was erased are forgotten
+            state.links = [x for x in state.links if not self._contact_erased(visitor.partition, tenant_id, x[1])]
         header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
         produced = starts = 0
         max_value = self.max_value_bytes - len(key)
@@ -215,6 +218,7 @@ class BatchProcessor:
             # grouped into batches. A copy of an identify already seen links nothing.
             for record, _ in events:
                 if (record["event_type"] == IDENTIFY and state.seen(record["event_id"]) is None
+                        and not self._refuse_link(visitor.partition, record)
                         and state.link(record["occurred_at"], record["user_id"], s.processors_max_links)):
                     self._publish_link(key, record)
             out: list[bytes] = []
@@ -229,7 +233,11 @@ class BatchProcessor:
                     if record["occurred_at"] != t:  # a re-send whose clock correction differed: the first time
                         record["occurred_at"], datum = t, None
                 is_identify = record["event_type"] == IDENTIFY
-                user = record["user_id"] if is_identify else state.user_at(t)
+                if is_identify:  # an identify of an erased contact names nobody (neither does its session_start)
+                    user = None if self._contact_erased(visitor.partition, record["tenant_id"],
+                                                        record["user_id"]) else record["user_id"]
+                else:
+                    user = state.user_at(t)
                 record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
                 record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
                                                                    placed.session_start_us)
@@ -246,6 +254,15 @@ class BatchProcessor:
         if starts:
             metrics.SESSION_STARTS.inc(starts)
         return produced
+
+    def _contact_erased(self, partition: int, tenant_id: str, user_id: str) -> bool:
+        return erasures.is_contact_erased(self.store, partition, contact_id(tenant_id, user_id))
+
+    def _refuse_link(self, partition: int, identify: dict[str, Any]) -> bool:
+        if self._contact_erased(partition, identify["tenant_id"], identify["user_id"]):
+            erasures.LINKS_REFUSED.inc()
+            return True
+        return False
 
     def _publish_link(self, key: bytes, identify: dict[str, Any]) -> None:
         link = {

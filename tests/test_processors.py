@@ -28,6 +28,7 @@ from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors.app import STATE_TABLE, SkippedReader, create_app
 from stream_processors.erasures import ERASED_DOC
+from site_activity.embedded import wait_until
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
@@ -293,6 +294,37 @@ def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settin
     link_keys = Counter(m.key() for m in links)
     assert link_keys[event_key(str(w.id), "v-shared")] == 2
     assert link_keys[event_key(str(w.id), "v-phone")] == 1
+
+
+def erasures_applied(settings: Settings) -> float:
+    text = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics", timeout=2).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("site_activity_processors_erasures_total "))
+
+
+def test_no_link_to_an_erased_contact_even_from_identify_calls_in_flight(
+        settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget]) -> None:
+    """A contact erase finds the visitors already in the database; an identify still in flight would link
+    another one (processor state, identity.links). The contact marker makes every partition refuse such links
+    and forget ones a visitor's state already holds."""
+    w = make_widget()
+    topics = Topics.from_settings(settings)
+    feed.send([identify(w, "v-before", T0, "u-gone")])  # linked before the erase
+    assert len(read_topic(settings, topics.identity_links, 1)) == 1
+    erasure.kafka_notifier(settings)([erasure.contact_marker_key(customer_id_for(w.tenant_id, "u-gone"))])
+    wait_until(lambda: erasures_applied(settings) >= settings.topic_partitions, 30, "contact marker applied")
+
+    feed.send([ev(w, "v-before", T0 + MIN)])
+    feed.send([identify(w, "v-after", T0, "u-gone"), ev(w, "v-after", T0 + MIN)])
+    feed.send([identify(w, "v-kept", T0, "u-kept"), ev(w, "v-kept", T0 + MIN)])
+    # 1 + start, then 1, then 2 + start, then 2 + start
+    out = [(e["visitor_id"], e["event_type"], e["customer_id"]) for e in enriched(settings, 2 + 1 + 3 + 3)]
+    kept = customer_id_for(w.tenant_id, "u-kept")
+    assert ("v-before", "pageview", None) in out  # the link it held is forgotten
+    assert [c for v, _, c in out if v == "v-after"] == [None, None, None]  # its identify names nobody
+    assert [c for v, _, c in out if v == "v-kept"] == [kept] * 3
+    links = read_topic(settings, topics.identity_links, 3, timeout=5)
+    assert sorted(m.key() for m in links) == sorted([event_key(str(w.id), "v-before"), event_key(str(w.id), "v-kept")])
 
 
 # --- robustness ---------------------------------------------------------------------------------------
