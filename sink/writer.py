@@ -119,41 +119,47 @@ WHERE {{keep}}
 ON CONFLICT (widget_id, event_id) DO NOTHING
 """
 
-# The identity rule of the processors (stream_processors/state.py), applied to the rows already written: every
-# event of a visitor (tenant_id, visitor_id: a visitor id is per origin per tenant, so one browser on several
-# widgets of a tenant is one visitor here, while the processors see each widget's events apart) carries the contact of the link in force at its occurred_at (the
-# latest identify at or before it), and events before the visitor's first link carry the first link's contact.
-# Run for the visitors with an identify in this batch, over all their stored identifies, so a newly learned link
-# claims the rows from its time up to the visitor's next link (and, if it is the first link, every row before
-# it) whatever order the events arrived in; rows already right are not written. On a shared computer (identify
-# as A, later as B) the events before B's identify stay with A. Ties at the same occurred_at: the larger
-# event_id wins, so the result does not depend on arrival order.
+# The identity rule of the processors (stream_processors/state.py), applied to the rows already written, for
+# each identify of this batch (a link): the visitor's rows ON THE LINK'S WIDGET (widget_id, visitor_id: what the
+# processors key a visitor by) carry the contact of the link in force at their occurred_at (the latest identify
+# at or before it), and rows before the visitor's first link carry the first link's contact. So a link claims
+# exactly the rows from its time up to the visitor's next link on that widget (and, if it is the first link,
+# every row before it): only that interval is read and rewritten, found by the (tenant_id, visitor_id,
+# occurred_at) index, whatever order the events and identifies arrived in; rows already right are not written.
+# Rows of the tenant's OTHER widgets with the same visitor id (one browser, ids are per origin per tenant) in
+# that interval are claimed only while anonymous, so they never flip between contacts of different widgets
+# (README, "Known limit"). Ties: links are ordered by (occurred_at, event_id), the larger event_id wins. When
+# several links of a batch claim one row, its own widget's link wins, then the latest link.
 _RETRO_LINK = f"""
-WITH visitor AS (
-    SELECT DISTINCT b.tenant_id, b.visitor_id
+WITH new_link AS (
+    SELECT DISTINCT b.tenant_id, b.widget_id, b.visitor_id, b.occurred_at, b.event_id, b.customer_id
     FROM {_TEMP} b
     JOIN widget_configs w ON w.id = b.widget_id
     JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id
     WHERE b.event_type = 'identify'
 ),
-link AS (
-    SELECT e.tenant_id, e.visitor_id, e.occurred_at, e.event_id, e.customer_id
-    FROM visitor v
-    JOIN visitor_events e ON e.tenant_id = v.tenant_id AND e.visitor_id = v.visitor_id
-    WHERE e.event_type = 'identify' AND e.customer_id IS NOT NULL
+span AS (
+    SELECT n.*,
+           CASE WHEN EXISTS (
+               SELECT 1 FROM visitor_events p
+               WHERE p.tenant_id = n.tenant_id AND p.visitor_id = n.visitor_id AND p.occurred_at <= n.occurred_at
+                 AND p.widget_id = n.widget_id AND p.event_type = 'identify' AND p.customer_id IS NOT NULL
+                 AND (p.occurred_at, p.event_id) < (n.occurred_at, n.event_id))
+           THEN n.occurred_at END AS since,  -- NULL: the first link, which also claims every earlier row
+           (SELECT x.occurred_at FROM visitor_events x
+            WHERE x.tenant_id = n.tenant_id AND x.visitor_id = n.visitor_id AND x.occurred_at >= n.occurred_at
+              AND x.widget_id = n.widget_id AND x.event_type = 'identify' AND x.customer_id IS NOT NULL
+              AND (x.occurred_at, x.event_id) > (n.occurred_at, n.event_id)
+            ORDER BY x.occurred_at, x.event_id LIMIT 1) AS until  -- the next link: NULL when none
+    FROM new_link n
 ),
 claim AS (
-    SELECT e.widget_id, e.event_id, coalesce(
-        (SELECT l.customer_id FROM link l
-         WHERE l.tenant_id = e.tenant_id AND l.visitor_id = e.visitor_id
-           AND l.occurred_at <= e.occurred_at
-         ORDER BY l.occurred_at DESC, l.event_id DESC LIMIT 1),
-        (SELECT l.customer_id FROM link l
-         WHERE l.tenant_id = e.tenant_id AND l.visitor_id = e.visitor_id
-         ORDER BY l.occurred_at, l.event_id LIMIT 1)) AS customer_id
-    FROM visitor v
-    JOIN visitor_events e ON e.tenant_id = v.tenant_id AND e.visitor_id = v.visitor_id
-    WHERE e.event_type <> 'identify'
+    SELECT DISTINCT ON (e.widget_id, e.event_id) e.widget_id, e.event_id, s.customer_id
+    FROM span s
+    JOIN visitor_events e ON e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id
+     AND (s.since IS NULL OR e.occurred_at >= s.since) AND (s.until IS NULL OR e.occurred_at < s.until)
+    WHERE e.event_type <> 'identify' AND (e.widget_id = s.widget_id OR e.customer_id IS NULL)
+    ORDER BY e.widget_id, e.event_id, e.widget_id = s.widget_id DESC, s.occurred_at DESC, s.event_id DESC
 )
 UPDATE visitor_events e SET customer_id = claim.customer_id
 FROM claim

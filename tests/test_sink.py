@@ -484,6 +484,36 @@ def test_a_newly_learned_link_claims_rows_up_to_the_next_link(
     assert [links[e["event_id"]] for e in (early, mid1, mid2, late)] == [a, b, b, c]
 
 
+@pytest.mark.parametrize("w1_first", [True, False], ids=["widget-1-first", "widget-2-first"])
+def test_two_widgets_same_visitor_id_different_users_never_flip(
+        settings, topics, db, make_widget, start_service, w1_first: bool) -> None:
+    """The processors link a visitor per widget; the sink must not move one widget's rows to the contact of
+    another widget's identify (they would flip with every identify). Another widget's rows are only claimed
+    while anonymous, and the widget's own link then takes them, in either order."""
+    tenant = uuid.uuid4()
+    w1, w2 = make_widget(tenant_id=tenant), make_widget(tenant_id=tenant)
+    u1, u2 = customer_id_for(tenant, "u-one"), customer_id_for(tenant, "u-two")
+    minute = timedelta(minutes=1)
+    anon1, anon2 = make_event(w1, "v", at=T0), make_event(w2, "v", at=T0)
+    id1 = identify(w1, "v", "u-one", {}, T0 + minute)
+    id2 = identify(w2, "v", "u-two", {}, T0 + 2 * minute)
+    after1 = make_event(w1, "v", at=T0 + 3 * minute, customer_id=u1)
+    after2 = make_event(w2, "v", at=T0 + 3 * minute, customer_id=u2)
+    start_service("sink", settings_override=settings)
+    produce(settings, topics.enriched_events, [anon1, anon2])
+    wait_count(db, w1.id, 1)
+    wait_count(db, w2.id, 1)
+    for batch in ([id1, after1], [id2, after2]) if w1_first else ([id2, after2], [id1, after1]):
+        produce(settings, topics.enriched_events, batch)
+        wait_until(lambda b=batch: b[1]["event_id"] in linked(db, b[1]["widget_id"]), 20, "row")
+    again = identify(w1, "v", "u-one", {}, T0 + 4 * minute)  # a later identify on widget 1 claims nothing of 2
+    produce(settings, topics.enriched_events, [again])
+    wait_until(lambda: again["event_id"] in linked(db, w1.id), 20, "row")
+    assert linked(db, w1.id) == {anon1["event_id"]: u1, id1["event_id"]: u1, after1["event_id"]: u1,
+                                 again["event_id"]: u1}
+    assert linked(db, w2.id) == {anon2["event_id"]: u2, id2["event_id"]: u2, after2["event_id"]: u2}
+
+
 # --- batching -----------------------------------------------------------------------------------------
 
 class _Message:
