@@ -20,19 +20,49 @@ from site_activity.settings import Settings
 COOKIE = "sa_session"
 
 
+# The example values shipped in deploy/ (compose requires its own; the k8s example must be replaced).
+_PLACEHOLDER_KEYS = ("REPLACE_ME", "change-me")
+
+
+class SecretError(RuntimeError):
+    """The console has no usable signing key; it must not start (it would sign with a guessable key)."""
+
+
 def load_secret(settings: Settings) -> str:
-    """The configured key, else one kept in <data_dir>/console-secret (created once, mode 0600)."""
+    """The configured key, else one kept in <data_dir>/console-secret (created once, mode 0600). Raises
+    SecretError for an empty or placeholder key.
+
+    Several console processes may start at once on one data dir: the key is written to a temp file and
+    renamed into place (atomic), so a reader sees either no file or the whole key, never an empty one; when
+    two create one at once, os.link makes exactly one win and both use the winner's."""
     if settings.console_secret_key:
-        return settings.console_secret_key
+        return _checked(settings.console_secret_key, "SITE_ACTIVITY_CONSOLE_SECRET_KEY")
     path = Path(settings.data_dir) / "console-secret"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+    if not path.exists():
+        tmp = path.with_name(f".console-secret.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process got there first (rename would replace)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _checked(path.read_text().strip(), str(path))
+
+
+def _checked(key: str, source: str) -> str:
+    key = key.strip()
+    if not key:
+        raise SecretError(f"the console's signing key ({source}) is empty")
+    if key.startswith(_PLACEHOLDER_KEYS):
+        raise SecretError(f"the console's signing key ({source}) is the documented placeholder: set a random one")
+    return key
 
 
 @dataclass(frozen=True)

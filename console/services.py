@@ -11,6 +11,7 @@ import psycopg
 from console.accounts import Member
 from console.errors import ConsoleError, not_found
 from site_activity import erasure, widgets
+from site_activity.events import MAX_VISITOR_ID_CHARS
 from site_activity.widgets import Widget, WidgetError
 
 
@@ -84,8 +85,8 @@ def audit_page(conn: psycopg.Connection, member: Member, *, limit: int, cursor: 
 def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visitor_id: str,
                   notify: erasure.Notify, request_id: str) -> dict[str, Any]:
     """Deletes and suppresses one visitor of one of the tenant's widgets; 404 for another tenant's widget."""
-    if not visitor_id or len(visitor_id) > 200:
-        raise ConsoleError(400, "visitor_id must be 1-200 characters")
+    if not visitor_id or len(visitor_id) > MAX_VISITOR_ID_CHARS:  # the ingest limit: no longer id can be stored
+        raise ConsoleError(400, f"visitor_id must be 1-{MAX_VISITOR_ID_CHARS} characters")
     try:
         return erasure.erase_visitor(conn, member.tenant_id, parse_uuid(widget_id, "widget"), visitor_id,
                                      actor=member.email, notify=notify, request_id=request_id).public()

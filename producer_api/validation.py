@@ -13,7 +13,7 @@ from typing import Any
 
 from producer_api.errors import ApiError
 from producer_api.json_body import MalformedJson, Unfaithful, parse_body
-from site_activity.events import EventType, VisitorEvent
+from site_activity.events import MAX_VISITOR_ID_CHARS, EventType, VisitorEvent
 from site_activity.settings import Settings
 from site_activity.topics import max_event_value_bytes
 
@@ -32,7 +32,7 @@ class Limits:
     # message alone, since the processors split their enriched output by size however much it grows. With the
     # default body limit no request reaches it (README, "Request size"); it guards inconsistent settings.
     max_raw_message_bytes: int
-    max_visitor_id_chars: int = 128
+    max_visitor_id_chars: int = MAX_VISITOR_ID_CHARS
     max_user_id_chars: int = 255
     max_url_chars: int = 2048
     max_referrer_chars: int = 2048

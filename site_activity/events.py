@@ -19,6 +19,8 @@ class EventType(StrEnum):
 
 # Event types a client may send; session_start is derived by the processors only.
 CLIENT_EVENT_TYPES = frozenset({EventType.PAGEVIEW, EventType.CUSTOM, EventType.IDENTIFY})
+# The longest visitor id the ingest API accepts (characters): also what an erase request may name.
+MAX_VISITOR_ID_CHARS = 128
 
 
 class VisitorEvent(TypedDict):

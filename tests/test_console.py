@@ -396,3 +396,33 @@ def test_removed_member_loses_page_access_at_once(console: httpx.Client, console
         accounts.remove_member(conn, t.id, t.emails["admin"], actor="tests")
     assert client.get("/settings/widgets").status_code == 401  # the cookie is still signed, the member gone
     client.close()
+
+
+# --- signing key --------------------------------------------------------------------------------------
+def _secret_in(data_dir: str, _: int) -> str:
+    from console.security import load_secret
+    return load_secret(Settings(data_dir=data_dir))
+
+
+def test_console_processes_starting_together_share_one_nonempty_key(tmp_path) -> None:
+    """Several consoles on one data dir create the key at once: every one reads the same, whole key (a reader
+    racing the writer must never get an empty file and sign with an empty key)."""
+    import functools
+    from concurrent.futures import ProcessPoolExecutor
+
+    for attempt in range(5):
+        data_dir = str(tmp_path / f"d{attempt}")
+        with ProcessPoolExecutor(4) as pool:
+            keys = set(pool.map(functools.partial(_secret_in, data_dir), range(8)))
+        assert len(keys) == 1 and len(keys.pop()) >= 48
+
+
+@pytest.mark.parametrize("key", ["   ", "REPLACE_ME_WITH_A_LONG_RANDOM_STRING", "change-me-to-a-long-random-string"])
+def test_console_refuses_an_empty_or_placeholder_key(tmp_path, key: str) -> None:
+    from console.security import SecretError, load_secret
+
+    with pytest.raises(SecretError):
+        load_secret(Settings(data_dir=tmp_path, console_secret_key=key))
+    (tmp_path / "console-secret").write_text("")
+    with pytest.raises(SecretError):
+        load_secret(Settings(data_dir=tmp_path))

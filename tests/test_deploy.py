@@ -367,7 +367,9 @@ def test_compose_console_serves_its_port_and_signs_with_a_configured_key(service
     assert urlparse(url).path == HEALTHZ and str(urlparse(url).port) == port
     assert console["ports"] == [f"{port}:{port}"]
     assert env["SITE_ACTIVITY_HTTP_HOST"] == "0.0.0.0"
-    assert env["SITE_ACTIVITY_CONSOLE_SECRET_KEY"], "replicas and restarts must sign cookies with one key"
+    # Required from the operator: a default key would be public, and anyone knowing it can forge a session.
+    assert re.fullmatch(r"\$\{CONSOLE_SECRET_KEY:\?[^}]+\}", env["SITE_ACTIVITY_CONSOLE_SECRET_KEY"]), \
+        "the console's signing key must be required, with no default"
     assert urlparse(env["SITE_ACTIVITY_CONSOLE_PUBLIC_URL"]).port == int(port)
 
 

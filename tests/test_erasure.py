@@ -72,6 +72,46 @@ def test_erase_visitor_deletes_only_that_visitor_and_audits_a_hash(console: http
     assert missing.status_code == 400 and "widget_id" in missing.json()["reason"]
 
 
+def test_erase_visitor_ids_with_slashes_up_to_the_ingest_limit(console: httpx.Client, db: psycopg.Connection,
+                                                               postgres: EmbeddedPostgres) -> None:
+    """Any id the ingest API stores can be erased: "/" included (literal or %2F), up to its 128 characters."""
+    t = make_tenant(postgres.dsn, "Slashes")
+    longest = "v/" + "x" * 126
+    for visitor in ("a/b/c", "d/e", longest):
+        seed(db, t, visitor, 2)
+    params, auth = {"widget_id": str(t.widget.id)}, t.auth("admin")
+    assert console.delete("/api/v1/visitors/a/b/c", params=params, headers=auth).json()["events_deleted"] == 2
+    assert console.delete("/api/v1/visitors/d%2Fe", params=params, headers=auth).json()["events_deleted"] == 2
+    assert console.delete(f"/api/v1/visitors/{longest}", params=params, headers=auth).json()["events_deleted"] == 2
+    too_long = console.delete(f"/api/v1/visitors/{longest}x", params=params, headers=auth)
+    assert too_long.status_code == 400 and "128" in too_long.json()["reason"]
+    assert count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s", t.id) == 0
+
+
+def test_erase_that_deadlocks_is_a_503_with_retry_after(console: httpx.Client, db: psycopg.Connection,
+                                                      postgres: EmbeddedPostgres) -> None:
+    """An erase chosen as a deadlock victim rolled back whole: the caller is told to retry (503), not 500."""
+    t = make_tenant(postgres.dsn, "Deadlock")
+    seed(db, t, "stuck", 2)
+    with psycopg.connect(postgres.dsn) as blocker:
+        blocker.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s::text))",
+                        (erasure.TENANT_LOCK_CLASS, t.id))  # like a sink batch of this tenant
+        answer: list[httpx.Response] = []
+        worker = threading.Thread(target=lambda: answer.append(console.delete(
+            "/api/v1/visitors/stuck", params={"widget_id": str(t.widget.id)}, headers=t.auth("admin"))))
+        worker.start()
+        wait_until(lambda: count(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                                     " AND objid = hashtext(%s::text)::oid", str(t.id)) > 0, 20, "erase waiting")
+        # The erase holds widget_configs (it read the widget) and waits for us; we now wait for it: a cycle.
+        blocker.execute("LOCK TABLE widget_configs IN ACCESS EXCLUSIVE MODE")
+        blocker.rollback()
+        worker.join(30)
+    [resp] = answer
+    assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
+    assert "nothing was erased" in resp.json()["reason"]
+    assert count(db, "SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND visitor_id = 'stuck'", t.id) == 2
+
+
 def test_erase_contact_deletes_every_linked_visitor_and_the_contact(console: httpx.Client, db: psycopg.Connection,
                                                                     postgres: EmbeddedPostgres,
                                                                     console_settings: Settings) -> None:

@@ -47,7 +47,8 @@ def audit_log(admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 5
     return services.audit_page(conn, admin, limit=limit, cursor=cursor)
 
 
-@router.delete("/visitors/{visitor_id}")
+# {visitor_id:path}: visitor ids may contain "/" (the widget's are uuids, but any 1-128 character id is ingested).
+@router.delete("/visitors/{visitor_id:path}")
 def erase_visitor(visitor_id: str, widget_id: Annotated[str, Query()], admin: ApiAdmin, conn: ConnDep,
                   notify: NotifyDep, request_id: RequestIdDep) -> dict[str, Any]:
     return services.erase_visitor(conn, admin, widget_id, visitor_id, notify, request_id)
