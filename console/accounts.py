@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
+
+from site_activity.audit import JsonFields, audit
 
 Role = Literal["owner", "admin", "member"]
 ROLES: tuple[Role, ...] = ("owner", "admin", "member")
@@ -27,7 +28,7 @@ class AccountError(ValueError):
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(JsonFields):
     id: uuid.UUID
     tenant_id: uuid.UUID
     email: str
@@ -38,12 +39,9 @@ class Member:
     def is_admin(self) -> bool:
         return self.role in ("owner", "admin")
 
-    def public(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, (uuid.UUID, datetime)) else v) for k, v in asdict(self).items()}
-
 
 @dataclass(frozen=True)
-class ApiKey:
+class ApiKey(JsonFields):
     id: uuid.UUID
     member_id: uuid.UUID
     email: str
@@ -52,9 +50,6 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
-
-    def public(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, (uuid.UUID, datetime)) else v) for k, v in asdict(self).items()}
 
 
 def sha256(secret: str) -> bytes:
@@ -72,15 +67,6 @@ def _role(role: str) -> Role:
     if role not in ROLES:
         raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     return role  # type: ignore[return-value]
-
-
-def audit(conn: psycopg.Connection, *, actor: str, action: str, tenant_id: uuid.UUID, entity: str, entity_id: str,
-          old: dict[str, Any] | None, new: dict[str, Any] | None, request_id: str | None = None) -> None:
-    conn.execute(
-        "INSERT INTO audit_log (actor, action, tenant_id, entity, entity_id, old_value, new_value, request_id)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (actor, action, tenant_id, entity, entity_id, Jsonb(old) if old is not None else None,
-         Jsonb(new) if new is not None else None, request_id))
 
 
 _MEMBER_COLUMNS = "id, tenant_id, email, role, created_at"

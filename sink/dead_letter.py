@@ -11,7 +11,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from sink.records import DeadLetter
-from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 
@@ -39,7 +39,7 @@ class DeadLetterPublisher:
             if err is None:
                 return
             if is_unwritable(err) and msg.value():  # refused for its size/content: again without the payload
-                refused.append((msg.key(), [*(msg.headers() or []), ("x-dropped-bytes", str(len(msg.value())).encode())]))
+                refused.append((msg.key(), without_payload(msg.value(), msg.headers())[1]))
             else:
                 failures.append(err)
 
@@ -71,7 +71,7 @@ class DeadLetterPublisher:
             except KafkaException as exc:
                 if not is_unwritable(exc.args[0]) or not value:
                     raise DeadLetterError(str(exc)) from exc
-                headers, value = [*headers, ("x-dropped-bytes", str(len(value)).encode())], b""
+                value, headers = without_payload(value, headers)
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)

@@ -38,4 +38,10 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[
     size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
     if value is None or size + _OVERHEAD_BYTES <= max_message_bytes:
         return value, headers
-    return b"", [*headers, ("x-dropped-bytes", str(len(value)).encode())]
+    return without_payload(value, headers)
+
+
+def without_payload(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A dead letter that cannot be written with its payload (too big, refused by the broker): the same headers
+    (reason, source) plus `x-dropped-bytes` with the payload's size, and an empty value."""
+    return b"", [*(headers or []), ("x-dropped-bytes", str(len(value or b"")).encode())]

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
-from psycopg.types.json import Jsonb
 
+from site_activity.audit import audit
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 
@@ -122,14 +122,6 @@ def _suppress(conn: psycopg.Connection, tenant_id: uuid.UUID, kind: str, subject
     return bytes(row[0])  # type: ignore[index]
 
 
-def _audit(conn: psycopg.Connection, tenant_id: uuid.UUID, actor: str, action: str, entity: str, subject_hash: str,
-           details: dict[str, object], request_id: str | None) -> None:
-    conn.execute(
-        "INSERT INTO audit_log (actor, action, tenant_id, entity, entity_id, old_value, new_value, request_id)"
-        " VALUES (%s, %s, %s, %s, %s, NULL, %s, %s)",
-        (actor, action, tenant_id, entity, subject_hash, Jsonb(details), request_id))
-
-
 def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uuid.UUID, visitor_id: str, *,
                   actor: str, notify: Notify, request_id: str | None = None) -> Erasure:
     """Deletes every event of the widget's visitor and suppresses that visitor id from now on (also before it
@@ -146,8 +138,8 @@ def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uui
         deleted = conn.execute("DELETE FROM visitor_events WHERE tenant_id = %s AND visitor_id = %s AND widget_id = %s",
                                (tenant_id, visitor_id, widget_id)).rowcount
         result = Erasure(digest, deleted)
-        _audit(conn, tenant_id, actor, "erase.visitor", "visitor", digest,
-               {"events_deleted": deleted}, request_id)
+        audit(conn, actor=actor, action="erase.visitor", tenant_id=tenant_id, entity="visitor", entity_id=digest,
+              old=None, new={"events_deleted": deleted}, request_id=request_id)
     notify([event_key(str(widget_id), visitor_id)])  # only once committed (module docstring)
     return result
 
@@ -181,8 +173,8 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
         deleted += conn.execute("DELETE FROM visitor_events WHERE customer_id = %s", (customer_id,)).rowcount
         conn.execute("DELETE FROM customers WHERE id = %s", (customer_id,))
         result = Erasure(digest, deleted, visitors=len(visitors), contact_deleted=True)
-        _audit(conn, tenant_id, actor, "erase.contact", "contact", digest,
-               {"events_deleted": deleted, "visitors": len(visitors)}, request_id)
+        audit(conn, actor=actor, action="erase.contact", tenant_id=tenant_id, entity="contact", entity_id=digest,
+              old=None, new={"events_deleted": deleted, "visitors": len(visitors)}, request_id=request_id)
     # Only once committed (module docstring). The contact marker stops links to the contact from identify
     # calls still in flight (their visitors are not in the database yet, so not among `visitors`).
     notify([event_key(str(w), v) for w, v in visitors] + [contact_marker_key(customer_id)])

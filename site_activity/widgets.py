@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
+
+from site_activity.audit import JsonFields, audit
 
 MIN_RETENTION_DAYS = 1
 MAX_RETENTION_DAYS = 365
@@ -20,7 +21,7 @@ class WidgetError(ValueError):
 
 
 @dataclass(frozen=True)
-class Widget:
+class Widget(JsonFields):
     id: uuid.UUID
     tenant_id: uuid.UUID
     name: str
@@ -29,22 +30,14 @@ class Widget:
     created_at: datetime
     updated_at: datetime
 
-    def public(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, (uuid.UUID, datetime)) else v) for k, v in asdict(self).items()}
-
 
 _COLUMNS = "id, tenant_id, name, tracking_enabled, event_retention_days, created_at, updated_at"
 
 
-def _audit(conn: psycopg.Connection, actor: str, action: str, widget: Widget | None, old: dict[str, Any] | None,
-           new: dict[str, Any] | None, widget_id: uuid.UUID, tenant_id: uuid.UUID | None,
-           request_id: str | None = None) -> None:
-    conn.execute(
-        "INSERT INTO audit_log (actor, action, tenant_id, entity, entity_id, old_value, new_value, request_id)"
-        " VALUES (%s, %s, %s, 'widget_config', %s, %s, %s, %s)",
-        (actor, action, tenant_id, str(widget_id), Jsonb(old) if old is not None else None,
-         Jsonb(new) if new is not None else None, request_id),
-    )
+def _audit(conn: psycopg.Connection, actor: str, action: str, old: dict[str, Any] | None, new: dict[str, Any] | None,
+           widget_id: uuid.UUID, tenant_id: uuid.UUID | None, request_id: str | None = None) -> None:
+    audit(conn, actor=actor, action=action, tenant_id=tenant_id, entity="widget_config", entity_id=str(widget_id),
+          old=old, new=new, request_id=request_id)
 
 
 def get_widget(conn: psycopg.Connection, widget_id: uuid.UUID) -> Widget:
@@ -84,7 +77,7 @@ def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id:
             "INSERT INTO widget_configs (id, tenant_id, name) VALUES (%s, %s, %s)", (widget_id, tenant_id, name)
         )
         widget = get_widget(conn, widget_id)
-        _audit(conn, actor, "create", widget, None, widget.public(), widget.id, widget.tenant_id)
+        _audit(conn, actor, "create", None, widget.public(), widget.id, widget.tenant_id)
         if tracking_enabled:
             widget = set_tracking(conn, widget_id, True, actor=actor)
     return widget
@@ -101,7 +94,7 @@ def _update(conn: psycopg.Connection, widget_id: uuid.UUID, column: str, value: 
             (value, widget_id),
         )
         new = get_widget(conn, widget_id)
-        _audit(conn, actor, action, new, {column: getattr(old, column)}, {column: getattr(new, column)},
+        _audit(conn, actor, action, {column: getattr(old, column)}, {column: getattr(new, column)},
                widget_id, new.tenant_id, request_id)
     return new
 
@@ -129,5 +122,5 @@ def delete_widget(conn: psycopg.Connection, widget_id: uuid.UUID, *, actor: str)
         old = get_widget(conn, widget_id)
         events = conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchone()
         conn.execute("DELETE FROM widget_configs WHERE id = %s", (widget_id,))
-        _audit(conn, actor, "delete", None, old.public(), None, widget_id, old.tenant_id)
+        _audit(conn, actor, "delete", old.public(), None, widget_id, old.tenant_id)
     return int(events[0]) if events else 0

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable
+from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics
@@ -72,8 +72,8 @@ class Outputs:
                 if not is_unwritable(err) or _dropped(headers):
                     raise
                 if topic == self.dead_letter_topic:  # keep the headers (reason, source), drop the payload
-                    headers = [*(headers or []), ("x-dropped-bytes", str(len(value)).encode())]
-                    options["headers"], value = headers, b""
+                    value, headers = without_payload(value, headers)
+                    options["headers"] = headers
                     continue
                 src = source or (topic, -1 if partition is None else partition, -1)
                 self._dead_letter(key, value, f"unwritable output to {topic}: {err.name()} {err.str()}", src)
@@ -92,8 +92,8 @@ class Outputs:
         refused, self._refused = self._refused, []
         for topic, partition, key, value, headers, reason in refused:
             if topic == self.dead_letter_topic:  # a dead letter refused: keep its headers, drop the payload
-                self.send(topic, key or b"", b"",
-                          headers=[*(headers or []), ("x-dropped-bytes", str(len(value or b"")).encode())])
+                empty, headers = without_payload(value, headers)
+                self.send(topic, key or b"", empty, headers=headers)
             else:
                 self._dead_letter(key, value, f"unwritable output to {topic}: {reason}", (topic, partition, -1))
 

@@ -177,6 +177,22 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
 
 
 @pytest.fixture
+def full_pipeline(start_service: Callable[..., Service]) -> None:
+    """API, processors and sink on the test's topics: the whole path from HTTP to rows."""
+    for stage in ("api", "processors", "sink"):
+        start_service(stage)
+
+
+@pytest.fixture
+def raw_pipeline(settings: Settings, start_service: Callable[..., Service]) -> Settings:
+    """API + sink reading the raw topic (the ingest path without the processors); returns the sink's settings."""
+    raw = settings.model_copy(update={"sink_from_enriched": False})
+    start_service("api")
+    start_service("sink", settings_override=raw)
+    return raw
+
+
+@pytest.fixture
 def api_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.http_port}"
 

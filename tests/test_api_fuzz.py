@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from producer_api.json_body import Unfaithful, parse_body
 from site_activity import widgets
 from site_activity.settings import Settings
-from tests.conftest import Service, iso, wait_for_rows
+from tests.conftest import iso, wait_for_rows
 
 TRACK = "/api/widget/track"
 
@@ -121,11 +121,8 @@ def exact(text: str) -> Any:
 
 
 def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
-        settings: Settings, start_service: Callable[..., Service], api_url: str, db: psycopg.Connection,
+        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
         make_widget: Callable[..., widgets.Widget]) -> None:
-    start_service("api")
-    start_service("processors")
-    start_service("sink")
     w = make_widget()
     expected: dict[str, Any] = {}  # event id -> exact properties/traits it must be stored with
     statuses: dict[int, int] = {}

@@ -77,15 +77,6 @@ def stored(db: psycopg.Connection, event_ids: list[str]) -> dict[str, Any]:
     return {event_id: exact(props) for event_id, props in rows}
 
 
-@pytest.fixture
-def raw_pipeline(settings: Settings, start_service: Callable[..., Service]) -> Settings:
-    """API + sink reading the raw topic."""
-    raw = settings.model_copy(update={"sink_from_enriched": False})
-    start_service("api")
-    start_service("sink", settings_override=raw)
-    return raw
-
-
 def post(api_url: str, payload: str | bytes) -> httpx.Response:
     return httpx.post(api_url + TRACK, content=payload, headers={"content-type": "text/plain"}, timeout=15)
 
@@ -257,16 +248,13 @@ def as_text(payload: dict[str, Any]) -> bytes:
 
 
 def test_the_issue_request_lands_whole_with_every_session_start(
-        settings: Settings, start_service: Callable[..., Service], api_url: str, db: psycopg.Connection,
+        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
         make_widget: Callable[..., widgets.Widget]) -> None:
     """Issue 8, case 3, exactly: a 128-emoji visitor id and 62 page views 31 minutes apart, each with a
     2048-character non-ASCII url and referrer (~515 KB of JSON, under the 512 KiB body limit), then small
     requests from other visitors. Its raw message (~545 KB) fits one Kafka message; its enriched output
     (~1.1 MB: a session_start before every page view) does not, so the processors split it by size. Right:
     every request 204, every event a row (62 session_starts included), nothing dead-lettered."""
-    start_service("api")
-    start_service("processors")
-    start_service("sink")
     w = make_widget()
     visitor = "😀" * LIMITS.max_visitor_id_chars
     big = issue_request(w.id, visitor, now() - timedelta(days=3))
@@ -396,11 +384,8 @@ def test_placeholder_list_is_matched_case_insensitively_after_trimming() -> None
 
 
 def test_placeholder_user_ids_create_no_contact(
-        settings: Settings, start_service: Callable[..., Service], api_url: str, db: psycopg.Connection,
+        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
         make_widget: Callable[..., widgets.Widget]) -> None:
-    start_service("api")
-    start_service("processors")
-    start_service("sink")
     w = make_widget()
     ids = ["undefined", "undefined", "null", "[object Object]", "NULL", " None ", "   ", "NaN", "0", "false"]
     pageviews = []

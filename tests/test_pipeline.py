@@ -22,7 +22,7 @@ from site_activity.settings import Settings
 from site_activity.topics import Topics
 from tests.avro_spec import crc64_avro, parsing_canonical_form
 from site_activity.embedded import wait_until
-from tests.conftest import Service, iso, read_topic, wait_for_rows
+from tests.conftest import iso, read_topic, wait_for_rows
 
 ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,
                  customer_id, session_id, occurred_at, received_at
@@ -36,15 +36,6 @@ def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_a
 
 def pageview(at: datetime, url: str = "https://shop.example/", **extra: object) -> dict:
     return {"event_id": str(uuid.uuid4()), "type": "pageview", "occurred_at": iso(at), "url": url, **extra}
-
-
-@pytest.fixture
-def raw_pipeline(settings: Settings, start_service: Callable[..., Service]) -> Settings:
-    """API + sink reading the raw topic: the ingest path of issue 2 without the processors."""
-    raw = settings.model_copy(update={"sink_from_enriched": False})
-    start_service("api")
-    start_service("sink", settings_override=raw)
-    return raw
 
 
 def test_posted_events_become_rows_with_every_column(
