@@ -61,12 +61,18 @@ def test_purge_removes_exactly_the_expired_events(settings: Settings, db: psycop
     assert dry.returncode == 0, dry.stderr
     assert re.search(rf"{short.id}.*\bshort\b.*\b8\b", dry.stdout), dry.stdout
     assert stored(db, short) == set(old + edge_old + today + edge_new)  # a dry run deletes nothing
+    assert stored(db, default) == set(default_kept + default_old)
+    assert stored(db, year) == set(year_kept + year_old)
+    assert re.search(rf"{default.id}.*\bdefault\b.*\b3\b", dry.stdout), dry.stdout
+    assert re.search(rf"{year.id}.*\byear\b.*\b2\b", dry.stdout), dry.stdout
 
     done = cli(settings, "purge", "--batch-rows", "3")  # several batches per widget
     assert done.returncode == 0, done.stderr
     assert stored(db, short) == set(today + edge_new)
-    assert stored(db, default) == set(default_kept)
-    assert stored(db, year) == set(year_kept)
+    assert stored(db, default) == set(default_kept)  # default_old (91 days) went
+    assert stored(db, year) == set(year_kept)  # year_old (400 days) went
+    gone = default_old + year_old + old + edge_old
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE event_id = ANY(%s)", (gone,)).fetchone()[0] == 0
     assert re.search(rf"{short.id}.*\bshort\b.*\b8\b", done.stdout) and "removed" in done.stdout
     summary = [json.loads(line) for line in done.stderr.splitlines() if '"purge finished"' in line]
     assert len(summary) == 1 and summary[0]["rows"] >= 13 and summary[0]["widgets"] >= 3  # the summary log line
@@ -74,7 +80,6 @@ def test_purge_removes_exactly_the_expired_events(settings: Settings, db: psycop
     again = purge(settings.postgres_dsn, batch_rows=3)
     assert {w.widget_id: w.rows for w in again.widgets if w.widget_id in (short.id, default.id, year.id)} == {
         short.id: 0, default.id: 0, year.id: 0}
-    assert default_old and year_old  # (kept for the reader: these were the ones removed)
 
 
 def test_shortening_retention_takes_effect_at_the_next_purge(settings: Settings, db: psycopg.Connection,
