@@ -3,8 +3,9 @@
 Cost follows the rows removed, not the table: each widget's expired rows are found through the
 (widget_id, occurred_at) index and deleted in batches of `batch_rows`, each batch its own short transaction
 (autocommit), so no lock is held for long, WAL per transaction is bounded, and the sink's inserts (new rows,
-other pages) never wait on it. The cutoff is fixed per widget when its turn comes, so a run ends even while
-events keep arriving. See ARCHITECTURE.md "Retention" for why the table is not partitioned."""
+other pages) never wait on it. Every widget's cutoff (now − its retention) is computed once, when the run
+starts reading the widget list, and kept for the whole run, so a run ends even while events keep arriving;
+rows that expire during a long run are left for the next one. See ARCHITECTURE.md "Retention" for why the table is not partitioned."""
 
 from __future__ import annotations
 
