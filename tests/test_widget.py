@@ -16,6 +16,7 @@ waiting for rows cannot make them pass.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -307,6 +308,19 @@ def pageviews(found: list[tuple]) -> list[tuple[str, str | None]]:
 
 
 # --- the tests -----------------------------------------------------------------------------------------
+def test_widget_placeholder_ids_are_the_apis() -> None:
+    """The widget drops identify calls with the same placeholder ids the API refuses (one list, two copies)."""
+    from producer_api.validation import PLACEHOLDER_USER_IDS
+    from widget.assets import SOURCE
+
+    match = re.search(r"var PLACEHOLDER_IDS = \[(.*?)\];", SOURCE.read_text(encoding="utf-8"), re.S)
+    assert match, "PLACEHOLDER_IDS not found in hydra.js"
+    js = re.findall(r"'((?:[^'\\]|\\.)*)'", match.group(1))
+    assert "" in js  # the API refuses an empty/blank id by its strip() check
+    assert sorted(set(js) - {""}) == sorted(PLACEHOLDER_USER_IDS) and len(js) == len(set(js))
+    assert widget_script().gzipped_size <= 4096
+
+
 def test_size_budget(api_origin: str) -> None:
     script = widget_script()
     assert script.gzipped_size <= 4096, f"widget.js is {script.gzipped_size} bytes gzipped"

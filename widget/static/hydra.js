@@ -19,8 +19,10 @@
   var VID_KEY = 'hydra_vid';
   // identify() ids that are a bug in the caller's code, not a user (compared trimmed and lowercased);
   // the API refuses the same list, so such an id never merges strangers into one contact.
+  // The API's list (producer_api.validation.PLACEHOLDER_USER_IDS; tests/test_widget.py keeps them equal).
   var PLACEHOLDER_IDS = ['', 'undefined', 'null', 'none', 'nil', 'nan', '0', '-1', 'true', 'false',
-    '[object object]', 'anonymous', 'guest'];
+    '[object object]', 'anonymous', 'guest', 'unknown', 'not_authenticated', 'id', 'user_id', 'userid', 'email',
+    '00000000-0000-0000-0000-000000000000'];
 
   var existing = window.hydra;
   if (existing && existing._loaded) return; // the script was included twice: the first copy wins
