@@ -129,6 +129,16 @@ def _text(doc: dict[str, Any], field: str, max_chars: int, *, required: bool) ->
     return value
 
 
+def _url(doc: dict[str, Any], field: str, max_chars: int) -> str | None:
+    """A url/referrer without its #fragment (it often carries secrets, e.g. an OAuth #access_token=…): the
+    widget never sends one, but old copies of it and direct API clients may. The limit applies to what is
+    stored, so a long fragment does not get an otherwise storable url refused."""
+    value = doc.get(field)
+    if isinstance(value, str) and "#" in value:
+        doc = {field: value.split("#", 1)[0]}
+    return _text(doc, field, max_chars, required=False)
+
+
 def _timestamp(doc: dict[str, Any], field: str) -> datetime:
     value = doc.get(field)
     if value is None:
@@ -272,8 +282,8 @@ def build_event(doc: Any, env: Envelope, tenant_id: str, received_at: datetime, 
         "widget_id": env.widget_id,
         "visitor_id": env.visitor_id,
         "name": name,
-        "url": _text(doc, "url", limits.max_url_chars, required=False),
-        "referrer": _text(doc, "referrer", limits.max_referrer_chars, required=False),
+        "url": _url(doc, "url", limits.max_url_chars),
+        "referrer": _url(doc, "referrer", limits.max_referrer_chars),
         "properties": properties,
         "user_id": user_id,
         "occurred_at": _corrected_time(_timestamp(doc, "occurred_at"), env, received_at),

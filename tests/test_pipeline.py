@@ -107,6 +107,34 @@ def test_retried_batch_never_duplicates_rows(
     assert stored == dict(sent) and sum(stored.values()) == 26
 
 
+def test_no_stored_url_or_referrer_contains_a_fragment(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
+    """Issue 8, case 10, for clients other than the current widget (old copies, direct API calls): the API
+    drops every #fragment (often a secret, e.g. #access_token=…) before anything is stored; a long fragment
+    does not get an otherwise storable url refused."""
+    w = make_widget()
+    now = datetime.now(timezone.utc)
+    long_secret = "#access_token=" + "s" * 3000
+    cases = [("https://shop.example/a#access_token=abc", "https://idp.example/cb#id_token=xyz", "https://shop.example/a",
+              "https://idp.example/cb"),
+             ("https://shop.example/b#", "https://shop.example/#x#y", "https://shop.example/b", "https://shop.example/"),
+             ("https://shop.example/c?q=1" + long_secret, None, "https://shop.example/c?q=1", None),
+             ("#only-a-fragment", "https://shop.example/d", "", "https://shop.example/d")]
+    events = [pageview(now - timedelta(seconds=i), url, **({"referrer": ref} if ref else {}))
+              for i, (url, ref, _, _) in enumerate(cases)]
+    events.append({"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked", "occurred_at": iso(now),
+                   "url": "https://shop.example/e#secret", "referrer": "https://shop.example/f#other"})
+    resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, events), timeout=10)
+    assert resp.status_code == 204, resp.text
+    rows = dict(((str(e), (u, r)) for e, u, r in wait_for_rows(
+        db, "SELECT event_id, url, referrer FROM visitor_events WHERE widget_id = %s", (w.id,), len(events))))
+    expected = {e["event_id"]: (url, ref) for e, (_, _, url, ref) in zip(events, cases)}
+    expected[events[-1]["event_id"]] = ("https://shop.example/e", "https://shop.example/f")
+    assert rows == expected
+    assert not any("#" in (v or "") for pair in rows.values() for v in pair)
+
+
 def test_disabled_widget_drops_silently_until_enabled(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection,
     postgres,
