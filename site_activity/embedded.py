@@ -163,13 +163,16 @@ class EmbeddedApacheKafka:
     @classmethod
     def from_settings(cls, settings: Settings, data_dir: Path, nodes: int | None = None,
                       free_ports: bool = False) -> EmbeddedApacheKafka:
-        """Fetches the jars if needed. Ports: free ones, or embedded_kafka_port + 2*i (+1 for the controller)."""
+        """Fetches the jars if needed. Ports: free ones, or embedded_kafka_port + 2*i with the controller on the
+        next port (or on embedded_kafka_controller_port + i)."""
         from site_activity.kafka_dist import ensure_kafka
 
         n = nodes or settings.embedded_kafka_nodes
         libs = ensure_kafka(settings.kafka_dist, settings.kafka_version)
-        base = settings.embedded_kafka_port
-        ports = [(free_port(), free_port()) if free_ports else (base + 2 * i, base + 2 * i + 1) for i in range(n)]
+        base, controller = settings.embedded_kafka_port, settings.embedded_kafka_controller_port
+        ports = [(free_port(), free_port()) if free_ports
+                 else (base + 2 * i, controller + i if controller is not None else base + 2 * i + 1)
+                 for i in range(n)]
         return cls(libs, data_dir, ports, free_ports=free_ports)
 
     @property

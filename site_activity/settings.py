@@ -24,9 +24,11 @@ class Settings(BaseSettings):
     # "kafka" where Java 17+ is found, else "tansu" (site_activity.kafka_dist.default_broker).
     embedded_broker: Literal["kafka", "tansu"] | None = None
     # Apache Kafka nodes of the embedded cluster (combined broker+controller). Node i listens on
-    # embedded_kafka_port + 2*i and its controller on the port after it.
+    # embedded_kafka_port + 2*i and its KRaft controller on the port after it, or on
+    # embedded_kafka_controller_port + i when that is set (a port next to a free one need not be free).
     embedded_kafka_nodes: int = 1
     embedded_kafka_port: int = 9092
+    embedded_kafka_controller_port: int | None = None
     embedded_postgres_port: int = 5433
     kafka_version: str = "4.1.1"
     # Where fetched Kafka jars live (<dir>/<version>/libs); unset: <data_dir>/kafka.

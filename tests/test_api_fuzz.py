@@ -128,7 +128,9 @@ def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
     statuses: dict[int, int] = {}
     client = httpx.Client(base_url=api_url, timeout=20)
 
-    @hsettings(max_examples=500, deadline=None, database=None,
+    # derandomize: the same 500 bodies on every run, so the "not vacuous" floor below cannot fail by chance
+    # (a random draw once accepted only 78 events); widen the search by changing max_examples, not the seed.
+    @hsettings(max_examples=500, deadline=None, database=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
     @given(requests())
     def check(request: dict[str, Any]) -> None:
