@@ -14,7 +14,6 @@ import avro.io
 import avro.schema
 import httpx
 import psycopg
-import pytest
 
 from schemas.codec import SCHEMA_DIR
 from site_activity import widgets
