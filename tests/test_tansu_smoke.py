@@ -10,7 +10,6 @@ import pytest
 
 from site_activity.embedded import EmbeddedTansu
 from tests.test_pipeline import (  # noqa: F401 (collected here again, on Tansu)
-    raw_pipeline,
     test_posted_events_become_rows_with_every_column,
     test_retried_batch_never_duplicates_rows,
 )
