@@ -217,6 +217,7 @@ def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: s
     repairs = stages["processors"].proc.log_path.read_text(errors="replace").count(REPAIR_LOG)
     report = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "broker": args.kafka_bootstrap or Settings().broker_kind,
         "duration_s": args.duration, "rate_req_s": args.rate,
         "kills": {name: stage.kills for name, stage in stages.items()},
         "events_204": len(wanted), "rows": sum(rows.values()), "distinct_event_rows": len(rows),
