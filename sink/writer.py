@@ -140,22 +140,40 @@ WITH new_link AS (
 ),
 span AS (
     SELECT n.*,
-           CASE WHEN EXISTS (
-               SELECT 1 FROM visitor_events p
-               WHERE p.tenant_id = n.tenant_id AND p.visitor_id = n.visitor_id AND p.occurred_at <= n.occurred_at
-                 AND p.widget_id = n.widget_id AND p.event_type = 'identify' AND p.customer_id IS NOT NULL
-                 AND (p.occurred_at, p.event_id) < (n.occurred_at, n.event_id))
-           THEN n.occurred_at END AS since,  -- NULL: the first link, which also claims every earlier row
-           (SELECT x.occurred_at FROM visitor_events x
-            WHERE x.tenant_id = n.tenant_id AND x.visitor_id = n.visitor_id AND x.occurred_at >= n.occurred_at
-              AND x.widget_id = n.widget_id AND x.event_type = 'identify' AND x.customer_id IS NOT NULL
-              AND (x.occurred_at, x.event_id) > (n.occurred_at, n.event_id)
-            ORDER BY x.occurred_at, x.event_id LIMIT 1) AS until  -- the next link: NULL when none
+           CASE WHEN p.customer_id IS NOT NULL THEN n.occurred_at END AS since,  -- NULL: the first link, which
+           x.occurred_at AS until,                                                -- also claims earlier rows
+           -- the neighbours' contacts, only for links that were in force before this batch
+           CASE WHEN NOT EXISTS (SELECT 1 FROM new_link m WHERE m.widget_id = n.widget_id AND m.event_id = p.event_id)
+                THEN p.customer_id END AS prev_customer,
+           CASE WHEN NOT EXISTS (SELECT 1 FROM new_link m WHERE m.widget_id = n.widget_id AND m.event_id = x.event_id)
+                THEN x.customer_id END AS next_customer,
+           p.customer_id IS NOT NULL AS has_prev
     FROM new_link n
+    LEFT JOIN LATERAL (  -- the link in force just before this one
+        SELECT p.customer_id, p.event_id FROM visitor_events p
+        WHERE p.tenant_id = n.tenant_id AND p.visitor_id = n.visitor_id AND p.occurred_at <= n.occurred_at
+          AND p.widget_id = n.widget_id AND p.event_type = 'identify' AND p.customer_id IS NOT NULL
+          AND (p.occurred_at, p.event_id) < (n.occurred_at, n.event_id)
+        ORDER BY p.occurred_at DESC, p.event_id DESC LIMIT 1) p ON true
+    LEFT JOIN LATERAL (  -- the next link: NULL when none
+        SELECT x.occurred_at, x.customer_id, x.event_id FROM visitor_events x
+        WHERE x.tenant_id = n.tenant_id AND x.visitor_id = n.visitor_id AND x.occurred_at >= n.occurred_at
+          AND x.widget_id = n.widget_id AND x.event_type = 'identify' AND x.customer_id IS NOT NULL
+          AND (x.occurred_at, x.event_id) > (n.occurred_at, n.event_id)
+        ORDER BY x.occurred_at, x.event_id LIMIT 1) x ON true
+),
+changed AS (
+    -- An identify that names the contact already in force over its span changes no row: the link before it
+    -- (or, for a new first link, the old first link after it) was in force before this batch and has the same
+    -- contact. Sites that identify on every page load send mostly these; skipping them keeps the re-link
+    -- proportional to real changes. A neighbour that is itself new in this batch never justifies a skip.
+    SELECT * FROM span
+    WHERE NOT (has_prev AND prev_customer IS NOT DISTINCT FROM customer_id)
+      AND NOT (NOT has_prev AND next_customer IS NOT NULL AND next_customer = customer_id)
 ),
 claim AS (
     SELECT DISTINCT ON (e.widget_id, e.event_id) e.widget_id, e.event_id, s.customer_id
-    FROM span s
+    FROM changed s
     JOIN visitor_events e ON e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id
      AND (s.since IS NULL OR e.occurred_at >= s.since) AND (s.until IS NULL OR e.occurred_at < s.until)
     WHERE e.event_type <> 'identify' AND (e.widget_id = s.widget_id OR e.customer_id IS NULL)

@@ -389,6 +389,34 @@ def test_identify_merges_traits_by_event_time(settings, topics, db, make_widget,
     assert after == before
 
 
+def test_repeated_identifies_skip_only_what_an_older_link_already_covers(settings, topics, db, make_widget,
+                                                                        start_service) -> None:
+    """Two identifies of the same user in one batch, both new: the first still claims the anonymous history
+    (its neighbour is new too, so it justifies no skip); a later repeat of that user changes nothing; another
+    user's identify after them takes over the rows from its time on."""
+    w = make_widget()
+    t = T0
+    anon = [make_event(w, "v-r", at=t + timedelta(minutes=i)) for i in range(3)]
+    start_service("sink", settings_override=settings)
+    produce(settings, topics.enriched_events, anon)
+    wait_count(db, w.id, 3)
+
+    first = identify(w, "v-r", "u_same", {}, t + timedelta(minutes=10))
+    again = identify(w, "v-r", "u_same", {}, t + timedelta(minutes=20))
+    cid = first["customer_id"]
+    produce(settings, topics.enriched_events, [first, again])
+    wait_until(lambda: all(linked(db, w.id).get(e["event_id"]) == cid for e in anon), 20, "anonymous history claimed")
+
+    repeat = identify(w, "v-r", "u_same", {}, t + timedelta(minutes=30))
+    later = make_event(w, "v-r", at=t + timedelta(minutes=35), customer_id=cid)
+    other = identify(w, "v-r", "u_other", {}, t + timedelta(minutes=40))
+    produce(settings, topics.enriched_events, [repeat, later, other])
+    wait_count(db, w.id, 8)
+    links = linked(db, w.id)
+    assert all(links[e["event_id"]] == cid for e in (*anon, first, again, repeat, later))
+    assert links[other["event_id"]] == other["customer_id"] != cid
+
+
 def test_identify_retro_links_anonymous_history(settings, topics, db, make_widget, start_service) -> None:
     tenant = uuid.uuid4()
     w, w_same_tenant = make_widget(tenant_id=tenant), make_widget(tenant_id=tenant)
