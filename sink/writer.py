@@ -172,11 +172,16 @@ changed AS (
       AND NOT (NOT has_prev AND next_customer IS NOT NULL AND next_customer = customer_id)
 ),
 claim AS (
+    -- LATERAL with plain range bounds: one index range scan of (tenant_id, visitor_id, occurred_at) per changed
+    -- link. The batch is a temp table without statistics, so a plain join let the planner pick a hash join over
+    -- the whole of visitor_events for every batch.
     SELECT DISTINCT ON (e.widget_id, e.event_id) e.widget_id, e.event_id, s.customer_id
     FROM changed s
-    JOIN visitor_events e ON e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id
-     AND (s.since IS NULL OR e.occurred_at >= s.since) AND (s.until IS NULL OR e.occurred_at < s.until)
-    WHERE e.event_type <> 'identify' AND (e.widget_id = s.widget_id OR e.customer_id IS NULL)
+    CROSS JOIN LATERAL (
+        SELECT e.widget_id, e.event_id FROM visitor_events e
+        WHERE e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id
+          AND e.occurred_at >= coalesce(s.since, '-infinity') AND e.occurred_at < coalesce(s.until, 'infinity')
+          AND e.event_type <> 'identify' AND (e.widget_id = s.widget_id OR e.customer_id IS NULL)) e
     ORDER BY e.widget_id, e.event_id, e.widget_id = s.widget_id DESC, s.occurred_at DESC, s.event_id DESC
 )
 UPDATE visitor_events e SET customer_id = claim.customer_id
