@@ -10,10 +10,13 @@ Own embedded Postgres + the configured embedded broker (Apache Kafka where Java 
    of 7/30/90/365 days. VACUUM ANALYZE + CHECKPOINT, so the purge starts from a settled table.
 2. Sink baseline: `--sink-events` fresh events of a separate widget are produced to the raw topic; a running
    `site-activity sink` writes them; its rate is read from its own rows_written counter every 0.2 s.
-3. Purge under load: the same number of fresh events is produced again; once the sink writes them the purge
-   starts, and the sink's rate is taken over the window where both run (make --sink-events big enough that
-   the sink is still busy when the purge ends, so the window is the whole purge).
-4. Check: no row of any widget is older than its cutoff; rows inside retention are all still there.
+3. Ingest baseline: `site-activity api` (its own topics) takes an open-loop load of `--ingest-rate` requests/s
+   (10 events each) for `--ingest-seconds`; latency counts from each request's scheduled time.
+4. Purge under load: the same number of fresh events is produced again; once the sink writes them the purge
+   starts (paced by `--duty-cycle`, default the product's `purge_duty_cycle`) in a thread, and the sink's rate
+   is taken over the window where both run. When the sink has drained, the same ingest load runs again while
+   the purge goes on (the row says so if the purge ended first).
+5. Check: no row of any widget is older than its cutoff; rows inside retention are all still there.
 
 Prints a table (and markdown for the README) and writes bench/results/purge.json."""
 
@@ -46,6 +49,8 @@ from site_activity.db import migrate  # noqa: E402
 from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
+from bench.bench_pipeline import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
+from bench.workload import make_body  # noqa: E402
 from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
@@ -223,18 +228,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base_rate, base_s = meter.rate(t0, time.monotonic())
         say(f"  sink: {base_rate:,.0f} rows/s over {base_s:.1f} s")
 
-        say(f"purge under load: producing another {sink_events:,} events; the purge starts once the sink writes them")
-        produce(settings, live, sink_events, seed=2)
-        report: dict[str, PurgeReport] = {}
-        with running_sink(settings, log) as meter:
-            meter.wait_for(1, timeout=60)  # (a fresh sink process: its counter starts at 0)
-            p0 = time.monotonic()
-            report["r"] = purge(pg.dsn, batch_rows=args.batch_rows)
-            p1 = time.monotonic()
-            meter.wait_for(sink_events, timeout=max(120.0, sink_events / 1000))
-            during_rate, during_s = meter.rate(p0, p1)
+        api_settings = settings.model_copy(update={"topic_prefix": "bench-purge-api", "widget_cache_refresh_s": 1.0})
+        ensure_topics(api_settings)
+        with running_api(api_settings, Path(tmp) / "api.log", live) as api:
+            say(f"ingest baseline: {args.ingest_rate:g} requests/s ({args.ingest_rate * EVENTS_PER_BODY:,.0f} events/s)"
+                f" for {args.ingest_seconds:g} s, no purge")
+            ingest_base = ingest_load(api, live, args, "ingest-baseline")
+
+            say(f"purge under load: producing another {sink_events:,} events; the purge starts once the sink writes"
+                f" them (duty cycle {args.duty_cycle:g})")
+            produce(settings, live, sink_events, seed=2)
+            report: dict[str, PurgeReport] = {}
+            ended = threading.Event()
+            ended_at: list[float] = []
+
+            def run_purge() -> None:
+                try:
+                    report["r"] = purge(pg.dsn, batch_rows=args.batch_rows, duty_cycle=args.duty_cycle)
+                finally:
+                    ended_at.append(time.monotonic())
+                    ended.set()
+
+            with running_sink(settings, log) as meter:
+                meter.wait_for(1, timeout=60)  # (a fresh sink process: its counter starts at 0)
+                p0 = time.monotonic()
+                purger = threading.Thread(target=run_purge, name="purge", daemon=True)
+                purger.start()
+                meter.wait_for(sink_events, timeout=max(120.0, sink_events / 1000))
+                sink_done = time.monotonic()
+                say("  the sink drained; ingest load while the purge goes on")
+                ingest_during = ingest_load(api, live, args, "ingest-during-purge")
+                ingest_overlapped = not ended.is_set()
+                purger.join()
+                p1 = ended_at[0]
+                during_rate, during_s = meter.rate(p0, min(p1, sink_done))
+        if "r" not in report:
+            raise RuntimeError("the purge failed (see the log above)")
         say(f"  purge: {report['r'].rows:,} rows in {p1 - p0:.1f} s; sink during it: {during_rate:,.0f} rows/s"
-            f" over {during_s:.1f} s")
+            f" over {during_s:.1f} s; ingest p99 {ingest_during['latency_ms']['p99']} ms during it vs"
+            f" {ingest_base['latency_ms']['p99']} ms without")
         after = counts(pg.dsn, targets)
 
     r = report["r"]
@@ -244,12 +276,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_seeded": args.rows, "span_days": SPAN_DAYS, "retentions": RETENTIONS, "widgets": len(targets),
         "batch_rows": args.batch_rows, "seed_seconds": round(seed_s, 1), "expired_before": expired,
         "purge": {**r.summary(), "wall_seconds": round(p1 - p0, 3)},
+        "duty_cycle": args.duty_cycle,
+        "ingest": {"rate_req_s": args.ingest_rate, "events_per_request": EVENTS_PER_BODY,
+                   "seconds": args.ingest_seconds, "baseline": _ingest_summary(ingest_base),
+                   "during_purge": _ingest_summary(ingest_during), "overlapped_purge": ingest_overlapped},
         "sink": {"events_per_phase": sink_events, "baseline_rows_per_s": base_rate, "baseline_window_s": base_s,
                  "during_purge_rows_per_s": during_rate, "during_purge_window_s": during_s,
                  "ratio": during_rate / base_rate if base_rate else None},
         "check": {"expired_left": left_expired, "kept_rows_lost": lost, "per_widget_after": after},
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+@contextlib.contextmanager
+def running_api(settings: Settings, log: Path, widget: widgets.Widget) -> Iterator[int]:
+    """`site-activity api` on its own topics, accepting the widget; yields its port."""
+    api = StageProcess("api", settings, log)
+    api.start()
+    try:
+        wait_until(lambda: _healthy(settings.http_port), 60, "api", interval=0.2)
+        post_until_accepted(settings.http_port, make_body(str(widget.id), random.Random(3)))
+        yield settings.http_port
+    finally:
+        api.stop()
+
+
+def ingest_load(port: int, widget: widgets.Widget, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """One open-loop run of bench/loadgen.py: answers and latency (ms) from each request's scheduled time."""
+    gen = Loadgen(label, port, str(widget.id), "--mode", "open", "--rate", f"{args.ingest_rate:g}",
+                  "--duration", f"{args.ingest_seconds:g}", "--warmup", "1", "--bodies", "2000")
+    return gen.wait(timeout=args.ingest_seconds + 60)
+
+
+def _ingest_summary(res: dict[str, Any]) -> dict[str, Any]:
+    return {"requests_ok": res["requests_ok"], "errors": res["errors"], "statuses": res["statuses"],
+            "events_per_s": round(res["events_per_s"]), "latency_ms": res["latency_ms"]}
 
 
 @contextlib.contextmanager
@@ -280,12 +341,24 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     else:
         sink_verdict = (f"{s['ratio']:.0%} ({'PASS' if s['ratio'] >= SINK_SLOWDOWN_TARGET else 'FAIL'} >= "
                         f"{SINK_SLOWDOWN_TARGET:.0%})")
+    i = res["ingest"]
+    base, during = i["baseline"], i["during_purge"]
+    p99_base, p99_during = base["latency_ms"]["p99"], during["latency_ms"]["p99"]
+    if not i["overlapped_purge"]:
+        ingest_verdict = "n/a (the purge ended before the ingest window did)"
+    else:
+        ingest_ok = during["errors"] == 0 and p99_during is not None and p99_during < INGEST_P99_TARGET_MS
+        ingest_verdict = f"{'PASS' if ingest_ok else 'FAIL'} (no errors, p99 < {INGEST_P99_TARGET_MS:.0f} ms)"
     return [
-        (f"purge: {res['rows_seeded']:,} events / {res['span_days']} d, retention 7/30/90/365",
+        (f"purge: {res['rows_seeded']:,} events / {res['span_days']} d, retention 7/30/90/365, duty cycle "
+         f"{res['duty_cycle']:g}",
          f"{p['rows']:,} rows removed in {p['seconds']:.1f} s", f"{p['rows_per_s']:,} rows/s",
          "PASS" if ok else f"FAIL ({c['expired_left']} expired left, {c['kept_rows_lost']} kept rows lost)"),
         ("sink write rate during the purge", f"{s['during_purge_rows_per_s']:,.0f} rows/s",
          f"{s['baseline_rows_per_s']:,.0f} rows/s without a purge (same run)", sink_verdict),
+        (f"ingest during the purge ({i['rate_req_s'] * i['events_per_request']:,.0f} events/s, open loop)",
+         f"p50 {during['latency_ms']['p50']} ms, p99 {p99_during} ms, {during['errors']} non-204",
+         f"p50 {base['latency_ms']['p50']} ms, p99 {p99_base} ms without a purge (same run)", ingest_verdict),
     ]
 
 
@@ -294,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=5_000_000, help="events to seed (default 5,000,000)")
     p.add_argument("--sink-events", type=int, default=1_000_000, help="fresh events the sink writes per phase")
     p.add_argument("--batch-rows", type=int, default=10_000, help="rows per purge DELETE transaction")
+    p.add_argument("--duty-cycle", type=float, default=Settings().purge_duty_cycle,
+                   help="the purge's duty cycle (default: the product's purge_duty_cycle)")
+    p.add_argument("--ingest-rate", type=float, default=80.0, help="ingest requests/s (25 events each), open loop")
+    p.add_argument("--ingest-seconds", type=float, default=15.0, help="seconds of each ingest measurement")
     args = p.parse_args(argv)
     res = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

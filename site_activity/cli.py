@@ -186,10 +186,10 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         purge_every(settings.postgres_dsn, settings.purge_interval_s, stop,
-                    batch_rows=args.batch_rows or settings.purge_batch_rows)
+                    batch_rows=args.batch_rows or settings.purge_batch_rows, duty_cycle=settings.purge_duty_cycle)
         return 0
     run_with_progress(settings.postgres_dsn, batch_rows=args.batch_rows or settings.purge_batch_rows,
-                      dry_run=args.dry_run)
+                      dry_run=args.dry_run, duty_cycle=settings.purge_duty_cycle)
     return 0
 
 

@@ -83,7 +83,8 @@ def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Th
 
     thread = threading.Thread(target=purge_every, name="retention-purge", daemon=True,
                               args=(settings.postgres_dsn, settings.purge_interval_s, stop),
-                              kwargs={"batch_rows": settings.purge_batch_rows})
+                              kwargs={"batch_rows": settings.purge_batch_rows,
+                                      "duty_cycle": settings.purge_duty_cycle})
     thread.start()
     return thread
 

@@ -5,7 +5,12 @@ Cost follows the rows removed, not the table: each widget's expired rows are fou
 (autocommit), so no lock is held for long, WAL per transaction is bounded, and the sink's inserts (new rows,
 other pages) never wait on it. Every widget's cutoff (now − its retention) is computed once, when the run
 starts reading the widget list, and kept for the whole run, so a run ends even while events keep arriving;
-rows that expire during a long run are left for the next one. See ARCHITECTURE.md "Retention" for why the table is not partitioned."""
+rows that expire during a long run are left for the next one. See ARCHITECTURE.md "Retention" for why the table is not partitioned.
+
+The purge is paced by a duty cycle: after a batch that took t seconds it rests t·(1 − d)/d, so it uses at most
+the fraction d of one Postgres backend's time. A purge has a whole day to finish, the sink has seconds of
+freshness to keep: on a small machine an unpaced purge takes a full core from Postgres and the sink loses a
+quarter of its rate while it runs (bench/bench_purge.py measures both)."""
 
 from __future__ import annotations
 
@@ -65,20 +70,26 @@ class PurgeReport:
                 "rows_per_s": round(self.rows / self.seconds) if self.seconds > 0 else None}
 
 
-def purge(dsn: str, *, batch_rows: int = 10_000, dry_run: bool = False,
-          on_progress: Callable[[WidgetPurge, bool], None] = lambda w, done: None) -> PurgeReport:
-    """Runs one purge over every widget. `on_progress(widget, done)` is called after every batch and once when
-    a widget is finished. Returns what was removed (or would be, with dry_run). Raises psycopg errors other
-    than deadlocks/serialization failures (which are retried)."""
+def purge(dsn: str, *, batch_rows: int = 10_000, dry_run: bool = False, duty_cycle: float = 1.0,
+          on_progress: Callable[[WidgetPurge, bool], None] = lambda w, done: None,
+          stop: threading.Event | None = None) -> PurgeReport:
+    """Runs one purge over every widget. `duty_cycle` (0 < d <= 1) is the largest fraction of wall time spent
+    deleting (1.0: no pauses). `on_progress(widget, done)` is called after every batch and once when a widget
+    is finished. A set `stop` ends the run after the current batch (what was deleted stays deleted; the next
+    run goes on from there). Returns what was removed (or would be, with dry_run). Raises ValueError for a bad
+    batch size or duty cycle, and psycopg errors other than deadlocks/serialization failures (retried)."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
+    if not 0 < duty_cycle <= 1:
+        raise ValueError("duty_cycle must be in (0, 1]")
+    pace = _Pace(duty_cycle, stop or threading.Event())
     report = PurgeReport(dry_run)
     started = time.perf_counter()
     with psycopg.connect(dsn, autocommit=True, application_name="site-activity-purge") as conn:
         for row in conn.execute(_WIDGETS).fetchall():
             widget = WidgetPurge(*row)
             report.widgets.append(widget)
-            _purge_widget(conn, widget, batch_rows, dry_run, on_progress)
+            _purge_widget(conn, widget, batch_rows, dry_run, on_progress, pace)
             on_progress(widget, True)
             log.info("purged widget" if not dry_run else "purge dry run: widget", extra={
                 "widget_id": str(widget.widget_id), "retention_days": widget.retention_days,
@@ -89,14 +100,30 @@ def purge(dsn: str, *, batch_rows: int = 10_000, dry_run: bool = False,
     return report
 
 
+class _Pace:
+    """Rests between batches so deleting takes at most `duty_cycle` of the wall time; `stop` cuts a rest short
+    and ends the run."""
+
+    def __init__(self, duty_cycle: float, stop: threading.Event) -> None:
+        self.rest_per_busy_s = (1 - duty_cycle) / duty_cycle
+        self.stop = stop
+
+    def after_batch(self, busy_s: float) -> bool:
+        """Rests in proportion to the batch just done; False when the run should end."""
+        if self.rest_per_busy_s > 0:
+            self.stop.wait(busy_s * self.rest_per_busy_s)
+        return not self.stop.is_set()
+
+
 def _purge_widget(conn: psycopg.Connection, widget: WidgetPurge, batch_rows: int, dry_run: bool,
-                  on_progress: Callable[[WidgetPurge, bool], None]) -> None:
+                  on_progress: Callable[[WidgetPurge, bool], None], pace: _Pace) -> None:
     started = time.perf_counter()
     params = {"w": widget.widget_id, "cutoff": widget.cutoff, "n": batch_rows}
     if dry_run:
         widget.rows = int(conn.execute(_COUNT, params).fetchone()[0])  # type: ignore[index]
     else:
-        while True:
+        while not pace.stop.is_set():
+            batch_started = time.perf_counter()
             try:
                 deleted = conn.execute(_DELETE_BATCH, params).rowcount
             except _RETRYABLE as exc:
@@ -106,12 +133,12 @@ def _purge_widget(conn: psycopg.Connection, widget: WidgetPurge, batch_rows: int
             widget.rows += max(deleted, 0)
             widget.batches += 1
             on_progress(widget, False)
-            if deleted < batch_rows:
+            if deleted < batch_rows or not pace.after_batch(time.perf_counter() - batch_started):
                 break
     widget.seconds = time.perf_counter() - started
 
 
-def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool) -> PurgeReport:
+def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool, duty_cycle: float = 1.0) -> PurgeReport:
     """`site-activity purge`: the purge with a live progress display (rich) on stderr and a summary table."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -128,7 +155,7 @@ def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool) -> PurgeRepor
             if done:
                 progress.advance(task)
 
-        report = purge(dsn, batch_rows=batch_rows, dry_run=dry_run, on_progress=on_progress)
+        report = purge(dsn, batch_rows=batch_rows, dry_run=dry_run, duty_cycle=duty_cycle, on_progress=on_progress)
     table = Table(title=("Retention purge (dry run: nothing deleted)" if dry_run else "Retention purge"))
     for column in ("widget id", "name", "retention", "cutoff (UTC)", "would remove" if dry_run else "removed",
                    "seconds"):
@@ -145,12 +172,14 @@ def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool) -> PurgeRepor
     return report
 
 
-def purge_every(dsn: str, interval_s: float, stop: threading.Event, *, batch_rows: int) -> None:
-    """Runs the purge now and then every interval_s until `stop` is set; a failed run is logged and the next
-    one tries again (how `dev` and the compose `purge` service schedule it)."""
+def purge_every(dsn: str, interval_s: float, stop: threading.Event, *, batch_rows: int,
+                duty_cycle: float = 1.0) -> None:
+    """Runs the purge now and then every interval_s until `stop` is set (which also ends a run in progress after
+    its current batch); a failed run is logged and the next one tries again (how `dev` and the compose `purge`
+    service schedule it)."""
     while not stop.is_set():
         try:
-            purge(dsn, batch_rows=batch_rows)
+            purge(dsn, batch_rows=batch_rows, duty_cycle=duty_cycle, stop=stop)
         except Exception:
             log.exception("retention purge failed; retrying at the next interval")
         stop.wait(interval_s)

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     purge_batch_rows: int = 10_000
     # How often `dev` runs the purge in the background.
     purge_interval_s: float = 24 * 3600
+    # Largest fraction of wall time the purge spends deleting (it rests between batches for the rest), so the
+    # sink keeps its rate while a purge runs; 1.0 = no pauses (a one-off catch-up run on an idle database).
+    purge_duty_cycle: float = Field(default=0.25, gt=0, le=1)
 
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"

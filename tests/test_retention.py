@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import pytest
 
 from site_activity import widgets
 from site_activity.embedded import wait_until
-from site_activity.retention import purge
+from site_activity.retention import WidgetPurge, _Pace, purge
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
 from tests.console_helpers import cli
@@ -137,9 +138,55 @@ def test_events_already_past_retention_are_not_stored(settings: Settings, db: ps
         time.sleep(0.2)
 
 
-def test_purge_validates_its_batch_size(settings: Settings) -> None:
+def test_purge_validates_its_batch_size_and_duty_cycle(settings: Settings) -> None:
     with pytest.raises(ValueError):
         purge(settings.postgres_dsn, batch_rows=0)
+    for duty in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError):
+            purge(settings.postgres_dsn, duty_cycle=duty)
+    with pytest.raises(ValueError):
+        Settings(purge_duty_cycle=0)
+
+
+class _RecordingStop(threading.Event):
+    """A stop event that records how long the purge asked to rest (and does not really sleep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rests: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.rests.append(float(timeout or 0.0))
+        return self.is_set()
+
+
+def test_purge_rests_between_batches_in_proportion_to_its_duty_cycle() -> None:
+    """At duty cycle d, a batch that took t seconds is followed by a rest of t·(1 − d)/d."""
+    stop = _RecordingStop()
+    pace = _Pace(0.25, stop)
+    assert pace.after_batch(0.2) and pace.after_batch(0.04)
+    assert stop.rests == pytest.approx([0.6, 0.12])
+    unpaced = _Pace(1.0, _RecordingStop())
+    assert unpaced.after_batch(0.5) and unpaced.stop.rests == []  # type: ignore[attr-defined]
+
+
+def test_a_stopped_purge_ends_after_its_current_batch_and_the_next_run_finishes(
+        settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]) -> None:
+    w = make_widget()
+    widgets.set_retention(db, w.id, 7, actor="tests")
+    old = seed(db, w, 9, timedelta(days=30))
+    fresh = seed(db, w, 2, timedelta(hours=1))
+    stop = threading.Event()
+
+    def stop_after_first_batch(widget: WidgetPurge, done: bool) -> None:
+        if widget.widget_id == w.id and not done:
+            stop.set()
+
+    first = purge(settings.postgres_dsn, batch_rows=3, duty_cycle=0.5, stop=stop, on_progress=stop_after_first_batch)
+    assert next(x for x in first.widgets if x.widget_id == w.id).rows == 3
+    assert len(stored(db, w) & set(old)) == 6  # the rest waits for the next run
+    purge(settings.postgres_dsn, batch_rows=3, duty_cycle=0.5)
+    assert stored(db, w) == set(fresh)
 
 
 def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db: psycopg.Connection,
