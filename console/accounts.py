@@ -217,11 +217,26 @@ def create_login_token(conn: psycopg.Connection, tenant_id: uuid.UUID, email: st
     return token
 
 
-def login_link(conn: psycopg.Connection, console_origin: str, tenant_id: uuid.UUID, email: str, ttl_s: int) -> str:
-    """A one-time sign-in URL for the console at console_origin."""
+def login_link(conn: psycopg.Connection, console_origin: str, tenant_id: uuid.UUID, email: str, ttl_s: int,
+               next_path: str | None = None) -> str:
+    """A one-time sign-in URL for the console at console_origin; after signing in, the member lands on
+    next_path (a path on the console, e.g. "/site-activity") or the default page. ValueError for a next_path
+    that is not a local path."""
     from urllib.parse import quote
 
-    return f"{console_origin.rstrip('/')}/login?token={quote(create_login_token(conn, tenant_id, email, ttl_s))}"
+    url = f"{console_origin.rstrip('/')}/login?token={quote(create_login_token(conn, tenant_id, email, ttl_s))}"
+    if next_path is not None:
+        if not is_local_path(next_path):
+            raise ValueError(f"not a path on the console: {next_path!r}")
+        url += f"&next={quote(next_path, safe='/?=&')}"
+    return url
+
+
+def is_local_path(path: str) -> bool:
+    """A redirect target on this site only: "/x…", never "//host", "/\\host", a scheme or control characters
+    (an open redirect would let a phishing link pass through the console's sign-in page)."""
+    return (path.startswith("/") and not path.startswith(("//", "/\\")) and "\\" not in path
+            and all(32 < ord(c) < 127 for c in path))
 
 
 def consume_login_token(conn: psycopg.Connection, token: str) -> Member | None:

@@ -167,9 +167,12 @@ def _login_link(args: argparse.Namespace, settings: Settings) -> int:
     from console import accounts
     from site_activity.db import connect
 
+    if args.next is not None and not accounts.is_local_path(args.next):
+        print(f"--next must be a path on the console (like /site-activity), not {args.next!r}", file=sys.stderr)
+        return 2
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         print(accounts.login_link(conn, settings.console_origin, args.tenant, args.email,
-                                  settings.console_login_link_ttl_s))
+                                  settings.console_login_link_ttl_s, next_path=args.next))
     print(f"one-time sign-in link for {args.email}; expires in {settings.console_login_link_ttl_s // 60} minutes",
           file=sys.stderr)
     return 0
@@ -316,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ll.set_defaults(func=_login_link)
     ll.add_argument("--tenant", type=_uuid_arg, required=True)
     ll.add_argument("--email", required=True)
+    ll.add_argument("--next", help="console page to open after signing in, e.g. /site-activity")
     return parser
 
 

@@ -284,6 +284,30 @@ def test_sign_in_link_is_single_use_and_sets_a_safe_cookie(console: httpx.Client
     assert "already used or expired" in second.text
 
 
+def test_sign_in_link_opens_the_page_it_names_and_only_pages_of_the_console(
+        console: httpx.Client, console_settings: Settings, acme: Tenant) -> None:
+    link = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"],
+               "--next", "/settings/audit-log?limit=5").stdout.strip()
+    assert link.endswith("&next=/settings/audit-log?limit=5")
+    shown = httpx.get(link.replace(console_settings.console_origin, str(console.base_url)))
+    assert 'name="next" value="/settings/audit-log?limit=5"' in shown.text
+    token = link.split("token=", 1)[1].split("&", 1)[0]
+    resp = httpx.post(f"{console.base_url}/login", data={"token": token, "next": "/settings/audit-log?limit=5"})
+    assert resp.status_code == 303 and resp.headers["location"] == "/settings/audit-log?limit=5"
+    # Anywhere else (another site, scheme-relative, backslash tricks, header injection) lands on the default page.
+    for hostile in ("https://evil.example/", "//evil.example/", "/\\evil.example", "/\\/evil.example",
+                    "javascript:alert(1)", "/ok\r\nSet-Cookie: x=1", "settings/widgets"):
+        made = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"])
+        token = made.stdout.strip().split("token=", 1)[1]
+        assert f'value="{hostile}"' not in httpx.get(f"{console.base_url}/login", params={
+            "token": token, "next": hostile}).text
+        resp = httpx.post(f"{console.base_url}/login", data={"token": token, "next": hostile})
+        assert resp.status_code == 303 and resp.headers["location"] == "/settings/widgets", hostile
+        refused = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"],
+                      "--next", hostile)
+        assert refused.returncode == 2 and "--next must be a path" in refused.stderr
+
+
 def test_sign_in_link_expires(console: httpx.Client, postgres: EmbeddedPostgres, acme: Tenant) -> None:
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         token = accounts.create_login_token(conn, acme.id, acme.emails["owner"], ttl_s=60)
