@@ -51,9 +51,13 @@ def test_contact_timeline_includes_anonymous_history_before_identify(
         {"event_id": str(uuid.uuid4()), "type": "identify", "user_id": "u-42", "occurred_at": iso(now - timedelta(minutes=4))}])
     # A stranger on the same widget.
     post(api_url, w.id, "stranger", [pageview(now - timedelta(minutes=3), "/pricing")])
-    # Every non-session row of the two browsers linked to the contact (the sink's re-link ran).
+    # Every row of the two browsers (5 + 3 with their session_starts) linked to the contact (the sink's re-link
+    # ran), and the stranger's 2 rows stored.
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id LIKE 'browser-%%'"
-                      " AND customer_id IS NOT NULL", (w.id,), 10, timeout=60)
+                      " AND customer_id IS NOT NULL", (w.id,), 8, timeout=60)
+    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'stranger'", (w.id,), 2)
+    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND visitor_id LIKE 'browser-%%'",
+                      (w.id,)).fetchone()[0] == 8
     customer = db.execute("SELECT id FROM customers WHERE tenant_id = %s AND external_id = 'u-42'",
                           (tenant.id,)).fetchone()[0]
     with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as console:
