@@ -196,11 +196,9 @@ def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: 
     """The visitor browser: visitors (per widget) most recently seen first, from visitor_summaries (migration
     0007, exact: kept by triggers). `q`: case-insensitive substring of the visitor id, the identify user id, or
     the linked contact's email or name. `since`: last seen at or after. Returns (visitors, next position|None)."""
-    p: dict[str, Any] = {"tenant": tenant_id, "n": limit + 1}
-    conds = ["s.tenant_id = %(tenant)s"]
-    if widget_id is not None:
-        conds.append("s.widget_id = %(widget)s")
-        p["widget"] = widget_id
+    p: dict[str, Any] = {"tenant": tenant_id, "n": limit + 1,
+                         "widgets": [widget_id] if widget_id else tenant_widget_ids(conn, tenant_id)}
+    conds = ["s.widget_id = w.id", "s.tenant_id = %(tenant)s"]
     if since is not None:
         conds.append("s.last_seen >= %(since)s")
         p["since"] = since
@@ -209,11 +207,15 @@ def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: 
         p["q"] = _like(q)
     if after is not None:
         p["at"], p["wid"], p["vid"] = _time_key(after)
-        conds.append("(s.last_seen, s.widget_id, s.visitor_id) < (%(at)s, %(wid)s, %(vid)s)")
-    sql = ("SELECT s.*, c.email, c.name AS contact_name FROM visitor_summaries s"
+        conds.append("s.last_seen <= %(at)s AND (s.last_seen, s.widget_id, s.visitor_id) < (%(at)s, %(wid)s, %(vid)s)")
+    # Per widget: a backward range scan of (widget_id, last_seen, visitor_id) stopped after `limit` rows (a `q`
+    # filters that scan: cost ∝ the widget's visitors when few match), then merged.
+    sql = ("SELECT v.* FROM unnest(%(widgets)s::uuid[]) AS w (id) CROSS JOIN LATERAL ("
+           " SELECT s.*, c.email, c.name AS contact_name FROM visitor_summaries s"
            " LEFT JOIN customers c ON c.id = s.customer_id"
            f" WHERE {' AND '.join(conds)}"
-           " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s")
+           " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s) v"
+           " ORDER BY v.last_seen DESC, v.widget_id DESC, v.visitor_id DESC LIMIT %(n)s")
     rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()  # type: ignore[arg-type]
     page = rows[:limit]
     nxt = None

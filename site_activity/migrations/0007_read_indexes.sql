@@ -37,7 +37,6 @@ CREATE TABLE visitor_summaries (
     PRIMARY KEY (widget_id, visitor_id)
 );
 CREATE INDEX visitor_summaries_widget_recent ON visitor_summaries (widget_id, last_seen, visitor_id);
-CREATE INDEX visitor_summaries_tenant_recent ON visitor_summaries (tenant_id, last_seen, widget_id, visitor_id);
 CREATE INDEX visitor_summaries_customer ON visitor_summaries (customer_id) WHERE customer_id IS NOT NULL;
 
 -- Inserts add their counts (the transition table holds only the rows really inserted, so ON CONFLICT DO NOTHING
@@ -47,17 +46,21 @@ CREATE FUNCTION visitor_summaries_add() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO visitor_summaries AS s (widget_id, visitor_id, tenant_id, first_seen, last_seen, events, pageviews,
                                         sessions, custom_events, user_id, customer_id, identified_at, identify_event_id)
-    SELECT n.widget_id, n.visitor_id, min(n.tenant_id::text)::uuid, min(n.occurred_at), max(n.occurred_at), count(*),
-           count(*) FILTER (WHERE n.event_type = 'pageview'),
-           count(*) FILTER (WHERE n.event_type = 'session_start'),
-           count(*) FILTER (WHERE n.event_type = 'custom'),
-           (array_agg(n.user_id ORDER BY n.occurred_at DESC, n.event_id DESC) FILTER (WHERE n.event_type = 'identify'))[1],
-           (array_agg(n.customer_id ORDER BY n.occurred_at DESC, n.event_id DESC) FILTER (WHERE n.event_type = 'identify'))[1],
-           max(n.occurred_at) FILTER (WHERE n.event_type = 'identify'),
-           (array_agg(n.event_id ORDER BY n.occurred_at DESC, n.event_id DESC) FILTER (WHERE n.event_type = 'identify'))[1]
-    FROM new_rows n
-    GROUP BY n.widget_id, n.visitor_id
-    ORDER BY n.widget_id, n.visitor_id
+    SELECT a.widget_id, a.visitor_id, a.tenant_id, a.first_seen, a.last_seen, a.events, a.pageviews, a.sessions,
+           a.custom_events, i.user_id, i.customer_id, i.occurred_at, i.event_id
+    FROM (SELECT n.widget_id, n.visitor_id, any_value(n.tenant_id) AS tenant_id, min(n.occurred_at) AS first_seen,
+                 max(n.occurred_at) AS last_seen, count(*) AS events,
+                 count(*) FILTER (WHERE n.event_type = 'pageview') AS pageviews,
+                 count(*) FILTER (WHERE n.event_type = 'session_start') AS sessions,
+                 count(*) FILTER (WHERE n.event_type = 'custom') AS custom_events
+          FROM new_rows n GROUP BY n.widget_id, n.visitor_id) a
+    LEFT JOIN (  -- identifies are few: the latest per visitor, found without sorting every group
+        SELECT DISTINCT ON (n.widget_id, n.visitor_id) n.widget_id, n.visitor_id, n.user_id, n.customer_id,
+               n.occurred_at, n.event_id
+        FROM new_rows n WHERE n.event_type = 'identify'
+        ORDER BY n.widget_id, n.visitor_id, n.occurred_at DESC, n.event_id DESC) i
+        ON i.widget_id = a.widget_id AND i.visitor_id = a.visitor_id
+    ORDER BY a.widget_id, a.visitor_id
     ON CONFLICT (widget_id, visitor_id) DO UPDATE SET
         first_seen = least(s.first_seen, EXCLUDED.first_seen),
         last_seen = greatest(s.last_seen, EXCLUDED.last_seen),
