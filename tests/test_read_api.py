@@ -67,9 +67,15 @@ def visitor_rows(w: widgets.Widget, visitor: str, rng: random.Random, n: int,
 
 
 def insert(conn: psycopg.Connection, rows: list[tuple]) -> None:
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(INSERT, [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11])
-                                 for r in rows])
+    """One INSERT statement per transaction, like the sink (sink/writer.py): the summary trigger then locks the
+    visitors' summaries once, in key order."""
+    if not rows:
+        return
+    values = ", ".join(["(%s::uuid, %s::uuid, %s::uuid, %s, %s, %s, %s, '{}'::jsonb, %s, %s::uuid, %s::uuid, %s::timestamptz,"
+                        " %s::timestamptz)"] * len(rows))
+    sql = INSERT.replace("VALUES (%s, %s, %s, %s, %s, %s, %s, '{}', %s, %s, %s, %s, %s)", f"VALUES {values}")
+    with conn.transaction():
+        conn.execute(sql, [v for r in rows for v in r[:12]])
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +382,47 @@ def test_query_functions_for_the_benchmark(postgres: EmbeddedPostgres, acme: Ten
         assert len(rows) == 3 and nxt is not None
         tl = reads.visitor_timeline(conn, acme.id, "v-1", widget_id=acme.widget.id)
         assert tl is not None and tl["sessions"]
+
+
+def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
+        postgres: EmbeddedPostgres, db: psycopg.Connection, make_widget: Any) -> None:
+    """Sink-like inserts (several transactions at once, duplicates) while purge-like deletes hit the same
+    visitors: afterwards every summary equals the aggregate over the rows left."""
+    w = make_widget()
+    visitors = [f"c-{i}" for i in range(12)]
+    errors: list[BaseException] = []
+
+    def inserter(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+                for _ in range(25):  # bounded
+                    rows = [r for v in rng.sample(visitors, 4) for r in visitor_rows(w, v, rng, 3)]
+                    insert(conn, rows + rng.sample(rows, 3))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def deleter() -> None:
+        rng = random.Random(99)
+        try:
+            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+                for _ in range(25):
+                    conn.execute("DELETE FROM visitor_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM visitor_events"
+                                 " WHERE widget_id = %s AND visitor_id = ANY(%s) LIMIT 15))",
+                                 (w.id, rng.sample(visitors, 3)))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=inserter, args=(s,)) for s in (1, 2, 3)] + [threading.Thread(target=deleter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    raw = db.execute("""
+        SELECT visitor_id, min(occurred_at), max(occurred_at), count(*), count(*) FILTER (WHERE event_type = 'pageview'),
+               count(*) FILTER (WHERE event_type = 'session_start'), count(*) FILTER (WHERE event_type = 'custom')
+        FROM visitor_events WHERE widget_id = %s GROUP BY visitor_id ORDER BY visitor_id""", (w.id,)).fetchall()
+    summary = db.execute("SELECT visitor_id, first_seen, last_seen, events, pageviews, sessions, custom_events"
+                         " FROM visitor_summaries WHERE widget_id = %s ORDER BY visitor_id", (w.id,)).fetchall()
+    assert raw and summary == raw
