@@ -426,3 +426,23 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
     summary = db.execute("SELECT visitor_id, first_seen, last_seen, events, pageviews, sessions, custom_events"
                          " FROM visitor_summaries WHERE widget_id = %s ORDER BY visitor_id", (w.id,)).fetchall()
     assert raw and summary == raw
+
+
+def test_rail_token_for_a_visitor_shows_only_that_visitor(console: httpx.Client, db: psycopg.Connection,
+                                                          acme: Tenant, workload: dict[str, Any]) -> None:
+    w = acme.widget.id
+    resp = console.post("/api/v1/rail-tokens", json={"widget_id": str(w), "visitor_id": "v-2"},
+                        headers=acme.auth("member"))
+    assert resp.status_code == 200, resp.text
+    url = resp.json()["url"]
+    panel = httpx.get(url, timeout=30)
+    shown = [m.split('"')[0] for m in panel.text.split('data-event-id="')[1:]]
+    assert shown == [str(r[0]) for r in db.execute(
+        "SELECT event_id FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-2'"
+        " AND event_type IN ('pageview', 'custom') ORDER BY occurred_at DESC, event_id DESC LIMIT 50", (w,))]
+    assert shown
+    for body in [{}, {"contact_id": str(workload["ada"]), "visitor_id": "v-2"}, {"widget_id": str(w)},
+                 {"contact_id": str(workload["ada"]), "extra": 1}]:
+        resp = console.post("/api/v1/rail-tokens", json=body, headers=acme.auth("member"))
+        assert resp.status_code == 400 and resp.json()["reason"], (body, resp.text)
+    assert httpx.get(url.split("?")[0], timeout=30).status_code == 401  # no token
