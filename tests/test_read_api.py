@@ -44,16 +44,18 @@ def visitor_rows(w: widgets.Widget, visitor: str, rng: random.Random, n: int,
     """Events of one visitor: sessions with a session_start, pageviews, custom events, optionally an identify;
     times scattered over three days (inserted in a shuffled order: late events)."""
     rows = []
+    # As the sink stores them once linked: every row of an identified visitor carries the contact.
+    user, customer = contact if contact else (None, None)
     start = NOW - timedelta(days=3) + timedelta(seconds=rng.randrange(0, 3 * 86400 - 7200))
-    sid = session_id_for(w.id, visitor, start)
-    rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, None, None,
+    sid = first_sid = session_id_for(w.id, visitor, start)
+    rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user, customer,
                  sid, start, start))
     for i in range(n):
         at = start + timedelta(seconds=10 * i, microseconds=rng.randrange(0, 999_999))
         if i == n // 2 and rng.random() < 0.5:  # a second session
             sid = session_id_for(w.id, visitor, at)
-            rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, None,
-                         None, sid, at, at))
+            rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user,
+                         customer, sid, at, at))
         kind = rng.choice(["pageview", "pageview", "custom"])
         rows.append((w.id, uuid.uuid4(), w.tenant_id, visitor, kind, rng.choice(["signup", "cart"]) if kind == "custom"
                      else None, f"https://shop.example/p{rng.randrange(5)}" if kind == "pageview" else None,
@@ -61,7 +63,7 @@ def visitor_rows(w: widgets.Widget, visitor: str, rng: random.Random, n: int,
                      at + timedelta(seconds=rng.randrange(0, 600))))
     if contact:
         at = start + timedelta(seconds=5)
-        rows.append((w.id, uuid.uuid4(), w.tenant_id, visitor, "identify", None, None, contact[0], contact[1], sid,
+        rows.append((w.id, uuid.uuid4(), w.tenant_id, visitor, "identify", None, None, user, customer, first_sid,
                      at, at))
     return rows
 
