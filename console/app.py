@@ -11,6 +11,10 @@ from fastapi import FastAPI, Request, Response
 
 from console.errors import install_error_handlers
 from console.routes import api, pages
+# --- read API + activity pages (issue 12: events / visitors / timelines) ---
+from console import ratelimit
+from console.cursors import Cursors, RailTokens
+from console.routes import activity_pages, read_api
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -27,6 +31,13 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(pages.router)
+    # --- read API + activity pages (issue 12: events / visitors / timelines) ---
+    secret = load_secret(settings)
+    app.state.read_cursors = Cursors(secret)
+    app.state.rail_tokens = RailTokens(secret, settings.console_rail_token_ttl_s)
+    app.include_router(read_api.router)
+    app.include_router(activity_pages.router)
+    ratelimit.install(app, settings.console_api_rate_limit_per_min)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

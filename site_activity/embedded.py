@@ -223,7 +223,9 @@ class EmbeddedApacheKafka:
     def _format(self, node: KafkaNode, cluster_id: str) -> None:
         if (node.home / "log" / "meta.properties").exists():
             return  # formatted before: keep its data
-        out = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+        # "--cluster-id=<id>" in one argument: a random id may start with "-" (1 in 64), which argparse would
+        # take for an option ("expected one argument") when passed as a separate argument.
+        out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                                         "-c", str(node.config_path), node=node),
                              capture_output=True, text=True, timeout=120)
         if out.returncode != 0:

@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     # Mark cookies Secure (only sent over HTTPS). Off by default: the embedded stack serves plain HTTP.
     console_cookie_secure: bool = False
 
+    # --- read API and activity pages (issue 12: events / visitors / timelines) -------------------
+    # Requests per minute per API key on /api/v1 (token bucket, burst = the limit). Counted in each console
+    # process: N replicas allow up to N times this.
+    console_api_rate_limit_per_min: int = 240
+    # Lifetime of a signed inbox-rail URL (POST /api/v1/rail-tokens).
+    console_rail_token_ttl_s: int = 15 * 60
+    # Who may frame the inbox rail panel: the CSP frame-ancestors value ("'self' https://inbox.example.com").
+    console_rail_frame_ancestors: str = "'self'"
+
     # --- retention purge -----------------------------------------------------------------------
     # Rows per DELETE transaction: bounds lock time and WAL per transaction (Matomo uses 100k).
     purge_batch_rows: int = 10_000
