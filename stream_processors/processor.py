@@ -93,7 +93,7 @@ class RawMessage(Protocol):
 class StateStore(Protocol):
     """Visitor state by Kafka key; `put` also names the partition whose changelog gets the write."""
 
-    def get(self, key: bytes) -> dict[str, Any] | None: ...
+    def get(self, key: bytes, partition: int) -> dict[str, Any] | None: ...
 
     def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None: ...
 
@@ -156,7 +156,7 @@ class BatchProcessor:
             metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
         events = out = 0
         for visitor in self._group(messages):
-            doc = self.store.get(visitor.key)
+            doc = self.store.get(visitor.key, visitor.partition)
             if is_erased(doc):  # an erased visitor: nothing of theirs is placed, linked or emitted again
                 erasures.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
                 continue
