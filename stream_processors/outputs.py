@@ -65,6 +65,12 @@ class Outputs:
              headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None:
         """Hands a record to the producer. One that can never be written is dead-lettered instead, with
         `source` (else the record's own topic and partition, offset -1) in the dead-letter headers."""
+        if partition is None and not headers:  # the hot path (enriched events): no options to build
+            try:
+                self.producer.produce(topic, value, key)
+                return
+            except (BufferError, KafkaException):
+                pass  # not enqueued: the general path below waits, retries or dead-letters
         options: dict[str, Any] = {"headers": headers} if headers else {}
         if partition is not None:
             options["partition"] = partition

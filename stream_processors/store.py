@@ -74,6 +74,8 @@ class TableStore:
         self.rocksdb = rocksdb
         self.changelog = table.changelog_topic.get_topic_name()
         self._cursors: dict[int, bytes | None] = {}  # expiry scan position per partition
+        # RocksDB documents are decoded anew on every get: the processor may change them in place.
+        self.fresh_docs = rocksdb
 
     # --- reads and writes (the processor, the erasure agent) ---------------------------------------
 
