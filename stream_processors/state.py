@@ -75,6 +75,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Session = list[int]  # [start, lo, hi]
+
+
+def _lo(session: Session) -> int:
+    return session[1]
 Link = list[Any]  # [at, user_id]
 
 
@@ -148,8 +152,12 @@ class VisitorState:
     def place(self, t: int, gap: int, max_sessions: int) -> Placement:
         """Puts an event at time t (µs) into a session, creating one if needed (rules in the docstring)."""
         sessions = self.sessions
-        # index of the first session starting after t: sessions[i-1] is the one at or before t
-        i = bisect.bisect_right(sessions, t, key=lambda s: s[1])
+        # index of the first session starting after t: sessions[i-1] is the one at or before t (an event in
+        # time order, the usual case, comes after the last session's lo: no search)
+        if sessions and sessions[-1][1] <= t:
+            i = len(sessions)
+        else:
+            i = bisect.bisect_right(sessions, t, key=_lo)
         before = sessions[i - 1] if i > 0 else None
         after = sessions[i] if i < len(sessions) else None
         if before is not None and t <= before[2] + gap:  # rules 1 and 2
