@@ -26,6 +26,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import psutil
 from confluent_kafka import Producer
 
@@ -82,6 +83,14 @@ def produce(producer: Producer, topic: str, messages: Messages, first: int, coun
             producer.poll(0)
 
 
+def processed(port: int) -> float:
+    """The worker's processed-events counter; -1 while it does not answer (busy recovering, or loaded)."""
+    try:
+        return scrape(port, COUNTER)
+    except httpx.HTTPError:
+        return -1.0
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -107,14 +116,14 @@ def main() -> None:
             warm = max(chunk, args.visitors // 100)
             produce(producer, topics.raw_events, messages, 0, warm)
             producer.flush(60)
-            wait_until(lambda: scrape(port, COUNTER) >= warm * EVENTS_PER_VISITOR, 300, "warm-up")
+            wait_until(lambda: processed(port) >= warm * EVENTS_PER_VISITOR, 300, "warm-up")
             rss_start = rss_mib(worker.pid)  # type: ignore[arg-type]
-            t0, done0 = time.perf_counter(), scrape(port, COUNTER)
+            t0, done0 = time.perf_counter(), max(0.0, processed(port))
             sent, peak, report = warm, rss_start, 0.0
             print(f"store {args.store}: {args.visitors:,} visitors, {total_events:,} events; RSS after "
                   f"{warm:,} visitors {rss_start:.0f} MiB", flush=True)
             while time.monotonic() < deadline:
-                done = scrape(port, COUNTER)
+                done = processed(port)
                 if done >= total_events:
                     break
                 # keep about 200k events queued ahead of the worker, no more (bounded producer memory)
@@ -130,7 +139,7 @@ def main() -> None:
                     report = time.monotonic() + 15
                     print(f"  {done:,.0f} events processed, RSS {rss_mib(worker.pid):.0f} MiB", flush=True)  # type: ignore[arg-type]
             producer.flush(60)
-            done = scrape(port, COUNTER)
+            done = max(done, processed(port))
             elapsed = time.perf_counter() - t0
             if done < total_events:
                 raise SystemExit(f"processed {done:.0f} of {total_events} in time; see {work_dir()}")
@@ -146,7 +155,7 @@ def main() -> None:
             healthy_s = time.perf_counter() - started
             produce(producer, topics.raw_events, messages, args.visitors, 1)
             producer.flush(30)
-            wait_until(lambda: scrape(port, COUNTER) >= EVENTS_PER_VISITOR, 600, "first event after recovery",
+            wait_until(lambda: processed(port) >= EVENTS_PER_VISITOR, 600, "first event after recovery",
                        interval=0.05)
             first_event_s = time.perf_counter() - started
         finally:

@@ -45,11 +45,12 @@ EXPIRED = Counter("site_activity_processors_state_expired_total",
 
 # RocksDB sizes per partition database: faust's defaults (64 MiB write buffers x3, a 2 GiB block cache each)
 # would let RSS grow to gigabytes; visitor documents are small and read once per batch.
+# Per partition database at most 2 x 2 MiB of memtables and a 4 MiB block cache: 48 MiB for 6 partitions.
 ROCKSDB_OPTIONS: dict[str, Any] = {
-    "write_buffer_size": 4 << 20,
+    "write_buffer_size": 2 << 20,
     "max_write_buffer_number": 2,
     "target_file_size_base": 16 << 20,
-    "block_cache_size": 8 << 20,
+    "block_cache_size": 4 << 20,
     "block_cache_compressed_size": 0,
     "max_open_files": 256,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,11 +13,12 @@ import psycopg
 from confluent_kafka.admin import ConfigResource
 
 from site_activity import widgets
-from site_activity.embedded import wait_until
+from site_activity.embedded import free_port, wait_until
 from site_activity.events import customer_id_for
 from site_activity.kafka import admin
 from site_activity.settings import Settings
 from site_activity.topics import event_key
+from stream_processors.app import create_app
 from stream_processors.store import _expirable
 from tests.conftest import read_topic
 from tests.test_processors import MIN, T0, RawFeed, ev, feed, identify, logs_on_failure, rows, sid  # noqa: F401
@@ -97,3 +99,16 @@ def test_expiry_then_late_events_within_and_beyond_the_horizon(
         feed.send([ev(w, "d", T0 + 20 * MIN)])
         rows(db, w, 15 + 2)
         assert starts(db, w, "d") == [(T0, sid(w, "d", T0)), (T0 + 20 * MIN, sid(w, "d", T0 + 20 * MIN))]
+
+
+def test_store_url_standby_replicas_and_data_dir_reach_faust(tmp_path: Path) -> None:
+    # No broker is contacted: a closed port, so the producers the app creates reach nobody else's broker.
+    s = Settings(data_dir=tmp_path, processors_standby_replicas=2, processors_web_port=6123,
+                 kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    app = create_app(s)
+    assert app.conf.table_standby_replicas == 2
+    assert str(app.conf.store).startswith("rocksdb:")  # the default: state on disk
+    assert Path(app.conf.datadir) == tmp_path / "processors" / "6123"  # one directory per worker on a host
+    assert app.state_store.rocksdb
+    memory = create_app(s.model_copy(update={"processors_store_url": "memory://", "processors_web_port": 6124}))
+    assert str(memory.conf.store).startswith("memory:") and not memory.state_store.rocksdb
