@@ -11,6 +11,7 @@ visitor, keyed widget:visitor), requests of many visitors interleaved. All rates
   naive          a faust agent reading the same messages, then per event one table write and one send
   x1             `site-activity processors`, one worker process
   x2             two worker processes in one consumer group
+  x1mem          x1 with the in-memory table store instead of RocksDB (not run by default)
 
 Rates are measured from the first processed event to the last, so start-up and group joins are excluded.
 `--only x1,x2` runs a subset (ratios need passthrough and naive in the same run).
@@ -19,6 +20,7 @@ Rates are measured from the first processed event to the last, so start-up and g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from functools import cache
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 from confluent_kafka import Consumer, Producer
@@ -235,20 +238,25 @@ def scrape(port: int, metric: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def processors(messages: list[Message], workers: int) -> float:
-    name = f"proc{workers}"
+PROFILER: Any = None  # bench_pipeline.Profiler when --py-spy is given
+
+
+def processors(messages: list[Message], workers: int, store: str = "rocksdb://") -> float:
+    name = f"proc{workers}{'mem' if store.startswith('memory') else ''}"
     with fresh_broker(name) as (_, base, topics):
         procs = []
         for i in range(workers):
-            s = base.model_copy(update={"processors_web_port": free_port()})
+            s = base.model_copy(update={"processors_web_port": free_port(), "processors_store_url": store})
             procs.append((s, StageProcess("processors", s, work_dir() / f"{name}-{i}.log").start()))
         try:
             for s, p in procs:
                 wait_until(lambda s=s: _healthy(s.processors_web_port), 60, "processors worker")
             time.sleep(3)  # let the group settle on its final assignment before the load arrives
-            preload(base, topics.raw_events, messages)
             ports = [s.processors_web_port for s, _ in procs]
-            return _rate(ports, count_events(messages))
+            profile = PROFILER.record(name, *(p for _, p in procs)) if PROFILER else contextlib.nullcontext()
+            with profile:
+                preload(base, topics.raw_events, messages)
+                return _rate(ports, count_events(messages))
         finally:
             for _, p in procs:
                 p.stop()
@@ -286,7 +294,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--naive-events", type=int, default=20_000, help="the baseline is slow; fewer events")
     parser.add_argument("--only", default="passthrough,naive,x1,x2", help="comma-separated scenarios to run")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="profile the workers while measured (bench/results/profiles; numbers not for publishing)")
     args = parser.parse_args()
+    if args.py_spy:
+        global PROFILER
+        from bench.bench_pipeline import Profiler
+        PROFILER = Profiler(True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so brokers and workers are stopped on the way out
     started = time.monotonic()
@@ -300,6 +314,7 @@ def main() -> None:
         "naive": ("naive faust agent (1 table write + 1 send per event)", naive_messages, naive_agent),
         "x1": ("processors, 1 worker", messages, lambda m: processors(m, 1)),
         "x2": ("processors, 2 workers (one group)", messages, lambda m: processors(m, 2)),
+        "x1mem": ("processors, 1 worker, memory:// store", messages, lambda m: processors(m, 1, "memory://")),
     }
     results: dict[str, tuple[str, int, float]] = {}
     for name in args.only.split(","):

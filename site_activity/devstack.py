@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -41,6 +42,10 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
         broker.start()
         stack.callback(broker.stop)
         updates["kafka_bootstrap"] = broker.bootstrap
+        # --- processors' state (issue 14): Tansu keeps topics in memory only, so after a restart the
+        # processors' local RocksDB state would describe changelog records that no longer exist.
+        if settings.broker_kind != "kafka":
+            shutil.rmtree(settings.data_dir / "processors", ignore_errors=True)
         if isinstance(broker, EmbeddedApacheKafka) and len(broker.nodes) > 1:
             # A cluster: replicate the product's topics like production does (see deploy/README.md).
             updates["topic_replication_factor"] = min(3, len(broker.nodes))

@@ -108,6 +108,18 @@ class Settings(BaseSettings):
     # librdkafka's batch.size. 1 = one record per batch, which a broker with wrong end offsets (the embedded
     # Tansu) needs for exact table recovery after a crash.
     processors_producer_batch_bytes: int = 1_000_000
+    # --- processors: state store and expiry (issue 14) ---
+    # faust table store of the visitor state: "rocksdb://" (on disk under <data_dir>/processors, recovery reads
+    # only the changelog tail) or "memory://" (rebuilt from the whole changelog on every start).
+    processors_store_url: str = "rocksdb://"
+    # faust table_standby_replicas: workers that keep a warm copy of another worker's partitions.
+    processors_standby_replicas: int = 1
+    # Late-event horizon: a visitor with no event processed for this long loses its sessions and recent event
+    # ids (links are kept); a later event of theirs is placed as if those sessions were forgotten (README).
+    processors_state_horizon_s: float = 7 * 24 * 3600
+    # The expiry scan: every interval, up to this many visitor records are checked (resuming where it stopped).
+    processors_expiry_interval_s: float = 10.0
+    processors_expiry_scan_keys: int = 20_000
 
     # --- console (management API and pages) ---------------------------------------------------
     console_port: int = 8003

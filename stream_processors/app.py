@@ -32,32 +32,12 @@ from site_activity.topics import Topics
 from stream_processors.erasures import add_erasure_agent, apply_erasures
 from stream_processors.outputs import EXIT_DELIVERY_FAILED, Outputs
 from stream_processors.processor import BatchProcessor
+from stream_processors.store import TableStore, is_rocksdb, table_options
 from stream_processors.transport import App
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "visitor-state"
-
-
-class TableStore:
-    """Visitor state in a faust table: read and updated in memory through the table, its changelog records
-    written by `Outputs` (flushed before every offset commit, like the enriched events).
-
-    Each visitor's record goes to its own key's partition, so that recovery restores it to the worker that
-    owns that partition (faust's `table[key] = doc` would use the partition of the "current event", which in
-    a take() batch is merely the batch's last one)."""
-
-    def __init__(self, table: faust.Table, outputs: Outputs) -> None:
-        self.table = table
-        self.outputs = outputs
-        self.changelog = table.changelog_topic.get_topic_name()
-
-    def get(self, key: bytes) -> dict[str, Any] | None:
-        return self.table.data.get(key)  # type: ignore[no-any-return]
-
-    def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None:
-        self.table.data[key] = doc
-        self.outputs.send_state(self.changelog, partition, key, doc)
 
 
 @dataclass(frozen=True)
@@ -140,12 +120,17 @@ def _exit_without_committing() -> None:
 
 def create_app(settings: Settings) -> App:
     topics = Topics.from_settings(settings)
+    datadir = settings.data_dir / "processors" / str(settings.processors_web_port)
+    datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = App(
         settings.processors_app_id,
         fetch_wait_max_ms=settings.consumer_fetch_wait_max_ms,
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",  # state is rebuilt from the changelog on start
-        datadir=str(settings.data_dir / "processors"),
+        store=settings.processors_store_url,  # store.py: RocksDB on disk (default) or memory
+        # One directory per worker (its web port is unique on a host): RocksDB locks a partition's database,
+        # and a restarted worker finds its own local store again.
+        datadir=str(datadir),
+        table_standby_replicas=settings.processors_standby_replicas,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
         # exactly_once has open rebalance bugs in faust; downstream writes are idempotent instead.
@@ -164,11 +149,15 @@ def create_app(settings: Settings) -> App:
     raw = app.topic(topics.raw_events, key_type=bytes, value_type=bytes, key_serializer="raw",
                     value_serializer="raw", partitions=settings.topic_partitions)
     # Keys: the raw message key bytes; values: JSON documents (state.py). faust compacts table changelogs.
-    table = app.Table(STATE_TABLE, default=None, partitions=settings.topic_partitions, key_type=bytes)
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.topic_partitions, key_type=bytes,
+                      options=table_options(settings.processors_store_url))
 
     outputs = Outputs(settings)
-    processor = BatchProcessor(settings, TableStore(table, outputs), outputs)
+    store = TableStore(table, outputs, rocksdb=is_rocksdb(settings.processors_store_url))
+    processor = BatchProcessor(settings, store, outputs)
+    app.state_store = store
     app.commit_barriers.append(outputs.deliver)
+    app.commit_barriers.append(store.record_persisted_offsets)  # after deliver: those offsets are durable
     # Same code paths as the agents below: a skipped erasure marker must not be committed past either.
     app.skipped_offsets_handler = SkippedReader(
         settings, {topics.raw_events: processor.process,
@@ -182,6 +171,15 @@ def create_app(settings: Settings) -> App:
             processor.process([event.message for event in events])
 
     add_erasure_agent(app, topics.erasures, settings.topic_partitions, processor.store)
+
+    @app.timer(settings.processors_expiry_interval_s)
+    async def expire_idle_visitors() -> None:
+        # Same event loop as the agent: a scan never runs in the middle of a batch.
+        if app.tables.recovery.completed.is_set():
+            store.expire(store.active_partitions(app), settings.processors_state_horizon_s,
+                         settings.processors_expiry_scan_keys)
+            outputs.check()
+
     _add_pages(app)
     return app
 

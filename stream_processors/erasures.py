@@ -67,4 +67,4 @@ def erased_contact_key(partition: int, customer_id: str) -> bytes:
 
 
 def is_contact_erased(store: Any, partition: int, customer_id: str) -> bool:
-    return is_erased(store.get(erased_contact_key(partition, customer_id)))
+    return is_erased(store.get(erased_contact_key(partition, customer_id), partition))

@@ -23,7 +23,6 @@ import logging
 import os
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
@@ -53,11 +52,25 @@ class Outputs:
             **{"delivery.report.only.error": True, "on_delivery": self._on_delivery,
                "linger.ms": 2, "batch.size": settings.processors_producer_batch_bytes},
         ))
+        # The table changelog has its own producer, with a report per record: the offsets delivered tell the
+        # RocksDB store where recovery may start (store.py). Records of both are flushed by deliver().
+        self._state_offsets: dict[tuple[str, int], int] = {}
+        self.state_producer = Producer(producer_config(
+            settings,
+            **{"on_delivery": self._on_state_delivery,
+               "linger.ms": 2, "batch.size": settings.processors_producer_batch_bytes},
+        ))
 
     def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
              headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None:
         """Hands a record to the producer. One that can never be written is dead-lettered instead, with
         `source` (else the record's own topic and partition, offset -1) in the dead-letter headers."""
+        if partition is None and not headers:  # the hot path (enriched events): no options to build
+            try:
+                self.producer.produce(topic, value, key)
+                return
+            except (BufferError, KafkaException):
+                pass  # not enqueued: the general path below waits, retries or dead-letters
         options: dict[str, Any] = {"headers": headers} if headers else {}
         if partition is not None:
             options["partition"] = partition
@@ -97,13 +110,34 @@ class Outputs:
             else:
                 self._dead_letter(key, value, f"unwritable output to {topic}: {reason}", (topic, partition, -1))
 
-    def send_state(self, changelog_topic: str, partition: int, key: bytes, doc: dict[str, Any]) -> None:
-        """A table changelog record, on the partition of the key's input (the table is co-partitioned)."""
-        self.send(changelog_topic, key, orjson.dumps(doc), partition)
+    def send_state(self, changelog_topic: str, partition: int, key: bytes, value: bytes | None) -> None:
+        """A table changelog record (the state document's JSON bytes, or None: a tombstone), on the partition
+        of the key's input (the table is co-partitioned). A state record never exceeds the message limit
+        (bounded lists of short values), so there is no dead-letter path: a failure ends the process."""
+        while True:
+            try:
+                self.state_producer.produce(changelog_topic, value, key, partition=partition)
+                return
+            except BufferError:
+                self.state_producer.poll(0.05)
+
+    def take_state_offsets(self) -> dict[tuple[str, int], int]:
+        """The highest delivered changelog offset per (topic, partition) since the last call."""
+        offsets, self._state_offsets = self._state_offsets, {}
+        return offsets
+
+    def _on_state_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._failed.append(f"changelog: {err}")
+            return
+        tp = (msg.topic(), msg.partition())
+        if msg.offset() > self._state_offsets.get(tp, -1):
+            self._state_offsets[tp] = msg.offset()
 
     def check(self) -> None:
         """Non-blocking: serves pending failure reports; exits if a record was lost for good."""
         self.producer.poll(0)
+        self.state_producer.poll(0)
         self._dead_letter_refused()
         self._exit_if_failed()
 
@@ -112,6 +146,8 @@ class Outputs:
         while True:
             while self.producer.flush(1.0) > 0:
                 pass  # librdkafka retries until message.timeout.ms, then reports failures below
+            while self.state_producer.flush(1.0) > 0:
+                pass
             if not self._refused:
                 break
             self._dead_letter_refused()  # then flush those too

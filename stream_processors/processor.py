@@ -59,14 +59,14 @@ IDENTIFY = EventType.IDENTIFY.value
 # Events are handled as raw Avro values (EventCodec(logical_types=False): uuids as str, times as int µs);
 # the ids derived from them are computed by the very functions of site_activity.events, once per session or
 # contact (uuid5 is a SHA-1), and cached as the text that goes on the wire.
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)  # bounded: a worker sees millions of visitors (issue 14)
 def session_ids(widget_id: str, visitor_id: str, start_us: int) -> tuple[str, str]:
     """(session_id, event_id of its session_start) of the session that started at start_us."""
     session_id = session_id_text(widget_id, visitor_id, start_us)
     return session_id, session_start_event_id_text(session_id)
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)
 def contact_id(tenant_id: str, user_id: str) -> str:
     return customer_id_text(tenant_id, user_id)
 
@@ -93,7 +93,7 @@ class RawMessage(Protocol):
 class StateStore(Protocol):
     """Visitor state by Kafka key; `put` also names the partition whose changelog gets the write."""
 
-    def get(self, key: bytes) -> dict[str, Any] | None: ...
+    def get(self, key: bytes, partition: int) -> dict[str, Any] | None: ...
 
     def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None: ...
 
@@ -113,10 +113,12 @@ class InvalidEvent(ValueError):
     """A raw message that decodes but can never be processed."""
 
 
-def validate(record: dict[str, Any], key: bytes | None) -> bool:
+def validate(record: dict[str, Any], key: bytes | None, known: set[Any] | None = None) -> bool:
     """Rejects what can never be processed, and normalises the raw values the way decoding with logical
     types would have (so ids and output bytes do not depend on the decoding mode). Returns whether the
-    record is unchanged (its bytes can be restamped)."""
+    record is unchanged (its bytes can be restamped). `known` (one per message): tenant and widget ids
+    already found canonical and (widget_id, visitor_id) pairs already found to match `key`, so that the
+    events of one request, which share them, are checked once."""
     event_type = record["event_type"]
     if event_type == SESSION_START:
         raise InvalidEvent("session_start events are derived by the processors, not accepted as input")
@@ -124,13 +126,25 @@ def validate(record: dict[str, Any], key: bytes | None) -> bool:
         raise InvalidEvent("identify event without user_id")
     if not MIN_US <= record["occurred_at"] <= MAX_US or not MIN_US <= record["received_at"] <= MAX_US:
         raise InvalidEvent("timestamp out of range")
+    if known is None:
+        known = set()
     unchanged = True
-    for name in ("event_id", "tenant_id", "widget_id"):
-        if not _CANONICAL_UUID.match(record[name]):  # the API writes canonical text; others may not
-            record[name], unchanged = canonical_uuid(record[name]), False
-    if key != event_key(record["widget_id"], record["visitor_id"]):
-        # State lives on the key's partition; a message keyed otherwise would read another visitor's state.
-        raise InvalidEvent("message key is not <widget_id>:<visitor_id>")
+    if not _CANONICAL_UUID.match(record["event_id"]):  # the API writes canonical text; others may not
+        record["event_id"], unchanged = canonical_uuid(record["event_id"]), False
+    for name in ("tenant_id", "widget_id"):
+        value = record[name]
+        if value in known:
+            continue
+        if _CANONICAL_UUID.match(value):
+            known.add(value)
+        else:
+            record[name], unchanged = canonical_uuid(value), False
+    ids = (record["widget_id"], record["visitor_id"])
+    if ids not in known:
+        if key != event_key(*ids):
+            # State lives on the key's partition; a message keyed otherwise would read another visitor's state.
+            raise InvalidEvent("message key is not <widget_id>:<visitor_id>")
+        known.add(ids)
     return unchanged
 
 
@@ -155,12 +169,13 @@ class BatchProcessor:
         if messages:
             metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
         events = out = 0
+        fresh = getattr(self.store, "fresh_docs", False)  # a document read is ours to change (no copy needed)
         for visitor in self._group(messages):
-            doc = self.store.get(visitor.key)
+            doc = self.store.get(visitor.key, visitor.partition)
             if is_erased(doc):  # an erased visitor: nothing of theirs is placed, linked or emitted again
                 erasures.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
                 continue
-            state = VisitorState.from_doc(doc)
+            state = VisitorState.from_doc(doc, copy=not fresh)
             out += self._enrich(state, visitor)
             events += sum(map(len, visitor.messages))
             self.store.put(visitor.key, visitor.partition, state.to_doc())
@@ -183,9 +198,10 @@ class BatchProcessor:
                 self._dead_letter(msg, f"DecodeError: {exc}")
                 continue
             valid: list[RawEvent] = []
+            known: set[Any] = set()
             for record, datum in events:
                 try:
-                    unchanged = validate(record, msg.key)
+                    unchanged = validate(record, msg.key, known)
                 except InvalidEvent as exc:
                     self._dead_letter(msg, f"InvalidEvent: {exc}", self.codec.encode_event(record))
                     continue

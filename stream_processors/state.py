@@ -37,6 +37,8 @@ create a duplicate session_start; where they would change history, sessions alre
 * only the ``max_sessions`` most recent sessions are remembered; an event older than all of them by more
   than G opens a session of its own (rule 4). If it was the opener of a forgotten session, the id and
   the session_start event id are the same as before, so the sink's idempotent insert drops the copy.
+* a visitor idle for longer than the late-event horizon (``processors_state_horizon_s``, `store.py`) has
+  its sessions and event ids dropped (links kept): its next event is placed by the same rule 4.
 
 The session_start of a session is emitted for every event whose occurred_at equals the session's
 ``start``: the opener itself, its re-sends (same event_id) and its reprocessing after a crash. All of them
@@ -73,6 +75,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Session = list[int]  # [start, lo, hi]
+
+
+def _lo(session: Session) -> int:
+    return session[1]
 Link = list[Any]  # [at, user_id]
 
 
@@ -105,9 +111,13 @@ class VisitorState:
     _index: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any] | None) -> VisitorState:
+    def from_doc(cls, doc: dict[str, Any] | None, copy: bool = True) -> VisitorState:
+        """`copy=False` when the document is the caller's own (decoded from the store for this call): the
+        state then changes its lists in place instead of copies."""
         if not doc:
             return cls()
+        if not copy:
+            return cls(sessions=doc.get("s", []), links=doc.get("l", []), events=doc.get("e", []))
         # The event entries are never changed in place, so the outer list is all that needs copying.
         return cls(sessions=[list(s) for s in doc.get("s", [])], links=[list(x) for x in doc.get("l", [])],
                    events=list(doc.get("e", ())))
@@ -142,8 +152,12 @@ class VisitorState:
     def place(self, t: int, gap: int, max_sessions: int) -> Placement:
         """Puts an event at time t (µs) into a session, creating one if needed (rules in the docstring)."""
         sessions = self.sessions
-        # index of the first session starting after t: sessions[i-1] is the one at or before t
-        i = bisect.bisect_right(sessions, t, key=lambda s: s[1])
+        # index of the first session starting after t: sessions[i-1] is the one at or before t (an event in
+        # time order, the usual case, comes after the last session's lo: no search)
+        if sessions and sessions[-1][1] <= t:
+            i = len(sessions)
+        else:
+            i = bisect.bisect_right(sessions, t, key=_lo)
         before = sessions[i - 1] if i > 0 else None
         after = sessions[i] if i < len(sessions) else None
         if before is not None and t <= before[2] + gap:  # rules 1 and 2

@@ -146,6 +146,7 @@ class App(faust.App):
         # messages processed so far are durable (or end the process).
         self.commit_barriers: list[Callable[[], None]] = []
         self.skipped_offsets_handler: SkippedOffsetsHandler | None = None
+        self.state_store: Any = None  # stream_processors.store.TableStore, set by create_app
         check_internals()
         super().__init__(*args, **kwargs)
 

@@ -37,7 +37,7 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
-@lru_cache(maxsize=65_536)  # session and contact ids repeat across a visitor's events
+@lru_cache(maxsize=16_384)  # session and contact ids repeat across a visitor's events
 def _optional_string(value: str | None) -> bytes:
     """The encoding of a ["null", "string"] union."""
     if value is None:
@@ -46,13 +46,13 @@ def _optional_string(value: str | None) -> bytes:
     return b"\x02" + _long(len(text)) + text
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)
 def _string(value: str) -> bytes:
     text = value.encode()
     return _long(len(text)) + text
 
 
-@lru_cache(maxsize=65_536)  # one visitor's events share these three
+@lru_cache(maxsize=16_384)  # one visitor's events share these three
 def _strings(*values: str) -> bytes:
     return b"".join(map(_string, values))
 

@@ -26,8 +26,8 @@ from site_activity.events import customer_id_for, session_id_for, session_start_
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
-from stream_processors.app import STATE_TABLE, SkippedReader, create_app
-from stream_processors.erasures import ERASED_DOC
+from stream_processors.app import SkippedReader, create_app
+from stream_processors.erasures import is_erased
 from site_activity.embedded import wait_until
 from tests.conftest import read_events, read_topic, wait_for_rows
 
@@ -475,7 +475,7 @@ def test_a_skipped_erasure_marker_is_applied_before_the_commit(settings: Setting
     app.consumer._committed_offset[tp] = 0
     app.consumer._acked[tp].extend([1])  # offset 0 never reached the agent
     assert app.consumer._new_offset(tp) == 2
-    assert app.tables[STATE_TABLE].data.get(key) == ERASED_DOC
+    assert is_erased(app.state_store.get(key, partition))
 
 
 def partition_of(settings: Settings, topic: str, key: bytes) -> int:

@@ -249,6 +249,9 @@ class _Outputs:
 
 
 class _Store(dict):  # type: ignore[type-arg]
+    def get(self, key: bytes, partition: int = 0) -> dict[str, Any] | None:  # type: ignore[override]
+        return super().get(key)
+
     def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None:
         self[key] = doc
 
