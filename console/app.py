@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 
 from console.errors import install_error_handlers
 from console.routes import api, pages
+from console.routes import exports as export_routes  # export bundles (issue 13)
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -26,6 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.notify = kafka_notifier(settings)  # erasures tell the processors through Kafka
     install_error_handlers(app)
     app.include_router(api.router)
+    app.include_router(export_routes.router)  # export bundles (issue 13)
     app.include_router(pages.router)
 
     @app.get("/healthz", include_in_schema=False)
