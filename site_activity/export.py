@@ -367,10 +367,10 @@ def write_bundle(dsn: str, flt: ExportFilter, fmt: Format, out: Path, *, export_
             ct_where, _ = _contacts_where(flt)
             plan = [(f"events.{fmt}", EVENT_COLUMNS, _EVENTS_SOURCE, ev_where, _EVENTS_ORDER),
                     (f"contacts.{fmt}", CONTACT_COLUMNS, _CONTACTS_SOURCE, ct_where, _CONTACTS_ORDER)]
-            totals = [_count(conn, src, where, params) for _, _, src, where, _ in plan]
             files: list[_FileOut] = []
             with zipfile.ZipFile(out, "w", allowZip64=True) as zf:
-                for (name, columns, source, where, order), total in zip(plan, totals, strict=True):
+                for name, columns, source, where, order in plan:
+                    total = _count(conn, source, where, params)  # same snapshot: exactly the rows written below
                     on_progress(name, 0, total)
                     entry = _zip_entry(name, fmt, created_at)
                     with zf.open(entry, "w", force_zip64=True) as raw:

@@ -142,6 +142,8 @@ def read_file(zf: zipfile.ZipFile, name: str, fmt: str, columns: tuple[export.Co
             quoted_strings_can_be_null=False))
         assert table.column_names == [c.name for c in columns]
         rows = table.to_pylist()
+        if rows:  # FORCE_QUOTE: a non-NULL value is always quoted (the first column is never NULL)
+            assert data.split(b"\n")[1].startswith(b'"')
         # The stdlib reader agrees on the values (it cannot tell NULL from "", so compare as text).
         std = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
         assert [{k: v or "" for k, v in r.items()} for r in rows] == std
