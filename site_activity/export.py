@@ -43,8 +43,12 @@ from psycopg import sql
 FORMAT_VERSION = 1
 Format = Literal["ndjson", "csv", "parquet"]
 FORMATS: tuple[Format, ...] = ("ndjson", "csv", "parquet")
-PARQUET_ROW_GROUP_ROWS = 100_000  # 50-100k rows per row group: readers skip well, the writer holds one group
-FETCH_ROWS = 10_000  # rows per round trip of the server-side cursor
+# Rows per Parquet row group: 50k is the low end of the usual 50-100k (readers still skip well); the writer
+# holds one group in Arrow memory, ~0.4 KB a row here, so this bounds its peak (bench/bench_export.py).
+PARQUET_ROW_GROUP_ROWS = 50_000
+# Rows per round trip of the server-side cursor: 2,000 keeps the Python rows and libpq's result buffer of one
+# batch small (10,000 cost ~35 MB more peak RSS in the benchmark) for ~2,500 round trips per 5M rows.
+FETCH_ROWS = 2_000
 DEFLATE_LEVEL = 1
 
 # Progress callback: (file name, rows written so far, rows in total).
@@ -307,14 +311,22 @@ def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple
     import pyarrow.parquet as pq
 
     schema = _arrow_schema(columns)
+    # The system allocator hands freed row groups back to the OS; Arrow's default (mimalloc) keeps them cached,
+    # which showed as more peak RSS in bench/bench_export.py.
+    pool = pa.system_memory_pool()
+    ts_type = pa.timestamp("us", tz="UTC")
     query = _select(columns, _arrow_col, source, where, order)
     rows = 0
     pending: list[Any] = []  # record batches of the row group being filled
     pending_rows = 0
-    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+    # Dictionary encoding only where values repeat: for ids unique per row (event_id, session_id) it only costs
+    # memory (a hash table per column chunk) before Parquet falls back to plain encoding anyway.
+    dictionary = [c.name for c in columns if c.name in _DICTIONARY_COLUMNS]
+    with pq.ParquetWriter(out, schema, compression="zstd", memory_pool=pool, use_dictionary=dictionary) as writer:
         for batch in _stream_rows(conn, query, params, FETCH_ROWS):
-            arrays = [pa.array(values, type=pa.int64()).cast(f.type) if f.type == pa.timestamp("us", tz="UTC")
-                      else pa.array(values, type=f.type) for f, values in zip(schema, zip(*batch), strict=True)]
+            arrays = [pa.array(values, type=pa.int64(), memory_pool=pool).cast(ts_type, memory_pool=pool)
+                      if f.type == ts_type else pa.array(values, type=f.type, memory_pool=pool)
+                      for f, values in zip(schema, zip(*batch), strict=True)]
             pending.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             pending_rows += len(batch)
             rows += len(batch)
@@ -327,6 +339,8 @@ def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple
     return rows
 
 
+_DICTIONARY_COLUMNS = frozenset({"widget_id", "tenant_id", "event_type", "name", "url", "referrer", "customer_id",
+                                 "user_id", "visitor_id"})
 _WRITERS = {"ndjson": _write_ndjson, "csv": _write_csv, "parquet": _write_parquet}
 
 
