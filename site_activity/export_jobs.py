@@ -368,14 +368,25 @@ class ExportWorker:
         self._thread = threading.Thread(target=self._loop, name="export-worker", daemon=True)
 
     def start(self) -> ExportWorker:
-        self.settings.exports_path.mkdir(parents=True, exist_ok=True)
+        """Starts the thread; when export_dir cannot be created or written, logs why and does not start (the
+        rest of the console keeps serving; export jobs stay queued until a worker that can write runs)."""
+        try:
+            self.settings.exports_path.mkdir(parents=True, exist_ok=True)
+            probe = self.settings.exports_path / f".probe-{self.owner.replace(':', '-')}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            log.error("export worker not started: export_dir is not writable; set SITE_ACTIVITY_EXPORT_DIR",
+                      extra={"dir": str(self.settings.exports_path), "error": str(exc)})
+            return self
         self._thread.start()
         log.info("export worker started", extra={"owner": self.owner, "dir": str(self.settings.exports_path)})
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def run_once(self) -> bool:
         """One sweep and at most one job; True when a job was run (so the loop looks again at once)."""

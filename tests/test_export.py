@@ -538,3 +538,28 @@ def test_orphaned_job_is_claimed_again_after_its_lease_lapses(console: httpx.Cli
     assert not partial.exists()
     failed = wait_status(console, acme, str(spent), {"failed"})
     assert "stopped" in failed["error"] and failed["attempts"] == console_settings.export_max_attempts
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_shows_a_progress_bar_on_a_terminal(acme: Tenant, postgres: EmbeddedPostgres, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                db: psycopg.Connection) -> None:
+    from site_activity.export_cli import run_export
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "120")
+    settings = Settings(postgres_dsn=postgres.dsn, data_dir=tmp_path)
+    out = tmp_path / "bar.zip"
+    assert run_export(settings, tenant=acme.id, widget=None, from_=None, to=None, fmt="ndjson", out=out,
+                      actor="tests") == 0
+    shown = terminal.getvalue()
+    assert "events.ndjson" in shown and "contacts.ndjson" in shown and "━" in shown  # rich's bar
+    assert "90/90" in shown  # MofN column at the end
+    zf, manifest = open_bundle(out)
+    check_bundle(db, zf, manifest, "ndjson", "tenant_id = %s", (acme.id,))
+    assert "wrote" in capsys.readouterr().out

@@ -9,11 +9,13 @@ Another tenant's id answers 404, like an unknown one. The job runs in the consol
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from console.deps import ApiAdmin, ConnDep, RequestIdDep, SettingsDep
@@ -62,13 +64,25 @@ def get_export(export_id: str, admin: ApiAdmin, conn: ConnDep) -> dict[str, Any]
 
 @router.get("/{export_id}/download")
 def download_export(export_id: str, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep,
-                    request_id: RequestIdDep) -> FileResponse:
+                    request_id: RequestIdDep) -> StreamingResponse:
     try:
         job, path = export_jobs.open_download(conn, settings, admin.tenant_id, parse_uuid(export_id, "export"),
                                               actor=admin.email, request_id=request_id)
     except export_jobs.JobError as exc:
         raise _job_error(exc) from None
-    # FileResponse streams the file in chunks; the open descriptor keeps serving it even if the sweep deletes
-    # the path meanwhile.
-    return FileResponse(path, media_type="application/zip", filename=f"site-activity-export-{job.id}.zip",
-                        headers={"X-Content-SHA256": job.sha256 or ""})
+    # Opened here, streamed in chunks after: the open descriptor keeps serving the whole file even if the sweep
+    # deletes the path meanwhile (expiry or an erasure exactly now).
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise ConsoleError(410, export_jobs.EXPIRED, error="gone") from None
+    size = os.fstat(fh.fileno()).st_size
+
+    def chunks() -> Iterator[bytes]:
+        with fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="site-activity-export-{job.id}.zip"',
+        "Content-Length": str(size), "X-Content-SHA256": job.sha256 or ""})
