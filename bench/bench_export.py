@@ -105,7 +105,7 @@ def child(dsn: str, tenant: str, fmt: str, out: Path) -> dict[str, Any]:
     """Runs in a fresh process: one export, with its RSS sampled."""
     import psutil
     import pyarrow  # noqa: F401  (imported before the baseline: it is part of the program, not of the export)
-    import pyarrow.parquet  # noqa: F401
+    import pyarrow.parquet  # noqa: F401  (part of the program too)
 
     from site_activity.export import make_filter, write_bundle
 

@@ -11,10 +11,8 @@ import hashlib
 import io
 import json
 import threading
-import time
 import uuid
 import zipfile
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
