@@ -15,6 +15,7 @@ from console.routes import api, pages
 from console import ratelimit
 from console.cursors import Cursors, RailTokens
 from console.routes import activity_pages, read_api
+from console.routes import exports as export_routes  # export bundles (issue 13)
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -30,6 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.notify = kafka_notifier(settings)  # erasures tell the processors through Kafka
     install_error_handlers(app)
     app.include_router(api.router)
+    app.include_router(export_routes.router)  # export bundles (issue 13)
     app.include_router(pages.router)
     # --- read API + activity pages (issue 12: events / visitors / timelines) ---
     secret = load_secret(settings)

@@ -20,5 +20,15 @@ def run(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # let uvicorn shut down gracefully, then return an exit code
         signal.signal(sig, lambda *_: None)
     log.info("console starting", extra={"host": settings.http_host, "port": settings.console_port})
-    server.run()
+    # Export bundles (issue 13): the export worker runs beside the server, in this process.
+    worker = None
+    if settings.export_worker_enabled:
+        from site_activity.export_jobs import ExportWorker
+
+        worker = ExportWorker(settings).start()
+    try:
+        server.run()
+    finally:
+        if worker is not None:
+            worker.stop()
     return 0 if server.started else 1

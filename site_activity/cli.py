@@ -211,6 +211,14 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- export bundles (issue 13) ------------------------------------------------------------------------
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.export_cli import run_export
+
+    return run_export(settings, tenant=args.tenant, widget=args.widget, from_=args.from_, to=args.to,
+                      fmt=args.format, out=args.out, actor=args.actor)
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -315,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tenant", type=_uuid_arg, required=True)
         p.add_argument("--actor", required=True, help="who asked for it (recorded in the audit log)")
 
+    # --- export bundles (issue 13) ---
+    ex = sub.add_parser("export", help="write one zip of a tenant's events, their contacts and a manifest")
+    ex.set_defaults(func=_export)
+    ex.add_argument("--tenant", type=_uuid_arg, required=True)
+    ex.add_argument("--widget", type=_uuid_arg, help="only this widget's events (default: every widget)")
+    ex.add_argument("--from", dest="from_", metavar="DATE", help="occurred_at >= this ISO 8601 date or date-time (UTC if no offset)")
+    ex.add_argument("--to", metavar="DATE", help="occurred_at < this ISO 8601 date or date-time (exclusive)")
+    ex.add_argument("--format", required=True, choices=("ndjson", "csv", "parquet"))
+    ex.add_argument("--out", type=Path, required=True, help="the zip to write (replaced if it exists)")
+    ex.add_argument("--actor", help="who asked for it, for the audit log (default: cli:<OS user>)")
+
     ll = sub.add_parser("login-link", help="print a one-time console sign-in link (15 minutes)")
     ll.set_defaults(func=_login_link)
     ll.add_argument("--tenant", type=_uuid_arg, required=True)
@@ -334,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # operator-facing: one clear line, not a traceback
         from console.accounts import AccountError
         from site_activity.erasure import ErasureError, NotifyError
+        from site_activity.export import ExportError
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError)):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -151,6 +151,18 @@ class Settings(BaseSettings):
     # sink keeps its rate while a purge runs; 1.0 = no pauses (a one-off catch-up run on an idle database).
     purge_duty_cycle: float = Field(default=0.25, gt=0, le=1)
 
+    # --- export bundles (issue 13, export part; site_activity/export.py, export_jobs.py) ---------
+    # Where the console's export jobs keep their archives; unset: <data_dir>/exports. With several console
+    # replicas this must be one volume they all mount (any replica may serve a download).
+    export_dir: Path | None = None
+    # The console process runs export jobs in a background thread (off: only `site-activity export`).
+    export_worker_enabled: bool = True
+    export_poll_s: float = 1.0  # how often an idle worker looks for queued jobs and expired archives
+    # A running job's lease, renewed every third of it; a job whose lease lapsed (worker died) is claimed again.
+    export_lease_s: float = 60.0
+    export_max_attempts: int = 3  # claims of one job before it is marked failed
+    export_ttl_s: float = 7 * 24 * 3600  # a finished archive is deleted (status expired) this long after it finished
+
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
@@ -168,6 +180,11 @@ class Settings(BaseSettings):
     @property
     def kafka_dist(self) -> Path:
         return self.kafka_dist_dir if self.kafka_dist_dir is not None else self.data_dir / "kafka"
+
+    @property
+    def exports_path(self) -> Path:
+        """Where export archives live (export_dir, else <data_dir>/exports)."""
+        return self.export_dir if self.export_dir is not None else self.data_dir / "exports"
 
     @property
     def stack_file(self) -> Path:
