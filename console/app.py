@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 
 from console.errors import install_error_handlers
 from console.routes import api, pages
+from console.routes import dashboard_pages, stats  # read surfaces (issue 12): stats API + dashboard
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -27,6 +30,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(pages.router)
+    # --- read surfaces (issue 12): stats API, Site Activity dashboard, its static files ---
+    app.include_router(stats.router)
+    app.include_router(dashboard_pages.router)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
