@@ -56,7 +56,7 @@ def dashboard(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str
         r = page_range(range, start, end, datetime.now(UTC).date())
         series = stats.timeseries(conn, widget.id, r, stats.DEFAULT_METRICS)
         context.update(
-            widget=widget, period=r, series=series,
+            widget=widget, period=r, series=series, period_label=_label(r),
             top_pages=stats.top_pages(conn, widget.id, r, 10)["results"],
             top_events=stats.top_events(conn, widget.id, r, 10)["results"],
             now=stats.realtime(conn, widget.id),
@@ -65,6 +65,11 @@ def dashboard(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str
                    "pageviews": [b["pageviews"] for b in series["results"]],
                    "visitors": [b["visitors"] for b in series["results"]]})
     return render(request, "site_activity.html", context)
+
+
+def _label(r: stats.Range) -> str:
+    first, last = r.start.date(), (r.end - timedelta(days=1)).date()
+    return first.isoformat() if first == last else f"{first.isoformat()} – {last.isoformat()}"
 
 
 @router.get("/site-activity/realtime.json")
