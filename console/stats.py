@@ -136,8 +136,16 @@ _UNIQUE = {
     "day": ("SELECT count(DISTINCT visitor_id) FROM rollup_visitor_days"
             " WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s"),
 }
-_TOP_PAGES = ("SELECT page, sum(pageviews) AS n FROM rollup_pages WHERE widget_id = %(w)s AND hour >= %(start)s"
-              " AND hour < %(end)s GROUP BY page ORDER BY n DESC, page LIMIT %(limit)s")
+# Whole UTC days of the range from rollup_pages_daily, the hours before the first / after the last whole day
+# from rollup_pages.
+_TOP_PAGES = """
+SELECT page, sum(n) AS n FROM (
+    SELECT page, pageviews AS n FROM rollup_pages_daily WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s
+    UNION ALL
+    SELECT page, pageviews FROM rollup_pages WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(h0)s
+    UNION ALL
+    SELECT page, pageviews FROM rollup_pages WHERE widget_id = %(w)s AND hour >= %(h1)s AND hour < %(end)s
+) pages GROUP BY page ORDER BY n DESC, page LIMIT %(limit)s"""
 _TOP_EVENTS = ("SELECT name, sum(events) AS n FROM rollup_event_names WHERE widget_id = %(w)s AND hour >= %(start)s"
                " AND hour < %(end)s GROUP BY name ORDER BY n DESC, name LIMIT %(limit)s")
 
@@ -175,7 +183,14 @@ def _midnight(day: date) -> datetime:
 
 def top_pages(conn: psycopg.Connection, widget_id: uuid.UUID, r: Range, limit: int) -> dict[str, Any]:
     """{from, to, ..., results: [{page, pageviews}]}, most viewed first (ties by page)."""
-    rows = conn.execute(_TOP_PAGES, _params(widget_id, r, limit=limit)).fetchall()
+    first_day, end_day = ceil_to(r.start, "day"), floor_to(r.end, "day")
+    if first_day < end_day:  # whole days inside: [start, first_day) hourly, days, [end_day, end) hourly
+        p = _params(widget_id, r, limit=limit, h0=first_day, h1=end_day)
+        p.update(d0=first_day.date(), d1=end_day.date())
+    else:  # no whole day: all hourly
+        p = _params(widget_id, r, limit=limit, h0=r.end, h1=r.end)
+        p.update(d0=r.start.date(), d1=r.start.date())
+    rows = conn.execute(_TOP_PAGES, p).fetchall()
     return {"widget_id": str(widget_id), **r.public(), "results": [{"page": p, "pageviews": int(n)} for p, n in rows]}
 
 

@@ -37,6 +37,10 @@ _CHECKS: dict[str, tuple[str, str]] = {
         "SELECT hour, page, pageviews FROM rollup_pages WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT date_trunc('hour', occurred_at, 'UTC'), rollup_page(url), count(*) FROM visitor_events"
         " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2"),
+    "rollup_pages_daily": (
+        "SELECT day, page, pageviews FROM rollup_pages_daily WHERE widget_id = %(w)s ORDER BY 1, 2",
+        "SELECT (occurred_at AT TIME ZONE 'UTC')::date, rollup_page(url), count(*) FROM visitor_events"
+        " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2"),
     "rollup_event_names": (
         "SELECT hour, name, events FROM rollup_event_names WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT date_trunc('hour', occurred_at, 'UTC'), coalesce(name, ''), count(*) FROM visitor_events"

@@ -128,14 +128,20 @@ def check_widget(conn: psycopg.Connection, console: httpx.Client, t: Tenant, wid
             {b["time"]: raw.get(b["time"], zero) for b in body["results"]}
         assert set(raw) <= {b["time"] for b in body["results"]}  # no bucket with rows is missing
         assert body["totals"] == raw_totals(conn, widget_id, start, end)
+    # Top pages over: whole days + partial days at both ends; less than a day; exactly whole days.
+    for window in ({"from": iso(datetime.now(UTC) - timedelta(days=5))},
+                   {"from": iso(datetime.now(UTC) - timedelta(hours=20)), "to": iso(datetime.now(UTC) - timedelta(hours=3))},
+                   {"from": (today - timedelta(days=2)).isoformat(), "to": today.isoformat()}):
+        pages = get_ok(console, t, "/api/v1/stats/top-pages", widget_id=widget_id, limit=100, **window)
+        start, end = stats.parse_time(pages["from"], "from"), stats.parse_time(pages["to"], "to")
+        urls = conn.execute("SELECT url FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'"
+                            " AND occurred_at >= %s AND occurred_at < %s", (widget_id, start, end)).fetchall()
+        expected_pages = Counter(page_of(u) for (u,) in urls)
+        assert {p["page"]: p["pageviews"] for p in pages["results"]} == dict(expected_pages), window
+        assert [p["pageviews"] for p in pages["results"]] == sorted(expected_pages.values(), reverse=True)
     week = {"from": iso(datetime.now(UTC) - timedelta(days=5))}
+    start = stats.parse_time(get_ok(console, t, "/api/v1/stats/top-events", widget_id=widget_id, **week)["from"], "f")
     pages = get_ok(console, t, "/api/v1/stats/top-pages", widget_id=widget_id, limit=100, **week)
-    start = stats.parse_time(pages["from"], "from")
-    urls = conn.execute("SELECT url FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'"
-                        " AND occurred_at >= %s", (widget_id, start)).fetchall()
-    expected_pages = Counter(page_of(u) for (u,) in urls)
-    assert {p["page"]: p["pageviews"] for p in pages["results"]} == dict(expected_pages)
-    assert [p["pageviews"] for p in pages["results"]] == sorted(expected_pages.values(), reverse=True)
     top2 = get_ok(console, t, "/api/v1/stats/top-pages", widget_id=widget_id, limit=2, **week)["results"]
     assert top2 == pages["results"][:2]
     names = get_ok(console, t, "/api/v1/stats/top-events", widget_id=widget_id, limit=100, **week)
@@ -226,7 +232,7 @@ def test_stats_equal_raw_rows_through_pipeline_replay_purge_erase_and_delete(
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         widgets.delete_widget(conn, acme_blog.id, actor="tests")
     for table in ("rollup_hourly", "rollup_daily", "rollup_visitor_hours", "rollup_visitor_days", "rollup_pages",
-                  "rollup_event_names"):
+                  "rollup_pages_daily", "rollup_event_names"):
         assert db.execute(f"SELECT count(*) FROM {table} WHERE widget_id = %s", (acme_blog.id,)).fetchone()[0] == 0
     assert console.get("/api/v1/stats/timeseries", params={"widget_id": str(acme_blog.id)},
                        headers=acme.auth("member")).status_code == 404
