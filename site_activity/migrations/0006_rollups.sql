@@ -49,23 +49,28 @@ CREATE TABLE rollup_daily (
     PRIMARY KEY (widget_id, day)
 );
 
--- The visitor sets behind the exact unique counts: one row per (bucket, visitor) with its number of events,
--- so a delete decrements and the row goes when it reaches zero. A range's unique visitors is a
--- count(DISTINCT visitor_id) over these rows (exact; cost grows with visitor-days in the range).
+-- The visitor sets behind the unique counts: one row per (bucket, visitor) with its number of events, so a
+-- delete decrements and the row goes when it reaches zero. vh is a 64-bit hash of the visitor id. A range's
+-- unique visitors: count(DISTINCT visitor_id) over these rows when the range holds few of them (exact), else
+-- the k-minimum-values estimate over vh through the (widget_id, vh, bucket) index (console/stats.py).
 CREATE TABLE rollup_visitor_hours (
     widget_id   uuid NOT NULL REFERENCES widget_configs (id) ON DELETE CASCADE,
     hour        timestamptz NOT NULL,
     visitor_id  text NOT NULL,
+    vh          bigint NOT NULL,
     events      bigint NOT NULL,
     PRIMARY KEY (widget_id, hour, visitor_id)
 );
+CREATE INDEX rollup_visitor_hours_hash ON rollup_visitor_hours (widget_id, vh, hour);
 CREATE TABLE rollup_visitor_days (
     widget_id   uuid NOT NULL REFERENCES widget_configs (id) ON DELETE CASCADE,
     day         date NOT NULL,
     visitor_id  text NOT NULL,
+    vh          bigint NOT NULL,
     events      bigint NOT NULL,
     PRIMARY KEY (widget_id, day, visitor_id)
 );
+CREATE INDEX rollup_visitor_days_hash ON rollup_visitor_days (widget_id, vh, day);
 
 CREATE TABLE rollup_pages (
     widget_id  uuid NOT NULL REFERENCES widget_configs (id) ON DELETE CASCADE,
@@ -103,8 +108,8 @@ BEGIN
     -- xmax = 0 marks a row the upsert inserted (an updated one carries the updater's xid), which stays right
     -- when a concurrent transaction created the same row first (we then wait for it and update instead).
     WITH vh AS (
-        INSERT INTO rollup_visitor_hours AS r (widget_id, hour, visitor_id, events)
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), visitor_id, count(*)
+        INSERT INTO rollup_visitor_hours AS r (widget_id, hour, visitor_id, vh, events)
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), visitor_id, hashtextextended(visitor_id, 0), count(*)
         FROM new_rows GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
         ON CONFLICT (widget_id, hour, visitor_id) DO UPDATE SET events = r.events + excluded.events
         RETURNING r.widget_id, r.hour, (r.xmax = 0) AS fresh
@@ -127,8 +132,8 @@ BEGIN
         identifies = r.identifies + excluded.identifies, visitors = r.visitors + excluded.visitors;
 
     WITH vd AS (
-        INSERT INTO rollup_visitor_days AS r (widget_id, day, visitor_id, events)
-        SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, count(*)
+        INSERT INTO rollup_visitor_days AS r (widget_id, day, visitor_id, vh, events)
+        SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, hashtextextended(visitor_id, 0), count(*)
         FROM new_rows GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
         ON CONFLICT (widget_id, day, visitor_id) DO UPDATE SET events = r.events + excluded.events
         RETURNING r.widget_id, r.day, (r.xmax = 0) AS fresh
@@ -314,8 +319,8 @@ BEGIN
     DELETE FROM rollup_pages_daily WHERE p_widget IS NULL OR widget_id = p_widget;
     DELETE FROM rollup_event_names WHERE p_widget IS NULL OR widget_id = p_widget;
 
-    INSERT INTO rollup_visitor_hours (widget_id, hour, visitor_id, events)
-    SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), visitor_id, count(*)
+    INSERT INTO rollup_visitor_hours (widget_id, hour, visitor_id, vh, events)
+    SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), visitor_id, hashtextextended(visitor_id, 0), count(*)
     FROM visitor_events WHERE p_widget IS NULL OR widget_id = p_widget GROUP BY 1, 2, 3;
     INSERT INTO rollup_hourly (widget_id, hour, events, pageviews, sessions, custom_events, identifies, visitors)
     SELECT e.widget_id, e.hour, e.events, e.pageviews, e.sessions, e.custom_events, e.identifies, v.visitors
@@ -328,8 +333,8 @@ BEGIN
     JOIN (SELECT widget_id, hour, count(*) AS visitors FROM rollup_visitor_hours
           WHERE p_widget IS NULL OR widget_id = p_widget GROUP BY 1, 2) v USING (widget_id, hour);
 
-    INSERT INTO rollup_visitor_days (widget_id, day, visitor_id, events)
-    SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, count(*)
+    INSERT INTO rollup_visitor_days (widget_id, day, visitor_id, vh, events)
+    SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, hashtextextended(visitor_id, 0), count(*)
     FROM visitor_events WHERE p_widget IS NULL OR widget_id = p_widget GROUP BY 1, 2, 3;
     INSERT INTO rollup_daily (widget_id, day, visitors)
     SELECT widget_id, day, count(*) FROM rollup_visitor_days WHERE p_widget IS NULL OR widget_id = p_widget
