@@ -99,63 +99,81 @@ CREATE TABLE rollup_event_names (
 
 -- Hours and days are UTC whatever the session's TimeZone: date_trunc(..., 'UTC') and AT TIME ZONE 'UTC'.
 
+-- One statement per inserting statement (a sink batch): new_rows is scanned twice (per visitor and hour; per URL
+-- and hour for pageviews, so rollup_page runs once per distinct URL, not per row) plus once for custom event
+-- names, and every rollup table is upserted from those aggregates. The main query pulls the upserts one by one
+-- in the fixed lock order, each in key order.
 CREATE FUNCTION rollups_add() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    hours_n bigint; days_n bigint; pages_n bigint; page_days_n bigint; names_n bigint;  -- rows upserted
 BEGIN
     IF NOT rollups_on() THEN
         RETURN NULL;
     END IF;
-    -- Visitor hours, then the hourly totals with the number of (hour, visitor) rows this statement created:
-    -- xmax = 0 marks a row the upsert inserted (an updated one carries the updater's xid), which stays right
-    -- when a concurrent transaction created the same row first (we then wait for it and update instead).
-    WITH vh AS (
-        INSERT INTO rollup_visitor_hours AS r (widget_id, hour, visitor_id, vh, events)
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), visitor_id, hashtextextended(visitor_id, 0), count(*)
-        FROM new_rows GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-        ON CONFLICT (widget_id, hour, visitor_id) DO UPDATE SET events = r.events + excluded.events
-        RETURNING r.widget_id, r.hour, (r.xmax = 0) AS fresh
-    ), fresh AS (
-        SELECT widget_id, hour, count(*) FILTER (WHERE fresh) AS n FROM vh GROUP BY 1, 2
-    ), e AS (
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, count(*) AS events,
+    WITH vis AS MATERIALIZED (
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, visitor_id, count(*) AS events,
                count(*) FILTER (WHERE event_type = 'pageview') AS pageviews,
                count(*) FILTER (WHERE event_type = 'session_start') AS sessions,
                count(*) FILTER (WHERE event_type = 'custom') AS custom_events,
                count(*) FILTER (WHERE event_type = 'identify') AS identifies
-        FROM new_rows GROUP BY 1, 2
-    )
-    INSERT INTO rollup_hourly AS r (widget_id, hour, events, pageviews, sessions, custom_events, identifies, visitors)
-    SELECT e.widget_id, e.hour, e.events, e.pageviews, e.sessions, e.custom_events, e.identifies, coalesce(f.n, 0)
-    FROM e LEFT JOIN fresh f USING (widget_id, hour) ORDER BY 1, 2
-    ON CONFLICT (widget_id, hour) DO UPDATE SET
-        events = r.events + excluded.events, pageviews = r.pageviews + excluded.pageviews,
-        sessions = r.sessions + excluded.sessions, custom_events = r.custom_events + excluded.custom_events,
-        identifies = r.identifies + excluded.identifies, visitors = r.visitors + excluded.visitors;
-
-    WITH vd AS (
+        FROM new_rows GROUP BY 1, 2, 3
+    ), vh AS (
+        -- xmax = 0 marks a row the upsert inserted (an updated one carries the updater's xid); this stays right
+        -- when a concurrent transaction created the same row first (we wait for it and update instead).
+        INSERT INTO rollup_visitor_hours AS r (widget_id, hour, visitor_id, vh, events)
+        SELECT widget_id, hour, visitor_id, hashtextextended(visitor_id, 0), events FROM vis ORDER BY 1, 2, 3
+        ON CONFLICT (widget_id, hour, visitor_id) DO UPDATE SET events = r.events + excluded.events
+        RETURNING r.widget_id, r.hour, (r.xmax = 0) AS fresh
+    ), fresh_hours AS (
+        SELECT widget_id, hour, count(*) FILTER (WHERE fresh) AS n FROM vh GROUP BY 1, 2
+    ), hourly AS (
+        INSERT INTO rollup_hourly AS r (widget_id, hour, events, pageviews, sessions, custom_events, identifies, visitors)
+        SELECT e.widget_id, e.hour, e.events, e.pageviews, e.sessions, e.custom_events, e.identifies, coalesce(f.n, 0)
+        FROM (SELECT widget_id, hour, sum(events) AS events, sum(pageviews) AS pageviews, sum(sessions) AS sessions,
+                     sum(custom_events) AS custom_events, sum(identifies) AS identifies
+              FROM vis GROUP BY 1, 2) e
+        LEFT JOIN fresh_hours f USING (widget_id, hour) ORDER BY 1, 2
+        ON CONFLICT (widget_id, hour) DO UPDATE SET
+            events = r.events + excluded.events, pageviews = r.pageviews + excluded.pageviews,
+            sessions = r.sessions + excluded.sessions, custom_events = r.custom_events + excluded.custom_events,
+            identifies = r.identifies + excluded.identifies, visitors = r.visitors + excluded.visitors
+        RETURNING 1
+    ), vd AS (
         INSERT INTO rollup_visitor_days AS r (widget_id, day, visitor_id, vh, events)
-        SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, hashtextextended(visitor_id, 0), count(*)
-        FROM new_rows GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        SELECT widget_id, (hour AT TIME ZONE 'UTC')::date, visitor_id, hashtextextended(visitor_id, 0), sum(events)
+        FROM vis GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
         ON CONFLICT (widget_id, day, visitor_id) DO UPDATE SET events = r.events + excluded.events
         RETURNING r.widget_id, r.day, (r.xmax = 0) AS fresh
+    ), daily AS (
+        INSERT INTO rollup_daily AS r (widget_id, day, visitors)
+        SELECT widget_id, day, count(*) FILTER (WHERE fresh) FROM vd GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (widget_id, day) DO UPDATE SET visitors = r.visitors + excluded.visitors
+        RETURNING 1
+    ), urls AS MATERIALIZED (
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, url, count(*) AS n
+        FROM new_rows WHERE event_type = 'pageview' GROUP BY 1, 2, 3
+    ), pages AS MATERIALIZED (
+        SELECT widget_id, hour, rollup_page(url) AS page, sum(n) AS n FROM urls GROUP BY 1, 2, 3
+    ), ph AS (
+        INSERT INTO rollup_pages AS r (widget_id, hour, page, pageviews)
+        SELECT widget_id, hour, page, n FROM pages ORDER BY 1, 2, 3
+        ON CONFLICT (widget_id, hour, page) DO UPDATE SET pageviews = r.pageviews + excluded.pageviews
+        RETURNING 1
+    ), pd AS (
+        INSERT INTO rollup_pages_daily AS r (widget_id, day, page, pageviews)
+        SELECT widget_id, (hour AT TIME ZONE 'UTC')::date, page, sum(n) FROM pages GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (widget_id, day, page) DO UPDATE SET pageviews = r.pageviews + excluded.pageviews
+        RETURNING 1
+    ), names AS (
+        INSERT INTO rollup_event_names AS r (widget_id, hour, name, events)
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), coalesce(name, ''), count(*)
+        FROM new_rows WHERE event_type = 'custom' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (widget_id, hour, name) DO UPDATE SET events = r.events + excluded.events
+        RETURNING 1
     )
-    INSERT INTO rollup_daily AS r (widget_id, day, visitors)
-    SELECT widget_id, day, count(*) FILTER (WHERE fresh) FROM vd GROUP BY 1, 2 ORDER BY 1, 2
-    ON CONFLICT (widget_id, day) DO UPDATE SET visitors = r.visitors + excluded.visitors;
-
-    INSERT INTO rollup_pages AS r (widget_id, hour, page, pageviews)
-    SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), rollup_page(url), count(*)
-    FROM new_rows WHERE event_type = 'pageview' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (widget_id, hour, page) DO UPDATE SET pageviews = r.pageviews + excluded.pageviews;
-
-    INSERT INTO rollup_pages_daily AS r (widget_id, day, page, pageviews)
-    SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date, rollup_page(url), count(*)
-    FROM new_rows WHERE event_type = 'pageview' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (widget_id, day, page) DO UPDATE SET pageviews = r.pageviews + excluded.pageviews;
-
-    INSERT INTO rollup_event_names AS r (widget_id, hour, name, events)
-    SELECT widget_id, date_trunc('hour', occurred_at, 'UTC'), coalesce(name, ''), count(*)
-    FROM new_rows WHERE event_type = 'custom' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (widget_id, hour, name) DO UPDATE SET events = r.events + excluded.events;
+    SELECT (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily), (SELECT count(*) FROM ph),
+           (SELECT count(*) FROM pd), (SELECT count(*) FROM names)
+    INTO hours_n, days_n, pages_n, page_days_n, names_n;
     RETURN NULL;
 END
 $$;
