@@ -180,112 +180,119 @@ $$;
 
 -- Deletes only ever UPDATE or DELETE existing rollup rows (never insert): when a widget's rollups were already
 -- removed by its own cascade, the decrement finds nothing, in whichever order the cascades run. Rows whose
--- count reaches zero are deleted, so a rollup row exists exactly while events back it.
+-- count reaches zero are deleted, so a rollup row exists exactly while events back it. One statement, like
+-- rollups_add: old_rows is aggregated per visitor-hour and per URL-hour (and for custom event names) once; each
+-- table's rows are locked in key order (SELECT ... ORDER BY key FOR UPDATE), then updated or deleted, table by
+-- table in the fixed lock order (the main query pulls them in that order).
 CREATE FUNCTION rollups_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    touched bigint[];  -- rows updated / deleted per step
 BEGIN
     IF NOT rollups_on() THEN
         RETURN NULL;
     END IF;
-    -- Visitor hours (decrement; drop at zero), then the hourly totals less the (hour, visitor) rows dropped.
-    WITH d AS (
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, visitor_id, count(*) AS n
-        FROM old_rows GROUP BY 1, 2, 3
-    ), l AS (
-        SELECT r.widget_id, r.hour, r.visitor_id, r.events - d.n AS remaining
-        FROM rollup_visitor_hours r JOIN d USING (widget_id, hour, visitor_id)
-        ORDER BY 1, 2, 3 FOR UPDATE OF r
-    ), upd AS (
-        UPDATE rollup_visitor_hours r SET events = l.remaining FROM l
-        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.visitor_id = l.visitor_id AND l.remaining > 0
-    ), gone AS (
-        DELETE FROM rollup_visitor_hours r USING l
-        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.visitor_id = l.visitor_id AND l.remaining <= 0
-        RETURNING r.widget_id, r.hour
-    ), g AS (
-        SELECT widget_id, hour, count(*) AS n FROM gone GROUP BY 1, 2
-    ), e AS (
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, count(*) AS events,
+    WITH vis AS MATERIALIZED (
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, visitor_id, count(*) AS n,
                count(*) FILTER (WHERE event_type = 'pageview') AS pageviews,
                count(*) FILTER (WHERE event_type = 'session_start') AS sessions,
                count(*) FILTER (WHERE event_type = 'custom') AS custom_events,
                count(*) FILTER (WHERE event_type = 'identify') AS identifies
-        FROM old_rows GROUP BY 1, 2
-    ), h AS (
+        FROM old_rows GROUP BY 1, 2, 3
+    ), l_vh AS (
+        SELECT r.widget_id, r.hour, r.visitor_id, r.events - d.n AS remaining
+        FROM rollup_visitor_hours r JOIN vis d USING (widget_id, hour, visitor_id) ORDER BY 1, 2, 3 FOR UPDATE OF r
+    ), u_vh AS (
+        UPDATE rollup_visitor_hours r SET events = l.remaining FROM l_vh l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.visitor_id = l.visitor_id AND l.remaining > 0 RETURNING 1
+    ), x_vh AS (
+        DELETE FROM rollup_visitor_hours r USING l_vh l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.visitor_id = l.visitor_id AND l.remaining <= 0 RETURNING r.widget_id, r.hour
+    ), gone_hours AS (
+        SELECT widget_id, hour, count(*) AS n FROM x_vh GROUP BY 1, 2
+    ), e AS (
+        SELECT widget_id, hour, sum(n) AS events, sum(pageviews) AS pageviews, sum(sessions) AS sessions,
+               sum(custom_events) AS custom_events, sum(identifies) AS identifies
+        FROM vis GROUP BY 1, 2
+    ), l_h AS (
         SELECT r.widget_id, r.hour, r.events - e.events AS events, r.pageviews - e.pageviews AS pageviews,
                r.sessions - e.sessions AS sessions, r.custom_events - e.custom_events AS custom_events,
                r.identifies - e.identifies AS identifies, r.visitors - coalesce(g.n, 0) AS visitors
-        FROM rollup_hourly r JOIN e USING (widget_id, hour) LEFT JOIN g USING (widget_id, hour)
+        FROM rollup_hourly r JOIN e USING (widget_id, hour) LEFT JOIN gone_hours g USING (widget_id, hour)
         ORDER BY 1, 2 FOR UPDATE OF r
-    ), hupd AS (
-        UPDATE rollup_hourly r SET events = h.events, pageviews = h.pageviews, sessions = h.sessions,
-                                   custom_events = h.custom_events, identifies = h.identifies, visitors = h.visitors
-        FROM h WHERE r.widget_id = h.widget_id AND r.hour = h.hour AND h.events > 0
-    )
-    DELETE FROM rollup_hourly r USING h WHERE r.widget_id = h.widget_id AND r.hour = h.hour AND h.events <= 0;
-
-    WITH d AS (
-        SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, visitor_id, count(*) AS n
-        FROM old_rows GROUP BY 1, 2, 3
-    ), l AS (
+    ), u_h AS (
+        UPDATE rollup_hourly r SET events = l.events, pageviews = l.pageviews, sessions = l.sessions,
+                                   custom_events = l.custom_events, identifies = l.identifies, visitors = l.visitors
+        FROM l_h l WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND l.events > 0 RETURNING 1
+    ), x_h AS (
+        DELETE FROM rollup_hourly r USING l_h l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND l.events <= 0
+        RETURNING 1
+    ), vdays AS (
+        SELECT widget_id, (hour AT TIME ZONE 'UTC')::date AS day, visitor_id, sum(n) AS n FROM vis GROUP BY 1, 2, 3
+    ), l_vd AS (
         SELECT r.widget_id, r.day, r.visitor_id, r.events - d.n AS remaining
-        FROM rollup_visitor_days r JOIN d USING (widget_id, day, visitor_id)
-        ORDER BY 1, 2, 3 FOR UPDATE OF r
-    ), upd AS (
-        UPDATE rollup_visitor_days r SET events = l.remaining FROM l
-        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.visitor_id = l.visitor_id AND l.remaining > 0
-    ), gone AS (
-        DELETE FROM rollup_visitor_days r USING l
-        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.visitor_id = l.visitor_id AND l.remaining <= 0
-        RETURNING r.widget_id, r.day
-    ), g AS (
-        SELECT widget_id, day, count(*) AS n FROM gone GROUP BY 1, 2
-    ), h AS (
-        SELECT r.widget_id, r.day, r.visitors - g.n AS visitors
-        FROM rollup_daily r JOIN g USING (widget_id, day) ORDER BY 1, 2 FOR UPDATE OF r
-    ), hupd AS (
-        UPDATE rollup_daily r SET visitors = h.visitors FROM h
-        WHERE r.widget_id = h.widget_id AND r.day = h.day AND h.visitors > 0
-    )
-    DELETE FROM rollup_daily r USING h WHERE r.widget_id = h.widget_id AND r.day = h.day AND h.visitors <= 0;
-
-    WITH d AS (
-        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, rollup_page(url) AS page, count(*) AS n
+        FROM rollup_visitor_days r JOIN vdays d USING (widget_id, day, visitor_id) ORDER BY 1, 2, 3 FOR UPDATE OF r
+    ), u_vd AS (
+        UPDATE rollup_visitor_days r SET events = l.remaining FROM l_vd l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.visitor_id = l.visitor_id AND l.remaining > 0 RETURNING 1
+    ), x_vd AS (
+        DELETE FROM rollup_visitor_days r USING l_vd l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.visitor_id = l.visitor_id AND l.remaining <= 0 RETURNING r.widget_id, r.day
+    ), gone_days AS (
+        SELECT widget_id, day, count(*) AS n FROM x_vd GROUP BY 1, 2
+    ), l_d AS (
+        SELECT r.widget_id, r.day, r.visitors - d.n AS remaining
+        FROM rollup_daily r JOIN gone_days d USING (widget_id, day) ORDER BY 1, 2 FOR UPDATE OF r
+    ), u_d AS (
+        UPDATE rollup_daily r SET visitors = l.remaining FROM l_d l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND l.remaining > 0 RETURNING 1
+    ), x_d AS (
+        DELETE FROM rollup_daily r USING l_d l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND l.remaining <= 0 RETURNING r.widget_id, r.day
+    ), urls AS MATERIALIZED (
+        SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, url, count(*) AS n
         FROM old_rows WHERE event_type = 'pageview' GROUP BY 1, 2, 3
-    ), l AS (
+    ), pages AS MATERIALIZED (
+        SELECT widget_id, hour, rollup_page(url) AS page, sum(n) AS n FROM urls GROUP BY 1, 2, 3
+    ), l_p AS (
         SELECT r.widget_id, r.hour, r.page, r.pageviews - d.n AS remaining
-        FROM rollup_pages r JOIN d USING (widget_id, hour, page) ORDER BY 1, 2, 3 FOR UPDATE OF r
-    ), upd AS (
-        UPDATE rollup_pages r SET pageviews = l.remaining FROM l
-        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.page = l.page AND l.remaining > 0
-    )
-    DELETE FROM rollup_pages r USING l
-    WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.page = l.page AND l.remaining <= 0;
-
-    WITH d AS (
-        SELECT widget_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, rollup_page(url) AS page, count(*) AS n
-        FROM old_rows WHERE event_type = 'pageview' GROUP BY 1, 2, 3
-    ), l AS (
+        FROM rollup_pages r JOIN pages d USING (widget_id, hour, page) ORDER BY 1, 2, 3 FOR UPDATE OF r
+    ), u_p AS (
+        UPDATE rollup_pages r SET pageviews = l.remaining FROM l_p l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.page = l.page AND l.remaining > 0 RETURNING 1
+    ), x_p AS (
+        DELETE FROM rollup_pages r USING l_p l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.page = l.page AND l.remaining <= 0 RETURNING r.widget_id, r.hour
+    ), page_days AS (
+        SELECT widget_id, (hour AT TIME ZONE 'UTC')::date AS day, page, sum(n) AS n FROM pages GROUP BY 1, 2, 3
+    ), l_pd AS (
         SELECT r.widget_id, r.day, r.page, r.pageviews - d.n AS remaining
-        FROM rollup_pages_daily r JOIN d USING (widget_id, day, page) ORDER BY 1, 2, 3 FOR UPDATE OF r
-    ), upd AS (
-        UPDATE rollup_pages_daily r SET pageviews = l.remaining FROM l
-        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.page = l.page AND l.remaining > 0
-    )
-    DELETE FROM rollup_pages_daily r USING l
-    WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.page = l.page AND l.remaining <= 0;
-
-    WITH d AS (
+        FROM rollup_pages_daily r JOIN page_days d USING (widget_id, day, page) ORDER BY 1, 2, 3 FOR UPDATE OF r
+    ), u_pd AS (
+        UPDATE rollup_pages_daily r SET pageviews = l.remaining FROM l_pd l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.page = l.page AND l.remaining > 0 RETURNING 1
+    ), x_pd AS (
+        DELETE FROM rollup_pages_daily r USING l_pd l
+        WHERE r.widget_id = l.widget_id AND r.day = l.day AND r.page = l.page AND l.remaining <= 0 RETURNING r.widget_id, r.day
+    ), custom AS (
         SELECT widget_id, date_trunc('hour', occurred_at, 'UTC') AS hour, coalesce(name, '') AS name, count(*) AS n
         FROM old_rows WHERE event_type = 'custom' GROUP BY 1, 2, 3
-    ), l AS (
+    ), l_n AS (
         SELECT r.widget_id, r.hour, r.name, r.events - d.n AS remaining
-        FROM rollup_event_names r JOIN d USING (widget_id, hour, name) ORDER BY 1, 2, 3 FOR UPDATE OF r
-    ), upd AS (
-        UPDATE rollup_event_names r SET events = l.remaining FROM l
-        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.name = l.name AND l.remaining > 0
+        FROM rollup_event_names r JOIN custom d USING (widget_id, hour, name) ORDER BY 1, 2, 3 FOR UPDATE OF r
+    ), u_n AS (
+        UPDATE rollup_event_names r SET events = l.remaining FROM l_n l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.name = l.name AND l.remaining > 0 RETURNING 1
+    ), x_n AS (
+        DELETE FROM rollup_event_names r USING l_n l
+        WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.name = l.name AND l.remaining <= 0 RETURNING r.widget_id, r.hour
     )
-    DELETE FROM rollup_event_names r USING l
-    WHERE r.widget_id = l.widget_id AND r.hour = l.hour AND r.name = l.name AND l.remaining <= 0;
+    SELECT ARRAY[(SELECT count(*) FROM u_vh), (SELECT count(*) FROM x_vh), (SELECT count(*) FROM u_h),
+                 (SELECT count(*) FROM x_h), (SELECT count(*) FROM u_vd), (SELECT count(*) FROM x_vd),
+                 (SELECT count(*) FROM u_d), (SELECT count(*) FROM x_d), (SELECT count(*) FROM u_p),
+                 (SELECT count(*) FROM x_p), (SELECT count(*) FROM u_pd), (SELECT count(*) FROM x_pd),
+                 (SELECT count(*) FROM u_n), (SELECT count(*) FROM x_n)]
+    INTO touched;
     RETURN NULL;
 END
 $$;
