@@ -135,7 +135,7 @@ _TOTALS = ("SELECT coalesce(sum(pageviews), 0), coalesce(sum(sessions), 0), coal
 # 64-bit visitor hashes in the range, read in hash order through the (widget_id, vh, bucket) index (stops
 # after KMV_K distinct hashes); unique ~= (k - 1) / (k-th smallest hash as a fraction of the hash space),
 # relative standard error 1/sqrt(k - 2) ~= 1.6 % for k = 4096; exact when the range has fewer than k visitors.
-EXACT_UNIQUE_MAX_ROWS = 50_000
+EXACT_UNIQUE_MAX_ROWS = 20_000
 KMV_K = 4096
 _BUCKET_ROWS = {
     "hour": ("SELECT coalesce(sum(visitors), 0) FROM rollup_hourly"

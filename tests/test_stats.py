@@ -316,7 +316,8 @@ def test_counted_columns_cannot_change(make_widget: Callable[..., Any], db: psyc
 
 
 def test_unique_visitors_of_a_big_range_are_estimated_within_5_percent(make_widget: Callable[..., Any],
-                                                                      db: psycopg.Connection) -> None:
+                                                                      db: psycopg.Connection,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Past EXACT_UNIQUE_MAX_ROWS visitor-day rows the range's unique count is the KMV estimate (relative
     standard error ~1.6 %): 130,000 events of 100,000 visitors over 4 days."""
     w = make_widget()
@@ -331,8 +332,11 @@ def test_unique_visitors_of_a_big_range_are_estimated_within_5_percent(make_widg
     assert body["visitors_estimated"] is True
     assert abs(body["totals"]["visitors"] - 100_000) <= 5_000, body["totals"]
     assert [b["visitors"] for b in body["results"]] == [25_000] * 4  # per-day counts stay exact
-    small = stats.Range(r.start, r.start + timedelta(days=1), "day")  # 25,000 rows: exact again
-    assert stats.unique_visitors(db, w.id, small) == (25_000, False)
+    one_day = stats.Range(r.start, r.start + timedelta(days=1), "day")  # 25,000 rows: still past the limit
+    n, estimated = stats.unique_visitors(db, w.id, one_day)
+    assert estimated and abs(n - 25_000) <= 1_250
+    monkeypatch.setattr(stats, "EXACT_UNIQUE_MAX_ROWS", 30_000)  # under the limit: the exact count
+    assert stats.unique_visitors(db, w.id, one_day) == (25_000, False)
 
 
 # --- parameters ---------------------------------------------------------------------------------------------------
