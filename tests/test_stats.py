@@ -26,7 +26,7 @@ from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.retention import purge
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, iso
-from tests.console_helpers import Tenant, make_tenant
+from tests.console_helpers import Tenant, cli, make_tenant
 
 PAGES = ["https://www.shop.example/pricing?utm_source=news", "https://www.shop.example/pricing",
          "https://shop.example", "http://shop.example/", "https://shop.example/docs/start?x=1&y=2",
@@ -301,6 +301,12 @@ def test_rollups_off_goes_stale_and_rebuild_repairs(postgres: EmbeddedPostgres, 
                     " occurred_at, received_at) SELECT %s, gen_random_uuid(), %s, 'v' || i, 'pageview', '/p', now(),"
                     " now() FROM generate_series(1, 5) i", (w.id, w.tenant_id))
     assert rollups.mismatches(db, w.id) != []
+    env = Settings(postgres_dsn=postgres.dsn)
+    check = cli(env, "rollups", "check", "--widget", str(w.id))
+    assert check.returncode == 1 and "rollup_hourly" in check.stdout and "rollups rebuild" in check.stdout, check
+    rebuilt = cli(env, "rollups", "rebuild", "--widget", str(w.id))
+    assert rebuilt.returncode == 0 and "5 events counted" in rebuilt.stdout, rebuilt
+    assert cli(env, "rollups", "check", "--widget", str(w.id)).returncode == 0
     counted, _ = rollups.rebuild(db, w.id)
     assert counted == 5 and rollups.mismatches(db, w.id) == []
 
