@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 
 from console.errors import install_error_handlers
 from console.routes import api, pages
@@ -16,6 +18,7 @@ from console import ratelimit
 from console.cursors import Cursors, RailTokens
 from console.routes import activity_pages, read_api
 from console.routes import exports as export_routes  # export bundles (issue 13)
+from console.routes import dashboard_pages, stats  # read surfaces (issue 12): stats API + dashboard
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -40,6 +43,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(read_api.router)
     app.include_router(activity_pages.router)
     ratelimit.install(app, settings.console_api_rate_limit_per_min)
+    # --- read surfaces (issue 12): stats API, Site Activity dashboard, its static files ---
+    app.include_router(stats.router)
+    app.include_router(dashboard_pages.router)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -59,7 +59,7 @@ class Sink:
         self.metrics = SinkMetrics()
         self.liveness = Liveness(max_silence_s=max(30.0, 3 * settings.sink_retry_max_backoff_s))
         self.codec = EventDecoder()
-        self.writer = EventWriter(settings.postgres_dsn)
+        self.writer = EventWriter(settings.postgres_dsn, rollups=settings.sink_rollups)
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-writer")  # owns the connection
         self.dead_letters = DeadLetterPublisher(settings, topics.dead_letter)
         # We keep calling consume() while backing off (partitions paused), so the poll interval is never

@@ -252,8 +252,10 @@ class WriteResult:
 
 
 class EventWriter:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, rollups: bool = True) -> None:
         self._dsn = dsn
+        # Off: the rollup triggers (migration 0006) skip their work on this connection; rollups go stale.
+        self._rollups_option = "" if rollups else " -c site_activity.rollups=off"
         self._conn: psycopg.Connection | None = None
 
     def write(self, rows: list[Row]) -> WriteResult:
@@ -278,7 +280,8 @@ class EventWriter:
             conn = psycopg.connect(
                 self._dsn, autocommit=True, connect_timeout=5, application_name="site-activity-sink",
                 # A hung server or a dropped network path must surface as an error (then retry), not a hang.
-                options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS} -c temp_buffers={_TEMP_BUFFERS}",
+                options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS} -c temp_buffers={_TEMP_BUFFERS}"
+                        + self._rollups_option,
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
             for statement in _CREATE_TEMP:
                 conn.execute(statement)

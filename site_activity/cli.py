@@ -219,6 +219,28 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
                       fmt=args.format, out=args.out, actor=args.actor)
 
 
+# --- rollups (read surfaces, issue 12) ---------------------------------------------------------------------
+def _rollups(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity import rollups
+    from site_activity.db import connect
+
+    with connect(settings.postgres_dsn, autocommit=True) as conn:
+        if args.rollups_action == "rebuild":
+            counted, seconds = rollups.rebuild(conn, args.widget)
+            print(f"rollups rebuilt for {args.widget or 'every widget'}: {counted:,} events counted in {seconds:.2f} s")
+            return 0
+        widget_ids = [args.widget] if args.widget else rollups.widgets_with_rows(conn)
+        with conn.transaction():  # one snapshot for rollups and raw rows
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            bad = {w: rollups.mismatches(conn, w) for w in widget_ids}
+    bad = {w: tables for w, tables in bad.items() if tables}
+    for w, tables in bad.items():
+        print(f"{w}: differs in {', '.join(tables)}")
+    print(f"{len(widget_ids) - len(bad)} of {len(widget_ids)} widget(s) exact"
+          + ("" if not bad else "; run `site-activity rollups rebuild` to repair"))
+    return 1 if bad else 0
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -243,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
     pg.add_argument("--loop", action="store_true",
                     help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)")
+    # --- rollups (read surfaces, issue 12) ---
+    ru = sub.add_parser("rollups", help="dashboard rollups: rebuild from the raw events, or check they are exact")
+    rusub = ru.add_subparsers(dest="rollups_action", required=True)
+    for name, help_ in (("rebuild", "recompute from visitor_events (blocks the sink's writes while it runs)"),
+                        ("check", "compare with the same counts over visitor_events; exit 1 if any differs")):
+        rp = rusub.add_parser(name, help=help_)
+        rp.add_argument("--widget", type=_uuid_arg, help="only this widget (default: every widget)")
+        rp.set_defaults(func=_rollups)
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
     sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
 

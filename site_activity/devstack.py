@@ -174,6 +174,7 @@ def run(settings: Settings) -> int:
             f"  console        {settings.console_origin}   sign in as {DEMO_OWNER} (one-time link, 15 min):\n"
             f"                 {sign_in}\n"
             f"                 new link: .venv/bin/site-activity login-link --tenant {widget.tenant_id} --email {DEMO_OWNER}\n"
+            f"  dashboard      {settings.console_origin}/site-activity?widget_id={widget.id}   (signed in: the demo's clicks)\n"
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
             "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"

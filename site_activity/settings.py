@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     sink_retry_max_backoff_s: float = 10.0
     # Read the processors' enriched stream; set false to sink the raw topic directly (no processors).
     sink_from_enriched: bool = True
+    # --- rollups (read surfaces, issue 12: dashboard and stats) ---
+    # The sink's inserts maintain the rollups (migration 0006 triggers) in the same transaction. False skips
+    # that work on the sink's connection (benchmarks): the rollups then go stale until `rollups rebuild`.
+    sink_rollups: bool = True
 
     # --- processors ----------------------------------------------------------------------------
     processors_app_id: str = "site-activity-processors"
