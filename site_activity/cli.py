@@ -208,6 +208,29 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- issue 13: consumer lag (lag + security helper) ---------------------------------------------------------
+def _lag(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.lag import run_cli
+
+    return run_cli(settings, as_json=args.json, watch=args.watch, serve=args.serve, groups=args.group,
+                   interval_s=args.interval, samples=args.samples, port=args.port)
+
+
+def _add_lag_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lag = sub.add_parser("lag", help="consumer lag of the pipeline's groups: offsets, lag, Burrow-style status")
+    lag.set_defaults(func=_lag)
+    lag.add_argument("--json", action="store_true", help="JSON (one document per evaluation)")
+    lag.add_argument("--watch", action="store_true", help="re-evaluate every --interval seconds until Ctrl-C")
+    lag.add_argument("--serve", action="store_true",
+                     help="Prometheus exporter: /metrics on --port (default SITE_ACTIVITY_LAG_EXPORTER_PORT)")
+    lag.add_argument("--group", action="append", default=[], help="also watch this consumer group (repeatable)")
+    lag.add_argument("--interval", type=float,
+                     help="seconds between evaluations (default: 1 one-shot, SITE_ACTIVITY_LAG_INTERVAL_S otherwise)")
+    lag.add_argument("--samples", type=int, default=3, help="one-shot: evaluations taken before printing")
+    lag.add_argument("--port", type=int)
+# --- end issue 13: consumer lag -------------------------------------------------------------------------------
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -311,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ev, ec):
         p.add_argument("--tenant", type=_uuid_arg, required=True)
         p.add_argument("--actor", required=True, help="who asked for it (recorded in the audit log)")
+
+    _add_lag_parser(sub)  # issue 13: consumer lag
 
     ll = sub.add_parser("login-link", help="print a one-time console sign-in link (15 minutes)")
     ll.set_defaults(func=_login_link)
