@@ -44,12 +44,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -127,8 +128,8 @@ def worst(statuses: Iterable[str]) -> Status:
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """A consumer group and the topics it consumes (all their partitions are reported, committed or not);
-    partitions of other topics the group has committed offsets on are reported too."""
+    """A consumer group and the topics it consumes (all their partitions are reported, committed or not).
+    Without topics, those its live members are assigned are reported (nothing while it has no members)."""
 
     name: str
     topics: tuple[str, ...] = ()
@@ -255,11 +256,11 @@ class LagMonitor:
         return {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
 
     def _group(self, spec: GroupSpec, topics: dict[str, int], now: float) -> GroupLag:
-        committed = self._committed(spec.name)
-        for topic in spec.topics:
-            for p in range(topics.get(topic, 0)):
-                committed.setdefault((topic, p), None)
         state, members, assigned = self._describe(spec.name)
+        # The group's topics: the spec's, else those its members are assigned now. Always asked for by
+        # partition: librdkafka 2.16 crashes parsing an "all partitions" OffsetFetch answer of some groups.
+        wanted = [(t, p) for t in spec.topics or sorted({t for t, _ in assigned}) for p in range(topics.get(t, 0))]
+        committed = self._committed(spec.name, wanted)
         # A broker that lists members without their assignments: an active group owns its partitions.
         any_assignment = bool(assigned)
         parts = sorted(committed)
@@ -288,15 +289,30 @@ class LagMonitor:
                     p.lag_seconds = max(0.0, now - ts)
         return group
 
-    def _committed(self, group: str) -> dict[tuple[str, int], int | None]:
-        futures = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
-                                                          request_timeout=self.timeout_s)
-        result = futures[group].result()
+    def _result(self, call: Callable[[], Future[Any]]) -> Any:
+        """The result of an admin call, retrying errors Kafka marks retriable (a group coordinator that is
+        moving or loading answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS) within timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return call().result()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _committed(self, group: str, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        if not parts:
+            return {}
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in parts])
+        result = self._result(lambda: self._admin.list_consumer_group_offsets(
+            [request], request_timeout=self.timeout_s)[group])
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
                 for tp in result.topic_partitions or []}
 
     def _describe(self, group: str) -> tuple[str, int, set[tuple[str, int]]]:
-        desc = self._admin.describe_consumer_groups([group], request_timeout=self.timeout_s)[group].result()
+        desc = self._result(lambda: self._admin.describe_consumer_groups([group], request_timeout=self.timeout_s)[group])
         assigned = {(tp.topic, tp.partition) for m in desc.members or []
                     for tp in (m.assignment.topic_partitions if m.assignment else [])}
         return desc.state.name, len(desc.members or []), assigned

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     kafka_ssl_key_password_file: Path | None = None
     kafka_ssl_check_hostname: bool = True
     # Extra consumer groups `site-activity lag` watches besides the pipeline's own (processors, sink, and
-    # webhooks once that stage exists); their topics are those the group has committed offsets on.
+    # webhooks once that stage exists); their topics are those the group's live members are assigned.
     lag_extra_groups: list[str] = Field(default_factory=list)
     # Lag evaluation: every lag_interval_s (the CLI's --watch/--serve and each stage's /metrics collector),
     # Burrow-style statuses over the last lag_window samples (site_activity/lag.py documents the rules).

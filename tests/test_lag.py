@@ -30,7 +30,7 @@ from site_activity.lag import (METRIC_NAMES, GroupSpec, LagMonitor, LagReport, S
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from tests.conftest import broker_settings
-from tests.test_sink import make_event, produce
+from tests.test_sink import CODEC, make_event, produce
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 5  # window size in the unit tests
@@ -188,8 +188,6 @@ class EventFlow:
         self.topic, self.widget, self.period_s = topic, widget, period_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        from schemas.codec import EventCodec
-        self.codec = EventCodec()
 
     def _run(self) -> None:
         from site_activity.topics import event_key
@@ -197,7 +195,7 @@ class EventFlow:
         while not self.stop.wait(self.period_s):
             rec = make_event(self.widget, f"v-{i % 7}", at=datetime.now(UTC))
             self.producer.produce(self.topic, key=event_key(str(rec["widget_id"]), rec["visitor_id"]),
-                                  value=self.codec.encode(rec))
+                                  value=CODEC.encode(rec))
             self.producer.poll(0)
             i += 1
         self.producer.flush(30)
