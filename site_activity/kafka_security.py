@@ -35,11 +35,12 @@ class ClientConfig(dict[str, Any]):
     """A librdkafka configuration dict (accepted by Producer/Consumer/AdminClient as is) whose repr and str
     mask secret values, so logging a config never leaks a password."""
 
-    def _masked(self) -> dict[str, Any]:
+    def masked(self) -> dict[str, Any]:
+        """A plain copy with secret values replaced by MASK (what logs show; site_activity/logs.py)."""
         return {k: (MASK if k in _SECRET_KEYS and v else v) for k, v in self.items()}
 
     def __repr__(self) -> str:
-        return repr(self._masked())
+        return repr(self.masked())
 
     __str__ = __repr__
 
