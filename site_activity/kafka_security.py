@@ -54,8 +54,8 @@ def secret(settings: Settings, name: str) -> str:
             return path.read_text().rstrip("\r\n")
         except OSError as exc:
             raise KafkaSecurityError(f"cannot read {name}_file {path}: {exc.strerror}") from None
-    value: SecretStr = getattr(settings, name)
-    return value.get_secret_value()
+    value: SecretStr | str = getattr(settings, name)  # a str after an unvalidated model_copy(update=...)
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def uses_tls(settings: Settings) -> bool:

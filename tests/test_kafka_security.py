@@ -23,6 +23,7 @@ import aiokafka
 import faust
 import httpx
 import pytest
+from pydantic import SecretStr
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
@@ -314,6 +315,7 @@ def test_a_wrong_password_is_refused_by_the_broker(sasl_kafka: EmbeddedApacheKaf
     client = AdminClient(client_config(s, error_cb=errors.append))
     with pytest.raises(KafkaException):
         client.list_topics(timeout=5)
+    client.poll(1)  # serves the error callback
     assert any(e.code() == KafkaError._AUTHENTICATION for e in errors), errors
     ok = AdminClient(client_config(sasl_settings(sasl_kafka, "PLAIN", "alice", USERS["alice"])))
     assert ok.list_topics(timeout=20).brokers
@@ -330,7 +332,7 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
 
     s = make_settings(Broker(), postgres, tmp_path / "data", kafka_security_protocol="SASL_PLAINTEXT",  # type: ignore[arg-type]
                       kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username=SCRAM_USER,
-                      kafka_sasl_password=SCRAM_PASSWORD)
+                      kafka_sasl_password=SecretStr(SCRAM_PASSWORD))
     ensure_topics(s)  # the topics are created through the SASL listener as well (make_settings did it first)
     services = []
     try:
