@@ -32,15 +32,11 @@ def _migrate(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _topics(_: argparse.Namespace, settings: Settings) -> int:
-    from site_activity.kafka import ensure_topics
-    from site_activity.topics import Topics
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    # issue 13: create missing topics and bring existing ones' configs in line (site_activity/topic_admin.py)
+    from site_activity.topic_admin import apply_topics, print_reports
 
-    created = ensure_topics(settings)
-    for spec in Topics.from_settings(settings).specs(settings):
-        state = "created" if spec.name in created else "exists"
-        print(f"{spec.name:45} partitions={spec.partitions:<3} {state}")
-    return 0
+    return print_reports(apply_topics(settings, dry_run=args.dry_run))
 
 
 def _schemas_check(args: argparse.Namespace, _: Settings) -> int:
@@ -256,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--loop", action="store_true",
                     help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)")
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
-    sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
+    tp = sub.add_parser("topics", help="create missing Kafka topics and align the configs of existing ones "
+                        "(replication, min.insync.replicas, compaction, retention); reports what differs")
+    tp.set_defaults(func=_topics)
+    tp.add_argument("--dry-run", action="store_true", help="only report what would change")
 
     schemas = sub.add_parser("schemas", help="Avro schema tools")
     schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)

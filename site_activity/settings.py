@@ -111,8 +111,12 @@ class Settings(BaseSettings):
     # Burrow-style statuses over the last lag_window samples (site_activity/lag.py documents the rules).
     lag_interval_s: float = 10.0
     lag_window: int = 10
-    # Port of `site-activity lag --serve` (/metrics, /healthz).
+    # Port of `site-activity lag --serve` (/metrics).
     lag_exporter_port: int = 9308
+    # Retention of the event topics (raw, enriched: kept for replay) and of the dead-letter topic; applied by
+    # `site-activity topics` to existing topics too. Links, erasures and the processors' changelog are compacted.
+    topic_events_retention_ms: int = 7 * 24 * 3600 * 1000
+    topic_dead_letter_retention_ms: int = 30 * 24 * 3600 * 1000
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"
