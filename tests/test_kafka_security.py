@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres
+from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
 from site_activity.kafka import admin, client_config, consumer_config, ensure_topics, producer_config
 from site_activity.kafka_security import MASK, KafkaSecurityError, faust_security, secret
 from site_activity.logs import JsonFormatter
@@ -228,6 +228,50 @@ def test_every_stage_uses_the_mapping(certs: dict[str, Path], tmp_path: Path, mo
             assert {k: conf[k] for k in want} == want
 
 
+def test_oidc_tokens_for_aiokafka_come_from_the_token_endpoint_and_are_reused(certs: dict[str, Path]) -> None:
+    """The aiokafka side of OAUTHBEARER/oidc: a client-credentials grant (client id/secret as HTTP Basic)
+    against a real local token endpoint; the token is reused until a minute before it expires."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    seen: list[tuple[str, dict[str, list[str]]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            seen.append((self.headers["Authorization"], parse_qs(body)))
+            out = json.dumps({"access_token": f"tok-{len(seen)}", "token_type": "bearer", "expires_in": 3600}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/token"
+        s = secure_settings("SASL_PLAINTEXT", "OAUTHBEARER", certs, kafka_oauth_token_endpoint_url=url)
+        provider = credentials_to_aiokafka_auth(faust_security(s)["broker_credentials"])["sasl_oauth_token_provider"]
+
+        async def two_tokens() -> list[str]:
+            return [await provider.token(), await provider.token()]
+
+        assert asyncio.run(two_tokens()) == ["tok-1", "tok-1"]
+        assert len(seen) == 1
+        auth, form = seen[0]
+        assert auth == "Basic " + base64.b64encode(f"cid:{CLIENT_SECRET}".encode()).decode()
+        assert form == {"grant_type": ["client_credentials"], "scope": ["kafka"]}
+        assert CLIENT_SECRET not in repr(provider)
+    finally:
+        server.shutdown()
+
+
 # --- secrets -----------------------------------------------------------------------------------------------
 
 def test_secrets_from_files_win_over_inline_values(tmp_path: Path, certs: dict[str, Path]) -> None:
@@ -354,6 +398,14 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
                                  (w.id,), 2, timeout=60)  # the pageview and the processors' session_start
         assert sorted(r[0] for r in rows) == ["pageview", "session_start"]
         assert all(r[1] is not None for r in rows)  # sessions come from the processors: faust got through
+        # and the processors' lag collector reads its group through the same listener
+        def processors_lag() -> float | None:
+            text = httpx.get(f"http://127.0.0.1:{s.processors_web_port}/metrics", timeout=5).text
+            got = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kafka_consumergroup_group_sum_lag{") and f'group="{s.processors_app_id}"' in line]
+            return got[0] if got else None
+
+        wait_until(lambda: processors_lag() == 0, 60, "processors lag gauge at 0")
     finally:
         for svc in reversed(services):
             svc.stop()
