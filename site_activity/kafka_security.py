@@ -167,12 +167,18 @@ def oidc_token_source(settings: Settings, timeout_s: float = 10.0) -> TokenSourc
     client_secret, scope = secret(settings, "kafka_oauth_client_secret"), settings.kafka_oauth_scope
 
     def token() -> tuple[str, float]:
-        import httpx
+        import base64
+        import json
+        import urllib.parse
+        import urllib.request
 
-        form = {"grant_type": "client_credentials", **({"scope": scope} if scope else {})}
-        resp = httpx.post(url, data=form, auth=(client_id, client_secret), timeout=timeout_s)
-        resp.raise_for_status()
-        body = resp.json()
+        form = urllib.parse.urlencode({"grant_type": "client_credentials", **({"scope": scope} if scope else {})})
+        basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+        request = urllib.request.Request(url, data=form.encode(), method="POST", headers={
+            "Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # raises HTTPError on 4xx/5xx
+            body = json.loads(resp.read())
         return body["access_token"], time.time() + float(body.get("expires_in", 300))
 
     return token

@@ -66,6 +66,9 @@ Status = Literal["OK", "WARN", "STALL", "STOP", "REWIND"]
 STATUSES: tuple[Status, ...] = ("OK", "WARN", "STALL", "STOP", "REWIND")
 SEVERITY: dict[str, int] = {"OK": 0, "WARN": 1, "REWIND": 2, "STALL": 3, "STOP": 4}
 _EMPTY_STATES = {"EMPTY", "DEAD", "UNKNOWN"}
+# Group coordinator moving or loading (a fresh cluster creates __consumer_offsets on first use).
+_COORDINATOR_NOT_READY = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                          KafkaError.COORDINATOR_NOT_AVAILABLE)
 
 
 # --- the status rules (pure) ------------------------------------------------------------------------------
@@ -298,7 +301,8 @@ class LagMonitor:
                 return call().result()
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() > deadline:
+                retry = isinstance(err, KafkaError) and (err.retriable() or err.code() in _COORDINATOR_NOT_READY)
+                if not retry or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 

@@ -293,6 +293,19 @@ def test_incomplete_settings_are_refused_with_a_reason(certs: dict[str, Path]) -
         producer_config(Settings(kafka_security_protocol="SSL", kafka_ssl_cert_file=certs["cert"]))
 
 
+def test_msk_iam_without_its_signer_package_fails_with_what_to_install() -> None:
+    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="OAUTHBEARER",
+                 kafka_oauth_provider="aws_msk_iam", kafka_oauth_aws_region="eu-west-1")
+    import importlib.util
+
+    assert importlib.util.find_spec("aws_msk_iam_sasl_signer") is None  # not a default dependency
+    for build in (producer_config, faust_security):
+        with pytest.raises(KafkaSecurityError, match="aws-msk-iam-sasl-signer-python"):
+            build(s)
+    with pytest.raises(KafkaSecurityError, match="kafka_oauth_aws_region"):
+        producer_config(s.model_copy(update={"kafka_oauth_aws_region": ""}))
+
+
 def test_secrets_are_never_in_reprs_or_logs(certs: dict[str, Path]) -> None:
     s = secure_settings("SASL_SSL", "PLAIN", certs)
     oauth = secure_settings("SASL_SSL", "OAUTHBEARER", certs)

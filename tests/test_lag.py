@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,11 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from site_activity.embedded import free_port, wait_until
 from site_activity.kafka import consumer_config, producer_config
 from site_activity.lag import (METRIC_NAMES, GroupSpec, LagMonitor, LagReport, Sample, partition_status,
-                               pipeline_groups, sink_group)
+                               pipeline_groups, render_table, sink_group)
 from site_activity.settings import Settings
-from site_activity.topics import Topics
+from site_activity.topics import Topics, event_key
 from tests.conftest import broker_settings
-from tests.test_sink import CODEC, make_event, produce
+from tests.test_sink import CODEC, make_event
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 5  # window size in the unit tests
@@ -126,10 +126,22 @@ def produce_raw(settings: Settings, topic: str, n: int, timestamp_ms: int | None
     assert producer.flush(30) == 0
 
 
+COORDINATOR_NOT_READY = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                         KafkaError.COORDINATOR_NOT_AVAILABLE)
+
+
 def commit(settings: Settings, group: str, topic: str, partition: int, offset: int) -> None:
     consumer = Consumer(consumer_config(settings, group))  # assign + commit: no group join
+    deadline = time.monotonic() + 30
     try:
-        consumer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+        while True:
+            try:
+                consumer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+                return
+            except KafkaException as exc:  # a fresh broker creates __consumer_offsets on the first group use
+                if exc.args[0].code() not in COORDINATOR_NOT_READY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 
@@ -160,6 +172,16 @@ def test_lag_in_messages_and_seconds_is_the_age_of_the_oldest_unconsumed_message
     g = next(g for g in report.groups if g.group == group)
     assert (g.sum_lag, g.max_lag) == (5, 5)
     assert json.loads(json.dumps(report.to_dict()))["groups"][0]["partitions"][0]["lag"] == 5
+    # the table the CLI prints
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert group in text and topic in text and "OK" in text
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if f" {topic} " in line]
+    assert cells[0][2:7] == [topic, "0", "5", "10", "5"]  # topic, partition, committed, end, lag
+    assert 120 <= float(cells[0][7]) < 135  # lag seconds
 
 
 def test_rewind_on_the_real_broker(settings: Settings) -> None:
@@ -190,7 +212,6 @@ class EventFlow:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from site_activity.topics import event_key
         i = 0
         while not self.stop.wait(self.period_s):
             rec = make_event(self.widget, f"v-{i % 7}", at=datetime.now(UTC))
@@ -279,7 +300,12 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
                                                      start_service: Any) -> None:
     s = raw_sink_settings
     topic = Topics.from_settings(s).raw_events
-    produce(s, topic, [make_event(make_widget(), f"v-{i}") for i in range(4)])
+    w = make_widget()
+    producer = Producer(producer_config(s, **ONE_PER_BATCH))  # exact end offsets on Tansu too
+    for i in range(4):
+        rec = make_event(w, f"v-{i}")
+        producer.produce(topic, key=event_key(str(w.id), rec["visitor_id"]), value=CODEC.encode(rec))
+    assert producer.flush(30) == 0
     start_service("sink", settings_override=s)
     port = free_port()
     env = {**os.environ, **s.to_env()}
