@@ -356,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         from site_activity.erasure import ErasureError, NotifyError
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError)):
+        from site_activity.kafka_security import KafkaSecurityError  # issue 13: incomplete security settings
+
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, KafkaSecurityError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -237,8 +237,14 @@ class LagMonitor:
 
     def evaluate(self) -> LagReport:
         now = time.time()
-        topics = self._topic_partitions()
         report = LagReport(now, [])
+        try:
+            topics = self._topic_partitions()
+        except KafkaException as exc:  # the cluster is unreachable: every group says so
+            log.warning("lag evaluation failed: cannot list topics", extra={"error": str(exc)})
+            report.groups = [GroupLag(spec.name, "UNKNOWN", 0, error=f"cannot reach Kafka: {exc}")
+                             for spec in self.groups]
+            return report
         for spec in self.groups:
             try:
                 report.groups.append(self._group(spec, topics, now))
@@ -505,7 +511,7 @@ def render_table(report: LagReport) -> Any:
     colour = {"OK": "green", "WARN": "yellow", "STALL": "red", "STOP": "red", "REWIND": "magenta"}
     for g in report.groups:
         if g.error is not None:
-            table.add_row(g.group, "[red]ERROR", g.error, "", "", "", "", "", "")
+            table.add_row(g.group, "[red]ERROR", "(below)", "", "", "", "", "", "")
             continue
         table.add_row(f"[bold]{g.group}", f"[{colour[g.status]}]{g.status}", f"{g.state}, {g.members} member(s)",
                       "", "", "", str(g.sum_lag), f"{g.max_lag_seconds:.1f}", "")
@@ -558,6 +564,9 @@ def _show(console: Any, report: LagReport, as_json: bool, clear: bool = False) -
     if clear:
         console.clear()
     console.print(render_table(report))
+    for g in report.groups:
+        if g.error is not None:
+            console.print(f"[red]{g.group}: {g.error}", highlight=False)
 
 
 def _serve(settings: Settings, specs: Sequence[GroupSpec], interval_s: float, port: int) -> int:
