@@ -149,13 +149,21 @@ def sink_group(settings: Settings) -> GroupSpec:
     return GroupSpec(settings.sink_group, (t.enriched_events if settings.sink_from_enriched else t.raw_events,))
 
 
+def webhooks_group(settings: Settings) -> GroupSpec | None:
+    """The webhooks stage's group (setting `webhooks_group`, added with that stage), reading the same topic as
+    the sink; None while the settings have no such field. The stage registers its gauges with
+    `start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])`."""
+    name = getattr(settings, "webhooks_group", None)
+    return GroupSpec(name, sink_group(settings).topics) if name else None
+
+
 def pipeline_groups(settings: Settings, extra: Iterable[GroupSpec] = ()) -> list[GroupSpec]:
     """The pipeline's consumer groups: processors, sink, the webhooks stage's group when the settings have
-    one (`webhooks_group`, reading the enriched topic), `lag_extra_groups`, then `extra`."""
+    one, `lag_extra_groups`, then `extra`."""
     groups = [processors_group(settings), sink_group(settings)]
-    webhooks = getattr(settings, "webhooks_group", None)  # the webhooks stage's setting, once merged
-    if webhooks:
-        groups.append(GroupSpec(webhooks, (Topics.from_settings(settings).enriched_events,)))
+    webhooks = webhooks_group(settings)
+    if webhooks is not None:
+        groups.append(webhooks)
     groups += [GroupSpec(name) for name in settings.lag_extra_groups]
     groups += list(extra)
     seen: set[str] = set()

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from site_activity.embedded import free_port, wait_until
 from site_activity.kafka import consumer_config, producer_config
 from site_activity.lag import (METRIC_NAMES, GroupSpec, LagMonitor, LagReport, Sample, partition_status,
-                               pipeline_groups, render_table, sink_group)
+                               pipeline_groups, render_table, sink_group, webhooks_group)
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from tests.conftest import broker_settings
@@ -110,6 +110,15 @@ def test_pipeline_groups_take_names_from_settings() -> None:
     groups = pipeline_groups(s, [GroupSpec("y", ("other",)), GroupSpec("s")])
     assert groups == [GroupSpec("p", (t.raw_events, t.erasures)), GroupSpec("s", (t.enriched_events,)),
                       GroupSpec("x"), GroupSpec("y", ("other",))]
+
+
+def test_the_webhooks_group_joins_once_its_setting_exists() -> None:
+    class WithWebhooks(Settings):  # what Settings looks like once the webhooks stage is merged
+        webhooks_group: str = "hooks"
+
+    s = WithWebhooks(sink_from_enriched=False)
+    assert pipeline_groups(s)[2] == GroupSpec("hooks", (Topics.from_settings(s).raw_events,))
+    assert webhooks_group(Settings()) is None
 
 
 # --- against the real broker -------------------------------------------------------------------------------
