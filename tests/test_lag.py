@@ -315,6 +315,37 @@ def test_sink_stopped_while_events_flow_shows_growing_lag_and_stop_then_ok_after
         monitor.close()
 
 
+@pytest.mark.skipif(broker_settings().broker_kind != "kafka",
+                    reason="Tansu describes no group members or state: STALL (owned but not moving) is unobservable")
+def test_a_sink_that_cannot_write_is_stall_not_stop(raw_sink_settings: Settings, make_widget: Any,
+                                                    start_service: Any) -> None:
+    """The sink is up and owns its partitions but Postgres is unreachable: it retries with its partitions
+    paused and commits nothing, so the offsets stay put while a live member holds them: STALL."""
+    s = raw_sink_settings.model_copy(update={"postgres_dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+                                             "sink_retry_max_backoff_s": 1.0})
+    topic = Topics.from_settings(s).raw_events
+    w = make_widget()
+    producer = Producer(producer_config(s, **ONE_PER_BATCH))
+    for i in range(6):
+        rec = make_event(w, f"v-{i}")
+        producer.produce(topic, key=event_key(str(w.id), rec["visitor_id"]), value=CODEC.encode(rec))
+    assert producer.flush(30) == 0
+    start_service("sink", settings_override=s)
+    sink_owns_its_partitions(s)
+    monitor = LagMonitor(s, [sink_group(s)], window=5)
+    try:
+        statuses = []
+        for _ in range(5):
+            statuses.append(monitor.evaluate().groups[0])
+            time.sleep(1)
+        g = statuses[-1]
+        assert [x.status for x in statuses[:-1]] == ["OK"] * 4  # window not full yet: no verdict
+        assert g.status == "STALL", g
+        assert g.sum_lag == 6 and all(p.owned for p in g.partitions)
+    finally:
+        monitor.close()
+
+
 def scrape(port: int) -> dict[str, list[Any]]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
