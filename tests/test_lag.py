@@ -346,6 +346,26 @@ def test_a_sink_that_cannot_write_is_stall_not_stop(raw_sink_settings: Settings,
         monitor.close()
 
 
+def test_watch_prints_one_json_document_per_evaluation(settings: Settings) -> None:
+    topic = Topics.from_settings(settings).raw_events
+    produce_raw(settings, topic, 3)
+    env = {**os.environ, **settings.to_env()}
+    proc = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "lag", "--watch", "--json", "--interval", "0.3"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert [d["time"] for d in docs] == sorted(d["time"] for d in docs) and docs[0]["time"] < docs[-1]["time"]
+    sink = next(g for g in docs[-1]["groups"] if g["group"] == settings.sink_group)
+    assert sink["sum_lag"] == 0 and [g["group"] for g in docs[-1]["groups"]][:2] == [
+        settings.processors_app_id, settings.sink_group]
+    processors = next(g for g in docs[-1]["groups"] if g["group"] == settings.processors_app_id)
+    # nobody consumes the raw topic here: 3 messages of lag on it, and the group is STOP (no member, frozen)
+    assert processors["sum_lag"] == 3 and processors["status"] == "STOP"
+
+
 def scrape(port: int) -> dict[str, list[Any]]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
