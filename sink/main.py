@@ -33,6 +33,7 @@ from sink.metrics import Liveness, SinkMetrics, serve_http
 from sink.records import DecodedBatch, EventDecoder
 from sink.writer import EventWriter, TransientError, WriteResult
 from site_activity.kafka import consumer_config
+from site_activity.lag import sink_group, start_lag_metrics
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 
@@ -255,6 +256,8 @@ class Sink:
 
 def run(settings: Settings) -> int:
     sink = Sink(settings)
+    # kafka_consumergroup_* gauges of the sink's own group on its /metrics (issue 13: consumer lag).
+    lag = start_lag_metrics(sink.metrics.registry, settings, [sink_group(settings)])
     # Probes (Kubernetes) reach the pod's address: bind where the settings say, like every stage.
     server = serve_http(settings.http_host, settings.sink_http_port, sink.metrics, sink.liveness)
 
@@ -268,3 +271,4 @@ def run(settings: Settings) -> int:
         return sink.run()
     finally:
         server.shutdown()
+        lag.stop()

@@ -32,15 +32,11 @@ def _migrate(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _topics(_: argparse.Namespace, settings: Settings) -> int:
-    from site_activity.kafka import ensure_topics
-    from site_activity.topics import Topics
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    # issue 13: create missing topics and bring existing ones' configs in line (site_activity/topic_admin.py)
+    from site_activity.topic_admin import apply_topics, print_reports
 
-    created = ensure_topics(settings)
-    for spec in Topics.from_settings(settings).specs(settings):
-        state = "created" if spec.name in created else "exists"
-        print(f"{spec.name:45} partitions={spec.partitions:<3} {state}")
-    return 0
+    return print_reports(apply_topics(settings, dry_run=args.dry_run))
 
 
 def _schemas_check(args: argparse.Namespace, _: Settings) -> int:
@@ -241,6 +237,29 @@ def _rollups(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if bad else 0
 
 
+# --- issue 13: consumer lag (lag + security helper) ---------------------------------------------------------
+def _lag(args: argparse.Namespace, settings: Settings) -> int:
+    from site_activity.lag import run_cli
+
+    return run_cli(settings, as_json=args.json, watch=args.watch, serve=args.serve, groups=args.group,
+                   interval_s=args.interval, samples=args.samples, port=args.port)
+
+
+def _add_lag_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lag = sub.add_parser("lag", help="consumer lag of the pipeline's groups: offsets, lag, Burrow-style status")
+    lag.set_defaults(func=_lag)
+    lag.add_argument("--json", action="store_true", help="JSON (one document per evaluation)")
+    lag.add_argument("--watch", action="store_true", help="re-evaluate every --interval seconds until Ctrl-C")
+    lag.add_argument("--serve", action="store_true",
+                     help="Prometheus exporter: /metrics on --port (default SITE_ACTIVITY_LAG_EXPORTER_PORT)")
+    lag.add_argument("--group", action="append", default=[], help="also watch this consumer group (repeatable)")
+    lag.add_argument("--interval", type=float,
+                     help="seconds between evaluations (default: 1 one-shot, SITE_ACTIVITY_LAG_INTERVAL_S otherwise)")
+    lag.add_argument("--samples", type=int, default=3, help="one-shot: evaluations taken before printing")
+    lag.add_argument("--port", type=int)
+# --- end issue 13: consumer lag -------------------------------------------------------------------------------
+
+
 def _uuid_arg(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -274,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         rp.add_argument("--widget", type=_uuid_arg, help="only this widget (default: every widget)")
         rp.set_defaults(func=_rollups)
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
-    sub.add_parser("topics", help="create missing Kafka topics").set_defaults(func=_topics)
+    tp = sub.add_parser("topics", help="create missing Kafka topics and align the configs of existing ones "
+                        "(replication, min.insync.replicas, compaction, retention); reports what differs")
+    tp.set_defaults(func=_topics)
+    tp.add_argument("--dry-run", action="store_true", help="only report what would change")
 
     schemas = sub.add_parser("schemas", help="Avro schema tools")
     schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)
@@ -363,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", required=True, choices=("ndjson", "csv", "parquet"))
     ex.add_argument("--out", type=Path, required=True, help="the zip to write (replaced if it exists)")
     ex.add_argument("--actor", help="who asked for it, for the audit log (default: cli:<OS user>)")
+    _add_lag_parser(sub)  # issue 13: consumer lag
 
     ll = sub.add_parser("login-link", help="print a one-time console sign-in link (15 minutes)")
     ll.set_defaults(func=_login_link)
@@ -384,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         from console.accounts import AccountError
         from site_activity.erasure import ErasureError, NotifyError
         from site_activity.export import ExportError
+        from site_activity.kafka_security import KafkaSecurityError  # incomplete security settings
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError)):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError, KafkaSecurityError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -129,6 +129,7 @@ class KafkaNode:
     home: Path
     proc: subprocess.Popen[bytes] | None = None
     log_offset: int = 0  # size of server.log when the node was last launched
+    sasl_port: int = 0  # the SASL_PLAINTEXT listener's port, when the cluster has sasl_users
 
     @property
     def config_path(self) -> Path:
@@ -155,10 +156,35 @@ class EmbeddedApacheKafka:
     # Ports picked by the OS: re-picked right before launch, and again if another process took one first.
     free_ports: bool = False
     nodes: list[KafkaNode] = field(default_factory=list)
+    # Issue 13 (Kafka security): users (name -> password) of an extra SASL_PLAINTEXT listener on a free port
+    # per node (`sasl_bootstrap`), mechanisms PLAIN (these users), SCRAM-SHA-256/512 (credentials created
+    # through the admin API). Empty: no such listener. Inter-broker traffic stays on PLAINTEXT.
+    sasl_users: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
         self.nodes = [KafkaNode(i + 1, p, c, self.data_dir / f"node-{i + 1}") for i, (p, c) in enumerate(self.ports)]
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{n.sasl_port}" for n in self.nodes)
+
+    def _sasl_config(self, node: KafkaNode) -> dict[str, object]:
+        if not node.sasl_port:
+            node.sasl_port = free_port()
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},SASL_PLAINTEXT://127.0.0.1:{node.sasl_port},"
+                         f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port},SASL_PLAINTEXT://127.0.0.1:{node.sasl_port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": scram,
+        }
 
     @classmethod
     def from_settings(cls, settings: Settings, data_dir: Path, nodes: int | None = None,
@@ -216,6 +242,8 @@ class EmbeddedApacheKafka:
             "num.io.threads": 4,
             "num.recovery.threads.per.data.dir": 1,
         }
+        if self.sasl_users:
+            conf.update(self._sasl_config(node))
         node.home.mkdir(parents=True, exist_ok=True)
         node.config_path.write_text("".join(f"{k}={v}\n" for k, v in conf.items()))
         (node.home / "log4j2.properties").write_text(_LOG4J2.format(log=node.log_path))
@@ -249,6 +277,7 @@ class EmbeddedApacheKafka:
                 # takes seconds) and, if a node still lost one to another process, pick new ones.
                 for node in self.nodes:
                     node.port, node.controller_port = free_port(), free_port()
+                    node.sasl_port = free_port() if self.sasl_users else 0
                 for node in self.nodes:  # every config names every node's controller port
                     self._write_config(node)
             for node in self.nodes:

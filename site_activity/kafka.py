@@ -8,15 +8,22 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from site_activity.kafka_security import ClientConfig, confluent_security
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 
 log = logging.getLogger(__name__)
 
 
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+def client_config(settings: Settings, **overrides: Any) -> ClientConfig:
+    """What every confluent-kafka client of every stage starts from: the brokers and the security settings
+    (site_activity/kafka_security.py); repr masks secrets."""
+    return ClientConfig({"bootstrap.servers": settings.kafka_bootstrap, **confluent_security(settings), **overrides})
+
+
+def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:
+    conf = client_config(settings)
+    conf.update({
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": settings.producer_compression,
@@ -26,14 +33,14 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "partitioner": "murmur2_random",
         "message.timeout.ms": max(int(settings.produce_timeout_s * 1000) * 6, 30_000),
         "message.max.bytes": settings.kafka_max_message_bytes,
-    }
+    })
     conf.update(overrides)
     return conf
 
 
-def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> ClientConfig:
+    conf = client_config(settings)
+    conf.update({
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -41,13 +48,13 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "heartbeat.interval.ms": settings.consumer_heartbeat_interval_ms,
         "fetch.wait.max.ms": settings.consumer_fetch_wait_max_ms,
         "partition.assignment.strategy": "range,roundrobin",
-    }
+    })
     conf.update(overrides)
     return conf
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(client_config(settings))
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:

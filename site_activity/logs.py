@@ -19,10 +19,17 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        doc.update({k: _loggable(v) for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()
+
+
+def _loggable(value: object) -> object:
+    # Values that know their secrets (a Kafka client config, site_activity/kafka_security.ClientConfig) log
+    # their masked form: orjson would otherwise serialise a dict subclass's items as they are.
+    masked = getattr(value, "masked", None)
+    return masked() if callable(masked) else value
 
 
 def setup_logging(level: str = "INFO", json: bool = True) -> None:

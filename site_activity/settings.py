@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -77,6 +77,46 @@ class Settings(BaseSettings):
     # topics.max_event_value_bytes); the processors split enriched output to fit it; what can never fit goes
     # to the dead-letter topic.
     kafka_max_message_bytes: int = 1_000_000
+
+    # --- Kafka security and lag monitoring (issue 13: lag + security) ------------------------------
+    # How every client of every stage reaches the brokers; mapped to confluent-kafka and to faust/aiokafka in
+    # ONE place, site_activity/kafka_security.py. Secrets are SecretStr (repr/logs show "**********"); each
+    # can instead be read from a file (`..._file`, e.g. a mounted Kubernetes secret), which wins when set.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_sasl_password_file: Path | None = None
+    # OAUTHBEARER tokens: "oidc" = OAuth 2 client-credentials grant against kafka_oauth_token_endpoint_url
+    # (Confluent Cloud, Redpanda, Keycloak...); "aws_msk_iam" = signed MSK IAM tokens from the AWS credential
+    # chain (needs the `aws-msk-iam-sasl-signer-python` package and kafka_oauth_aws_region).
+    kafka_oauth_provider: Literal["oidc", "aws_msk_iam"] = "oidc"
+    kafka_oauth_token_endpoint_url: str = ""
+    kafka_oauth_client_id: str = ""
+    kafka_oauth_client_secret: SecretStr = SecretStr("")
+    kafka_oauth_client_secret_file: Path | None = None
+    kafka_oauth_scope: str = ""
+    kafka_oauth_aws_region: str = ""
+    # TLS (SSL and SASL_SSL): CA bundle to trust (unset: the system's), client certificate + key for mTLS.
+    kafka_ssl_ca_file: Path | None = None
+    kafka_ssl_cert_file: Path | None = None
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_key_password: SecretStr = SecretStr("")
+    kafka_ssl_key_password_file: Path | None = None
+    kafka_ssl_check_hostname: bool = True
+    # Extra consumer groups `site-activity lag` watches besides the pipeline's own (processors, sink, and
+    # webhooks once that stage exists); their topics are those the group's live members are assigned.
+    lag_extra_groups: list[str] = Field(default_factory=list)
+    # Lag evaluation: every lag_interval_s (the CLI's --watch/--serve and each stage's /metrics collector),
+    # Burrow-style statuses over the last lag_window samples (site_activity/lag.py documents the rules).
+    lag_interval_s: float = 10.0
+    lag_window: int = 10
+    # Port of `site-activity lag --serve` (/metrics).
+    lag_exporter_port: int = 9308
+    # Retention of the event topics (raw, enriched: kept for replay) and of the dead-letter topic; applied by
+    # `site-activity topics` to existing topics too. Links, erasures and the processors' changelog are compacted.
+    topic_events_retention_ms: int = 7 * 24 * 3600 * 1000
+    topic_dead_letter_retention_ms: int = 30 * 24 * 3600 * 1000
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"
@@ -207,10 +247,16 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""
         return {
-            f"SITE_ACTIVITY_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            f"SITE_ACTIVITY_{name.upper()}": _env_value(value)
             for name, value in self.model_dump().items()
             if value is not None
         }
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):  # a child process needs the secret itself, not its mask
+        return value.get_secret_value()
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def reachable_host(host: str) -> str:

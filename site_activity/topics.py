@@ -41,12 +41,13 @@ class Topics:
 
     def specs(self, settings: Settings) -> list[TopicSpec]:
         n = settings.topic_partitions
-        week_ms = str(7 * 24 * 3600 * 1000)
+        events_ms = str(settings.topic_events_retention_ms)
         return [
-            TopicSpec(self.raw_events, n, {"retention.ms": week_ms}),
-            TopicSpec(self.enriched_events, n, {"retention.ms": week_ms}),
+            TopicSpec(self.raw_events, n, {"cleanup.policy": "delete", "retention.ms": events_ms}),
+            TopicSpec(self.enriched_events, n, {"cleanup.policy": "delete", "retention.ms": events_ms}),
             TopicSpec(self.identity_links, n, {"cleanup.policy": "compact"}),
-            TopicSpec(self.dead_letter, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+            TopicSpec(self.dead_letter, 1, {"cleanup.policy": "delete",
+                                            "retention.ms": str(settings.topic_dead_letter_retention_ms)}),
             TopicSpec(self.erasures, n, {"cleanup.policy": "compact"}),
         ]
 

@@ -27,6 +27,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from site_activity.kafka import consumer_config
+from site_activity.kafka_security import faust_security
 from site_activity.settings import Settings, reachable_host
 from site_activity.topics import Topics
 from stream_processors.erasures import add_erasure_agent, apply_erasures
@@ -145,6 +146,8 @@ def create_app(settings: Settings) -> App:
         web_host=reachable_host(settings.http_host),
         web_port=settings.processors_web_port,
         autodiscover=False,
+        # TLS / SASL for faust's aiokafka clients: the same settings as every confluent client (kafka_security.py).
+        **faust_security(settings),
     )
     raw = app.topic(topics.raw_events, key_type=bytes, value_type=bytes, key_serializer="raw",
                     value_serializer="raw", partitions=settings.topic_partitions)

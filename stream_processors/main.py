@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import faust
+from prometheus_client import REGISTRY
 
+from site_activity.lag import processors_group, start_lag_metrics
 from site_activity.settings import Settings
 from stream_processors.app import create_app
 
@@ -15,6 +17,8 @@ log = logging.getLogger(__name__)
 def run(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
+    # kafka_consumergroup_* gauges of the processors' faust group on /metrics (issue 13: consumer lag).
+    lag = start_lag_metrics(REGISTRY, settings, [processors_group(settings)])
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,
@@ -30,4 +34,6 @@ def run(settings: Settings) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         log.info("processors stopped", extra={"exit_code": code})
         return code
+    finally:
+        lag.stop()
     return 0
