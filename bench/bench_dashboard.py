@@ -23,8 +23,8 @@ Own embedded Postgres + the configured embedded broker on free ports in a temp d
 
 Writes bench/results/dashboard.json and prints a markdown table for the README.
 
-HOOK (read API, other branch): add entries to EXTRA_ENDPOINTS (see below) for "visitor timeline" and "page of
-events"; they are timed like the stats calls, with their own p95 target, and reported as extra rows."""
+EXTRA_ENDPOINTS (below) times the read API's "visitor timeline" and "page of events" the same way, with
+their own p95 target (50 ms), reported as extra rows."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ class Extra:
 
 
 EXTRA_ENDPOINTS: list[Extra] = [
-    # Extra("visitor timeline", lambda c: (f"/api/v1/visitors/{c['visitor_id']}/timeline", {"widget_id": c["widget_id"]})),
-    # Extra("page of events (100)", lambda c: ("/api/v1/events", {"widget_id": c["widget_id"], "limit": 100})),
+    Extra("visitor timeline", lambda c: (f"/api/v1/visitors/{c['visitor_id']}/timeline", {"widget_id": c["widget_id"]})),
+    Extra("page of events (100)", lambda c: ("/api/v1/events", {"widget_id": c["widget_id"], "limit": 100})),
 ]
 
 
@@ -295,7 +295,10 @@ def _ok(url: str) -> bool:
 def measure_sink(settings: Settings, dsn: str, events: int, rounds: int, workdir: Path) -> dict[str, Any]:
     """Each phase `rounds` times, interleaved (on, off, none, on, off, none, ...), each drain into a fresh widget;
     the median rate per phase, so a burst of other load on the machine does not decide the ratio."""
+    # The baseline switches off every trigger that derives a table from visitor_events: the rollups' and the
+    # visitor summaries' (the visitor browser's per-visitor counts, migration 0007).
     phases = {"rollups on": (True, True), "sink_rollups=false": (False, True), "no rollup trigger": (True, False)}
+    insert_triggers = ("visitor_events_rollups_insert", "visitor_summaries_on_insert")
     rates: dict[str, list[float]] = {label: [] for label in phases}
     run = 0
     for _ in range(rounds):
@@ -303,8 +306,8 @@ def measure_sink(settings: Settings, dsn: str, events: int, rounds: int, workdir
             run += 1
             with psycopg.connect(dsn, autocommit=True) as conn:
                 w = widgets.create_widget(conn, name=f"bench sink {label} {run}", actor="bench", tracking_enabled=True)
-                conn.execute("ALTER TABLE visitor_events "
-                             f"{'ENABLE' if trigger else 'DISABLE'} TRIGGER visitor_events_rollups_insert")
+                for name in insert_triggers:
+                    conn.execute(f"ALTER TABLE visitor_events {'ENABLE' if trigger else 'DISABLE'} TRIGGER {name}")
             try:
                 say(f"sink, {label} (run {run}): producing {events:,} events, then the sink drains them")
                 produce(settings, w, events, seed=100 + run)
@@ -315,7 +318,8 @@ def measure_sink(settings: Settings, dsn: str, events: int, rounds: int, workdir
                     rate, seconds = meter.rate(t0, time.monotonic())
             finally:
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("ALTER TABLE visitor_events ENABLE TRIGGER visitor_events_rollups_insert")
+                    for name in insert_triggers:
+                        conn.execute(f"ALTER TABLE visitor_events ENABLE TRIGGER {name}")
             rates[label].append(rate)
             say(f"  {label}: {rate:,.0f} rows/s over {seconds:.1f} s")
     out: dict[str, Any] = {label: {"rows_per_s": statistics.median(r), "runs": r} for label, r in rates.items()}
