@@ -25,10 +25,10 @@ def get_signer(request: Request) -> Signer:
     return request.app.state.signer  # type: ignore[no-any-return]
 
 
-def get_conn(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[psycopg.Connection]:
-    # Autocommit: every write runs inside an explicit transaction block (widgets.py, accounts.py).
-    with psycopg.connect(settings.postgres_dsn, autocommit=True, connect_timeout=5,
-                         application_name="site-activity-console") as conn:
+def get_conn(request: Request) -> Iterator[psycopg.Connection]:
+    """A pooled connection for one request (console.app.make_pool): autocommit, so every write runs inside an
+    explicit transaction block (widgets.py, accounts.py); the pool rolls back anything left open."""
+    with request.app.state.pool.connection() as conn:
         yield conn
 
 

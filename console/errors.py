@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ def install_error_handlers(app: FastAPI) -> None:
         detail: Any = exc.detail
         return _render(request, exc.status_code, _SLUGS.get(exc.status_code, "error"), str(detail),
                        getattr(exc, "headers", None))
+
+    @app.exception_handler(PoolTimeout)
+    async def database_busy(request: Request, exc: PoolTimeout) -> Response:
+        # Every pooled connection stayed busy (or Postgres is unreachable) for the pool's timeout: a retry later
+        # can succeed, unlike a 500.
+        log.warning("no database connection available", extra={"path": request.url.path, "error": str(exc)})
+        return _render(request, 503, "unavailable", "the database is busy or unreachable; retry shortly",
+                       {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> Response:

@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     # Where sign-in links point (the console as browsers reach it). Empty: http://<http_host>:<console_port>.
     console_public_url: str = ""
     console_session_ttl_s: int = 12 * 3600
+    # Postgres connections the console keeps open and reuses (requests beyond that wait up to 5 s, then 503).
+    console_db_pool_size: int = Field(default=10, ge=1)
     console_login_link_ttl_s: int = 15 * 60
     # Mark cookies Secure (only sent over HTTPS). Off by default: the embedded stack serves plain HTTP.
     console_cookie_secure: bool = False

@@ -7,8 +7,9 @@ import hashlib
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +17,9 @@ import psycopg
 import pytest
 
 from console import accounts
-from site_activity.embedded import EmbeddedPostgres
+from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, iso
+from tests.conftest import Service, http_ok, iso, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
 
 
@@ -450,3 +451,21 @@ def test_console_refuses_an_empty_or_placeholder_key(tmp_path, key: str) -> None
     (tmp_path / "console-secret").write_text("")
     with pytest.raises(SecretError):
         load_secret(Settings(data_dir=tmp_path))
+
+
+def test_console_without_its_database_answers_503_with_retry_after(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
+                                                                   tmp_path: Path) -> None:
+    """Postgres unreachable: /healthz still answers (the process is alive), and a request that needs the database
+    gets a 503 a client may retry, not a 500 or a hang."""
+    s = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(),
+                      postgres_dsn=f"postgresql://127.0.0.1:{free_port()}/nowhere?connect_timeout=1")
+    svc = Service("console", s, tmp_path / "logs")
+    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
+    svc.start()
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{s.console_port}/api/v1/me",
+                         headers={"Authorization": "Bearer sak_made_up"}, timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["retry-after"] == "5" and resp.json()["error"] == "unavailable"
+    finally:
+        svc.stop()
