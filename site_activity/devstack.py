@@ -70,7 +70,8 @@ def ensure_demo_widget(dsn: str) -> widgets.Widget:
 
 
 def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
-    """Makes sure the demo tenant has an owner; returns a fresh one-time console sign-in link for them."""
+    """Makes sure the demo tenant has an owner; returns a fresh one-time console sign-in link for them that opens
+    the demo widget's Site Activity dashboard."""
     from console import accounts
 
     with connect(settings.postgres_dsn, autocommit=True) as conn:
@@ -79,7 +80,11 @@ def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
         except accounts.AccountError:
             accounts.add_member(conn, widget.tenant_id, DEMO_OWNER, "owner", actor="site-activity dev")
         return accounts.login_link(conn, settings.console_origin, widget.tenant_id, DEMO_OWNER,
-                                   settings.console_login_link_ttl_s)
+                                   settings.console_login_link_ttl_s, next_path=dashboard_path(widget))
+
+
+def dashboard_path(widget: widgets.Widget) -> str:
+    return f"/site-activity?widget_id={widget.id}"
 
 
 def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Thread:
@@ -171,10 +176,12 @@ def run(settings: Settings) -> int:
             f"  demo site      {demo_url}   (click around; events land in Postgres seconds later)\n"
             f"  ingest API     {api_url}/api/widget/track   (health {api_url}/readyz, metrics {api_url}/metrics)\n"
             f"  widget script  {api_url}/widget.js   demo widget id {widget.id}\n"
-            f"  console        {settings.console_origin}   sign in as {DEMO_OWNER} (one-time link, 15 min):\n"
+            f"  dashboard      {settings.console_origin}{dashboard_path(widget)}   (the demo's clicks, within seconds)\n"
+            f"                 sign in as {DEMO_OWNER} with this one-time link (15 min); it opens the dashboard:\n"
             f"                 {sign_in}\n"
-            f"                 new link: .venv/bin/site-activity login-link --tenant {widget.tenant_id} --email {DEMO_OWNER}\n"
-            f"  dashboard      {settings.console_origin}/site-activity?widget_id={widget.id}   (signed in: the demo's clicks)\n"
+            f"                 new link: .venv/bin/site-activity login-link --tenant {widget.tenant_id} --email {DEMO_OWNER}"
+            f" --next '{dashboard_path(widget)}'\n"
+            f"  console        {settings.console_origin}   (settings, members, keys, audit log, visitors)\n"
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
             "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"

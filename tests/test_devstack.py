@@ -11,6 +11,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import psutil
@@ -66,9 +67,17 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
         assert stack["console_url"] == f"http://127.0.0.1:{ports['CONSOLE']}"
         printed = (tmp_path / "dev.log").read_text()
         link = next(w for w in printed.split() if w.startswith(stack["console_url"] + "/login?token="))
+        query = parse_qs(urlsplit(link).query)
+        dashboard = f"/site-activity?widget_id={stack['demo_widget_id']}"
+        assert query["next"] == [dashboard] and f"{stack['console_url']}{dashboard}" in printed
         with httpx.Client(base_url=stack["console_url"], timeout=5) as console:
-            assert console.post("/login", data={"token": link.split("token=", 1)[1]}).status_code == 303
+            signed_in = console.post("/login", data={"token": query["token"][0], "next": query["next"][0]})
+            assert signed_in.status_code == 303 and signed_in.headers["location"] == dashboard
+            assert console.get(dashboard).status_code == 200
             assert "Demo site" in console.get("/settings/widgets").text
+            # The event sent above is on the dashboard: a visitor now.
+            now = console.get("/site-activity/realtime.json", params={"widget_id": stack["demo_widget_id"]})
+            assert now.status_code == 200 and now.json()["visitors"] >= 1, now.text
 
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 6  # broker, postgres, api, processors, sink, console
