@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 
 from console.errors import install_error_handlers
 from console.routes import api, pages
+from console.routes import webhooks as webhook_routes  # issue 13: webhook endpoints
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -27,6 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(webhook_routes.router)  # issue 13: /api/v1/webhook-endpoints
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
