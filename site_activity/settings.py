@@ -139,8 +139,8 @@ class Settings(BaseSettings):
         default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
     # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
     webhooks_disable_after_s: float = 5 * 24 * 3600
-    webhooks_endpoint_concurrency: int = 10  # requests in flight per endpoint and process (1 while failing)
-    webhooks_max_in_flight: int = 200  # requests in flight per process, all endpoints
+    webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)
+    webhooks_max_in_flight: int = 500  # requests in flight per process, all endpoints
     webhooks_poll_interval_s: float = 0.5  # how often due retries are looked for (new events wake it at once)
     webhooks_batch_max_messages: int = 1000  # enriched-topic messages per enqueue transaction
 

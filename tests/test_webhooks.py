@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpcore
+import aiohttp
 import httpx
 import psycopg
 import pytest
@@ -34,7 +34,7 @@ from tests.conftest import Service, http_ok, iso, make_settings, wait_for_rows
 from tests.console_helpers import Tenant, cli, make_tenant
 from tests.webhook_helpers import Receiver, always, fail_first
 from webhooks.dispatcher import parse_retry_after, retry_delay
-from webhooks.urls import GuardedBackend, UrlRefused, check_url
+from webhooks.urls import GuardedResolver, UrlRefused, check_url, refused_literal
 
 CODEC = EventCodec()
 TIMEOUT_S = 3.0  # the stage's attempt timeout in this module (lease = 2 x timeout + 5 s)
@@ -168,17 +168,25 @@ def test_public_address_is_accepted() -> None:
 
 
 def test_delivery_time_check_refuses_a_private_address_before_connecting() -> None:
-    """DNS rebinding: a URL accepted earlier is checked again at connect time, on the address actually used."""
+    """DNS rebinding: a URL accepted earlier is checked again on every new connection, on the addresses the
+    connection then uses; IP literals (which skip resolvers) are checked by the dispatcher."""
     receiver = Receiver().start()
     try:
-        async def post(allow_private: bool) -> int:
-            async with httpcore.AsyncConnectionPool(network_backend=GuardedBackend(allow_private)) as pool:
-                return (await pool.request("POST", receiver.url + "/x", content=b"{}")).status
+        port = receiver.server.server_address[1]  # type: ignore[union-attr]
 
-        with pytest.raises(httpcore.ConnectError, match="not a public address"):
-            asyncio.run(post(False))
+        async def post(url: str, guarded: bool) -> int:
+            connector = aiohttp.TCPConnector(use_dns_cache=False, resolver=GuardedResolver() if guarded else None)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.post(url, data=b"{}") as resp:
+                    return resp.status
+
+        with pytest.raises(aiohttp.ClientConnectorError, match="not a public address"):
+            asyncio.run(post(f"http://localhost:{port}/x", guarded=True))
         assert receiver.at("/x") == []
-        assert asyncio.run(post(True)) == 200
+        assert asyncio.run(post(f"http://localhost:{port}/x", guarded=False)) == 200
+        assert "not a public address" in (refused_literal("127.0.0.1") or "")
+        assert "not a public address" in (refused_literal("[::1]") or "")
+        assert refused_literal("93.184.215.14") is None and refused_literal("example.com") is None
     finally:
         receiver.stop()
 

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-import httpcore
+import aiohttp
 import psycopg
 from standardwebhooks import Webhook
 
@@ -30,7 +30,7 @@ from site_activity.settings import Settings
 from webhooks import endpoints, queue
 from webhooks.metrics import WebhookMetrics
 from webhooks.queue import Claimed, Outcome
-from webhooks.urls import GuardedBackend
+from webhooks.urls import GuardedResolver, refused_literal
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,19 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         # A claim is a lease: long enough that an attempt in flight (bounded by the timeout) is never claimed
         # again by another process; short enough that a crashed process's claims come back soon.
+        # A claimed delivery waits for at most one round of requests ahead of it (2 x concurrency are claimed
+        # per endpoint), then takes at most the timeout itself.
         self.lease_s = 2 * settings.webhooks_timeout_s + 5
-        self.in_flight: dict[uuid.UUID, int] = {}
+        self.in_flight: dict[uuid.UUID, int] = {}  # claimed and not finished, per endpoint
+        self._slots: dict[uuid.UUID, asyncio.Semaphore] = {}  # requests actually sending, per endpoint
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._signers: dict[str, Webhook] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._record_conn: psycopg.AsyncConnection | None = None
-        self._pool = httpcore.AsyncConnectionPool(
-            network_backend=GuardedBackend(settings.webhooks_allow_private_urls),
-            max_connections=settings.webhooks_max_in_flight, max_keepalive_connections=100, keepalive_expiry=30,
-            retries=0)
+        self._http: aiohttp.ClientSession | None = None  # made in run(): it needs the running loop
+        self._refused: dict[str, str | None] = {}
 
     def wake_soon(self) -> None:
         """Thread-safe: the reader queued deliveries."""
@@ -92,8 +93,18 @@ class Dispatcher:
 
     # --- main loop ------------------------------------------------------------------------------------
 
+    def _session(self) -> aiohttp.ClientSession:
+        allow = self.settings.webhooks_allow_private_urls
+        # No DNS cache: every new connection resolves again and (unless allowed) checks every address.
+        connector = aiohttp.TCPConnector(limit=self.settings.webhooks_max_in_flight, limit_per_host=0,
+                                         use_dns_cache=False, resolver=None if allow else GuardedResolver(),
+                                         keepalive_timeout=30)
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                     skip_auto_headers=("User-Agent",))
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._http = self._session()
         recorder = asyncio.create_task(self._recorder())
         conn: psycopg.AsyncConnection | None = None
         log.info("webhooks dispatcher started")
@@ -105,8 +116,13 @@ class Dispatcher:
                 if room > 0:
                     try:
                         conn = conn if conn is not None and not conn.closed else await self._connect()
-                        claimed = await queue.claim(conn, room=room, cap=self.settings.webhooks_endpoint_concurrency,
+                        began = time.perf_counter()
+                        # Claim up to twice the concurrency per endpoint: the next requests are at hand when a
+                        # slot frees, so claiming (a database round trip) overlaps sending.
+                        claimed = await queue.claim(conn, room=room,
+                                                    cap=2 * self.settings.webhooks_endpoint_concurrency,
                                                     busy=dict(self.in_flight), lease_s=self.lease_s)
+                        self.metrics.claim_seconds.observe(time.perf_counter() - began)
                     except psycopg.Error as exc:
                         self.metrics.db_errors.labels("claim").inc()
                         log.warning("claiming deliveries failed; retrying", extra={"error": str(exc)})
@@ -130,7 +146,7 @@ class Dispatcher:
             for c in (conn, self._record_conn):
                 if c is not None:
                     await c.close()
-            await self._pool.aclose()
+            await self._http.close()
             self.liveness.running = False
             log.info("webhooks dispatcher stopped")
 
@@ -163,9 +179,7 @@ class Dispatcher:
     def _start(self, job: Claimed) -> None:
         self.in_flight[job.endpoint_id] = self.in_flight.get(job.endpoint_id, 0) + 1
         self.metrics.in_flight.inc()
-        if job.attempts == 0:
-            self.metrics.queue_delay_seconds.observe(max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
-        task = asyncio.create_task(self._attempt(job))
+        task = asyncio.create_task(self._attempt_in_slot(job))
         self._tasks.add(task)
         task.add_done_callback(lambda t, job=job: self._done(t, job))
 
@@ -176,8 +190,19 @@ class Dispatcher:
             self.in_flight[job.endpoint_id] = left
         else:
             self.in_flight.pop(job.endpoint_id, None)
+            self._slots.pop(job.endpoint_id, None)
         self.metrics.in_flight.dec()
         self.wake.set()
+
+    def _literal_refusal(self, url: str) -> str | None:
+        """IP-literal hosts bypass aiohttp's resolver (and so the GuardedResolver): checked here."""
+        if self.settings.webhooks_allow_private_urls:
+            return None
+        if url not in self._refused:
+            from urllib.parse import urlsplit
+
+            self._refused[url] = refused_literal(urlsplit(url).hostname or "")
+        return self._refused[url]
 
     def _signer(self, secret: str) -> Webhook:
         signer = self._signers.get(secret)
@@ -185,8 +210,17 @@ class Dispatcher:
             signer = self._signers[secret] = Webhook(secret)
         return signer
 
+    async def _attempt_in_slot(self, job: Claimed) -> None:
+        slots = self._slots.get(job.endpoint_id)
+        if slots is None:
+            slots = self._slots[job.endpoint_id] = asyncio.Semaphore(self.settings.webhooks_endpoint_concurrency)
+        async with slots:
+            await self._attempt(job)
+
     async def _attempt(self, job: Claimed) -> None:
         at = datetime.now(UTC)
+        if job.attempts == 0:
+            self.metrics.queue_delay_seconds.observe(max(0.0, (at - job.created_at).total_seconds()))
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
@@ -200,23 +234,24 @@ class Dispatcher:
         reason = "http_status"
         timeout = self.settings.webhooks_timeout_s
         started = time.perf_counter()
+        refused = self._literal_refusal(job.url)
         try:
+            if refused is not None:
+                raise OSError(refused)
+            assert self._http is not None
             async with asyncio.timeout(timeout):
-                t = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-                async with self._pool.stream("POST", job.url, headers=list(headers.items()),
-                                             content=job.body.encode(), extensions={"timeout": t}) as resp:
+                async with self._http.post(job.url, data=job.body.encode(), headers=headers,
+                                           allow_redirects=False) as resp:
                     status = resp.status
+                    # Read a small body to the end, so the connection goes back to the pool for reuse.
+                    text = (await resp.content.read(_ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
                     if not 200 <= status < 300:
-                        retry_after = parse_retry_after(_header(resp.headers, b"retry-after"))
-                        error = f"HTTP {status}: {await _read_some(resp)}".rstrip(": ")
+                        retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                        error = f"HTTP {status}: {text}".rstrip(": ")
         except TimeoutError:
             error, reason = f"no response within {timeout:g} s", "timeout"
-        except httpcore.TimeoutException:
-            error, reason = f"no response within {timeout:g} s", "timeout"
-        except (httpcore.ConnectError, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             error, reason = f"connection failed: {exc or type(exc).__name__}", "connection"
-        except (httpcore.UnsupportedProtocol, httpcore.LocalProtocolError) as exc:
-            error, reason = f"bad url: {exc}", "connection"
         latency_ms = (time.perf_counter() - started) * 1000
         self.metrics.attempt_seconds.observe(latency_ms / 1000)
         ok = status is not None and 200 <= status < 300
@@ -290,18 +325,3 @@ class Dispatcher:
             return endpoints.disable_endpoint(conn, endpoint_id, reason)
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _read_some(resp: httpcore.Response) -> str:
-    """The start of a failed response's body, for the delivery log (the rest is not read)."""
-    got = b""
-    async for chunk in resp.aiter_stream():
-        got += chunk
-        if len(got) >= _ERROR_BODY_BYTES:
-            break
-    return got[:_ERROR_BODY_BYTES].decode("utf-8", "replace").strip()

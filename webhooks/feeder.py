@@ -1,11 +1,13 @@
 """Topic -> queue: reads the sink's source topic in the webhooks' own consumer group and queues a delivery for
 each event that was actually stored, then commits its offsets.
 
-"Stored" is decided by Postgres, not by the message: for each batch we wait until the sink's consumer group has
-committed past the batch's offsets (the sink commits only after its transaction committed), then look the
-events up in visitor_events. A duplicate the sink skipped finds its delivery already queued (unique key); an
-event of a deleted widget, an erased person or past retention is no row and queues nothing. Commit last: a
-crash before the commit re-reads the batch, and enqueueing is idempotent.
+"Stored" is decided by Postgres, not by the message: a consumed message waits (in memory, fetching goes on)
+until the sink's consumer group has committed past its offset (the sink commits only after its transaction
+committed); then its events are looked up in visitor_events. A duplicate the sink skipped finds its delivery
+already queued (unique key); an event of a deleted widget, an erased person or past retention is no row and
+queues nothing. Commit last, and never past a message still waiting: a crash re-reads what was not queued,
+and enqueueing is idempotent. The sink's offsets are read every 50 ms while messages wait, so the reader adds
+about that to the sink's own latency.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import psycopg
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
@@ -33,9 +36,17 @@ from webhooks.metrics import WebhookMetrics
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.5
-_SINK_POLL_S = 0.05  # how often the sink's committed offsets are read while a batch waits for them
+_POLL_S = 0.5  # idle: how long one consume() waits for messages
+_SINK_POLL_S = 0.05  # while messages wait for the sink: how often its committed offsets are read
 _DB_BACKOFF_S = 1.0
+
+
+@dataclass(slots=True)
+class Pending:
+    """A consumed message waiting for the sink to commit past it, with the keys of its events to look up."""
+
+    message: Message
+    keys: list[tuple[uuid.UUID, uuid.UUID]]
 
 
 class Feeder:
@@ -52,8 +63,9 @@ class Feeder:
         self.decoder = EventDecoder()
         self.liveness = Liveness(max_silence_s=60.0)
         self.stopping = threading.Event()
-        self._revoked: set[int] = set()
-        self._paused = False  # while a batch waits for the sink: partitions assigned meanwhile start paused too
+        # Consumed, in order, not yet queued: the sink has not committed past them yet.
+        self.pending: list[Pending] = []
+        self._paused = False  # too much pending (the sink is behind or down): stop fetching until it drains
         self._conn: psycopg.Connection | None = None
 
     # --- loop ---------------------------------------------------------------------------------------
@@ -65,9 +77,13 @@ class Feeder:
         try:
             while not self.stopping.is_set():
                 self.liveness.tick()
-                messages = self._consume(self.settings.webhooks_batch_max_messages, _POLL_S)
+                messages = self._consume(self.settings.webhooks_batch_max_messages,
+                                         _SINK_POLL_S if self.pending else _POLL_S)
                 if messages:
-                    self._handle(messages)
+                    self._add(messages)
+                if self.pending:
+                    self._release()
+                self._throttle()
         finally:
             self.liveness.running = False
             self.consumer.close()
@@ -79,8 +95,14 @@ class Feeder:
         self.stopping.set()
 
     def _consume(self, n: int, timeout: float) -> list[Message]:
+        """Whatever is there now (up to n); if nothing, waits up to `timeout` for the first message. (consume()
+        with a timeout would wait for all n or the whole timeout: latency we do not want.)"""
+        got = self.consumer.consume(n, 0)
+        if not got:
+            first = self.consumer.poll(timeout)
+            got = [first, *self.consumer.consume(n - 1, 0)] if first is not None else []
         good = []
-        for msg in self.consumer.consume(n, timeout):
+        for msg in got:
             err = msg.error()
             if err is None:
                 good.append(msg)
@@ -91,69 +113,74 @@ class Feeder:
         self.metrics.consumed.inc(len(good))
         return good
 
-    def _handle(self, messages: list[Message]) -> None:
-        self._revoked.clear()
-        keys = self._keys(messages)
-        if keys:
-            started = time.perf_counter()
-            if not self._wait_for_sink(messages):
-                return  # stopping: left uncommitted, re-read by whoever owns the partitions next
-            self.metrics.sink_wait_seconds.observe(time.perf_counter() - started)
-            messages = [m for m in messages if m.partition() not in self._revoked]
-            kept = {(m.partition()) for m in messages}
-            keys = [k for k, p in keys if p in kept]
-            if not self._enqueue(keys):
-                return
-        messages = [m for m in messages if m.partition() not in self._revoked]
-        if messages:
-            try:
-                self.consumer.commit(offsets=next_offsets(messages), asynchronous=False)
-            except KafkaException as exc:  # a rebalance took them; enqueueing again is harmless
-                log.warning("offset commit failed", extra={"error": str(exc)})
-        self.metrics.batches.inc()
+    def _throttle(self) -> None:
+        """Backpressure: while more than a few batches wait for the sink, fetch nothing more."""
+        limit = 10 * self.settings.webhooks_batch_max_messages
+        if not self._paused and len(self.pending) >= limit:
+            self._paused = True
+            self.consumer.pause(self.consumer.assignment())
+        elif self._paused and len(self.pending) < limit // 2:
+            self._paused = False
+            self.consumer.resume(self.consumer.assignment())
 
     # --- steps ----------------------------------------------------------------------------------------
 
-    def _keys(self, messages: list[Message]) -> list[tuple[tuple[uuid.UUID, uuid.UUID], int]]:
-        """((widget_id, event_id), partition) of the events of tenants that have an enabled endpoint. Messages
-        the codec cannot read were dead-lettered by the sink, never stored: skipped."""
+    def _add(self, messages: list[Message]) -> None:
         tenants = self._db(queue.tenants_with_endpoints)
-        if tenants is None or not tenants:
+        if tenants is None:
+            return  # stopping; nothing committed
+        self.pending.extend(Pending(msg, self._keys(msg, tenants)) for msg in messages)
+
+    def _keys(self, msg: Message, tenants: set[str]) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(widget_id, event_id) of the message's events of tenants that have an enabled endpoint. A message
+        the codec cannot read was dead-lettered by the sink, never stored: no keys."""
+        if not tenants:
+            return []
+        try:
+            events = self.decoder.decode_events(msg.value())
+        except DecodeError:
             return []
         keys = []
-        for msg in messages:
-            try:
-                events = self.decoder.decode_events(msg.value())
-            except DecodeError:
+        for event in events:
+            if str(event["tenant_id"]) not in tenants:
                 continue
-            for event in events:
-                if str(event["tenant_id"]) not in tenants:
-                    continue
-                try:  # a malformed id is a row the database refused: never stored
-                    key = (uuid.UUID(str(event["widget_id"])), uuid.UUID(str(event["event_id"])))
-                except ValueError:
-                    continue
-                keys.append((key, msg.partition()))
+            try:  # a malformed id is a row the database refused: never stored
+                keys.append((uuid.UUID(str(event["widget_id"])), uuid.UUID(str(event["event_id"]))))
+            except ValueError:
+                continue
         return keys
 
-    def _wait_for_sink(self, messages: list[Message]) -> bool:
-        """Until the sink's group has committed at least our next offset on every partition of the batch
-        (keeps serving the group protocol meanwhile: partitions paused, consume() still called)."""
-        wanted = {tp.partition: tp.offset for tp in next_offsets(messages)}
-        self._paused = True
-        self.consumer.pause(self.consumer.assignment())
+    def _release(self) -> None:
+        """Queues the deliveries of every pending message the sink has committed past, then commits those
+        offsets. Messages without keys (no endpoint in their tenant) need no wait."""
+        waiting = {p.message.partition() for p in self.pending if p.keys}
+        committed = self._sink_offsets(sorted(waiting))
+        ready, rest = [], []
+        for p in self.pending:
+            if not p.keys or p.message.offset() < committed.get(p.message.partition(), -1):
+                ready.append(p)
+            else:
+                rest.append(p)
+        # Offsets are committed per partition up to the first message still waiting, never past it.
+        first_waiting: dict[int, int] = {}
+        for p in rest:
+            first_waiting.setdefault(p.message.partition(), p.message.offset())
+        ready = [p for p in ready if p.message.offset() < first_waiting.get(p.message.partition(), 1 << 62)]
+        if not ready:
+            return
+        keys = [k for p in ready for k in p.keys]
+        if keys:
+            oldest = min(p.message.timestamp()[1] for p in ready if p.keys) / 1000
+            if not self._enqueue(keys):
+                return
+            self.metrics.sink_wait_seconds.observe(max(0.0, time.time() - oldest))
+        done = {id(p) for p in ready}
+        self.pending = [p for p in self.pending if id(p) not in done]
         try:
-            while not self.stopping.is_set():
-                wanted = {p: o for p, o in wanted.items() if p not in self._revoked}
-                committed = self._sink_offsets(list(wanted))
-                if all(committed.get(p, -1) >= o for p, o in wanted.items()):
-                    return True
-                self.liveness.tick()
-                self._consume(1, _SINK_POLL_S)  # paused: returns nothing, but runs rebalance callbacks
-            return False
-        finally:
-            self._paused = False
-            self.consumer.resume(self.consumer.assignment())
+            self.consumer.commit(offsets=next_offsets([p.message for p in ready]), asynchronous=False)
+        except KafkaException as exc:  # a rebalance took them; enqueueing again is harmless
+            log.warning("offset commit failed", extra={"error": str(exc)})
+        self.metrics.batches.inc()
 
     def _sink_offsets(self, partitions: list[int]) -> dict[int, int]:
         if not partitions:
@@ -206,6 +233,8 @@ class Feeder:
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # A batch in hand loses these partitions: the next owner re-reads them (enqueueing is idempotent).
-        self._revoked.update(tp.partition for tp in partitions)
+        # Pending messages of these partitions are dropped uncommitted: the next owner re-reads them
+        # (enqueueing is idempotent).
+        gone = {tp.partition for tp in partitions}
+        self.pending = [p for p in self.pending if p.message.partition() not in gone]
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})

@@ -17,7 +17,7 @@ class WebhookMetrics:
                                 registry=r)
         self.batches = Counter(f"{p}_batches", "Topic batches enqueued and committed", registry=r)
         self.sink_wait_seconds = Histogram(
-            f"{p}_sink_wait_seconds", "Time a batch waited for the sink to commit past it", registry=r,
+            f"{p}_queue_lag_seconds", "Age (since produced) of the oldest message of each queued batch", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.attempts = Counter(f"{p}_attempts", "Delivery attempts by outcome", ["result"], registry=r)
         self.failures = Counter(f"{p}_attempt_failures", "Failed attempts by reason", ["reason"], registry=r)
@@ -31,6 +31,9 @@ class WebhookMetrics:
         self.queue_delay_seconds = Histogram(
             f"{p}_first_attempt_delay_seconds", "From a delivery being queued to its first attempt", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.claim_seconds = Histogram(
+            f"{p}_claim_seconds", "One claim of due deliveries (query and lease)", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.in_flight = Gauge(f"{p}_in_flight", "Requests in flight", registry=r)
         self.db_errors = Counter(f"{p}_db_errors", "Database operations that failed and were retried", ["step"],
                                  registry=r)

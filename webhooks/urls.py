@@ -3,19 +3,20 @@
 An endpoint URL is refused when its host resolves to any address that is not globally routable (private,
 loopback, link-local, shared, reserved, multicast, unspecified; IPv4-mapped IPv6 included), unless
 `webhooks_allow_private_urls` is on. The check runs when the endpoint is created or changed, and again on
-every new connection of the dispatcher (`GuardedBackend`): the dispatcher connects to exactly the address it
+every new connection of the dispatcher (`GuardedResolver`): the dispatcher connects to exactly the address it
 checked, so a DNS answer that changes between check and connect (DNS rebinding) cannot reach an internal host.
 """
 
 from __future__ import annotations
 
-import asyncio
+import errno
 import ipaddress
 import socket
 import typing
 from urllib.parse import urlsplit
 
-import httpcore
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 MAX_URL_CHARS = 2048
 
@@ -83,36 +84,33 @@ def check_url(url: str, allow_private: bool) -> str:
     return url
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend with the SSRF check at connect time: resolves the host once, refuses the
-    connection if any address is not public, and connects to a checked address (TLS still verifies and sends
-    SNI for the URL's host name, which httpcore passes to start_tls)."""
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver with the SSRF check at connect time: every new connection resolves the host (no DNS
+    cache) and is refused when any address is not public; aiohttp then connects to exactly the addresses
+    returned here (TLS still verifies and sends SNI for the URL's host name). IP-literal hosts skip resolvers
+    in aiohttp: `refused_literal` covers them."""
 
-    def __init__(self, allow_private: bool) -> None:
-        self.allow_private = allow_private
-        self._inner = httpcore.AnyIOBackend()
+    def __init__(self) -> None:
+        self._inner = ThreadedResolver()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.AsyncNetworkStream:
-        target = host
-        if not self.allow_private:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror}") from None
-            try:
-                target = check_addresses(host, _addresses(infos))[0]
-            except UrlRefused as exc:
-                raise httpcore.ConnectError(str(exc)) from None
-        return await self._inner.connect_tcp(target, port, timeout=timeout, local_address=local_address,
-                                             socket_options=socket_options)
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        try:
+            check_addresses(host, [r["host"] for r in found])
+        except UrlRefused as exc:
+            # aiohttp reports a connector error as "Cannot connect to host …: [<strerror>]": keep the reason.
+            raise OSError(errno.EACCES, str(exc)) from None
+        return found
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: typing.Iterable[typing.Any] | None = None
-                                  ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not webhook endpoints")
+    async def close(self) -> None:
+        await self._inner.close()
 
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+
+def refused_literal(host: str) -> str | None:
+    """Why a URL whose host is an IP literal may not be reached (None: it may, or the host is a name)."""
+    try:
+        public = is_public(host.strip("[]"))
+    except ValueError:
+        return None  # a name: the resolver checks it
+    return None if public else str(_refusal(host, host))
