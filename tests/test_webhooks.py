@@ -564,3 +564,34 @@ def test_whole_pipeline_from_the_ingest_api(kafka: EmbeddedBroker, postgres: Emb
         assert len(got) == 3
     finally:
         receiver.stop()
+
+
+def test_two_replicas_share_the_queue_without_sending_twice(stack: Stack, postgres: EmbeddedPostgres,
+                                                            tmp_path: Path) -> None:
+    """A second `site-activity webhooks` process on the same group and queue: both send (SKIP LOCKED claims),
+    and no event is sent twice while nothing fails."""
+    second_settings = stack.settings.model_copy(update={"webhooks_http_port": free_port()})
+    second = Service("webhooks", second_settings, tmp_path)
+    second.ready = http_ok(f"http://127.0.0.1:{second_settings.webhooks_http_port}/healthz")
+    second.start()
+    try:
+        t = make_tenant(postgres.dsn, "Replicas")
+        stack.receiver.on("/replicas", always(200, delay=0.3))
+        _, secret = stack.endpoint(t, "/replicas")
+        sent = [event(t.widget, visitor=f"r{i}") for i in range(40)]
+        stack.produce(sent)
+        got = stack.receiver.wait_for("/replicas", len(sent), timeout=60)
+        time.sleep(1.0)
+        got = stack.receiver.at("/replicas")
+        ids = [b["data"]["event_id"] for b in verified(secret, got)]
+        assert sorted(ids) == sorted(e["event_id"] for e in sent)  # each exactly once
+
+        def successes(port: int) -> float:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith('site_activity_webhooks_attempts_total{result="success"}'))
+
+        assert successes(stack.settings.webhooks_http_port) > 0
+        assert successes(second_settings.webhooks_http_port) > 0
+    finally:
+        second.stop()

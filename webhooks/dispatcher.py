@@ -252,6 +252,9 @@ class Dispatcher:
             error, reason = f"no response within {timeout:g} s", "timeout"
         except (aiohttp.ClientError, OSError) as exc:
             error, reason = f"connection failed: {exc or type(exc).__name__}", "connection"
+        except Exception as exc:  # noqa: BLE001 (recorded as a failed attempt, never a silently lost outcome)
+            log.exception("webhook attempt failed unexpectedly", extra={"delivery": job.delivery_id})
+            error, reason = f"internal error: {type(exc).__name__}", "internal"
         latency_ms = (time.perf_counter() - started) * 1000
         self.metrics.attempt_seconds.observe(latency_ms / 1000)
         ok = status is not None and 200 <= status < 300
@@ -281,7 +284,10 @@ class Dispatcher:
             await self._outcome_ready.wait()
             self._outcome_ready.clear()
             await asyncio.sleep(_RECORD_BATCH_S)  # collect what finishes meanwhile into one transaction
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:  # noqa: BLE001 (keep recording; the leases of what was lost run out)
+                log.exception("recording attempts failed")
 
     async def _flush(self) -> None:
         while self._outcomes:

@@ -34,7 +34,7 @@ class WebhookMetrics:
         self.claim_seconds = Histogram(
             f"{p}_claim_seconds", "One claim of due deliveries (query and lease)", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.in_flight = Gauge(f"{p}_in_flight", "Requests in flight", registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight", "Deliveries claimed by this process and not finished", registry=r)
         self.db_errors = Counter(f"{p}_db_errors", "Database operations that failed and were retried", ["step"],
                                  registry=r)
 
