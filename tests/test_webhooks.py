@@ -64,27 +64,29 @@ class Stack:
         return resp.json()["id"], resp.json()["secret"]
 
     def webhooks_caught_up(self) -> None:
-        """Waits until the webhooks group has committed everything on the topic (so anything that would be
-        queued is queued)."""
-        client = admin(self.settings)
-        parts = list(client.list_topics(self.topic, timeout=10).topics[self.topic].partitions)
-        consumer_probe = self.settings.kafka_bootstrap
+        webhooks_caught_up(self.settings, self.topic)
 
-        def done() -> bool:
-            from confluent_kafka import Consumer
 
-            c = Consumer({"bootstrap.servers": consumer_probe, "group.id": f"probe-{uuid.uuid4().hex[:6]}"})
-            try:
-                ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in parts}
-            finally:
-                c.close()
-            req = ConsumerGroupTopicPartitions(self.settings.webhooks_group,
-                                               [TopicPartition(self.topic, p) for p in parts])
-            [fut] = client.list_consumer_group_offsets([req]).values()
-            got = {tp.partition: tp.offset for tp in fut.result().topic_partitions}
-            return all(ends[p] == 0 or got.get(p, -1) >= ends[p] for p in parts)
+def webhooks_caught_up(settings: Settings, topic: str) -> None:
+    """Waits until the webhooks group has committed everything on the topic (so anything that would be
+    queued is queued)."""
+    from confluent_kafka import Consumer
 
-        wait_until(done, 60, "webhooks group caught up", interval=0.3)
+    client = admin(settings)
+    parts = list(client.list_topics(topic, timeout=10).topics[topic].partitions)
+
+    def done() -> bool:
+        c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:6]}"})
+        try:
+            ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        finally:
+            c.close()
+        req = ConsumerGroupTopicPartitions(settings.webhooks_group, [TopicPartition(topic, p) for p in parts])
+        [fut] = client.list_consumer_group_offsets([req]).values()
+        got = {tp.partition: tp.offset for tp in fut.result().topic_partitions}
+        return all(ends[p] == 0 or got.get(p, -1) >= ends[p] for p in parts)
+
+    wait_until(done, 60, "webhooks group caught up", interval=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +365,10 @@ def test_410_gone_disables_the_endpoint(stack: Stack, postgres: EmbeddedPostgres
     [(actor, new)] = db.execute("SELECT actor, new_value FROM audit_log WHERE entity_id = %s"
                                 " AND action = 'webhook_endpoint.disable'", (eid,)).fetchall()
     assert actor == "system:webhooks" and "410" in new["disabled_reason"]
-    stack.produce([event(t.widget)])  # a disabled endpoint gets nothing more
+    stack.produce([event(t.widget)])  # a disabled endpoint gets nothing more: not even queued
     stack.webhooks_caught_up()
-    time.sleep(1.0)  # a few dispatcher polls
+    assert db.execute("SELECT status FROM webhook_deliveries WHERE endpoint_id = %s", (eid,)).fetchall() == [
+        ("failed",)]  # the 410'd delivery is not retried
     assert len(stack.receiver.at("/gone")) == 1
 
 
@@ -413,7 +416,7 @@ def test_duplicates_on_the_topic_are_delivered_once(stack: Stack, postgres: Embe
     [got] = stack.receiver.wait_for("/dupes", 1)
     assert verified(secret, [got])[0]["data"]["event_id"] == e["event_id"]
     assert db.execute("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = %s", (eid,)).fetchone() == (1,)
-    time.sleep(1.0)
+    wait_until(lambda: deliveries(stack, t, eid)[0]["status"] == "succeeded", 20, "recorded")
     assert len(stack.receiver.at("/dupes")) == 1
 
 
@@ -456,12 +459,13 @@ def test_filters_by_event_type_and_widget(stack: Stack, postgres: EmbeddedPostgr
     t = make_tenant(postgres.dsn, "Filters")
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         other = widgets.create_widget(conn, name="other", tenant_id=t.id, actor="tests", tracking_enabled=True)
-    _, secret = stack.endpoint(t, "/filtered", event_types=["custom"], widget_ids=[str(t.widget.id)])
+    eid, secret = stack.endpoint(t, "/filtered", event_types=["custom"], widget_ids=[str(t.widget.id)])
     wanted = event(t.widget, kind="custom")
     stack.produce([event(t.widget, kind="pageview"), wanted, event(other, kind="custom")])
     stack.webhooks_caught_up()
-    got = stack.receiver.wait_for("/filtered", 1)
-    time.sleep(1.0)
+    assert [d["event_id"] for d in deliveries(stack, t, eid)] == [wanted["event_id"]]  # only it was queued
+    stack.receiver.wait_for("/filtered", 1)
+    wait_until(lambda: deliveries(stack, t, eid)[0]["status"] == "succeeded", 20, "recorded")
     got = stack.receiver.at("/filtered")
     assert [b["data"]["event_id"] for b in verified(secret, got)] == [wanted["event_id"]]
 
@@ -557,11 +561,14 @@ def test_whole_pipeline_from_the_ingest_api(kafka: EmbeddedBroker, postgres: Emb
         with psycopg.connect(postgres.dsn, autocommit=True) as db:
             rows = wait_for_rows(db, "SELECT event_id::text, event_type FROM visitor_events WHERE widget_id = %s",
                                  (t.widget.id,), 3)
-        got = receiver.wait_for("/all", 3)
-        time.sleep(1.5)
+        receiver.wait_for("/all", 3)
+        webhooks_caught_up(s, Topics.from_settings(s).enriched_events)
+        with psycopg.connect(postgres.dsn, autocommit=True) as db:
+            wait_until(lambda: db.execute("SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*)"
+                                          " FROM webhook_deliveries WHERE widget_id = %s",
+                                          (t.widget.id,)).fetchone() == (3, 3), 20, "3 deliveries recorded")
         bodies = verified(secret, receiver.at("/all"))
         assert sorted((b["data"]["event_id"], b["data"]["event_type"]) for b in bodies) == sorted(rows)
-        assert len(got) == 3
     finally:
         receiver.stop()
 
@@ -577,11 +584,12 @@ def test_two_replicas_share_the_queue_without_sending_twice(stack: Stack, postgr
     try:
         t = make_tenant(postgres.dsn, "Replicas")
         stack.receiver.on("/replicas", always(200, delay=0.3))
-        _, secret = stack.endpoint(t, "/replicas")
+        eid, secret = stack.endpoint(t, "/replicas")
         sent = [event(t.widget, visitor=f"r{i}") for i in range(40)]
         stack.produce(sent)
-        got = stack.receiver.wait_for("/replicas", len(sent), timeout=60)
-        time.sleep(1.0)
+        stack.receiver.wait_for("/replicas", len(sent), timeout=60)
+        wait_until(lambda: len(deliveries(stack, t, eid, status="succeeded", limit=100)) == len(sent), 30,
+                   "all recorded")
         got = stack.receiver.at("/replicas")
         ids = [b["data"]["event_id"] for b in verified(secret, got)]
         assert sorted(ids) == sorted(e["event_id"] for e in sent)  # each exactly once
