@@ -18,6 +18,7 @@ from console.cursors import Cursors, RailTokens
 from console.errors import install_error_handlers
 from console.routes import activity_pages, api, dashboard_pages, pages, read_api, stats
 from console.routes import exports as export_routes
+from console.routes import webhooks as webhook_routes
 from console.security import Signer, load_secret
 from site_activity.erasure import kafka_notifier
 from site_activity.settings import Settings
@@ -54,7 +55,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.notify = kafka_notifier(settings)  # erasures tell the processors through Kafka
     install_error_handlers(app)
     app.include_router(api.router)
-    app.include_router(export_routes.router)  # export bundles (issue 13)
+    app.include_router(export_routes.router)
+    app.include_router(webhook_routes.router)
     app.include_router(pages.router)
     # --- read API + activity pages (issue 12: events / visitors / timelines) ---
     secret = load_secret(settings)

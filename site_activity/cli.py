@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=_stage("stream_processors.main"))
     sub.add_parser("console", help="run the console: management API and pages").set_defaults(
         func=_stage("console.main"))
+    # --- webhooks (issue 13): the stage (no action) and endpoint admin (add|list|disable|remove) ---
+    from webhooks.cli import add_parser as add_webhooks_parser
+
+    add_webhooks_parser(sub)
     pg = sub.add_parser("purge", help="delete events older than their widget's retention (run daily)")
     pg.set_defaults(func=_purge)
     pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")

@@ -27,7 +27,7 @@ from widget.demo_server import start_demo
 
 log = logging.getLogger(__name__)
 
-STAGES = ("api", "processors", "sink", "console")
+STAGES = ("api", "processors", "sink", "webhooks", "console")  # webhooks: issue 13
 DEMO_TENANT = "Demo tenant"
 DEMO_WIDGET = "Demo site"
 DEMO_OWNER = "owner@demo.example"
@@ -57,6 +57,9 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
         stack.callback(pg.stop)
         updates["postgres_dsn"] = pg.dsn
         log.info("started Postgres", extra={"dsn": pg.dsn, "pid": pg.proc.pid})  # type: ignore[union-attr]
+    if "webhooks_allow_private_urls" not in settings.model_fields_set:
+        # issue 13: on a laptop the webhook receiver under test is usually on localhost.
+        updates["webhooks_allow_private_urls"] = True
     return settings.model_copy(update=updates)
 
 
@@ -185,6 +188,10 @@ def run(settings: Settings) -> int:
             f"  Kafka          {settings.kafka_bootstrap}\n"
             f"  Postgres       {settings.postgres_dsn}\n"
             "  watch rows     .venv/bin/site-activity events recent --follow   (in another terminal)\n"
+            "  webhooks       SITE_ACTIVITY_WEBHOOKS_ALLOW_PRIVATE_URLS=1 .venv/bin/site-activity webhooks add"
+            f" --tenant {widget.tenant_id} --url http://127.0.0.1:<port>/hook --actor you\n"
+            f"                 (localhost endpoints are allowed in dev; metrics"
+            f" http://127.0.0.1:{settings.webhooks_http_port}/metrics)\n"
             f"  purge          every {settings.purge_interval_s / 3600:g} h in the background"
             " (now: .venv/bin/site-activity purge --dry-run)\n"
             f"  stack file     {stack_file}\n"

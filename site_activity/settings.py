@@ -209,6 +209,23 @@ class Settings(BaseSettings):
     export_max_attempts: int = 3  # claims of one job before it is marked failed
     export_ttl_s: float = 7 * 24 * 3600  # a finished archive is deleted (status expired) this long after it finished
 
+    # --- webhooks (issue 13: visitor_event.created; the `site-activity webhooks` stage) ----------
+    webhooks_group: str = "site-activity-webhooks"
+    webhooks_http_port: int = 8004  # /healthz and /metrics of the webhooks process
+    # Endpoint URLs whose host resolves to a private, loopback, link-local or other non-global address are
+    # refused (at create and again when connecting) unless this is on. `dev` and the tests turn it on.
+    webhooks_allow_private_urls: bool = False
+    webhooks_timeout_s: float = 15.0  # one attempt, connect to last byte
+    # Delay before attempt 1, 2, ... (seconds); after the last one fails the delivery is `failed`.
+    webhooks_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
+    # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
+    webhooks_disable_after_s: float = 5 * 24 * 3600
+    webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)
+    webhooks_max_in_flight: int = 500  # requests in flight per process, all endpoints
+    webhooks_poll_interval_s: float = 0.5  # how often due retries are looked for (new events wake it at once)
+    webhooks_batch_max_messages: int = 1000  # enriched-topic messages per enqueue transaction
+
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True

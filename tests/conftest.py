@@ -166,6 +166,7 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
             "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
             "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
             "console": f"http://127.0.0.1:{s.console_port}/healthz",
+            "webhooks": f"http://127.0.0.1:{s.webhooks_http_port}/healthz",  # issue 13
         }.get(stage)
         svc.ready = http_ok(health) if health else None
         started.append(svc)

@@ -23,9 +23,10 @@ from site_activity.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-STAGES = ("api", "processors", "sink")
+STAGES = ("api", "processors", "sink", "webhooks")
 # The setting that names the port each stage serves /healthz, /readyz and /metrics on.
-STAGE_PORT_SETTING = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port"}
+STAGE_PORT_SETTING = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
+                      "webhooks": "webhooks_http_port"}
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 ENV_PREFIX = "SITE_ACTIVITY_"
 ENV_NAME = re.compile(rf"\b{ENV_PREFIX}[A-Z0-9_]+\b")
@@ -279,7 +280,7 @@ def test_k8s_commands_are_real_subcommands(objects: dict[tuple[str, str], dict[s
                 assert_real_command(container["args"], f"{kind}/{name} {container['name']}")
                 run[container["args"][0]] = kind
     assert run == {"migrate": "Job", "topics": "Job", "api": "Deployment", "processors": "Deployment",
-                   "sink": "Deployment", "console": "Deployment", "purge": "CronJob"}
+                   "sink": "Deployment", "webhooks": "Deployment", "console": "Deployment", "purge": "CronJob"}
 
 
 def test_migrate_job_runs_migrations_before_topics_with_replication_3(

@@ -24,7 +24,8 @@ from tests.conftest import broker_settings
 def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     ports = {name: free_port() for name in ("HTTP", "DEMO", "SINK_HTTP", "PROCESSORS_WEB", "EMBEDDED_KAFKA",
-                                            "EMBEDDED_KAFKA_CONTROLLER", "EMBEDDED_POSTGRES", "CONSOLE")}
+                                            "EMBEDDED_KAFKA_CONTROLLER", "EMBEDDED_POSTGRES", "CONSOLE",
+                                            "WEBHOOKS_HTTP")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITE_ACTIVITY_")}
     # The suite's broker choice, and Kafka's already-fetched jars instead of a fresh copy in the data dir.
     chosen = broker_settings()

@@ -1,0 +1,1 @@
+"""The `site-activity webhooks` stage: signed visitor_event.created webhooks (issue 13)."""

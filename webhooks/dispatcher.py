@@ -1,0 +1,333 @@
+"""Queue -> HTTP: claims due deliveries and POSTs them, signed (Standard Webhooks, via `standardwebhooks`).
+
+One asyncio loop; every request is its own task, so a slow or dead endpoint only holds its own slots: at most
+`webhooks_endpoint_concurrency` per endpoint (1 while it is failing) and `webhooks_max_in_flight` in all.
+Outcomes are written in batches (webhooks.queue.record). Rules:
+  2xx                                   success
+  410 Gone                              the endpoint is disabled (reason kept for its admins)
+  anything else, timeout, no connection retried on webhooks_retry_schedule_s (Retry-After honoured); after the
+                                        last attempt the delivery is `failed`
+  failing for webhooks_disable_after_s  the endpoint is disabled
+Redirects are not followed (a 3xx is a failure), as the Standard Webhooks spec asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import psycopg
+from standardwebhooks import Webhook
+
+from sink.metrics import Liveness
+from site_activity.settings import Settings
+from webhooks import endpoints, queue
+from webhooks.metrics import WebhookMetrics
+from webhooks.queue import Claimed, Outcome
+from webhooks.urls import GuardedResolver, refused_literal
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "site-activity-webhooks/1"
+_ERROR_BODY_BYTES = 512  # of a failed response's body, kept in the log
+_RECORD_BATCH_S = 0.02
+_DB_BACKOFF_S = 1.0
+_MAX_RETRY_AFTER_S = 24 * 3600
+
+
+def retry_delay(schedule: Sequence[float], attempts_done: int, retry_after_s: float | None = None) -> float | None:
+    """Seconds until the next attempt after `attempts_done` attempts (schedule[attempts_done], with up to 10 %
+    jitter, at least Retry-After); None when the schedule is spent."""
+    if attempts_done >= len(schedule):
+        return None
+    delay = float(schedule[attempts_done])
+    delay += random.uniform(0, 0.1 * delay)
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, _MAX_RETRY_AFTER_S))
+    return delay
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (delta-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        return None
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, metrics: WebhookMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.liveness = Liveness(max_silence_s=60.0)
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        # A claim is a lease: long enough that an attempt in flight (bounded by the timeout) is never claimed
+        # again by another process; short enough that a crashed process's claims come back soon.
+        # A claimed delivery waits for at most one round of requests ahead of it (2 x concurrency are claimed
+        # per endpoint), then takes at most the timeout itself.
+        self.lease_s = 2 * settings.webhooks_timeout_s + 5
+        self.in_flight: dict[uuid.UUID, int] = {}  # claimed and not finished, per endpoint
+        self._slots: dict[uuid.UUID, asyncio.Semaphore] = {}  # requests actually sending, per endpoint
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
+        self._signers: dict[str, Webhook] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._record_conn: psycopg.AsyncConnection | None = None
+        self._http: aiohttp.ClientSession | None = None  # made in run(): it needs the running loop
+        self._refused: dict[str, str | None] = {}
+
+    def wake_soon(self) -> None:
+        """Thread-safe: the reader queued deliveries."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.wake.set)
+
+    # --- main loop ------------------------------------------------------------------------------------
+
+    def _session(self) -> aiohttp.ClientSession:
+        allow = self.settings.webhooks_allow_private_urls
+        # No DNS cache: every new connection resolves again and (unless allowed) checks every address.
+        connector = aiohttp.TCPConnector(limit=self.settings.webhooks_max_in_flight, limit_per_host=0,
+                                         use_dns_cache=False, resolver=None if allow else GuardedResolver(),
+                                         keepalive_timeout=30)
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                     skip_auto_headers=("User-Agent",))
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._http = self._session()
+        recorder = asyncio.create_task(self._recorder())
+        conn: psycopg.AsyncConnection | None = None
+        log.info("webhooks dispatcher started")
+        try:
+            while not self.stopping.is_set():
+                self.liveness.tick()
+                room = self.settings.webhooks_max_in_flight - len(self._tasks)
+                claimed: list[Claimed] = []
+                if room > 0:
+                    try:
+                        conn = conn if conn is not None and not conn.closed else await self._connect()
+                        began = time.perf_counter()
+                        # Claim up to twice the concurrency per endpoint: the next requests are at hand when a
+                        # slot frees, so claiming (a database round trip) overlaps sending.
+                        claimed = await queue.claim(conn, room=room,
+                                                    cap=2 * self.settings.webhooks_endpoint_concurrency,
+                                                    busy=dict(self.in_flight), lease_s=self.lease_s)
+                        self.metrics.claim_seconds.observe(time.perf_counter() - began)
+                    except psycopg.Error as exc:
+                        self.metrics.db_errors.labels("claim").inc()
+                        log.warning("claiming deliveries failed; retrying", extra={"error": str(exc)})
+                        if conn is not None:
+                            await conn.close()
+                        conn = None
+                        await self._sleep(_DB_BACKOFF_S)
+                        continue
+                for job in claimed:
+                    self._start(job)
+                # Claim again when the reader queues more, a request finishes (a slot frees up), or at the
+                # poll interval (retries falling due).
+                await self._wait(self.settings.webhooks_poll_interval_s)
+        finally:
+            # Let requests in flight finish (each is bounded by the timeout), record them, then stop.
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.settings.webhooks_timeout_s + 1)
+            self._outcome_ready.set()
+            recorder.cancel()
+            await self._flush()
+            for c in (conn, self._record_conn):
+                if c is not None:
+                    await c.close()
+            await self._http.close()
+            self.liveness.running = False
+            log.info("webhooks dispatcher stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(
+            self.settings.postgres_dsn, autocommit=True, connect_timeout=5, options="-c TimeZone=UTC",
+            application_name="site-activity-webhooks")
+
+    async def _wait(self, timeout: float) -> None:
+        """Until new work may be due: the reader queued some, a slot freed up, or the poll interval passed."""
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.wake.clear()
+        await asyncio.sleep(0.005)  # gather a few wake-ups into one claim
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # --- one attempt --------------------------------------------------------------------------------
+
+    def _start(self, job: Claimed) -> None:
+        self.in_flight[job.endpoint_id] = self.in_flight.get(job.endpoint_id, 0) + 1
+        self.metrics.in_flight.inc()
+        task = asyncio.create_task(self._attempt_in_slot(job))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t, job=job: self._done(t, job))
+
+    def _done(self, task: asyncio.Task[None], job: Claimed) -> None:
+        self._tasks.discard(task)
+        left = self.in_flight.get(job.endpoint_id, 1) - 1
+        if left > 0:
+            self.in_flight[job.endpoint_id] = left
+        else:
+            self.in_flight.pop(job.endpoint_id, None)
+            self._slots.pop(job.endpoint_id, None)
+        self.metrics.in_flight.dec()
+        self.wake.set()
+
+    def _literal_refusal(self, url: str) -> str | None:
+        """IP-literal hosts bypass aiohttp's resolver (and so the GuardedResolver): checked here."""
+        if self.settings.webhooks_allow_private_urls:
+            return None
+        if url not in self._refused:
+            from urllib.parse import urlsplit
+
+            self._refused[url] = refused_literal(urlsplit(url).hostname or "")
+        return self._refused[url]
+
+    def _signer(self, secret: str) -> Webhook:
+        signer = self._signers.get(secret)
+        if signer is None:
+            signer = self._signers[secret] = Webhook(secret)
+        return signer
+
+    async def _attempt_in_slot(self, job: Claimed) -> None:
+        slots = self._slots.get(job.endpoint_id)
+        if slots is None:
+            slots = self._slots[job.endpoint_id] = asyncio.Semaphore(self.settings.webhooks_endpoint_concurrency)
+        async with slots:
+            await self._attempt(job)
+
+    async def _attempt(self, job: Claimed) -> None:
+        at = datetime.now(UTC)
+        if job.attempts == 0:
+            self.metrics.queue_delay_seconds.observe(max(0.0, (at - job.created_at).total_seconds()))
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "webhook-id": job.webhook_id,
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": self._signer(job.secret).sign(job.webhook_id, at, job.body),
+        }
+        status: int | None = None
+        retry_after: float | None = None
+        error: str | None = None
+        reason = "http_status"
+        timeout = self.settings.webhooks_timeout_s
+        started = time.perf_counter()
+        refused = self._literal_refusal(job.url)
+        try:
+            if refused is not None:
+                raise OSError(refused)
+            assert self._http is not None
+            async with asyncio.timeout(timeout):
+                async with self._http.post(job.url, data=job.body.encode(), headers=headers,
+                                           allow_redirects=False) as resp:
+                    status = resp.status
+                    # Read a small body to the end, so the connection goes back to the pool for reuse.
+                    text = (await resp.content.read(_ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
+                    if not 200 <= status < 300:
+                        retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                        error = f"HTTP {status}: {text}".rstrip(": ")
+        except TimeoutError:
+            error, reason = f"no response within {timeout:g} s", "timeout"
+        except (aiohttp.ClientError, OSError) as exc:
+            error, reason = f"connection failed: {exc or type(exc).__name__}", "connection"
+        except Exception as exc:  # noqa: BLE001 (recorded as a failed attempt, never a silently lost outcome)
+            log.exception("webhook attempt failed unexpectedly", extra={"delivery": job.delivery_id})
+            error, reason = f"internal error: {type(exc).__name__}", "internal"
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.metrics.attempt_seconds.observe(latency_ms / 1000)
+        ok = status is not None and 200 <= status < 300
+        attempt = job.attempts + 1
+        gone = status == 410
+        next_at: datetime | None = None
+        if ok:
+            self.metrics.attempts.labels("success").inc()
+            self.metrics.succeeded.inc()
+        else:
+            self.metrics.attempts.labels("failure").inc()
+            self.metrics.failures.labels("gone" if gone else reason).inc()
+            # 410: the receiver said the endpoint is gone; the endpoint is disabled and this delivery not retried.
+            delay = None if gone else retry_delay(self.settings.webhooks_retry_schedule_s, attempt, retry_after)
+            if delay is None:
+                self.metrics.exhausted.inc()
+            else:
+                next_at = datetime.now(UTC) + timedelta(seconds=delay)
+        self._outcomes.append(Outcome(job.delivery_id, job.endpoint_id, attempt, at, ok, status, latency_ms, error,
+                                      next_at, gone))
+        self._outcome_ready.set()
+
+    # --- recording ----------------------------------------------------------------------------------
+
+    async def _recorder(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            await asyncio.sleep(_RECORD_BATCH_S)  # collect what finishes meanwhile into one transaction
+            try:
+                await self._flush()
+            except Exception:  # noqa: BLE001 (keep recording; the leases of what was lost run out)
+                log.exception("recording attempts failed")
+
+    async def _flush(self) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                if self._record_conn is None or self._record_conn.closed:
+                    self._record_conn = await self._connect()
+                failing = await queue.record(self._record_conn, batch)
+            except psycopg.Error as exc:
+                self.metrics.db_errors.labels("record").inc()
+                log.warning("recording attempts failed; retrying", extra={"error": str(exc)})
+                if self._record_conn is not None:
+                    await self._record_conn.close()
+                    self._record_conn = None
+                self._outcomes[:0] = batch
+                if self.stopping.is_set():
+                    return  # the leases run out: those deliveries are sent again
+                await asyncio.sleep(_DB_BACKOFF_S)
+                continue
+            await self._apply_disable_rules(batch, failing)
+
+    async def _apply_disable_rules(self, batch: list[Outcome], failing: list[tuple[uuid.UUID, datetime]]) -> None:
+        reasons: dict[uuid.UUID, tuple[str, str]] = {}
+        for o in batch:
+            if o.gone:
+                reasons[o.endpoint_id] = ("gone", f"the endpoint answered 410 Gone at {o.at:%Y-%m-%d %H:%M:%S} UTC")
+        limit = timedelta(seconds=self.settings.webhooks_disable_after_s)
+        now = datetime.now(UTC)
+        last_error = {o.endpoint_id: o.error for o in batch if not o.ok}
+        for endpoint_id, since in failing:
+            if endpoint_id not in reasons and now - since >= limit:
+                reasons[endpoint_id] = ("failing", f"every attempt failed since {since:%Y-%m-%d %H:%M:%S} UTC"
+                                                   f" (last error: {last_error.get(endpoint_id)})")
+        for endpoint_id, (kind, reason) in reasons.items():
+            if await asyncio.to_thread(self._disable, endpoint_id, reason):
+                self.metrics.disabled.labels(kind).inc()
+                log.warning("endpoint disabled", extra={"endpoint": str(endpoint_id), "reason": reason})
+
+    def _disable(self, endpoint_id: uuid.UUID, reason: str) -> bool:
+        with psycopg.connect(self.settings.postgres_dsn, autocommit=True, connect_timeout=5) as conn:
+            return endpoints.disable_endpoint(conn, endpoint_id, reason)
+
+
