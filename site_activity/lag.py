@@ -149,21 +149,15 @@ def sink_group(settings: Settings) -> GroupSpec:
     return GroupSpec(settings.sink_group, (t.enriched_events if settings.sink_from_enriched else t.raw_events,))
 
 
-def webhooks_group(settings: Settings) -> GroupSpec | None:
-    """The webhooks stage's group (setting `webhooks_group`, added with that stage), reading the same topic as
-    the sink; None while the settings have no such field. The stage registers its gauges with
-    `start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])`."""
-    name = getattr(settings, "webhooks_group", None)
-    return GroupSpec(name, sink_group(settings).topics) if name else None
+def webhooks_group(settings: Settings) -> GroupSpec:
+    """The webhooks stage's group (setting `webhooks_group`), reading the same topic as the sink."""
+    return GroupSpec(settings.webhooks_group, sink_group(settings).topics)
 
 
 def pipeline_groups(settings: Settings, extra: Iterable[GroupSpec] = ()) -> list[GroupSpec]:
-    """The pipeline's consumer groups: processors, sink, the webhooks stage's group when the settings have
-    one, `lag_extra_groups`, then `extra`."""
-    groups = [processors_group(settings), sink_group(settings)]
-    webhooks = webhooks_group(settings)
-    if webhooks is not None:
-        groups.append(webhooks)
+    """The pipeline's consumer groups: processors, sink, the webhooks stage's group,
+    `lag_extra_groups`, then `extra`."""
+    groups = [processors_group(settings), sink_group(settings), webhooks_group(settings)]
     groups += [GroupSpec(name) for name in settings.lag_extra_groups]
     groups += list(extra)
     seen: set[str] = set()

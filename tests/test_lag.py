@@ -105,20 +105,17 @@ def test_properties_of_the_rules(raw: list[tuple[int, int, bool]]) -> None:
 
 
 def test_pipeline_groups_take_names_from_settings() -> None:
-    s = Settings(processors_app_id="p", sink_group="s", lag_extra_groups=["x"], topic_prefix="pre")
+    s = Settings(processors_app_id="p", sink_group="s", webhooks_group="w", lag_extra_groups=["x"],
+                 topic_prefix="pre")
     t = Topics.from_settings(s)
     groups = pipeline_groups(s, [GroupSpec("y", ("other",)), GroupSpec("s")])
     assert groups == [GroupSpec("p", (t.raw_events, t.erasures)), GroupSpec("s", (t.enriched_events,)),
-                      GroupSpec("x"), GroupSpec("y", ("other",))]
+                      GroupSpec("w", (t.enriched_events,)), GroupSpec("x"), GroupSpec("y", ("other",))]
 
 
-def test_the_webhooks_group_joins_once_its_setting_exists() -> None:
-    class WithWebhooks(Settings):  # what Settings looks like once the webhooks stage is merged
-        webhooks_group: str = "hooks"
-
-    s = WithWebhooks(sink_from_enriched=False)
-    assert pipeline_groups(s)[2] == GroupSpec("hooks", (Topics.from_settings(s).raw_events,))
-    assert webhooks_group(Settings()) is None
+def test_the_webhooks_group_reads_what_the_sink_reads() -> None:
+    s = Settings(webhooks_group="hooks", sink_from_enriched=False)
+    assert pipeline_groups(s)[2] == webhooks_group(s) == GroupSpec("hooks", (Topics.from_settings(s).raw_events,))
 
 
 # --- against the real broker -------------------------------------------------------------------------------

@@ -28,8 +28,7 @@ async def _serve(settings: Settings) -> int:
     dispatcher = Dispatcher(settings, metrics)
     feeder = Feeder(settings, metrics, dispatcher.wake_soon)
     # kafka_consumergroup_* gauges of this stage's own group on its /metrics, like the sink and the processors.
-    group = webhooks_group(settings)
-    lag = start_lag_metrics(metrics.registry, settings, [group]) if group is not None else None
+    lag = start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])
     server = serve_http(settings.http_host, settings.webhooks_http_port, metrics,  # type: ignore[arg-type]
                         AllAlive(feeder.liveness, dispatcher.liveness))  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
@@ -59,8 +58,7 @@ async def _serve(settings: Settings) -> int:
         feeder.stop()
         await asyncio.to_thread(reader.join, 30)
         server.shutdown()
-        if lag is not None:
-            lag.stop()
+        lag.stop()
     return 1 if failed else 0
 
 
