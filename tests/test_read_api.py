@@ -399,7 +399,10 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
         try:
             with psycopg.connect(postgres.dsn, autocommit=True) as conn:
                 for _ in range(25):  # bounded
-                    rows = [r for v in rng.sample(visitors, 4) for r in visitor_rows(w, v, rng, 3)]
+                    # Half the visitors' batches identify (a different user each time): the latest identify of
+                    # a visitor changes with inserts and must be re-read when a delete takes it.
+                    rows = [r for v in rng.sample(visitors, 4) for r in visitor_rows(
+                        w, v, rng, 3, contact=(f"user-{rng.randrange(1000)}", None) if rng.random() < 0.5 else None)]
                     insert(conn, rows + rng.sample(rows, 3))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
@@ -423,11 +426,15 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
     assert not errors, errors
     raw = db.execute("""
         SELECT visitor_id, min(occurred_at), max(occurred_at), count(*), count(*) FILTER (WHERE event_type = 'pageview'),
-               count(*) FILTER (WHERE event_type = 'session_start'), count(*) FILTER (WHERE event_type = 'custom')
+               count(*) FILTER (WHERE event_type = 'session_start'), count(*) FILTER (WHERE event_type = 'custom'),
+               (array_agg(user_id ORDER BY occurred_at DESC, event_id DESC) FILTER (WHERE event_type = 'identify'))[1],
+               (array_agg(event_id ORDER BY occurred_at DESC, event_id DESC) FILTER (WHERE event_type = 'identify'))[1]
         FROM visitor_events WHERE widget_id = %s GROUP BY visitor_id ORDER BY visitor_id""", (w.id,)).fetchall()
-    summary = db.execute("SELECT visitor_id, first_seen, last_seen, events, pageviews, sessions, custom_events"
+    summary = db.execute("SELECT visitor_id, first_seen, last_seen, events, pageviews, sessions, custom_events,"
+                         " user_id, identify_event_id"
                          " FROM visitor_summaries WHERE widget_id = %s ORDER BY visitor_id", (w.id,)).fetchall()
     assert raw and summary == raw
+    assert any(r[7] is not None for r in raw)  # the latest identify (some of them re-read after a delete) too
 
 
 def test_rail_token_for_a_visitor_shows_only_that_visitor(console: httpx.Client, db: psycopg.Connection,

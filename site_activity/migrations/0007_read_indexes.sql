@@ -80,38 +80,52 @@ BEGIN
 END
 $$;
 
--- Deletes (retention purge, erasure, a deleted widget's cascade) recompute the affected visitors from the rows
--- left. The summaries are locked first, in key order, in their own statement: a sink transaction that already
--- added rows for such a visitor holds that lock until it commits, so the recompute (a later statement, a newer
--- snapshot in READ COMMITTED) sees its rows; one that adds rows later waits for this lock and adds its counts
--- on top. Either way the summary stays equal to the rows.
+-- Deletes (retention purge, erasure, a deleted widget's cascade) subtract the deleted rows' counts; a visitor left
+-- with no rows loses its summary. Only what a count cannot give is read back, through indexes and only when the
+-- deleted rows held it: first_seen when the oldest row went (a purge: always), last_seen when the newest went,
+-- the latest identify when that identify went. So a purge batch costs about its own rows, not the history of
+-- every visitor it touches. The deleted rows were all committed, so all were counted by the insert trigger.
+-- The summaries are locked first, in key order, in their own statement: a sink transaction that already added
+-- rows for such a visitor holds that lock until it commits, so the reads below (later statements, newer
+-- snapshots in READ COMMITTED) see its rows; one that adds rows later waits for this lock and adds its counts on
+-- top. Either way the summary stays equal to the rows.
 CREATE FUNCTION visitor_summaries_recompute() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM visitor_summaries s JOIN (SELECT DISTINCT widget_id, visitor_id FROM old_rows) t
         USING (widget_id, visitor_id)
     ORDER BY s.widget_id, s.visitor_id FOR UPDATE OF s;
-    DELETE FROM visitor_summaries s USING (SELECT DISTINCT widget_id, visitor_id FROM old_rows) t
-    WHERE s.widget_id = t.widget_id AND s.visitor_id = t.visitor_id
-      AND NOT EXISTS (SELECT 1 FROM visitor_events e
-                      WHERE e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id AND e.widget_id = s.widget_id);
+    DELETE FROM visitor_summaries s USING (SELECT widget_id, visitor_id, count(*) AS events FROM old_rows
+                                           GROUP BY widget_id, visitor_id) d
+    WHERE s.widget_id = d.widget_id AND s.visitor_id = d.visitor_id AND s.events <= d.events;
     UPDATE visitor_summaries s SET
-        first_seen = a.first_seen, last_seen = a.last_seen, events = a.events, pageviews = a.pageviews,
-        sessions = a.sessions, custom_events = a.custom_events, user_id = a.user_id, customer_id = a.customer_id,
-        identified_at = a.identified_at, identify_event_id = a.identify_event_id
-    FROM (SELECT DISTINCT widget_id, visitor_id FROM old_rows) t
-    CROSS JOIN LATERAL (
-        SELECT min(e.occurred_at) AS first_seen, max(e.occurred_at) AS last_seen, count(*) AS events,
-               count(*) FILTER (WHERE e.event_type = 'pageview') AS pageviews,
-               count(*) FILTER (WHERE e.event_type = 'session_start') AS sessions,
-               count(*) FILTER (WHERE e.event_type = 'custom') AS custom_events,
-               (array_agg(e.user_id ORDER BY e.occurred_at DESC, e.event_id DESC) FILTER (WHERE e.event_type = 'identify'))[1] AS user_id,
-               (array_agg(e.customer_id ORDER BY e.occurred_at DESC, e.event_id DESC) FILTER (WHERE e.event_type = 'identify'))[1] AS customer_id,
-               max(e.occurred_at) FILTER (WHERE e.event_type = 'identify') AS identified_at,
-               (array_agg(e.event_id ORDER BY e.occurred_at DESC, e.event_id DESC) FILTER (WHERE e.event_type = 'identify'))[1] AS identify_event_id
-        FROM visitor_events e
-        WHERE e.tenant_id = (SELECT tenant_id FROM widget_configs WHERE id = t.widget_id)
-          AND e.visitor_id = t.visitor_id AND e.widget_id = t.widget_id) a
-    WHERE s.widget_id = t.widget_id AND s.visitor_id = t.visitor_id AND a.events > 0;
+        events = s.events - d.events, pageviews = s.pageviews - d.pageviews, sessions = s.sessions - d.sessions,
+        custom_events = s.custom_events - d.custom_events,
+        first_seen = CASE WHEN d.oldest <= s.first_seen THEN (
+            SELECT min(e.occurred_at) FROM visitor_events e
+            WHERE e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id AND e.widget_id = s.widget_id)
+            ELSE s.first_seen END,
+        last_seen = CASE WHEN d.newest >= s.last_seen THEN (
+            SELECT max(e.occurred_at) FROM visitor_events e
+            WHERE e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id AND e.widget_id = s.widget_id)
+            ELSE s.last_seen END,
+        (user_id, customer_id, identified_at, identify_event_id) = (
+            SELECT CASE WHEN gone THEN i.user_id ELSE s.user_id END,
+                   CASE WHEN gone THEN i.customer_id ELSE s.customer_id END,
+                   CASE WHEN gone THEN i.occurred_at ELSE s.identified_at END,
+                   CASE WHEN gone THEN i.event_id ELSE s.identify_event_id END
+            FROM (SELECT s.identify_event_id = ANY(coalesce(d.identifies, '{}')) AS gone) g
+            LEFT JOIN LATERAL (  -- the latest identify left (visitor_events_identify_visitor, migration 0005)
+                SELECT e.user_id, e.customer_id, e.occurred_at, e.event_id FROM visitor_events e
+                WHERE g.gone AND e.tenant_id = s.tenant_id AND e.visitor_id = s.visitor_id
+                  AND e.widget_id = s.widget_id AND e.event_type = 'identify'
+                ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1) i ON true)
+    FROM (SELECT widget_id, visitor_id, count(*) AS events, count(*) FILTER (WHERE event_type = 'pageview') AS pageviews,
+                 count(*) FILTER (WHERE event_type = 'session_start') AS sessions,
+                 count(*) FILTER (WHERE event_type = 'custom') AS custom_events,
+                 min(occurred_at) AS oldest, max(occurred_at) AS newest,
+                 array_agg(event_id) FILTER (WHERE event_type = 'identify') AS identifies
+          FROM old_rows GROUP BY widget_id, visitor_id) d
+    WHERE s.widget_id = d.widget_id AND s.visitor_id = d.visitor_id;
     RETURN NULL;
 END
 $$;
