@@ -75,6 +75,9 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
                 copy.write_row((cid, tenant, f"u_{i}", f"user{i}@example.com", f"User Ñame {i}",
                                 json.dumps({"plan": "pro", "seats": i % 50, "company": "Ünïcode GmbH"})))
         conn.adapters.register_dumper(JsonText, JsonTextBinaryDumper)
+        # The export reads visitor_events and customers only: the tables derived on insert (rollups, visitor
+        # summaries) are not maintained while seeding, which makes seeding several times faster.
+        conn.execute("ALTER TABLE visitor_events DISABLE TRIGGER USER")
         done = 0
         received = datetime.now(UTC)
         while done < events:
@@ -94,6 +97,7 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
                     copy.write_row(row)
             done += n
             say(f"  seeded {done:,} / {events:,} events")
+        conn.execute("ALTER TABLE visitor_events ENABLE TRIGGER USER")
         say("  VACUUM ANALYZE + CHECKPOINT")
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")
