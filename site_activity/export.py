@@ -43,9 +43,11 @@ from psycopg import sql
 FORMAT_VERSION = 1
 Format = Literal["ndjson", "csv", "parquet"]
 FORMATS: tuple[Format, ...] = ("ndjson", "csv", "parquet")
-# Rows per Parquet row group: 50k is the low end of the usual 50-100k (readers still skip well); the writer
-# holds one group in Arrow memory, ~0.4 KB a row here, so this bounds its peak (bench/bench_export.py).
-PARQUET_ROW_GROUP_ROWS = 50_000
+# Rows per Parquet row group: the writer holds one group in Arrow memory (~0.4 KB a row here) plus the column
+# encoders' buffers, so this bounds its peak: at 50k rows a 5M-row export grew the process by 106 MB
+# (bench/bench_export.py), over the 100 MB budget; 25k rows (groups of ~5-10 MB compressed) keeps readers'
+# row-group skipping useful.
+PARQUET_ROW_GROUP_ROWS = 25_000
 # Rows per round trip of the server-side cursor: 2,000 keeps the Python rows and libpq's result buffer of one
 # batch small (10,000 cost ~35 MB more peak RSS in the benchmark) for ~2,500 round trips per 5M rows.
 FETCH_ROWS = 2_000
