@@ -14,6 +14,7 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Message
+from playwright.sync_api import Browser, sync_playwright
 
 from schemas.codec import EventCodec
 from site_activity import widgets
@@ -260,3 +261,19 @@ def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory
     with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as client:
         yield client
     svc.stop()
+
+
+# --- headless Chromium for the page tests (Debian's chromium; scripts/test installs it) ----------------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

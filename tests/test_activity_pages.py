@@ -5,46 +5,22 @@ contact's pageviews and custom events, newest first. Each page is saved to docs/
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from site_activity.embedded import EmbeddedPostgres
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
-from tests.test_console_pages import CHROMIUM, CHROMIUM_ARGS
+from tests.test_console_pages import console_settings  # noqa: F401 - module fixture reused
 from tests.test_read_api import contact_id, insert, visitor_rows
 
 pytestmark = pytest.mark.browser
 SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    s = make_settings(kafka, postgres, tmp_path_factory.mktemp("activity-pages") / "data", console_port=free_port())
-    svc = Service("console", s, tmp_path_factory.mktemp("activity-pages-logs"))
-    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
-    svc.start()
-    yield s
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

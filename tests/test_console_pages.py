@@ -4,11 +4,10 @@ changes it (the change lands and is audited with the admin as actor)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
@@ -16,9 +15,6 @@ from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +27,6 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
     yield s
     svc.stop()
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

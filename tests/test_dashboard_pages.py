@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Page, expect
 from site_activity.embedded import EmbeddedPostgres
 from site_activity.settings import Settings
 from tests.console_helpers import Tenant, cli, make_tenant
-from tests.test_console_pages import browser, console_settings  # noqa: F401 - module fixtures reused
+from tests.test_console_pages import console_settings  # noqa: F401 - module fixture reused
 
 pytestmark = pytest.mark.browser
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "dashboard.png"

@@ -35,15 +35,12 @@ from starlette.routing import Route as HttpRoute
 
 from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
-from tests.conftest import Service, http_ok, make_settings
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, Service, http_ok, make_settings
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
 from widget.demo_server import ServerThread, start_demo
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 TRACK_PATH = "/api/widget/track"
 FLUSH_MS = 5000
 WAIT_S = 30  # upper bound of every wait on a condition: generous, a loaded machine must not fail a test
