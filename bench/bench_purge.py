@@ -294,7 +294,7 @@ def running_api(settings: Settings, log: Path, widget: widgets.Widget) -> Iterat
     api = StageProcess("api", settings, log)
     api.start()
     try:
-        wait_until(lambda: _healthy(settings.http_port), 60, "api", interval=0.2)
+        wait_until(lambda: healthy(settings.http_port), 60, "api", interval=0.2)
         post_until_accepted(settings.http_port, make_body(str(widget.id), random.Random(3)))
         yield settings.http_port
     finally:
@@ -318,14 +318,15 @@ def running_sink(settings: Settings, log: Path) -> Iterator[SinkMeter]:
     sink = StageProcess("sink", settings, log)
     sink.start()
     try:
-        wait_until(lambda: _healthy(settings.sink_http_port), 60, "sink", interval=0.2)
+        wait_until(lambda: healthy(settings.sink_http_port), 60, "sink", interval=0.2)
         with SinkMeter(settings.sink_http_port) as meter:
             yield meter
     finally:
         sink.stop()
 
 
-def _healthy(port: int) -> bool:
+def healthy(port: int) -> bool:
+    """A stage's /healthz on 127.0.0.1 answers 200."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
             return bool(resp.status == 200)

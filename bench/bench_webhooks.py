@@ -37,6 +37,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_purge import healthy  # noqa: E402
 from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
@@ -130,7 +131,7 @@ def running(settings: Settings, workdir: Path, receiver_port: int, receiver_file
     try:
         for stage in stages:
             stage.start()
-        wait_until(lambda: _healthy(settings.sink_http_port) and _healthy(settings.webhooks_http_port), 60,
+        wait_until(lambda: healthy(settings.sink_http_port) and healthy(settings.webhooks_http_port), 60,
                    "sink and webhooks", interval=0.2)
         wait_until(lambda: _port_open(receiver_port), 30, "receiver", interval=0.1)
         yield {"webhooks": stages[1].pid, "sink": stages[0].pid, "receiver": recv.pid}  # type: ignore[dict-item]
@@ -138,16 +139,6 @@ def running(settings: Settings, workdir: Path, receiver_port: int, receiver_file
         for stage in reversed(stages):
             stage.stop()
         stop_process(recv)
-
-
-def _healthy(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 def _port_open(port: int) -> bool:
