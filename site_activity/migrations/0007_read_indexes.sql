@@ -89,7 +89,7 @@ $$;
 -- rows for such a visitor holds that lock until it commits, so the reads below (later statements, newer
 -- snapshots in READ COMMITTED) see its rows; one that adds rows later waits for this lock and adds its counts on
 -- top. Either way the summary stays equal to the rows.
-CREATE FUNCTION visitor_summaries_recompute() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION visitor_summaries_subtract() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM visitor_summaries s JOIN (SELECT DISTINCT widget_id, visitor_id FROM old_rows) t
         USING (widget_id, visitor_id)
@@ -133,7 +133,7 @@ $$;
 CREATE TRIGGER visitor_summaries_on_insert AFTER INSERT ON visitor_events
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION visitor_summaries_add();
 CREATE TRIGGER visitor_summaries_on_delete AFTER DELETE ON visitor_events
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION visitor_summaries_recompute();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION visitor_summaries_subtract();
 
 -- Rows already stored.
 INSERT INTO visitor_summaries (widget_id, visitor_id, tenant_id, first_seen, last_seen, events, pageviews, sessions,
