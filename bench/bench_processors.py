@@ -299,7 +299,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.py_spy:
         global PROFILER
-        from bench.bench_pipeline import Profiler
+        from bench.harness import Profiler
         PROFILER = Profiler(True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so brokers and workers are stopped on the way out

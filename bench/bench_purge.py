@@ -49,7 +49,7 @@ from site_activity.db import migrate  # noqa: E402
 from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from site_activity.process import StageProcess  # noqa: E402
-from bench.bench_pipeline import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
+from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_body  # noqa: E402
 from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402

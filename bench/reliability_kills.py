@@ -34,7 +34,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pipeline import Loadgen, post_until_accepted  # noqa: E402
+from bench.harness import Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402

@@ -1,0 +1,1 @@
+"""The pipeline benchmark's sections, one module each; bench/bench_pipeline.py runs them."""
