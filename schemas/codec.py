@@ -133,6 +133,12 @@ class EventCodec:
         return self.batch.encode({"events": records})
 
     def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
+        """The events of one message value, in the message's order: a `VisitorEventBatch` gives its `events`
+        (1 or more), a single `VisitorEvent` a list of one. Each event is a dict of the reader schema's fields;
+        with logical types on, times are timezone-aware `datetime`s (UTC) and ids `str`; otherwise raw Avro values
+        (timestamps as int microseconds since the epoch). Raises `DecodeError` for anything that is not a
+        single-object message of a known writer schema (no value, bad magic, unknown fingerprint, truncated or
+        corrupt payload): the caller dead-letters such a message, it never becomes a retry."""
         if data and len(data) >= HEADER_LEN and self.batch.knows(data):
             events: list[dict[str, Any]] = self.batch.decode(data)["events"]
             return events

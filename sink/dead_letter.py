@@ -30,6 +30,11 @@ class DeadLetterPublisher:
         self._timeout_s = timeout_s
 
     def publish(self, letters: list[DeadLetter]) -> None:
+        """Publishes each letter to the dead-letter topic (value: the original message bytes; headers: stage, reason,
+        source topic/partition/offset, see `site_activity.dead_letters`) and waits until the broker confirmed all
+        of them (up to `timeout_s` seconds per flush). A letter the broker refuses for its size or content is sent
+        again without its payload (`x-dropped-bytes` says how much), so no letter can block the stage. Raises
+        `DeadLetterError` when any letter is not confirmed: the caller must not commit the batch's offsets."""
         if not letters:
             return
         failures: list[KafkaError] = []

@@ -259,6 +259,15 @@ class EventWriter:
         self._conn: psycopg.Connection | None = None
 
     def write(self, rows: list[Row]) -> WriteResult:
+        """Stores the rows (one consumer batch, in offset order) in one transaction: binary COPY into a staging
+        table, then insert of the rows not already stored (`(widget_id, event_id)` is the idempotency key, so a
+        redelivered batch inserts nothing twice), dropping rows of erased subjects and rows already past their
+        widget's retention, creating contacts for identifies and re-linking earlier rows of newly linked visitors.
+        Returns the counts (`inserted`, `customers`, `relinked`, `expired`, `erased`), the seconds per step, and in
+        `rejected` the rows the database refuses for their data (found by bisecting the batch; each a `DeadLetter`
+        with reason `db_rejected: <sqlstate> …`) — everything else of the batch is stored. Raises
+        `TransientError` when the database cannot be written now (down, restarting, deadlock, schema missing):
+        nothing of the batch is stored, the caller retries the same rows and must not commit the offsets."""
         if not rows:
             return WriteResult()
         try:
