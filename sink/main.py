@@ -32,6 +32,7 @@ from sink.dead_letter import DeadLetterError, DeadLetterPublisher
 from sink.metrics import Liveness, SinkMetrics, serve_http
 from sink.records import DecodedBatch, EventDecoder
 from sink.writer import EventWriter, TransientError, WriteResult
+from site_activity.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded, Reason
 from site_activity.kafka import consumer_config
 from site_activity.lag import sink_group, start_lag_metrics
 from site_activity.settings import Settings
@@ -43,6 +44,8 @@ _POLL_S = 0.5  # upper bound on one consume() call, so a stop request is seen qu
 _SETTLE_POLL_S = 0.02  # while a write is in flight, look back soon to commit it
 _FIRST_BACKOFF_S = 0.2
 _RETRYABLE = (TransientError, DeadLetterError)
+# Exit status when the dead-letter limit stopped the sink (EX_DATAERR): a restart reads the same records again.
+EXIT_DEAD_LETTER_LIMIT = 65
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Sink:
         self.writer = EventWriter(settings.postgres_dsn, rollups=settings.sink_rollups)
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-writer")  # owns the connection
         self.dead_letters = DeadLetterPublisher(settings, topics.dead_letter)
+        self.dead_letter_limit = DeadLetterLimit.from_settings(settings)
         # We keep calling consume() while backing off (partitions paused), so the poll interval is never
         # exceeded by a database outage; the bound only has to cover one slow batch write.
         self.consumer = Consumer(consumer_config(settings, settings.sink_group, **{"max.poll.interval.ms": 300_000}))
@@ -75,6 +79,8 @@ class Sink:
     # --- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Consumes, writes and commits until `stop()`; returns the exit status (0, or EXIT_DEAD_LETTER_LIMIT
+        when the input turned invalid wholesale: nothing of the offending batch is committed)."""
         self.consumer.subscribe([self.source_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         log.info("sink started", extra={"topic": self.source_topic, "group": self.settings.sink_group})
@@ -88,6 +94,13 @@ class Sink:
                 elif self.inflight and self.inflight.write.done():
                     self._settle()
             self._drain(retry=False)  # the last partial batch, then leave the group
+        except DeadLetterLimitExceeded as exc:
+            # Stopping: leaving the group must not write (and count) the held batches again on revoke.
+            self.stopping.set()
+            self.inflight = None
+            log.critical("dead-letter limit reached; stopping without committing the batch", extra={
+                "error": str(exc), "topic": self.source_topic, "group": self.settings.sink_group})
+            return EXIT_DEAD_LETTER_LIMIT
         finally:
             self.liveness.running = False
             self.consumer.close()
@@ -139,6 +152,8 @@ class Sink:
             job = self.inflight
             try:
                 result = job.write.result()
+                invalid = len(job.batch.letters) + len(result.rejected)
+                self.dead_letter_limit.record(valid=len(job.batch.rows) - len(result.rejected), invalid=invalid)
                 self.dead_letters.publish(job.batch.letters + result.rejected)
                 self._commit(next_offsets(job.batch.messages))
             except _RETRYABLE as exc:
@@ -195,9 +210,9 @@ class Sink:
         for step, seconds in result.step_seconds.items():
             m.step_seconds.labels(step).inc(seconds)
         if job.batch.letters:
-            m.dead_letters.labels("undecodable").inc(len(job.batch.letters))
+            m.dead_letters.labels(Reason.UNDECODABLE).inc(len(job.batch.letters))
         if result.rejected:
-            m.dead_letters.labels("db_rejected").inc(len(result.rejected))
+            m.dead_letters.labels(Reason.DB_REJECTED).inc(len(result.rejected))
 
     def _back_off(self, delay: float) -> None:
         """Waits without fetching more (partitions paused) while still serving the group protocol."""

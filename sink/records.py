@@ -17,6 +17,7 @@ import fastavro
 from confluent_kafka import Message
 
 from schemas.codec import HEADER_LEN, DecodeError, EventCodec
+from site_activity.dead_letters import Reason, reason_text
 
 # The event fields a row carries, in this order (the COPY column order, see sink.writer). The first two are
 # the table's primary key.
@@ -118,7 +119,7 @@ def decode(messages: Iterable[Message], codec: EventDecoder) -> tuple[list[Row],
         try:
             records = codec.decode_events(msg.value())
         except DecodeError as exc:
-            letters.append(DeadLetter(Source.of(msg), f"undecodable: {exc}"))
+            letters.append(DeadLetter(Source.of(msg), reason_text(Reason.UNDECODABLE, str(exc))))
             continue
         for record in records:
             append(Row(msg, _pick(record)))

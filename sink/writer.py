@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from sink.records import CUSTOMER_ID, FIELDS, DeadLetter, Row
+from site_activity.dead_letters import Reason, reason_text
 from site_activity.erasure import TENANT_LOCK_CLASS
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,8 @@ class EventWriter:
             return self._write_once(rows)
         except _POISON as exc:
             if len(rows) == 1:
-                reason = f"db_rejected: {exc.sqlstate} {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                reason = reason_text(Reason.DB_REJECTED,
+                                     f"{exc.sqlstate} {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                 log.warning("row rejected by the database", extra={
                     "reason": reason, "topic": rows[0].source.topic, "partition": rows[0].source.partition,
                     "offset": rows[0].source.offset})

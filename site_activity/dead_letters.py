@@ -1,10 +1,79 @@
 """The dead-letter contract shared by every stage: the original key and value, and why, in headers; and the one
 policy for produce errors: which ones mean "this record can never be written" (dead-letter it, move on) rather
-than "not now" (retry, or exit without committing so a restart redoes it)."""
+than "not now" (retry, or exit without committing so a restart redoes it); the reasons every stage uses; and the
+limit after which a stage stops instead of dead-lettering a whole stream (arroyo's `DlqLimit`)."""
 
 from __future__ import annotations
 
+from collections import deque
+from enum import StrEnum
+
 from confluent_kafka import KafkaError
+
+from site_activity.settings import Settings
+
+
+class Reason(StrEnum):
+    """Why a record was dead-lettered: the start of every `x-reason` header ("<reason>: <detail>") and the
+    `reason` label of every stage's dead-letter counter."""
+
+    UNDECODABLE = "undecodable"  # not an Avro message of a known writer schema
+    INVALID_EVENT = "invalid_event"  # decodes, but breaks a rule the ingest API enforces
+    DB_REJECTED = "db_rejected"  # Postgres refused the row's data
+    UNWRITABLE_OUTPUT = "unwritable_output"  # a derived record the broker can never take (size, validation)
+
+
+def reason_text(reason: Reason, detail: str) -> str:
+    """The `x-reason` header value: the reason, then what exactly went wrong."""
+    return f"{reason.value}: {detail}"
+
+
+class DeadLetterLimitExceeded(RuntimeError):
+    """Too many invalid records: the stage must stop without committing, not dead-letter the stream."""
+
+
+class DeadLetterLimit:
+    """Stops a stage whose input has turned invalid wholesale — a bad deploy of a producer or a schema, a
+    database refusing every row — instead of moving the whole stream to the dead-letter topic and committing
+    past it (arroyo's `DlqLimit`). One bad message among good ones is still dead-lettered and passed.
+
+    Two rules, each off when 0: more than `max_consecutive` invalid records in a row (counted per batch: a
+    batch with any valid record ends the run), or an invalid share above `max_ratio` over the last `window`
+    records (judged once that many were seen). Records are whatever the stage counts as one (a message, or
+    an event row). `record()` raises `DeadLetterLimitExceeded`; the caller exits without committing, so the
+    records are read again once the cause is fixed."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeadLetterLimit:
+        return cls(settings.dead_letter_max_consecutive, settings.dead_letter_max_ratio,
+                   settings.dead_letter_ratio_window)
+
+    def __init__(self, max_consecutive: int, max_ratio: float, window: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.max_ratio = max_ratio
+        self.window = window
+        self.consecutive = 0
+        self._batches: deque[tuple[int, int]] = deque()  # (valid, invalid) per batch, oldest first
+        self._valid = self._invalid = 0
+
+    def record(self, valid: int, invalid: int) -> None:
+        """Counts one batch's valid and invalid records; raises `DeadLetterLimitExceeded` past a limit."""
+        self.consecutive = self.consecutive + invalid if valid == 0 else 0
+        if self.max_consecutive and self.consecutive > self.max_consecutive:
+            raise DeadLetterLimitExceeded(
+                f"{self.consecutive} invalid records in a row (limit {self.max_consecutive})")
+        self._batches.append((valid, invalid))
+        self._valid += valid
+        self._invalid += invalid
+        while len(self._batches) > 1 and self._valid + self._invalid - sum(self._batches[0]) >= self.window:
+            old_valid, old_invalid = self._batches.popleft()
+            self._valid -= old_valid
+            self._invalid -= old_invalid
+        seen = self._valid + self._invalid
+        if self.max_ratio and self.window and seen >= self.window and self._invalid / seen > self.max_ratio:
+            raise DeadLetterLimitExceeded(
+                f"{self._invalid} of the last {seen} records invalid ({self._invalid / seen:.0%}, limit "
+                f"{self.max_ratio:.0%})")
 
 # Errors about the record itself: retrying the same bytes can never succeed.
 UNWRITABLE = frozenset({

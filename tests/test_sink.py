@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from sink.batch import Batch
@@ -22,7 +22,7 @@ from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.events import customer_id_for
-from site_activity.kafka import producer_config
+from site_activity.kafka import consumer_config, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import event_key
 from tests.conftest import http_ok, read_topic
@@ -310,6 +310,43 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     produce(raw_settings, topics.raw_events, [make_event(w, "v-1")])
     wait_count(db, w.id, len(good) + 1)
     assert metric(raw_settings.sink_http_port, "site_activity_sink_dead_letters_total") == 4
+
+
+def committed_total(settings: Settings, topic: str) -> int:
+    """Sum over partitions of the sink group's committed offsets (0 for a partition never committed)."""
+    consumer = Consumer(consumer_config(settings, settings.sink_group))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in tps)
+
+
+def test_a_stream_gone_bad_stops_the_sink_without_committing_it(
+        raw_settings, topics, db, make_widget, start_service) -> None:
+    """A producer deployed with a broken encoder: every message is undecodable. Past the dead-letter limit the
+    sink stops (exit 65) instead of moving the stream to the dead-letter topic, and commits none of the batch
+    that crossed it, so a restart reads those messages again; with the limit off they are dead-lettered."""
+    limited = raw_settings.model_copy(update={"dead_letter_max_consecutive": 5})
+    sink = start_service("sink", settings_override=limited)
+    garbage = [b"\x00\x01 not avro %d" % i for i in range(12)]
+    produce(limited, topics.raw_events, garbage)
+    wait_until(lambda: not sink.alive(), 30, "the sink to stop at the dead-letter limit")
+    assert sink.proc is not None and sink.proc.returncode == 65, sink.log_tail()
+    assert "dead-letter limit reached" in sink.log_tail()
+    assert committed_total(limited, topics.raw_events) < len(garbage)
+
+    again = start_service("sink", settings_override=limited)  # same input, same limit: stops again
+    wait_until(lambda: not again.alive(), 30, "the restarted sink to stop again")
+    assert again.proc is not None and again.proc.returncode == 65
+
+    start_service("sink", settings_override=limited.model_copy(update={"dead_letter_max_consecutive": 0}))
+    wait_until(lambda: committed_total(limited, topics.raw_events) == len(garbage), 30, "all offsets committed")
+    letters = read_topic(limited, topics.dead_letter, len(garbage))
+    assert {m.value() for m in letters} == set(garbage)
+    w = make_widget()  # and the sink runs on
+    produce(limited, topics.raw_events, [make_event(w, "v-1")])
+    wait_count(db, w.id, 1)
 
 
 def test_events_of_a_deleted_widget_are_dropped(raw_settings, topics, db, make_widget, start_service) -> None:
