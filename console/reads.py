@@ -81,26 +81,25 @@ def _time_key(position: list[Any]) -> tuple[datetime, uuid.UUID, str]:
         raise PositionError(str(exc)) from None
 
 
+# EventFilter field -> its condition on visitor_events e (the parameter is named after the field).
+_EVENT_CONDITIONS = (
+    ("event_type", "e.event_type = %(event_type)s"),
+    ("name", "e.name = %(name)s"),
+    ("visitor_id", "e.visitor_id = %(visitor_id)s"),
+    ("customer_id", "e.customer_id = %(customer_id)s"),
+    ("since", "e.occurred_at >= %(since)s"),
+    ("until", "e.occurred_at < %(until)s"),
+)
+
+
 def _filters(f: EventFilter, p: dict[str, Any]) -> list[str]:
+    """The conditions of the filters set in `f`; their values are added to the query parameters `p`."""
     conds = []
-    if f.event_type is not None:
-        conds.append("e.event_type = %(type)s")
-        p["type"] = f.event_type
-    if f.name is not None:
-        conds.append("e.name = %(name)s")
-        p["name"] = f.name
-    if f.visitor_id is not None:
-        conds.append("e.visitor_id = %(visitor)s")
-        p["visitor"] = f.visitor_id
-    if f.customer_id is not None:
-        conds.append("e.customer_id = %(customer)s")
-        p["customer"] = f.customer_id
-    if f.since is not None:
-        conds.append("e.occurred_at >= %(since)s")
-        p["since"] = f.since
-    if f.until is not None:
-        conds.append("e.occurred_at < %(until)s")
-        p["until"] = f.until
+    for field_name, cond in _EVENT_CONDITIONS:
+        value = getattr(f, field_name)
+        if value is not None:
+            conds.append(cond)
+            p[field_name] = value
     return conds
 
 

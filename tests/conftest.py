@@ -25,6 +25,8 @@ from site_activity.kafka_dist import machine_settings
 from site_activity.process import StageProcess
 from site_activity.settings import Settings
 from site_activity.topics import Topics
+from tests.console_helpers import Tenant, make_tenant
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -277,3 +279,16 @@ def browser() -> Iterator[Browser]:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# --- tenants of the console and read-API tests (a module may override them, e.g. to seed events) ------------
+
+
+@pytest.fixture(scope="module")
+def acme(postgres: EmbeddedPostgres) -> Tenant:
+    return make_tenant(postgres.dsn, "Acme")
+
+
+@pytest.fixture(scope="module")
+def globex(postgres: EmbeddedPostgres) -> Tenant:
+    return make_tenant(postgres.dsn, "Globex")

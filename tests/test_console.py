@@ -23,16 +23,6 @@ from tests.conftest import Service, http_ok, iso, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
 
 
-@pytest.fixture(scope="module")
-def acme(postgres: EmbeddedPostgres) -> Tenant:
-    return make_tenant(postgres.dsn, "Acme")
-
-
-@pytest.fixture(scope="module")
-def globex(postgres: EmbeddedPostgres) -> Tenant:
-    return make_tenant(postgres.dsn, "Globex")
-
-
 def error_of(resp: httpx.Response, status: int) -> dict[str, Any]:
     assert resp.status_code == status, (resp.status_code, resp.text)
     body = resp.json()

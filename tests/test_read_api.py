@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +23,7 @@ from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.events import session_id_for, session_start_event_id
 from site_activity.settings import Settings
 from tests.conftest import make_settings
-from tests.console_helpers import Tenant, make_tenant
+from tests.console_helpers import Tenant
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 INSERT = """INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name, url, properties,
@@ -86,16 +85,6 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
     # Paging tests make hundreds of requests a minute; the limit itself is tested on its own app below.
     return make_settings(kafka, postgres, tmp_path_factory.mktemp("read-api") / "data", console_port=free_port(),
                          console_api_rate_limit_per_min=1_000_000)
-
-
-@pytest.fixture(scope="module")
-def acme(postgres: EmbeddedPostgres) -> Tenant:
-    return make_tenant(postgres.dsn, "Acme")
-
-
-@pytest.fixture(scope="module")
-def globex(postgres: EmbeddedPostgres) -> Tenant:
-    return make_tenant(postgres.dsn, "Globex")
 
 
 @pytest.fixture(scope="module")
