@@ -52,8 +52,8 @@ from bench.bench_purge import produce, running_sink, say, stack  # noqa: E402
 from bench.workload import EVENTS_PER_BODY  # noqa: E402
 from console import accounts  # noqa: E402
 from site_activity import widgets  # noqa: E402
-from site_activity.embedded import free_port, wait_until  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.embedded import free_port, wait_until  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

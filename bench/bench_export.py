@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.workload import COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, make_bodies, to_records  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port  # noqa: E402
+from dev_stack.embedded import EmbeddedPostgres, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_MB = 100.0

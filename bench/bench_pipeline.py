@@ -46,10 +46,10 @@ from bench.workload import (  # noqa: E402
 )
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
-from site_activity.kafka_dist import machine_settings  # noqa: E402
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 
@@ -136,8 +136,8 @@ class Stack:
     @contextlib.contextmanager
     def kafka(self, section: str) -> Iterator[EmbeddedBroker]:
         chosen = machine_settings(ROOT)
-        broker = make_broker(chosen, self.workdir / f"{section}-{chosen.broker_kind}", free_ports=True)
-        say(f"[{section}] starting a fresh {chosen.broker_kind} broker on {broker.bootstrap}")
+        broker = make_broker(chosen, self.workdir / f"{section}-{broker_kind(chosen)}", free_ports=True)
+        say(f"[{section}] starting a fresh {broker_kind(chosen)} broker on {broker.bootstrap}")
         try:
             broker.start()
             yield broker

@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 from bench.workload import make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.devstack import Supervisor  # noqa: E402
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
+from dev_stack.supervisor import Supervisor  # noqa: E402
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
 from site_activity.events import customer_id_for  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
-from site_activity.kafka_dist import machine_settings  # noqa: E402
+from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from tests.test_processors import REFERENCE_SQL  # noqa: E402
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=40.0, help="requests per second (25 events each)")
     p.add_argument("--keep", action="store_true", help="keep each run's work dir (logs, data) even when it passes")
     args = p.parse_args(argv)
-    if machine_settings(ROOT).broker_kind != "kafka":
+    if broker_kind(machine_settings(ROOT)) != "kafka":
         print("needs Apache Kafka: Java 17+ (and Maven to fetch it); see scripts/kafka", file=sys.stderr)
         return 2
     outcomes: list[Outcome] = []

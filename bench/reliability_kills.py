@@ -38,9 +38,10 @@ from bench.bench_pipeline import Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.kafka_dist import broker_kind  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -217,7 +218,7 @@ def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: s
     repairs = stages["processors"].proc.log_path.read_text(errors="replace").count(REPAIR_LOG)
     report = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "broker": args.kafka_bootstrap or Settings().broker_kind,
+        "broker": args.kafka_bootstrap or broker_kind(Settings()),
         "duration_s": args.duration, "rate_req_s": args.rate,
         "kills": {name: stage.kills for name, stage in stages.items()},
         "events_204": len(wanted), "rows": sum(rows.values()), "distinct_event_rows": len(rows),

@@ -1,6 +1,6 @@
 """Export bundles: one zip archive with a tenant's events, the contacts they link to, and a manifest.
 
-Used by `site-activity export` (site_activity/cli.py) and by the console's export jobs
+Used by `site-activity export` (command_line/main.py) and by the console's export jobs
 (site_activity/export_jobs.py); both call `write_bundle`.
 
 Archive (zip, ZIP64 so any size works):

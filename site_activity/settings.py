@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5433/site_activity"
     # The embedded broker: "kafka" (Apache Kafka, KRaft, needs Java 17+) or "tansu" (a pip wheel). Unset:
-    # "kafka" where Java 17+ is found, else "tansu" (site_activity.kafka_dist.default_broker).
+    # "kafka" where Java 17+ is found, else "tansu" (dev_stack.kafka_dist.broker_kind).
     embedded_broker: Literal["kafka", "tansu"] | None = None
     # Apache Kafka nodes of the embedded cluster (combined broker+controller). Node i listens on
     # embedded_kafka_port + 2*i and its KRaft controller on the port after it, or on
@@ -229,16 +229,6 @@ class Settings(BaseSettings):
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
-
-    @property
-    def broker_kind(self) -> Literal["kafka", "tansu"]:
-        """The embedded broker to start: the setting, else this machine's default (looked up only here, so
-        processes that never start a broker never probe for Java)."""
-        if self.embedded_broker is not None:
-            return self.embedded_broker
-        from site_activity.kafka_dist import default_broker
-
-        return default_broker(self.kafka_dist, self.kafka_version)
 
     @property
     def kafka_dist(self) -> Path:

@@ -19,10 +19,10 @@ from playwright.sync_api import Browser, sync_playwright
 from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
-from site_activity.kafka_dist import machine_settings
-from site_activity.process import StageProcess
+from dev_stack.kafka_dist import machine_settings
+from dev_stack.process import StageProcess
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 

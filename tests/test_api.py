@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from site_activity import widgets
-from site_activity.embedded import EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from tests.conftest import iso, read_events

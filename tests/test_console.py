@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from console import accounts
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, iso, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant

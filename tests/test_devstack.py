@@ -17,7 +17,8 @@ import httpx
 import psutil
 import psycopg
 
-from site_activity.embedded import free_port, wait_until
+from dev_stack.embedded import free_port, wait_until
+from dev_stack.kafka_dist import broker_kind
 from tests.conftest import broker_settings
 
 
@@ -29,12 +30,12 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITE_ACTIVITY_")}
     # The suite's broker choice, and Kafka's already-fetched jars instead of a fresh copy in the data dir.
     chosen = broker_settings()
-    env |= {"SITE_ACTIVITY_EMBEDDED_BROKER": chosen.broker_kind, "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist)}
+    env |= {"SITE_ACTIVITY_EMBEDDED_BROKER": broker_kind(chosen), "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist)}
     env |= {f"SITE_ACTIVITY_{name}_PORT": str(port) for name, port in ports.items()}
     env |= {"SITE_ACTIVITY_DATA_DIR": str(data_dir), "SITE_ACTIVITY_TOPIC_PARTITIONS": "2",
             "SITE_ACTIVITY_CONSUMER_SESSION_TIMEOUT_MS": "3000", "SITE_ACTIVITY_CONSUMER_HEARTBEAT_INTERVAL_MS": "500"}
     log = open(tmp_path / "dev.log", "wb")
-    dev = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "dev"], env=env, stdout=log,
+    dev = subprocess.Popen([sys.executable, "-m", "command_line", "dev"], env=env, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         stack_file = data_dir / "stack.json"

@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.settings import Settings
 from site_activity import erasure
 from site_activity.topics import Topics, event_key

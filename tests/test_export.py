@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from site_activity import erasure, export, widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from site_activity.settings import Settings
 from tests.conftest import make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
@@ -546,7 +546,7 @@ class _Terminal(io.StringIO):
 def test_cli_shows_a_progress_bar_on_a_terminal(acme: Tenant, postgres: EmbeddedPostgres, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                 db: psycopg.Connection) -> None:
-    from site_activity.export_cli import run_export
+    from command_line.export import run_export
 
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)

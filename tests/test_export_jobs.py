@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import make_tenant
 from tests.test_export import seed_tenant

@@ -28,7 +28,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
+from dev_stack.kafka_dist import broker_kind
 from site_activity.kafka import admin, client_config, consumer_config, ensure_topics, producer_config
 from site_activity.kafka_security import MASK, KafkaSecurityError, faust_security, secret
 from site_activity.logs import JsonFormatter
@@ -345,7 +346,7 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
     """The embedded Apache Kafka with a SASL_PLAINTEXT listener (PLAIN user alice; SCRAM-SHA-512 user bob
     created through the admin API over the plaintext listener)."""
     base = broker_settings()
-    if base.broker_kind != "kafka":
+    if broker_kind(base) != "kafka":
         pytest.skip("a SASL listener needs the embedded Apache Kafka (Java 17+); Tansu has no SASL")
     cluster = EmbeddedApacheKafka.from_settings(base, tmp_path_factory.mktemp("sasl-kafka"), nodes=1, free_ports=True)
     cluster.sasl_users = dict(USERS)

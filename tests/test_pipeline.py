@@ -20,7 +20,7 @@ from site_activity import widgets
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from tests.avro_spec import crc64_avro, parsing_canonical_form
-from site_activity.embedded import wait_until
+from dev_stack.embedded import wait_until
 from tests.conftest import iso, read_topic, wait_for_rows
 
 ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,

@@ -28,7 +28,7 @@ from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors.app import SkippedReader, create_app
 from stream_processors.erasures import is_erased
-from site_activity.embedded import wait_until
+from dev_stack.embedded import wait_until
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)

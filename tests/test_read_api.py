@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from console import reads
 from console.app import create_app
 from site_activity import widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.events import session_id_for, session_start_event_id
 from site_activity.settings import Settings
 from tests.conftest import make_settings

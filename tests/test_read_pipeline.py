@@ -13,7 +13,7 @@ import httpx
 import psycopg
 
 from site_activity import widgets
-from site_activity.embedded import free_port
+from dev_stack.embedded import free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
 from tests.console_helpers import make_tenant

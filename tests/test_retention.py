@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from site_activity import widgets
-from site_activity.embedded import wait_until
+from dev_stack.embedded import wait_until
 from site_activity.retention import WidgetPurge, _Pace, purge
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
@@ -199,7 +199,7 @@ def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db
     widgets.set_retention(db, w.id, 7, actor="tests")
     s = settings.model_copy(update={"purge_interval_s": 1.0})
     log = open(tmp_path / "purge.log", "wb")
-    loop = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "purge", "--loop"],
+    loop = subprocess.Popen([sys.executable, "-m", "command_line", "purge", "--loop"],
                             env={**os.environ, **s.to_env()}, stdout=log, stderr=log)
     try:
         seed(db, w, 3, timedelta(days=30))

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "site_activity.cli", "schemas", "check", *args],
+    return subprocess.run([sys.executable, "-m", "command_line", "schemas", "check", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 

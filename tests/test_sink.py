@@ -20,7 +20,7 @@ from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from sink.batch import Batch
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.events import customer_id_for
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings

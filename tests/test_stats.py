@@ -22,7 +22,7 @@ from console import stats
 from console.errors import ConsoleError
 from console.routes.dashboard_pages import page_range
 from site_activity import rollups, widgets
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.retention import purge
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, iso

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from site_activity.embedded import EmbeddedTansu
+from dev_stack.embedded import EmbeddedTansu
 from tests.test_pipeline import (  # noqa: F401 (collected here again, on Tansu)
     test_posted_events_become_rows_with_every_column,
     test_retried_batch_never_duplicates_rows,

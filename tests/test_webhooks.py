@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 
 from schemas.codec import EventCodec
 from site_activity import erasure, widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from site_activity.kafka import admin, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
