@@ -81,11 +81,3 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
                 raise
     log.info("created topics", extra={"topics": created})
     return created
-
-
-def kafka_reachable(settings: Settings, timeout: float = 2.0) -> bool:
-    try:
-        admin(settings).list_topics(timeout=timeout)
-        return True
-    except KafkaException:
-        return False

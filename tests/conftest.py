@@ -65,10 +65,6 @@ def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
     server.stop()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    return settings.to_env()
-
-
 @pytest.fixture
 def settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
     """Settings for one test: unique topic prefix and consumer groups, short group timeouts."""

@@ -21,7 +21,7 @@ from console import reads
 from console.app import create_app
 from site_activity import widgets
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from site_activity.events import session_id_for, session_start_event_id
+from site_activity.events import session_id_for, session_start_event_id_text
 from site_activity.settings import Settings
 from tests.conftest import make_settings
 from tests.console_helpers import Tenant, make_tenant
@@ -48,13 +48,13 @@ def visitor_rows(w: widgets.Widget, visitor: str, rng: random.Random, n: int,
     user, customer = contact if contact else (None, None)
     start = NOW - timedelta(days=3) + timedelta(seconds=rng.randrange(0, 3 * 86400 - 7200))
     sid = first_sid = session_id_for(w.id, visitor, start)
-    rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user, customer,
+    rows.append((w.id, uuid.UUID(session_start_event_id_text(str(sid))), w.tenant_id, visitor, "session_start", None, None, user, customer,
                  sid, start, start))
     for i in range(n):
         at = start + timedelta(seconds=10 * i, microseconds=rng.randrange(0, 999_999))
         if i == n // 2 and rng.random() < 0.5:  # a second session
             sid = session_id_for(w.id, visitor, at)
-            rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user,
+            rows.append((w.id, uuid.UUID(session_start_event_id_text(str(sid))), w.tenant_id, visitor, "session_start", None, None, user,
                          customer, sid, at, at))
         kind = rng.choice(["pageview", "pageview", "custom"])
         rows.append((w.id, uuid.uuid4(), w.tenant_id, visitor, kind, rng.choice(["signup", "cart"]) if kind == "custom"
