@@ -47,6 +47,7 @@ from bench.workload import (  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
@@ -145,11 +146,10 @@ class Stack:
             broker.stop()
 
     def settings(self, section: str, broker: EmbeddedBroker) -> Settings:
-        s = Settings(
-            data_dir=self.workdir / section, kafka_bootstrap=broker.bootstrap, postgres_dsn=self.postgres.dsn,
+        s = isolated_settings(
+            broker.bootstrap, self.postgres.dsn, self.workdir / section,
             topic_prefix=f"bench-{section}", sink_group=f"bench-sink-{section}",
-            processors_app_id=f"bench-proc-{section}", http_port=free_port(), sink_http_port=free_port(),
-            demo_port=free_port(), processors_web_port=free_port(),
+            processors_app_id=f"bench-proc-{section}",
             # Tansu holds a JoinGroup for session_timeout/2: keep group start-up short (see the Tansu notes).
             consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000,
             widget_cache_refresh_s=1.0, sink_from_enriched=False,

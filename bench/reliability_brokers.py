@@ -46,6 +46,7 @@ from dev_stack.supervisor import Supervisor  # noqa: E402
 from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
 from site_activity.events import customer_id_for  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
+from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from tests.test_processors import REFERENCE_SQL  # noqa: E402
@@ -122,10 +123,9 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         stack.callback(pg.stop)
         pg.start()
         migrate(pg.dsn)
-        settings = Settings(
-            data_dir=work, kafka_bootstrap=cluster.bootstrap, postgres_dsn=pg.dsn, embedded_broker="kafka",
-            topic_replication_factor=3, topic_min_insync_replicas=2, http_port=free_port(),
-            sink_http_port=free_port(), processors_web_port=free_port(), demo_port=free_port(),
+        settings = isolated_settings(
+            cluster.bootstrap, pg.dsn, work, embedded_broker="kafka",
+            topic_replication_factor=3, topic_min_insync_replicas=2,
             consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000, widget_cache_refresh_s=1.0,
         )
         ensure_topics(settings)
@@ -135,8 +135,8 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         sup.start()
         stack.callback(sup.stop)
         api = settings.api_origin
-        for url in (f"{api}/healthz", f"http://127.0.0.1:{settings.processors_web_port}/healthz",
-                    f"http://127.0.0.1:{settings.sink_http_port}/healthz"):
+        for url in (f"{api}/healthz", settings.health_url("processors"),
+                    settings.health_url("sink")):
             wait_until(lambda url=url: healthy(url), 120, url, interval=0.5)
 
         done = threading.Event()

@@ -12,6 +12,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# --- structure (issue 10) ---------------------------------------------------------------------------------
+Stage = Literal["api", "processors", "sink", "webhooks", "console"]
+# The setting naming the port each long-running stage serves /healthz (and /metrics, /readyz) on, at http_host.
+STAGE_HTTP_PORT: dict[str, str] = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
+                                   "webhooks": "webhooks_http_port", "console": "console_port"}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SITE_ACTIVITY_", extra="ignore")
 
@@ -252,6 +259,11 @@ class Settings(BaseSettings):
     def console_origin(self) -> str:
         """Where browsers reach the console; sign-in links point here."""
         return self.console_public_url.rstrip("/") or f"http://{reachable_host(self.http_host)}:{self.console_port}"
+
+    # --- structure (issue 10): where each stage's probes are, derived from its port setting -------------
+    def health_url(self, stage: Stage) -> str:
+        """http://<reachable http_host>:<the stage's port>/healthz (STAGE_HTTP_PORT names the port setting)."""
+        return f"http://{reachable_host(self.http_host)}:{getattr(self, STAGE_HTTP_PORT[stage])}/healthz"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""

@@ -22,8 +22,9 @@ from site_activity.db import migrate
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
 from dev_stack.kafka_dist import machine_settings
+from dev_stack.isolated import isolated_settings
 from dev_stack.process import StageProcess
-from site_activity.settings import Settings
+from site_activity.settings import STAGE_HTTP_PORT, Settings
 from site_activity.topics import Topics
 
 @pytest.fixture(scope="session")
@@ -72,27 +73,18 @@ def settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path) 
 
 
 def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
-    """Unique topics, groups and ports on the session's broker and database; topics created.
+    """Unique topics, groups and ports on the session's broker and database (dev_stack.isolated); topics created.
     Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
-    tag = uuid.uuid4().hex[:10]
-    s = Settings(
-        data_dir=data_dir,
-        kafka_bootstrap=kafka.bootstrap,
-        postgres_dsn=postgres.dsn,
-        topic_prefix=f"t{tag}",
+    s = isolated_settings(
+        kafka.bootstrap, postgres.dsn, data_dir,
         topic_partitions=3,
-        sink_group=f"sink-{tag}",
-        processors_app_id=f"proc-{tag}",
-        http_port=free_port(),
-        sink_http_port=free_port(),
-        demo_port=free_port(),
-        processors_web_port=free_port(),
         consumer_session_timeout_ms=3000,
         consumer_heartbeat_interval_ms=500,
         widget_cache_refresh_s=0.5,
         sink_batch_max_ms=100,
         log_json=True,
-    ).model_copy(update=overrides)
+        **overrides,
+    )
     ensure_topics(s)
     return s
 
@@ -158,14 +150,7 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
     def start(stage: str, settings_override: Settings | None = None, **extra_env: str) -> Service:
         s = settings_override or settings
         svc = Service(stage, s, tmp_path, extra_env)
-        health = {
-            "api": f"http://127.0.0.1:{s.http_port}/healthz",
-            "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
-            "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
-            "console": f"http://127.0.0.1:{s.console_port}/healthz",
-            "webhooks": f"http://127.0.0.1:{s.webhooks_http_port}/healthz",  # issue 13
-        }.get(stage)
-        svc.ready = http_ok(health) if health else None
+        svc.ready = http_ok(s.health_url(stage)) if stage in STAGE_HTTP_PORT else None
         started.append(svc)
         return svc.start()
 
@@ -252,7 +237,7 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
 def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A running `site-activity console` for the module, and an HTTP client pointed at it."""
     svc = Service("console", console_settings, tmp_path_factory.mktemp("console-logs"))
-    svc.ready = http_ok(f"http://127.0.0.1:{console_settings.console_port}/healthz")
+    svc.ready = http_ok(console_settings.health_url("console"))
     svc.start()
     with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as client:
         yield client

@@ -457,10 +457,10 @@ def test_console_without_its_database_answers_503_with_retry_after(kafka: Embedd
                                                                    tmp_path: Path) -> None:
     """Postgres unreachable: /healthz still answers (the process is alive), and a request that needs the database
     gets a 503 a client may retry, not a 500 or a hang."""
-    s = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(),
+    s = make_settings(kafka, postgres, tmp_path / "data",
                       postgres_dsn=f"postgresql://127.0.0.1:{free_port()}/nowhere?connect_timeout=1")
     svc = Service("console", s, tmp_path / "logs")
-    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
+    svc.ready = http_ok(s.health_url("console"))
     svc.start()
     try:
         resp = httpx.get(f"http://127.0.0.1:{s.console_port}/api/v1/me",

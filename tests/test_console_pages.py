@@ -22,7 +22,7 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     s = make_settings(kafka, postgres, tmp_path_factory.mktemp("console-pages") / "data", console_port=free_port())
     svc = Service("console", s, tmp_path_factory.mktemp("console-pages-logs"))
-    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
+    svc.ready = http_ok(s.health_url("console"))
     svc.start()
     yield s
     svc.stop()

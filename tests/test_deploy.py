@@ -18,15 +18,14 @@ import pytest
 import yaml
 
 from command_line.main import build_parser
-from site_activity.settings import Settings
+from site_activity.settings import STAGE_HTTP_PORT, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 STAGES = ("api", "processors", "sink", "webhooks")
 # The setting that names the port each stage serves /healthz, /readyz and /metrics on.
-STAGE_PORT_SETTING = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
-                      "webhooks": "webhooks_http_port"}
+STAGE_PORT_SETTING = {stage: STAGE_HTTP_PORT[stage] for stage in STAGES}
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 ENV_PREFIX = "SITE_ACTIVITY_"
 ENV_NAME = re.compile(rf"\b{ENV_PREFIX}[A-Z0-9_]+\b")

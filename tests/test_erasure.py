@@ -28,7 +28,7 @@ def stack_with_console(settings: Settings, start_service: Callable[..., Service]
     for stage in ("sink", "processors", "api"):
         start_service(stage, settings_override=s)
     start_service("console", settings_override=s)
-    wait_until(http_ok(f"http://127.0.0.1:{s.console_port}/healthz"), 30, "console", interval=0.2)
+    wait_until(http_ok(s.health_url("console")), 30, "console", interval=0.2)
     return s, httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30)
 
 

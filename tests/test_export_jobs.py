@@ -22,13 +22,13 @@ from tests.test_export import seed_tenant
 
 def start_console(settings, log_dir: Path) -> Service:  # type: ignore[no-untyped-def]
     svc = Service("console", settings, log_dir)
-    svc.ready = http_ok(f"http://127.0.0.1:{settings.console_port}/healthz")
+    svc.ready = http_ok(settings.health_url("console"))
     return svc.start()
 
 
 def test_job_of_a_killed_console_is_finished_after_restart(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
                                                            tmp_path: Path) -> None:
-    settings = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(), export_poll_s=0.2,
+    settings = make_settings(kafka, postgres, tmp_path / "data", export_poll_s=0.2,
                              export_lease_s=2.0)
     tenant = make_tenant(postgres.dsn, "Crash")
     seed_tenant(postgres.dsn, tenant.id, tenant.widget.id, n=200)
@@ -82,7 +82,7 @@ def test_an_erase_during_a_running_export_makes_it_start_over(kafka: EmbeddedBro
     that snapshot (it may hold the erased visitor); it runs again from a snapshot after the erase."""
     from site_activity import erasure
 
-    settings = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(), export_poll_s=0.2,
+    settings = make_settings(kafka, postgres, tmp_path / "data", export_poll_s=0.2,
                              export_lease_s=2.0)
     tenant = make_tenant(postgres.dsn, "EraseDuring")
     seed_tenant(postgres.dsn, tenant.id, tenant.widget.id, n=40)

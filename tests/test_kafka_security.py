@@ -394,9 +394,9 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
     ensure_topics(s)  # the topics are created through the SASL listener as well (make_settings did it first)
     services = []
     try:
-        for stage, health in (("api", f"http://127.0.0.1:{s.http_port}/healthz"),
-                              ("processors", f"http://127.0.0.1:{s.processors_web_port}/healthz"),
-                              ("sink", f"http://127.0.0.1:{s.sink_http_port}/healthz")):
+        for stage, health in (("api", s.health_url("api")),
+                              ("processors", s.health_url("processors")),
+                              ("sink", s.health_url("sink"))):
             svc = Service(stage, s, tmp_path)
             svc.ready = lambda url=health: _ok(url)
             services.append(svc)

@@ -180,7 +180,7 @@ def test_stats_equal_raw_rows_through_pipeline_replay_purge_erase_and_delete(
     s = settings.model_copy(update={"console_port": free_port()})
     for stage in ("sink", "processors", "api", "console"):
         start_service(stage, settings_override=s)
-    wait_until(http_ok(f"http://127.0.0.1:{s.console_port}/healthz"), 30, "console", interval=0.2)
+    wait_until(http_ok(s.health_url("console")), 30, "console", interval=0.2)
     api = httpx.Client(base_url=f"http://127.0.0.1:{s.http_port}", timeout=10)
     console = httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30)
     now = datetime.now(UTC)

@@ -76,8 +76,8 @@ window.fetch = function (url, init) {
 def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     log_dir = tmp_path_factory.mktemp("widget-stack")
     settings = make_settings(kafka, postgres, log_dir / "data", sink_from_enriched=False)
-    api = _start(Service("api", settings, log_dir), f"http://127.0.0.1:{settings.http_port}/healthz")
-    sink = _start(Service("sink", settings, log_dir), f"http://127.0.0.1:{settings.sink_http_port}/healthz")
+    api = _start(Service("api", settings, log_dir), settings.health_url("api"))
+    sink = _start(Service("sink", settings, log_dir), settings.health_url("sink"))
     yield settings
     sink.stop()
     api.stop()
