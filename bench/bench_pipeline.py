@@ -41,16 +41,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.workload import (  # noqa: E402
-    COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, encoded_batches, encoded_messages,
-    http_request, make_bodies, to_records,
+    COPY_COLUMNS,
+    EVENTS_PER_BODY,
+    JsonText,
+    JsonTextBinaryDumper,
+    copy_row,
+    encoded_batches,
+    encoded_messages,
+    http_request,
+    make_bodies,
+    to_records,
 )
-from site_activity import widgets  # noqa: E402
-from site_activity.db import migrate  # noqa: E402
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
-from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
+from site_activity import widgets  # noqa: E402
+from site_activity.db import migrate  # noqa: E402
+from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 
@@ -490,7 +498,7 @@ def bare_copy(dsn: str, rows: list[tuple[Any, ...]], batch: int = 10_000, foreig
                     copy.write_row(row)
             conn.commit()
         elapsed = time.perf_counter() - start
-        count = conn.execute("SELECT count(*) FROM bench_copy").fetchone()[0]  # type: ignore[index]
+        count = conn.execute("SELECT count(*) FROM bench_copy").fetchone()[0]
         conn.execute("DROP TABLE bench_copy")
         conn.commit()
     if count != len(rows):
@@ -518,9 +526,9 @@ def section_sink(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
         del records, bodies, copy_rows
         say(f"[sink] bare COPY: {copy['rows_per_s']:,.0f} rows/s ({copy_no_fk['rows_per_s']:,.0f} without foreign keys)")
 
-        with stack.stage("sink", s, None) as proc, psycopg.connect(stack.postgres.dsn, autocommit=True) as conn:
-            with stack.profiler.record("sink", proc), stack.cpu.measure("sink"):
-                sink = poll_sink(conn, proc, widget_id, n, timeout=max(60.0, n / 2_000))
+        with (stack.stage("sink", s, None) as proc, psycopg.connect(stack.postgres.dsn, autocommit=True) as conn,
+              stack.profiler.record("sink", proc), stack.cpu.measure("sink")):
+            sink = poll_sink(conn, proc, widget_id, n, timeout=max(60.0, n / 2_000))
     out["sink"] = {"preload": preload, "bare_copy": copy, "bare_copy_without_foreign_keys": copy_no_fk, "sink": sink}
     ratio = sink["rows_per_s"] / copy["rows_per_s"]
     ratio_no_fk = sink["rows_per_s"] / copy_no_fk["rows_per_s"]
@@ -567,7 +575,7 @@ def poll_sink(conn: psycopg.Connection, proc: StageProcess, widget_id: str, n: i
 def _count(conn: psycopg.Connection, widget_id: str) -> int:
     """Events of the widget as sent (the processors' derived session_start rows are not counted)."""
     return int(conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
-                            (widget_id,)).fetchone()[0])  # type: ignore[index]
+                            (widget_id,)).fetchone()[0])
 
 
 class FreshnessProbe:
@@ -648,7 +656,7 @@ class HopTap:
         while not self._stop.is_set():
             for msg in self._consumer.consume(1000, timeout=0.2):
                 if msg.error() is None:
-                    self.first_seen[msg.topic()].setdefault(msg.key(), msg.timestamp()[1])
+                    self.first_seen[msg.topic()].setdefault(msg.key() or b"", msg.timestamp()[1])
 
     def hops_s(self, src: str, dst: str) -> list[float]:
         self._stop.set()

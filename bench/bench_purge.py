@@ -43,15 +43,19 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
-from site_activity import widgets  # noqa: E402
-from site_activity.db import migrate  # noqa: E402
+from bench.bench_pipeline import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
+from bench.workload import (  # noqa: E402
+    EVENTS_PER_BODY,
+    encoded_batches,
+    make_bodies,
+    make_body,
+)
 from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
-from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
-from bench.bench_pipeline import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
-from bench.workload import make_body  # noqa: E402
+from site_activity import widgets  # noqa: E402
+from site_activity.db import migrate  # noqa: E402
+from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402

@@ -40,15 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.workload import make_bodies  # noqa: E402
-from site_activity import widgets  # noqa: E402
-from site_activity.db import migrate  # noqa: E402
-from dev_stack.supervisor import Supervisor  # noqa: E402
 from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
-from site_activity.events import customer_id_for  # noqa: E402
-from site_activity.kafka import ensure_topics  # noqa: E402
 from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
-from site_activity.settings import Settings  # noqa: E402
+from dev_stack.supervisor import Supervisor  # noqa: E402
+from site_activity import widgets  # noqa: E402
+from site_activity.db import migrate  # noqa: E402
+from site_activity.events import customer_id_for  # noqa: E402
+from site_activity.kafka import ensure_topics  # noqa: E402
 from tests.test_processors import REFERENCE_SQL  # noqa: E402
 
 KILL_AT_S = 10.0  # seconds into the load
@@ -140,14 +139,18 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
             wait_until(lambda url=url: healthy(url), 120, url, interval=0.5)
 
         done = threading.Event()
-        watcher = threading.Thread(target=lambda: [sup.check() for _ in iter(lambda: done.wait(1.0), True)])
+        def watch() -> None:
+            while not done.wait(1.0):
+                sup.check()
+
+        watcher = threading.Thread(target=watch)
         watcher.start()
         stack.callback(watcher.join)
         stack.callback(done.set)
 
         requests = int(rate * LOAD_S)
         seed = random.randrange(2**31)
-        load_out = open(work / "loadgen.out", "w")
+        load_out = open(work / "loadgen.out", "w")  # written by the load generator until it ends  # noqa: SIM115
         load = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(settings.http_port),
              "--widget", str(w.id), "--mode", "open", "--rate", str(rate), "--duration", str(LOAD_S),

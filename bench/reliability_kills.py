@@ -36,13 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_pipeline import Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_bodies  # noqa: E402
-from site_activity import widgets  # noqa: E402
-from site_activity.db import migrate  # noqa: E402
 from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.kafka_dist import broker_kind  # noqa: E402
-from site_activity.kafka import ensure_topics  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
+from site_activity import widgets  # noqa: E402
+from site_activity.db import migrate  # noqa: E402
+from site_activity.kafka import ensure_topics  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.settings import Stage as StageName  # noqa: E402
 
@@ -127,9 +127,9 @@ def kill_schedule(duration: float, processors: int, sink: int) -> list[tuple[flo
 
 def count_rows(dsn: str, widget_id: str) -> dict[uuid.UUID, int]:
     with psycopg.connect(dsn) as conn:
-        return {eid: n for eid, n in conn.execute(
+        return dict(conn.execute(
             "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' "
-            "GROUP BY event_id", (widget_id,)).fetchall()}
+            "GROUP BY event_id", (widget_id,)).fetchall())
 
 
 def session_start_duplicates(dsn: str, widget_id: str) -> int:

@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from site_activity.logs import setup_logging
@@ -121,7 +120,7 @@ def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         while True:
             rows = conn.execute(sql, {"w": args.widget, "since": since, "n": args.limit}).fetchall()
-            for rx, at, kind, label, url, visitor, session, customer in reversed(rows):
+            for _rx, at, kind, label, url, visitor, session, customer in reversed(rows):
                 print(f"{at:%Y-%m-%d %H:%M:%S}  {kind:13}  {label[:24]:24}  {url or '':50}  visitor={visitor[:8]}"
                       f"  session={str(session)[:8] if session else '-'}  contact={str(customer)[:8] if customer else '-'}",
                       flush=True)
@@ -267,7 +266,7 @@ def _lag(args: argparse.Namespace, settings: Settings) -> int:
                    interval_s=args.interval, samples=args.samples, port=args.port)
 
 
-def _add_lag_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_lag_parser(sub: argparse._SubParsersAction) -> None:
     lag = sub.add_parser("lag", help="consumer lag of the pipeline's groups: offsets, lag, Burrow-style status")
     lag.set_defaults(func=_lag)
     lag.add_argument("--json", action="store_true", help="JSON (one document per evaluation)")

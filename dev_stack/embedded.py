@@ -109,7 +109,7 @@ class EmbeddedTansu:
                  "--storage-engine", "memory://tansu/"],
                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "Tansu broker")  # type: ignore[union-attr]
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "Tansu broker")
         if self.proc.poll() is not None:
             raise RuntimeError(f"Tansu exited with {self.proc.returncode}; see {self.log_path}")
 
@@ -448,12 +448,11 @@ class EmbeddedPostgres:
             return False
 
     def stop(self) -> None:
-        if self.proc:
-            # SIGINT is Postgres' "fast" shutdown: roll back open transactions, then exit cleanly.
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        # SIGINT is Postgres' "fast" shutdown: roll back open transactions, then exit cleanly.
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

@@ -17,12 +17,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, make_broker, port_open, wait_until
+from dev_stack.kafka_dist import broker_kind
+from dev_stack.process import StageProcess
 from site_activity import widgets
 from site_activity.db import connect, ensure_database, migrate
-from dev_stack.kafka_dist import broker_kind
-from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, make_broker, port_open, wait_until
 from site_activity.kafka import ensure_topics
-from dev_stack.process import StageProcess
 from site_activity.settings import Settings
 from widget.demo_server import start_demo
 

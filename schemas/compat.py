@@ -31,14 +31,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import avro.schema
 import fastavro
-from avro.compatibility import (ReaderWriterCompatibilityChecker, SchemaCompatibilityType, lookup_writer_field,
-                                schema_name_equals)
-from avro.schema import (ArraySchema, EnumSchema, FixedSchema, MapSchema, NamedSchema, RecordSchema, Schema,
-                         UnionSchema)
+from avro.compatibility import (
+    ReaderWriterCompatibilityChecker,
+    SchemaCompatibilityType,
+    lookup_writer_field,
+    schema_name_equals,
+)
+from avro.schema import ArraySchema, EnumSchema, FixedSchema, MapSchema, NamedSchema, RecordSchema, Schema, UnionSchema
 
 from schemas.codec import SCHEMA_DIR, schema_fingerprint
 
@@ -94,7 +97,7 @@ class _Explainer:
             # the same kind, so the problem is named inside it (VisitorEvent.device.model).
             accepted = [b for b in reader.schemas if self.ok(b, writer)]
             same = [b for b in reader.schemas if b.type == writer.type
-                    and (not isinstance(b, NamedSchema) or schema_name_equals(b, writer))]
+                    and (not isinstance(b, NamedSchema) or schema_name_equals(b, cast(NamedSchema, writer)))]
             branch = next((b for b in accepted if b in same), accepted[0]) if accepted else next(iter(same), None)
             if branch is None:
                 yield f"{path}: the old type {_describe(writer)} is not accepted by the new union {_describe(reader)}"
@@ -104,9 +107,9 @@ class _Explainer:
             if not self.ok(reader, writer):
                 yield (f"{path}: type changed from {_describe(writer)} to {_describe(reader)}, which is not an Avro "
                        "promotion")
-        elif isinstance(reader, NamedSchema) and not schema_name_equals(reader, writer):
-            yield (f"{path}: {reader.type} renamed from {writer.name} to {reader.name} without an alias for the "
-                   "old name")
+        elif isinstance(reader, NamedSchema) and not schema_name_equals(reader, cast(NamedSchema, writer)):
+            yield (f"{path}: {reader.type} renamed from {cast(NamedSchema, writer).name} to {reader.name} without an "
+                   "alias for the old name")
         elif isinstance(reader, RecordSchema):
             yield from self._record(reader, writer, path)  # type: ignore[arg-type]
         elif isinstance(reader, EnumSchema) and not self.ok(reader, writer):
@@ -190,7 +193,8 @@ def _sample(schema: Schema, variant: int, depth: int = 0) -> Any:
         return _sample(branches[0] if variant == 0 else branches[-1], variant, depth + 1)
     logical = schema.get_prop("logicalType")
     if logical == "decimal":
-        return decimal.Decimal(1).scaleb(-(schema.get_prop("scale") or 0))
+        scale = schema.get_prop("scale")
+        return decimal.Decimal(1).scaleb(-scale if isinstance(scale, int) else 0)
     if logical == "uuid":
         return str(uuid.UUID(int=variant + 1))
     simple = {"null": None, "boolean": True, "int": 1, "long": 1, "float": 1.5, "double": 1.5,

@@ -42,7 +42,7 @@ def serve_http(host: str, port: int, metrics: RendersMetrics, liveness: Alive) -
     Raises OSError when the port cannot be bound."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if self.path == "/healthz":
                 ok = liveness.alive()
                 self._send(200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}',

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
 
 # --- structure (issue 10) ---------------------------------------------------------------------------------
 Stage = Literal["api", "processors", "sink", "webhooks", "console"]
@@ -225,7 +223,7 @@ class Settings(BaseSettings):
     webhooks_timeout_s: float = 15.0  # one attempt, connect to last byte
     # Delay before attempt 1, 2, ... (seconds); after the last one fails the delivery is `failed`.
     webhooks_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
+        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 36000])
     # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
     webhooks_disable_after_s: float = 5 * 24 * 3600
     webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)

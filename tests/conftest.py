@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -16,16 +17,18 @@ import pytest
 from confluent_kafka import Consumer, Message
 from playwright.sync_api import Browser, sync_playwright
 
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
+from dev_stack.isolated import isolated_settings
+from dev_stack.kafka_dist import machine_settings
+from dev_stack.process import StageProcess
 from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
-from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
-from dev_stack.kafka_dist import machine_settings
-from dev_stack.isolated import isolated_settings
-from dev_stack.process import StageProcess
 from site_activity.settings import STAGE_HTTP_PORT, Settings
+from site_activity.settings import Stage as StageName
 from site_activity.topics import Topics
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -72,7 +75,7 @@ def settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path) 
     return make_settings(kafka, postgres, tmp_path / "data")
 
 
-def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
+def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: Any) -> Settings:
     """Unique topics, groups and ports on the session's broker and database (dev_stack.isolated); topics created.
     Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
     s = isolated_settings(
@@ -119,7 +122,7 @@ class Service(StageProcess):
         super().__init__(stage, settings, log_dir / f"{stage}.log", extra_env)
         self.ready: Callable[[], bool] | None = None
 
-    def start(self, timeout: float = 60.0) -> Service:  # type: ignore[override]
+    def start(self, timeout: float = 60.0) -> Service:
         super().start()
         if self.ready is not None:
             ready = self.ready
@@ -150,7 +153,7 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
     def start(stage: str, settings_override: Settings | None = None, **extra_env: str) -> Service:
         s = settings_override or settings
         svc = Service(stage, s, tmp_path, extra_env)
-        svc.ready = http_ok(s.health_url(stage)) if stage in STAGE_HTTP_PORT else None
+        svc.ready = http_ok(s.health_url(cast(StageName, stage))) if stage in STAGE_HTTP_PORT else None
         started.append(svc)
         return svc.start()
 
@@ -220,7 +223,7 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 2
 _EVENTS = EventCodec()
 
 
-def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes, dict]]:
+def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes | None, dict]]:
     """(key, event) pairs from the start of `topic`: a raw-topic message holds a whole request's events."""
     msgs = read_topic(settings, topic, expected, timeout, weight=lambda m: len(_EVENTS.decode_events(m.value())))
     return [(m.key(), event) for m in msgs for event in _EVENTS.decode_events(m.value())]

@@ -41,7 +41,7 @@ def tenant(postgres: EmbeddedPostgres) -> dict[str, Any]:
 def api(settings: Settings, t: Tenant, path: str, **params: Any) -> dict[str, Any]:
     resp = httpx.get(f"{settings.console_origin}{path}", params=params, headers=t.auth("member"), timeout=30)
     assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
 def signed_in(browser: Browser, settings: Settings, t: Tenant) -> Page:

@@ -232,12 +232,12 @@ def pod_template(workload: dict[str, Any]) -> dict[str, Any] | None:
     """The pod template of a Deployment/Job/CronJob, or None for objects that run nothing."""
     spec = workload.get("spec", {})
     if "jobTemplate" in spec:
-        return spec["jobTemplate"]["spec"]["template"]  # type: ignore[no-any-return]
+        return spec["jobTemplate"]["spec"]["template"]
     return spec.get("template")
 
 
 def pod_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = pod_template(workload)["spec"]  # type: ignore[index]
+    spec = pod_template(workload)["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
@@ -272,7 +272,7 @@ def test_env_names_in_docs_and_dockerfile_are_real_settings() -> None:
 
 
 def test_k8s_env_sources_exist(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
-    for (kind, name), doc in objects.items():
+    for doc in objects.values():
         if not pod_template(doc):
             continue
         for container in pod_containers(doc):
@@ -333,7 +333,7 @@ def test_k8s_containers_have_resources_and_run_non_root(
         objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> None:
     assert of_kind(objects, kind), f"no {kind}"
     for name, workload in of_kind(objects, kind).items():
-        assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name  # type: ignore[index]
+        assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name
         for container in pod_containers(workload):
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}/{container['name']}"
@@ -403,7 +403,7 @@ def test_k8s_purge_cronjob_runs_daily_without_overlap(objects: dict[tuple[str, s
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     [container] = pod_containers(cron)
     assert container["args"] == ["purge"]
-    assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")  # type: ignore[index]
+    assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")
 
 
 def test_k8s_console_ports_probes_and_secret_agree(objects: dict[tuple[str, str], dict[str, Any]],

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,7 +34,7 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     env |= {f"SITE_ACTIVITY_{name}_PORT": str(port) for name, port in ports.items()}
     env |= {"SITE_ACTIVITY_DATA_DIR": str(data_dir), "SITE_ACTIVITY_TOPIC_PARTITIONS": "2",
             "SITE_ACTIVITY_CONSUMER_SESSION_TIMEOUT_MS": "3000", "SITE_ACTIVITY_CONSUMER_HEARTBEAT_INTERVAL_MS": "500"}
-    log = open(tmp_path / "dev.log", "wb")
+    log = open(tmp_path / "dev.log", "wb")  # written by the child until it is stopped below  # noqa: SIM115
     dev = subprocess.Popen([sys.executable, "-m", "command_line", "dev"], env=env, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -51,7 +51,7 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
         assert httpx.get(f"{stack['api_url']}/widget.js", timeout=5).status_code == 200
 
         event_id = str(uuid.uuid4())
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         body = {"widget_id": stack["demo_widget_id"], "visitor_id": "newcomer", "sent_at": now,
                 "events": [{"event_id": event_id, "type": "pageview", "occurred_at": now, "url": "https://demo.example/"}]}
 
@@ -78,8 +78,8 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
             assert console.get(dashboard).status_code == 200
             assert "Demo site" in console.get("/settings/widgets").text
             # The event sent above is on the dashboard: a visitor now.
-            now = console.get("/site-activity/realtime.json", params={"widget_id": stack["demo_widget_id"]})
-            assert now.status_code == 200 and now.json()["visitors"] >= 1, now.text
+            realtime = console.get("/site-activity/realtime.json", params={"widget_id": stack["demo_widget_id"]})
+            assert realtime.status_code == 200 and realtime.json()["visitors"] >= 1, realtime.text
 
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 6  # broker, postgres, api, processors, sink, console

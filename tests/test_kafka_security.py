@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import aiokafka
-import faust
 import httpx
 import pytest
-from pydantic import SecretStr
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from pydantic import SecretStr
 
 from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
 from dev_stack.kafka_dist import broker_kind
@@ -181,7 +180,8 @@ class Recorder:
     """Wraps a confluent client class: records each configuration and builds the real client with it."""
 
     def __init__(self, cls: type) -> None:
-        self.cls, self.configs = cls, []
+        self.cls = cls
+        self.configs: list[Any] = []
 
     def __call__(self, conf: dict[str, Any], **kwargs: Any) -> Any:
         self.configs.append(conf)
@@ -240,7 +240,7 @@ def test_oidc_tokens_for_aiokafka_come_from_the_token_endpoint_and_are_reused(ce
     seen: list[tuple[str, dict[str, list[str]]]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"])).decode()
             seen.append((self.headers["Authorization"], parse_qs(body)))
             out = json.dumps({"access_token": f"tok-{len(seen)}", "token_type": "bearer", "expires_in": 3600}).encode()
@@ -364,7 +364,8 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
 
 def sasl_settings(cluster: EmbeddedApacheKafka, mechanism: str, user: str, password: str, **more: Any) -> Settings:
     return Settings(kafka_bootstrap=cluster.sasl_bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
-                    kafka_sasl_mechanism=mechanism, kafka_sasl_username=user, kafka_sasl_password=password, **more)
+                    kafka_sasl_mechanism=mechanism, kafka_sasl_username=user,  # type: ignore[arg-type]
+                    kafka_sasl_password=SecretStr(password), **more)
 
 
 def test_a_wrong_password_is_refused_by_the_broker(sasl_kafka: EmbeddedApacheKafka) -> None:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from dev_stack.embedded import free_port, wait_until
 from dev_stack.kafka_dist import broker_kind
 from site_activity.kafka import consumer_config, producer_config
-from site_activity.lag import (METRIC_NAMES, GroupSpec, LagMonitor, LagReport, Sample, partition_status,
-                               pipeline_groups, render_table, sink_group, webhooks_group)
+from site_activity.lag import (
+    METRIC_NAMES,
+    GroupSpec,
+    LagMonitor,
+    LagReport,
+    Sample,
+    partition_status,
+    pipeline_groups,
+    render_table,
+    sink_group,
+    webhooks_group,
+)
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from tests.conftest import broker_settings
@@ -37,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 W = 5  # window size in the unit tests
 
 
-def run(samples: list[tuple[float, int, int, bool]], window: int = W) -> str:
+def run(samples: Sequence[tuple[float, int, int, bool]], window: int = W) -> str:
     return partition_status([Sample(t, c, e, o) for t, c, e, o in samples], window)
 
 
@@ -351,7 +361,7 @@ def test_watch_prints_one_json_document_per_evaluation(settings: Settings) -> No
     proc = subprocess.Popen([sys.executable, "-m", "command_line", "lag", "--watch", "--json", "--interval", "0.3"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
+        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]
     finally:
         proc.terminate()
         proc.wait(15)
@@ -412,7 +422,6 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _broker_kind() -> Iterator[None]:
+def _broker_kind() -> None:
     # Everything above runs on either broker; note the kind in the output for the report.
     print(f"broker: {broker_kind(broker_settings())}")
-    yield

@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Producer
 from faust.types import TP
 
+from dev_stack.embedded import wait_until
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import erasure, widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id_text
@@ -28,7 +29,6 @@ from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors.app import SkippedReader, create_app
 from stream_processors.erasures import is_erased
-from dev_stack.embedded import wait_until
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
@@ -95,9 +95,9 @@ def feed(settings: Settings) -> RawFeed:
 
 
 @pytest.fixture
-def pipeline(start_service: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def pipeline(start_service: Callable[..., Any]) -> dict[str, Any]:
     """Processors + sink (reading the enriched topic) running against the test's topics."""
-    yield {"processors": start_service("processors"), "sink": start_service("sink")}
+    return {"processors": start_service("processors"), "sink": start_service("sink")}
 
 
 def enriched(settings: Settings, expected: int) -> list[dict[str, Any]]:

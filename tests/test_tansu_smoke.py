@@ -4,8 +4,6 @@ below overrides the session's broker for the imported tests only."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from dev_stack.embedded import EmbeddedTansu
@@ -22,5 +20,5 @@ from tests.test_processors import (  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def kafka(tansu: EmbeddedTansu) -> Iterator[EmbeddedTansu]:
-    yield tansu
+def kafka(tansu: EmbeddedTansu) -> EmbeddedTansu:
+    return tansu
