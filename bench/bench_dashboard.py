@@ -51,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_purge import produce, running_sink, say, stack  # noqa: E402
 from bench.workload import EVENTS_PER_BODY  # noqa: E402
 from console import accounts  # noqa: E402
+from dev_stack.embedded import free_port, wait_until  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity import widgets  # noqa: E402
-from site_activity.embedded import free_port, wait_until  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -108,7 +108,8 @@ def seed(dsn: str, w: widgets.Widget, events: int, now: datetime) -> dict[str, A
                         if rng.random() < (0.5 if at.weekday() >= 5 else 1.0) * (1.0 if 7 <= at.hour < 22 else 0.35):
                             break
                     n = min(rng.randint(1, 15), chunk_end - written)
-                    rows = [("session_start", None, rng.choice(PAGES), None)]
+                    rows: list[tuple[str, str | None, str | None, str | None]] = [
+                        ("session_start", None, rng.choice(PAGES), None)]
                     for _ in range(n - 1):
                         r = rng.random()
                         if r < 0.78:
@@ -127,12 +128,12 @@ def seed(dsn: str, w: widgets.Widget, events: int, now: datetime) -> dict[str, A
         conn.execute("VACUUM ANALYZE visitor_events")
         t1 = time.perf_counter()
         with conn.transaction():
-            counted = conn.execute("SELECT rollups_rebuild(%s)", (w.id,)).fetchone()[0]  # type: ignore[index]
+            counted = conn.execute("SELECT rollups_rebuild(%s)", (w.id,)).fetchone()[0]
         rebuild_s = time.perf_counter() - t1
         for table in ("rollup_hourly", "rollup_daily", "rollup_visitor_hours", "rollup_visitor_days", "rollup_pages",
                       "rollup_event_names"):
             conn.execute(f"VACUUM ANALYZE {table}")
-        sizes = {t: conn.execute(f"SELECT count(*) FROM {t} WHERE widget_id = %s", (w.id,)).fetchone()[0]  # type: ignore[index]
+        sizes = {t: conn.execute(f"SELECT count(*) FROM {t} WHERE widget_id = %s", (w.id,)).fetchone()[0]
                  for t in ("rollup_hourly", "rollup_visitor_hours", "rollup_visitor_days", "rollup_pages")}
         conn.execute("CHECKPOINT")
     assert counted == written, (counted, written)
@@ -157,7 +158,7 @@ def ranges(now: datetime) -> dict[str, dict[str, str]]:
 def dashboard_calls(client: httpx.Client, widget_id: str, r: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
     """The page's three API calls in a row: per-call ms and the bodies."""
     window = {"widget_id": widget_id, "from": r["from"], "to": r["to"]}
-    calls = {"timeseries": ("/api/v1/stats/timeseries", {**window, "interval": r["interval"],
+    calls: dict[str, tuple[str, dict[str, Any]]] = {"timeseries": ("/api/v1/stats/timeseries", {**window, "interval": r["interval"],
                                                           "metrics": "pageviews,visitors,sessions"}),
              "top pages": ("/api/v1/stats/top-pages", {**window, "limit": 10}),
              "top events": ("/api/v1/stats/top-events", {**window, "limit": 10})}
@@ -244,7 +245,8 @@ def measure_dashboard(settings: Settings, dsn: str, w: widgets.Widget, secret: s
                     for k, v in ms.items():
                         per_call.setdefault(k, []).append(v)
                     loads.append(sum(ms.values()))
-                scan_ms, scanned = [], {}
+                scan_ms: list[float] = []
+                scanned: dict[str, Any] = {}
                 for _ in range(scans):
                     ms_, scanned = scan(conn, str(w.id), bodies["timeseries"])
                     scan_ms.append(ms_)

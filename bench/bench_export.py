@@ -42,10 +42,18 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.workload import COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, make_bodies, to_records  # noqa: E402
+from bench.workload import (  # noqa: E402
+    COPY_COLUMNS,
+    EVENTS_PER_BODY,
+    JsonText,
+    JsonTextBinaryDumper,
+    copy_row,
+    make_bodies,
+    to_records,
+)
+from dev_stack.embedded import EmbeddedPostgres, free_port  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_MB = 100.0
@@ -82,7 +90,7 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
         received = datetime.now(UTC)
         while done < events:
             n = min(CHUNK, events - done)
-            rows = []
+            rows: list[tuple[Any, ...]] = []
             for b, body in enumerate(make_bodies(str(targets[(done // CHUNK) % len(targets)].id),
                                                  -(-n // EVENTS_PER_BODY), seed=done)):
                 body["widget_id"] = str(targets[b % len(targets)].id)
@@ -93,8 +101,8 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
                     rows.append(tuple(row))
             with conn.transaction(), conn.cursor().copy(
                     f"COPY visitor_events ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
-                for row in rows[:n]:
-                    copy.write_row(row)
+                for values in rows[:n]:
+                    copy.write_row(values)
             done += n
             say(f"  seeded {done:,} / {events:,} events")
         conn.execute("ALTER TABLE visitor_events ENABLE TRIGGER USER")
@@ -108,7 +116,7 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
 def child(dsn: str, tenant: str, fmt: str, out: Path) -> dict[str, Any]:
     """Runs in a fresh process: one export, with its RSS sampled."""
     import psutil
-    import pyarrow  # noqa: F401  (imported before the baseline: it is part of the program, not of the export)
+    import pyarrow
     import pyarrow.parquet  # noqa: F401  (part of the program too)
 
     from site_activity.export import make_filter, write_bundle
@@ -142,9 +150,9 @@ def verify(dsn: str, tenant: uuid.UUID, res: dict[str, Any], out: Path) -> list[
     """Manifest counts = count(*) now (nothing writes during the benchmark); every file's SHA-256 matches."""
     problems = []
     with psycopg.connect(dsn) as conn:
-        events = conn.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s", (tenant,)).fetchone()[0]  # type: ignore[index]
+        events = conn.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s", (tenant,)).fetchone()[0]
         contacts = conn.execute("SELECT count(*) FROM customers c WHERE tenant_id = %s AND EXISTS"
-                                " (SELECT 1 FROM visitor_events e WHERE e.customer_id = c.id)", (tenant,)).fetchone()[0]  # type: ignore[index]
+                                " (SELECT 1 FROM visitor_events e WHERE e.customer_id = c.id)", (tenant,)).fetchone()[0]
     if res["manifest"]["row_counts"] != {"events": events, "contacts": contacts}:
         problems.append(f"row counts {res['manifest']['row_counts']} != SQL {events}/{contacts}")
     with zipfile.ZipFile(out) as zf:
@@ -163,7 +171,7 @@ def run_child(dsn: str, tenant: uuid.UUID, fmt: str, out: Path) -> dict[str, Any
                            "--out", str(out)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"export child ({fmt}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    return json.loads(proc.stdout)
 
 
 @contextlib.contextmanager
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
-def table(res: dict[str, Any]) -> list[tuple[str, ...]]:
+def table(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for r in res["runs"]:
         ok = r["peak_rss_growth_mb"] <= TARGET_MB and not r["problems"]

@@ -26,14 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import (  # noqa: E402
-    NOISY_OTHER_CORES, RESULTS_DIR, CpuMeter, Profiler, Row, environment, markdown_table, say, text_table,
+    NOISY_OTHER_CORES,
+    RESULTS_DIR,
+    CpuMeter,
+    Profiler,
+    Row,
+    environment,
+    markdown_table,
+    say,
+    text_table,
 )
 from bench.pipeline.codec import section_codec  # noqa: E402
 from bench.pipeline.e2e import processors_cost_rows, section_e2e, section_e2e_processors  # noqa: E402
 from bench.pipeline.ingest import section_ingest  # noqa: E402
 from bench.pipeline.sink import section_sink  # noqa: E402
 from bench.pipeline.stack import FULL, QUICK, Stack  # noqa: E402
-
 
 SECTIONS = ("ingest", "sink", "e2e", "e2e-processors", "codec")
 

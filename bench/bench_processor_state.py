@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_processors import _healthy, bench_settings, fresh_broker, scrape, work_dir  # noqa: E402
 from schemas.codec import EventCodec  # noqa: E402
-from site_activity.embedded import free_port, wait_until  # noqa: E402
+from dev_stack.embedded import free_port, wait_until  # noqa: E402
 from site_activity.kafka import producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.topics import event_key  # noqa: E402
 
 EVENTS_PER_VISITOR = 2

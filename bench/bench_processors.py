@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.codec import EventCodec  # noqa: E402
-from site_activity.embedded import EmbeddedBroker, free_port, make_broker, wait_until  # noqa: E402
-from site_activity.kafka_dist import machine_settings  # noqa: E402
+from dev_stack.embedded import EmbeddedBroker, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics, event_key  # noqa: E402
 
@@ -134,7 +134,7 @@ def fresh_broker(name: str) -> Iterator[tuple[EmbeddedBroker, Settings, Topics]]
     """A new broker per scenario (SITE_ACTIVITY_EMBEDDED_BROKER; Tansu's memory storage only grows), with the
     scenario's topics created."""
     chosen = machine_settings(ROOT)
-    broker = make_broker(chosen, work_dir() / f"{chosen.broker_kind}-{name}", free_ports=True)
+    broker = make_broker(chosen, work_dir() / f"{broker_kind(chosen)}-{name}", free_ports=True)
     broker.start()
     try:
         settings = bench_settings(broker, name)

@@ -43,14 +43,19 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
+from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
+from bench.workload import (  # noqa: E402
+    EVENTS_PER_BODY,
+    encoded_batches,
+    make_bodies,
+    make_body,
+)
+from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.isolated import isolated_settings  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
-from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
-from bench.workload import make_body  # noqa: E402
 from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
@@ -196,10 +201,9 @@ def stack(workdir: Path) -> Iterator[tuple[EmbeddedPostgres, Settings]]:
         broker.start()
         stop.callback(broker.stop)
         migrate(pg.dsn)
-        settings = Settings(data_dir=workdir / "data", kafka_bootstrap=broker.bootstrap, postgres_dsn=pg.dsn,
-                            topic_prefix="bench-purge", sink_group="bench-purge-sink", sink_from_enriched=False,
-                            sink_http_port=free_port(), http_port=free_port(), processors_web_port=free_port(),
-                            consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000)
+        settings = isolated_settings(broker.bootstrap, pg.dsn, workdir / "data",
+                                     topic_prefix="bench-purge", sink_group="bench-purge-sink", sink_from_enriched=False,
+                                     consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000)
         ensure_topics(settings)
         yield pg, settings
 

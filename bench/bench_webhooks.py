@@ -41,9 +41,10 @@ from bench.bench_purge import healthy  # noqa: E402
 from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, stop_process, wait_until  # noqa: E402
+from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, stop_process, wait_until  # noqa: E402
+from dev_stack.kafka_dist import broker_kind  # noqa: E402
 from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 from webhooks import endpoints  # noqa: E402
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stage_metrics": metrics,
         "cpu_seconds": cpu,
         "settings": {"endpoint_concurrency": settings.webhooks_endpoint_concurrency,
-                     "max_in_flight": settings.webhooks_max_in_flight, "broker": settings.broker_kind},
+                     "max_in_flight": settings.webhooks_max_in_flight, "broker": broker_kind(settings)},
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

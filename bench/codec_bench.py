@@ -15,15 +15,15 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from schemas.codec import SCHEMA_DIR, VISITOR_EVENT, AvroCodec  # noqa: E402
+from schemas.codec import SCHEMA_DIR, VISITOR_EVENT, AvroCodec
 
 
 def sample_record() -> dict[str, Any]:
@@ -53,7 +53,7 @@ def apache_encoder(header: bytes, legacy: bool) -> Callable[[dict[str, Any]], by
     import avro.schema
 
     text = (SCHEMA_DIR / f"{VISITOR_EVENT}.avsc").read_text()
-    schema = avro.schema.Parse(text) if legacy else avro.schema.parse(text)
+    schema = avro.schema.parse(text)
     writer = avro.io.DatumWriter(schema)
 
     def encode(record: dict[str, Any]) -> bytes:
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     codec = AvroCodec(VISITOR_EVENT)
     record = sample_record()
     expected = codec.encode(record)
+    encode: Callable[[dict[str, Any]], bytes]
     if args.lib == "fastavro":
         encode, datum = codec.encode, record
     else:

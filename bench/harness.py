@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.workload import http_request  # noqa: E402
-from site_activity.embedded import wait_until  # noqa: E402
+from dev_stack.embedded import wait_until  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity.kafka import producer_config  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -30,7 +30,7 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import EVENTS_PER_BODY, http_request, make_bodies  # noqa: E402
+from bench.workload import EVENTS_PER_BODY, http_request, make_bodies
 
 _CONTENT_LENGTH = b"\r\ncontent-length:"
 
@@ -74,7 +74,7 @@ class Connection(asyncio.Protocol):
 
     def request(self, data: bytes) -> asyncio.Future[int]:
         self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)
         return self.waiter
 
 
@@ -136,7 +136,7 @@ async def closed_loop(reqs: list[tuple[bytes, str]], args: argparse.Namespace, s
                 cursor += 1
                 conn = await send(conn, data, time.monotonic(), marker, stats, args.port)
         finally:
-            conn.transport.close()  # type: ignore[union-attr]
+            conn.transport.close()
 
     await asyncio.gather(*(client() for _ in range(args.clients)))
 
@@ -173,7 +173,7 @@ async def open_loop(reqs: list[tuple[bytes, str]], args: argparse.Namespace, sta
     for task in list(in_flight):
         task.cancel()
     while not idle.empty():
-        idle.get_nowait().transport.close()  # type: ignore[union-attr]
+        idle.get_nowait().transport.close()
 
 
 async def progress(stats: Stats, args: argparse.Namespace) -> None:

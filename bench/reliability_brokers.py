@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.workload import make_bodies  # noqa: E402
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
+from dev_stack.isolated import isolated_settings  # noqa: E402
+from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
+from dev_stack.supervisor import Supervisor  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.devstack import Supervisor  # noqa: E402
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, free_port, wait_until  # noqa: E402
 from site_activity.events import customer_id_for  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
-from site_activity.kafka_dist import machine_settings  # noqa: E402
-from site_activity.settings import Settings  # noqa: E402
 from tests.test_processors import REFERENCE_SQL  # noqa: E402
 
 KILL_AT_S = 10.0  # seconds into the load
@@ -122,10 +122,9 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         stack.callback(pg.stop)
         pg.start()
         migrate(pg.dsn)
-        settings = Settings(
-            data_dir=work, kafka_bootstrap=cluster.bootstrap, postgres_dsn=pg.dsn, embedded_broker="kafka",
-            topic_replication_factor=3, topic_min_insync_replicas=2, http_port=free_port(),
-            sink_http_port=free_port(), processors_web_port=free_port(), demo_port=free_port(),
+        settings = isolated_settings(
+            cluster.bootstrap, pg.dsn, work, embedded_broker="kafka",
+            topic_replication_factor=3, topic_min_insync_replicas=2,
             consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000, widget_cache_refresh_s=1.0,
         )
         ensure_topics(settings)
@@ -135,19 +134,23 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         sup.start()
         stack.callback(sup.stop)
         api = settings.api_origin
-        for url in (f"{api}/healthz", f"http://127.0.0.1:{settings.processors_web_port}/healthz",
-                    f"http://127.0.0.1:{settings.sink_http_port}/healthz"):
+        for url in (f"{api}/healthz", settings.health_url("processors"),
+                    settings.health_url("sink")):
             wait_until(lambda url=url: healthy(url), 120, url, interval=0.5)
 
         done = threading.Event()
-        watcher = threading.Thread(target=lambda: [sup.check() for _ in iter(lambda: done.wait(1.0), True)])
+        def watch() -> None:
+            while not done.wait(1.0):
+                sup.check()
+
+        watcher = threading.Thread(target=watch)
         watcher.start()
         stack.callback(watcher.join)
         stack.callback(done.set)
 
         requests = int(rate * LOAD_S)
         seed = random.randrange(2**31)
-        load_out = open(work / "loadgen.out", "w")
+        load_out = open(work / "loadgen.out", "w")  # written by the load generator until it ends  # noqa: SIM115
         load = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(settings.http_port),
              "--widget", str(w.id), "--mode", "open", "--rate", str(rate), "--duration", str(LOAD_S),
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=40.0, help="requests per second (25 events each)")
     p.add_argument("--keep", action="store_true", help="keep each run's work dir (logs, data) even when it passes")
     args = p.parse_args(argv)
-    if machine_settings(ROOT).broker_kind != "kafka":
+    if broker_kind(machine_settings(ROOT)) != "kafka":
         print("needs Apache Kafka: Java 17+ (and Maven to fetch it); see scripts/kafka", file=sys.stderr)
         return 2
     outcomes: list[Outcome] = []

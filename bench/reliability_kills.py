@@ -36,12 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import Loadgen, post_until_accepted  # noqa: E402
 from bench.workload import make_bodies  # noqa: E402
+from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
+from dev_stack.isolated import isolated_settings  # noqa: E402
+from dev_stack.kafka_dist import broker_kind  # noqa: E402
+from dev_stack.process import StageProcess  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.embedded import EmbeddedPostgres, free_port, make_broker, wait_until  # noqa: E402
 from site_activity.kafka import ensure_topics  # noqa: E402
-from site_activity.process import StageProcess  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
+from site_activity.settings import Stage as StageName  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 REPAIR_LOG = "faust would commit past messages"  # transport.py's warning when the repair fires
@@ -54,10 +57,10 @@ def say(msg: str) -> None:
 class Stage:
     """One stage process that can be SIGKILLed and restarted; its peak RSS over all its lives is tracked."""
 
-    def __init__(self, name: str, settings: Settings, workdir: Path, health_port: int) -> None:
+    def __init__(self, name: StageName, settings: Settings, workdir: Path) -> None:
         self.name = name
         self.proc = StageProcess(name, settings, workdir / f"{name}.log")
-        self.health = f"http://127.0.0.1:{health_port}/healthz"
+        self.health = settings.health_url(name)
         self.peak_rss = 0
         self.kills = 0
 
@@ -124,9 +127,9 @@ def kill_schedule(duration: float, processors: int, sink: int) -> list[tuple[flo
 
 def count_rows(dsn: str, widget_id: str) -> dict[uuid.UUID, int]:
     with psycopg.connect(dsn) as conn:
-        return {eid: n for eid, n in conn.execute(
+        return dict(conn.execute(
             "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' "
-            "GROUP BY event_id", (widget_id,)).fetchall()}
+            "GROUP BY event_id", (widget_id,)).fetchall())
 
 
 def session_start_duplicates(dsn: str, widget_id: str) -> int:
@@ -142,17 +145,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with infrastructure(workdir, args.kafka_bootstrap) as (bootstrap, dsn):
         tag = uuid.uuid4().hex[:8]
         # The dev stack's defaults; only addresses, names and ports are set here.
-        s = Settings(data_dir=workdir / "data", kafka_bootstrap=bootstrap, postgres_dsn=dsn,
-                     topic_prefix=f"rel-{tag}", sink_group=f"rel-sink-{tag}", processors_app_id=f"rel-proc-{tag}",
-                     http_port=free_port(), sink_http_port=free_port(), demo_port=free_port(),
-                     processors_web_port=free_port())
+        s = isolated_settings(bootstrap, dsn, workdir / "data", topic_prefix=f"rel-{tag}", sink_group=f"rel-sink-{tag}",
+                              processors_app_id=f"rel-proc-{tag}")
         ensure_topics(s)
         with psycopg.connect(dsn) as conn:
             w = widgets.create_widget(conn, name="reliability", actor="bench", tracking_enabled=True)
         widget_id = str(w.id)
-        stages = {"api": Stage("api", s, workdir, s.http_port),
-                  "processors": Stage("processors", s, workdir, s.processors_web_port),
-                  "sink": Stage("sink", s, workdir, s.sink_http_port)}
+        stages = {"api": Stage("api", s, workdir),
+                  "processors": Stage("processors", s, workdir),
+                  "sink": Stage("sink", s, workdir)}
         try:
             for stage in stages.values():
                 say(f"starting {stage.name}")
@@ -217,7 +218,7 @@ def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: s
     repairs = stages["processors"].proc.log_path.read_text(errors="replace").count(REPAIR_LOG)
     report = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "broker": args.kafka_bootstrap or Settings().broker_kind,
+        "broker": args.kafka_bootstrap or broker_kind(Settings()),
         "duration_s": args.duration, "rate_req_s": args.rate,
         "kills": {name: stage.kills for name, stage in stages.items()},
         "events_204": len(wanted), "rows": sum(rows.values()), "distinct_event_rows": len(rows),

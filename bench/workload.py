@@ -92,10 +92,10 @@ def encoded_messages(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple
     """(key, Avro value) pairs, one event per message: the bare producer's per-message limit."""
     codec = AvroCodec(VISITOR_EVENT)
     received_at = datetime.now(UTC)
-    out = []
+    out: list[Any] = []
     for body in bodies:
         key = event_key(body["widget_id"], body["visitor_id"])
-        out.extend((key, codec.encode(rec)) for rec in to_records(body, tenant_id, received_at))  # type: ignore[arg-type]
+        out.extend((key, codec.encode(rec)) for rec in to_records(body, tenant_id, received_at))
     return out
 
 

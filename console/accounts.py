@@ -66,7 +66,7 @@ def normalize_email(email: str) -> str:
 def _role(role: str) -> Role:
     if role not in ROLES:
         raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    return role  # type: ignore[return-value]
+    return role
 
 
 _MEMBER_COLUMNS = "id, tenant_id, email, role, created_at"

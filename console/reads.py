@@ -129,7 +129,7 @@ def list_events(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, 
            f" WHERE e.widget_id = w.id AND e.tenant_id = %(tenant)s{where}"
            f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s) e"
            f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()  # type: ignore[arg-type]
+    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
     page = rows[:limit]
     nxt = None
     if len(rows) > limit:
@@ -164,7 +164,7 @@ def _events_received(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFil
     sql = (f"SELECT {_EVENT_COLUMNS}, e.txid::text AS txid FROM visitor_events e"
            f" WHERE e.tenant_id = %(tenant)s AND e.txid < pg_snapshot_xmin(pg_current_snapshot()){where}"
            f" ORDER BY e.txid, e.widget_id, e.event_id LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()  # type: ignore[arg-type]
+    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
     if not rows:
         return [], after
     last = rows[-1]
@@ -215,7 +215,7 @@ def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: 
            f" WHERE {' AND '.join(conds)}"
            " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s) v"
            " ORDER BY v.last_seen DESC, v.widget_id DESC, v.visitor_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()  # type: ignore[arg-type]
+    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
     page = rows[:limit]
     nxt = None
     if len(rows) > limit:
@@ -240,7 +240,7 @@ def _timeline_rows(conn: psycopg.Connection, where: str, p: dict[str, Any], limi
         where += " AND e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)"
     sql = (f"SELECT {_EVENT_COLUMNS} FROM visitor_events e WHERE {where}"
            " ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()  # type: ignore[arg-type]
+    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
     page = rows[:limit]
     nxt = None
     if len(rows) > limit:
@@ -311,6 +311,7 @@ def recent_activity(conn: psycopg.Connection, tenant_id: uuid.UUID, *, customer_
                     widget_id: uuid.UUID | None = None, visitor_id: str | None = None,
                     limit: int = RAIL_LIMIT) -> list[dict[str, Any]]:
     """The inbox rail: a contact's (or one visitor's) newest pageviews and custom events, newest first."""
+    p: dict[str, Any]
     if customer_id is not None:
         where, p = "e.customer_id = %(customer)s AND e.tenant_id = %(tenant)s", {"customer": customer_id,
                                                                                  "tenant": tenant_id}

@@ -7,6 +7,7 @@ a state-changing form is accepted only when its token matches the session presen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import uuid
@@ -47,10 +48,8 @@ def load_secret(settings: Settings) -> str:
                 f.write(secrets.token_urlsafe(48))
                 f.flush()
                 os.fsync(f.fileno())
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)  # atomic, and fails if another process got there first (rename would replace)
-            except FileExistsError:
-                pass
         finally:
             tmp.unlink(missing_ok=True)
     return _checked(path.read_text().strip(), str(path))

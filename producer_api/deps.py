@@ -12,12 +12,7 @@ from producer_api.ingest import IngestService
 from producer_api.metrics import ApiMetrics
 from producer_api.producer import EventProducer
 from producer_api.widget_cache import WidgetCache
-from site_activity.settings import Settings
 from site_activity.topics import Topics
-
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
 
 
 async def get_ingest(request: Request) -> IngestService:
@@ -40,7 +35,6 @@ async def get_topics(request: Request) -> Topics:
     return Topics.from_settings(request.app.state.settings)
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 IngestDep = Annotated[IngestService, Depends(get_ingest)]
 ProducerDep = Annotated[EventProducer, Depends(get_producer)]
 WidgetCacheDep = Annotated[WidgetCache, Depends(get_cache)]

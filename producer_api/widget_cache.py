@@ -83,7 +83,7 @@ class WidgetCache:
                                                                connect_timeout=max(2, int(self._timeout)))
         try:
             cur = await asyncio.wait_for(self._conn.execute(_ALL), self._timeout)
-            return await cur.fetchall()  # type: ignore[return-value]
+            return await cur.fetchall()
         except BaseException:
             # A broken or timed-out connection is not reused; the next reload reconnects.
             conn, self._conn = self._conn, None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -24,7 +25,8 @@ class DecodeError(ValueError):
 
 
 def load_schema(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
 
 
 def without_logical_types(schema: Any) -> Any:
@@ -83,7 +85,7 @@ class AvroCodec:
     def _parse(schema: dict[str, Any], logical_types: bool) -> Any:
         return fastavro.parse_schema(schema if logical_types else without_logical_types(schema))
 
-    def encode(self, record: dict[str, Any]) -> bytes:
+    def encode(self, record: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
         buf.write(self.header)
         fastavro.schemaless_writer(buf, self.parsed, record)
@@ -106,7 +108,7 @@ class AvroCodec:
         if writer is None:
             raise DecodeError(f"unknown {self.name} schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}")
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self.parsed)  # type: ignore[no-any-return]
+            return cast(dict[str, Any], fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self.parsed))
         except Exception as exc:  # fastavro raises a zoo of types on truncated/garbage input
             raise DecodeError(f"corrupt {self.name} payload: {exc}") from exc
 

@@ -5,26 +5,19 @@ versions. The codec decodes a message written with ANY history version using the
 reader, so the current schema must be backward-compatible with every history version (transitively), not
 only the newest one. Problems are reported against each history version it cannot read.
 
-Rules (Avro specification, "Schema Resolution"), checked over the JSON schemas:
-- records match by unqualified name or a reader alias; a reader field is matched to the writer field of the
-  same name or one of the reader field's aliases; a reader field with no writer counterpart needs a
-  default; writer fields the reader dropped are skipped (fine);
-- primitives match when equal or by promotion: int -> long/float/double, long -> float/double,
-  float -> double, string <-> bytes;
-- enums: every writer symbol must exist in the reader, unless the reader enum has a default symbol;
-- fixed: same name and size; arrays/maps: items/values resolve recursively;
-- unions: every branch the writer could have written must resolve against the reader (a union branch,
-  or the reader itself when the reader is not a union);
-- logical types are resolved by their underlying type, but a change between two different logical types
-  (e.g. timestamp-millis -> timestamp-micros) or of decimal precision/scale silently changes values, so it
-  is reported too.
-As a second opinion, a sample datum generated from each old schema is encoded with fastavro and decoded
-with (writer=old, reader=current); a failure there that the rules missed is reported as well.
-
-Release rule: the codec only knows the fingerprints of the current schema and the history files. When the
-current schema's fingerprint matches no history file, it is an unreleased change: that is a *warning*
-(not a failure) saying which history file to add when the change is released, because once the schema
-changes again, messages written with this version could no longer be decoded otherwise.
+Avro's schema-resolution rules (records, aliases, defaults, promotions, enums, fixed, unions) are decided by
+the Apache `avro` package's reference checker, `avro.compatibility.ReaderWriterCompatibilityChecker`. Its
+messages and locations are unordered sets, and it loses the location inside unions, so this module walks the
+two schemas side by side only to say WHERE each pair the checker refuses is (``VisitorEvent.url``) and in
+words a schema author reads. What the reference checker does not cover stays here:
+- a change between two logical types (e.g. timestamp-millis -> timestamp-micros) or of decimal
+  precision/scale resolves byte-wise but silently changes values, so it is reported too;
+- a second opinion: a sample datum generated from each old schema is encoded with fastavro (the codec's
+  library) and decoded with (writer=old, reader=current); a failure there is reported as well;
+- the release rule: the codec only knows the fingerprints of the current schema and the history files. When
+  the current schema's fingerprint matches no history file, it is an unreleased change: that is a *warning*
+  (not a failure) saying which history file to add when the change is released, because once the schema
+  changes again, messages written with this version could no longer be decoded otherwise.
 """
 
 from __future__ import annotations
@@ -38,259 +31,186 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import avro.schema
 import fastavro
+from avro.compatibility import (
+    ReaderWriterCompatibilityChecker,
+    SchemaCompatibilityType,
+    lookup_writer_field,
+    schema_name_equals,
+)
+from avro.schema import ArraySchema, EnumSchema, FixedSchema, MapSchema, NamedSchema, RecordSchema, Schema, UnionSchema
 
 from schemas.codec import SCHEMA_DIR, schema_fingerprint
 
-PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
-NAMED = frozenset({"record", "error", "enum", "fixed"})
-# writer type -> reader types that can read it (besides itself)
-PROMOTIONS: dict[str, frozenset[str]] = {
-    "int": frozenset({"long", "float", "double"}),
-    "long": frozenset({"float", "double"}),
-    "float": frozenset({"double"}),
-    "string": frozenset({"bytes"}),
-    "bytes": frozenset({"string"}),
-}
 HISTORY_FILE = re.compile(r"^(?P<name>.+)\.v(?P<version>\d+)\.avsc$")
-
-Node = dict[str, Any]  # a normalised schema node, see _Normaliser
-
-
-# --------------------------------------------------------------------------------------------------------
-# Normalisation: every node becomes a dict with a "type"; named references point at the definition node
-# (so recursive types become cycles); unions become {"type": "union", "branches": [...]}; names are full.
+NAMED = frozenset({"record", "error", "enum", "fixed"})
 
 
-def _short(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+def _describe(schema: Schema) -> str:
+    if isinstance(schema, UnionSchema):
+        return "[" + ", ".join(_describe(b) for b in schema.schemas) + "]"
+    if isinstance(schema, NamedSchema):
+        return f"{schema.type} {schema.name}"
+    if isinstance(schema, ArraySchema):
+        return f"array<{_describe(schema.items)}>"
+    if isinstance(schema, MapSchema):
+        return f"map<{_describe(schema.values)}>"
+    logical = schema.get_prop("logicalType")
+    return f"{schema.type} ({logical})" if logical else str(schema.type)
 
 
-def _full(name: str, namespace: str | None) -> str:
-    return name if "." in name or not namespace else f"{namespace}.{name}"
-
-
-@dataclass
-class _Normaliser:
-    names: dict[str, Node] = field(default_factory=dict)
-
-    def node(self, schema: Any, namespace: str | None) -> Node:
-        if isinstance(schema, list):
-            return {"type": "union", "branches": [self.node(b, namespace) for b in schema]}
-        if isinstance(schema, str):
-            if schema in PRIMITIVES:
-                return {"type": schema}
-            return self._reference(schema, namespace)
-        kind = schema["type"]
-        if not isinstance(kind, str) or (kind not in PRIMITIVES and kind not in NAMED
-                                         and kind not in ("array", "map")):
-            return self.node(kind, namespace)  # {"type": <schema>} or {"type": "SomeNamedType"}
-        if kind in NAMED:
-            return self._named(schema, namespace)
-        if kind == "array":
-            return {"type": "array", "items": self.node(schema["items"], namespace)}
-        if kind == "map":
-            return {"type": "map", "values": self.node(schema["values"], namespace)}
-        return dict(schema)  # primitive, possibly with a logicalType
-
-    def _reference(self, name: str, namespace: str | None) -> Node:
-        for candidate in (_full(name, namespace), name):
-            if candidate in self.names:
-                return self.names[candidate]
-        raise ValueError(f"unknown type {name!r}")
-
-    def _named(self, schema: dict[str, Any], namespace: str | None) -> Node:
-        full = _full(schema["name"], schema.get("namespace", namespace))
-        inner_ns = full.rsplit(".", 1)[0] if "." in full else None
-        node: Node = {k: v for k, v in schema.items() if k not in ("fields", "namespace")}
-        node["name"] = full
-        node["aliases"] = [_full(a, inner_ns) for a in schema.get("aliases", [])]
-        self.names[full] = node  # registered before the fields, so a record may refer to itself
-        if schema["type"] in ("record", "error"):
-            node["fields"] = [
-                {**f, "type": self.node(f["type"], inner_ns)} for f in schema["fields"]
-            ]
-        return node
-
-
-def normalise(schema: Any) -> Node:
-    return _Normaliser().node(schema, None)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Resolution rules
-
-
-def _describe(node: Node) -> str:
-    kind = node["type"]
-    if kind == "union":
-        return "[" + ", ".join(_describe(b) for b in node["branches"]) + "]"
-    if kind in NAMED:
-        return f"{kind} {_short(node['name'])}"
-    if kind == "array":
-        return f"array<{_describe(node['items'])}>"
-    if kind == "map":
-        return f"map<{_describe(node['values'])}>"
-    return f"{kind} ({node['logicalType']})" if "logicalType" in node else kind
-
-
-def _names_match(reader: Node, writer: Node) -> bool:
-    accepted = {_short(reader["name"])} | {_short(a) for a in reader.get("aliases", [])}
-    return _short(writer["name"]) in accepted
-
-
-def _same_kind(reader: Node, writer: Node) -> bool:
-    """The spec's "match" for picking a union branch, without promotions."""
-    if reader["type"] != writer["type"]:
-        return False
-    return _names_match(reader, writer) if reader["type"] in NAMED else True
-
-
-def _promotable(reader: Node, writer: Node) -> bool:
-    return reader["type"] in PROMOTIONS.get(writer["type"], frozenset())
-
-
-def _pick_branch(reader_union: Node, writer: Node) -> Node | None:
-    branches = reader_union["branches"]
-    return (next((b for b in branches if _same_kind(b, writer)), None)
-            or next((b for b in branches if _promotable(b, writer)), None))
+def _logical_change(reader: Schema, writer: Schema, path: str) -> Iterator[str]:
+    """What the reference checker does not look at: logical types over the same underlying type."""
+    r_logical, w_logical = reader.get_prop("logicalType"), writer.get_prop("logicalType")
+    if r_logical and w_logical and r_logical != w_logical:
+        yield (f"{path}: logical type changed from {w_logical} to {r_logical}; the bytes resolve but the values "
+               "would change meaning")
+    elif r_logical == "decimal" == w_logical:
+        for prop in ("precision", "scale"):
+            if (reader.get_prop(prop) or 0) != (writer.get_prop(prop) or 0):
+                yield (f"{path}: decimal {prop} changed from {writer.get_prop(prop) or 0} to "
+                       f"{reader.get_prop(prop) or 0}")
 
 
 @dataclass
-class _Checker:
-    problems: list[str] = field(default_factory=list)
+class _Explainer:
+    """Walks reader and writer together; every pair the reference checker refuses becomes one line naming its
+    path; compatible leaves are checked for logical-type changes."""
+
+    checker: ReaderWriterCompatibilityChecker = field(default_factory=ReaderWriterCompatibilityChecker)
     _seen: set[tuple[int, int]] = field(default_factory=set)
 
-    def check(self, reader: Node, writer: Node, path: str) -> None:
-        if writer["type"] == "union":
-            for branch in writer["branches"]:
-                self._check_branch(reader, branch, path)
-            return
-        if reader["type"] == "union":
-            chosen = _pick_branch(reader, writer)
-            if chosen is None:
-                self.problems.append(f"{path}: the old type {_describe(writer)} is not accepted by the new "
-                                     f"union {_describe(reader)}")
+    def ok(self, reader: Schema, writer: Schema) -> bool:
+        verdict = self.checker.get_compatibility(reader, writer).compatibility
+        return verdict is not SchemaCompatibilityType.incompatible
+
+    def explain(self, reader: Schema, writer: Schema, path: str) -> Iterator[str]:
+        if isinstance(writer, UnionSchema):
+            for branch in writer.schemas:
+                suffix = "" if isinstance(reader, UnionSchema) else f" (old data of union branch {_describe(branch)})"
+                yield from (p + suffix for p in self.explain(reader, branch, path))
+        elif isinstance(reader, UnionSchema):
+            # The branch Avro resolves to: a readable one (same type first, then a promotion); else the branch of
+            # the same kind, so the problem is named inside it (VisitorEvent.device.model).
+            accepted = [b for b in reader.schemas if self.ok(b, writer)]
+            same = [b for b in reader.schemas if b.type == writer.type
+                    and (not isinstance(b, NamedSchema) or schema_name_equals(b, cast(NamedSchema, writer)))]
+            branch = next((b for b in accepted if b in same), accepted[0]) if accepted else next(iter(same), None)
+            if branch is None:
+                yield f"{path}: the old type {_describe(writer)} is not accepted by the new union {_describe(reader)}"
             else:
-                self.check(chosen, writer, path)
-            return
-        if reader["type"] != writer["type"]:
-            if not _promotable(reader, writer):
-                self.problems.append(f"{path}: type changed from {_describe(writer)} to {_describe(reader)}, "
-                                     "which is not an Avro promotion")
-            return
-        getattr(self, f"_check_{reader['type']}", self._check_primitive)(reader, writer, path)
+                yield from self.explain(branch, writer, path)
+        elif reader.type != writer.type:
+            if not self.ok(reader, writer):
+                yield (f"{path}: type changed from {_describe(writer)} to {_describe(reader)}, which is not an Avro "
+                       "promotion")
+        elif isinstance(reader, NamedSchema) and not schema_name_equals(reader, cast(NamedSchema, writer)):
+            yield (f"{path}: {reader.type} renamed from {cast(NamedSchema, writer).name} to {reader.name} without an "
+                   "alias for the old name")
+        elif isinstance(reader, RecordSchema):
+            yield from self._record(reader, writer, path)  # type: ignore[arg-type]
+        elif isinstance(reader, EnumSchema) and not self.ok(reader, writer):
+            missing = [s for s in writer.symbols if s not in reader.symbols]  # type: ignore[attr-defined]
+            yield (f"{path}: enum {reader.name} dropped symbol(s) {', '.join(missing)} and has no default symbol, "
+                   "so old data using them cannot be read")
+        elif isinstance(reader, ArraySchema):
+            yield from self.explain(reader.items, writer.items, f"{path}[]")  # type: ignore[attr-defined]
+        elif isinstance(reader, MapSchema):
+            yield from self.explain(reader.values, writer.values, f"{path}{{}}")  # type: ignore[attr-defined]
+        else:
+            if isinstance(reader, FixedSchema) and not self.ok(reader, writer):
+                yield f"{path}: fixed {reader.name} size changed from {writer.size} to {reader.size}"  # type: ignore[attr-defined]
+            yield from _logical_change(reader, writer, path)
 
-    def _check_branch(self, reader: Node, branch: Node, path: str) -> None:
-        before = len(self.problems)
-        self.check(reader, branch, path)
-        if len(self.problems) > before and reader["type"] != "union":
-            # Say which old union branch breaks, e.g. null written into a now non-nullable field.
-            self.problems[before:] = [f"{p} (old data of union branch {_describe(branch)})"
-                                      for p in self.problems[before:]]
-
-    def _check_primitive(self, reader: Node, writer: Node, path: str) -> None:
-        r_logical, w_logical = reader.get("logicalType"), writer.get("logicalType")
-        if r_logical and w_logical and r_logical != w_logical:
-            self.problems.append(f"{path}: logical type changed from {w_logical} to {r_logical}; the bytes "
-                                 "resolve but the values would change meaning")
-        elif r_logical == "decimal" == w_logical:
-            for prop in ("precision", "scale"):
-                if reader.get(prop, 0) != writer.get(prop, 0):
-                    self.problems.append(f"{path}: decimal {prop} changed from {writer.get(prop, 0)} to "
-                                         f"{reader.get(prop, 0)}")
-
-    def _named_ok(self, reader: Node, writer: Node, path: str) -> bool:
-        if not _names_match(reader, writer):
-            self.problems.append(f"{path}: {reader['type']} renamed from {_short(writer['name'])} to "
-                                 f"{_short(reader['name'])} without an alias for the old name")
-            return False
-        return True
-
-    def _check_record(self, reader: Node, writer: Node, path: str) -> None:
-        key = (id(reader), id(writer))
-        if key in self._seen or not self._named_ok(reader, writer, path):
-            return  # a recursive record pair already under check
-        self._seen.add(key)
-        by_name = {f["name"]: f for f in writer["fields"]}
-        for r_field in reader["fields"]:
-            field_path = f"{path}.{r_field['name']}"
-            w_field = next((by_name[n] for n in (r_field["name"], *r_field.get("aliases", [])) if n in by_name),
-                           None)
+    def _record(self, reader: RecordSchema, writer: RecordSchema, path: str) -> Iterator[str]:
+        if (id(reader), id(writer)) in self._seen:
+            return  # a recursive record pair already under way
+        self._seen.add((id(reader), id(writer)))
+        for r_field in reader.fields:
+            field_path = f"{path}.{r_field.name}"
+            w_field = lookup_writer_field(writer, r_field)
             if w_field is not None:
-                self.check(r_field["type"], w_field["type"], field_path)
-            elif "default" not in r_field:
-                self.problems.append(f"{field_path}: field added without a default, so old data (which lacks "
-                                     "it) cannot be read")
+                yield from self.explain(r_field.type, w_field.type, field_path)
+            elif not r_field.has_default:
+                yield (f"{field_path}: field added without a default, so old data (which lacks it) cannot be "
+                       "read")
 
-    _check_error = _check_record
 
-    def _check_enum(self, reader: Node, writer: Node, path: str) -> None:
-        if not self._named_ok(reader, writer, path):
-            return
-        missing = [s for s in writer["symbols"] if s not in reader["symbols"]]
-        if missing and "default" not in reader:
-            self.problems.append(f"{path}: enum {_short(reader['name'])} dropped symbol(s) "
-                                 f"{', '.join(missing)} and has no default symbol, so old data using them "
-                                 "cannot be read")
+def _qualified_aliases(schema: Any, namespace: str | None = None) -> Any:
+    """The schema with every named type's aliases made full names, as the spec resolves them (relative to the
+    type's namespace): the Python checker compares a writer's full name with the aliases as written."""
+    if isinstance(schema, list):
+        return [_qualified_aliases(b, namespace) for b in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if out.get("type") in NAMED and "name" in out:
+        name = out["name"]
+        full = name if "." in name else ".".join(filter(None, (out.get("namespace", namespace), name)))
+        namespace = full.rpartition(".")[0] or None
+        if "aliases" in out:
+            out["aliases"] = [a if "." in a or not namespace else f"{namespace}.{a}" for a in out["aliases"]]
+    for key in ("type", "items", "values"):
+        if key in out and not isinstance(out[key], str):
+            out[key] = _qualified_aliases(out[key], namespace)
+    if "fields" in out:
+        out["fields"] = [{**f, "type": _qualified_aliases(f["type"], namespace)} for f in out["fields"]]
+    return out
 
-    def _check_fixed(self, reader: Node, writer: Node, path: str) -> None:
-        if not self._named_ok(reader, writer, path):
-            return
-        if reader["size"] != writer["size"]:
-            self.problems.append(f"{path}: fixed {_short(reader['name'])} size changed from {writer['size']} "
-                                 f"to {reader['size']}")
-        self._check_primitive(reader, writer, path)  # decimal on fixed
 
-    def _check_array(self, reader: Node, writer: Node, path: str) -> None:
-        self.check(reader["items"], writer["items"], f"{path}[]")
-
-    def _check_map(self, reader: Node, writer: Node, path: str) -> None:
-        self.check(reader["values"], writer["values"], f"{path}{{}}")
+def _parse(schema: Any) -> Schema:
+    return avro.schema.parse(json.dumps(_qualified_aliases(schema)))
 
 
 def incompatibilities(reader_schema: Any, writer_schema: Any) -> list[str]:
-    """Why data written with writer_schema cannot be read with reader_schema (empty: it can).
+    """Why data written with writer_schema cannot be read with reader_schema (empty: it can), as decided by
+    Avro's reference checker, plus logical-type changes it does not look at.
 
     Each problem starts with the field path, e.g. ``VisitorEvent.event_type``."""
-    reader, writer = normalise(reader_schema), normalise(writer_schema)
-    root = _short(reader["name"]) if reader["type"] in NAMED else reader["type"]
-    checker = _Checker()
-    checker.check(reader, writer, root)
-    return checker.problems
+    reader, writer = _parse(reader_schema), _parse(writer_schema)
+    root = reader.name if isinstance(reader, NamedSchema) else str(reader.type)
+    explainer = _Explainer()
+    problems = list(explainer.explain(reader, writer, root))
+    if not problems and not explainer.ok(reader, writer):  # a refusal the walk could not place: say it as is
+        result = explainer.checker.get_compatibility(reader, writer)
+        problems.append(f"{root}: {'; '.join(sorted(result.messages))} (at {', '.join(sorted(result.locations))})")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------------
 # fastavro second opinion: encode sample data of the old schema, decode it with the new one
 
 
-def _sample(node: Node, variant: int, depth: int = 0) -> Any:
-    """A datum valid for node; variant 0 takes first union branches/enum symbols, variant 1 the last."""
-    kind, logical = node["type"], node.get("logicalType")
-    if kind == "union":
-        branches = node["branches"]
+def _sample(schema: Schema, variant: int, depth: int = 0) -> Any:
+    """A datum valid for schema; variant 0 takes first union branches/enum symbols, variant 1 the last."""
+    if isinstance(schema, UnionSchema):
+        branches = schema.schemas
         if depth > 8:  # recursive types end in their null branch
-            branches = [b for b in branches if b["type"] == "null"] or branches
+            branches = [b for b in branches if b.type == "null"] or branches
         return _sample(branches[0] if variant == 0 else branches[-1], variant, depth + 1)
+    logical = schema.get_prop("logicalType")
     if logical == "decimal":
-        return decimal.Decimal(1).scaleb(-node.get("scale", 0))
+        scale = schema.get_prop("scale")
+        return decimal.Decimal(1).scaleb(-scale if isinstance(scale, int) else 0)
     if logical == "uuid":
         return str(uuid.UUID(int=variant + 1))
     simple = {"null": None, "boolean": True, "int": 1, "long": 1, "float": 1.5, "double": 1.5,
               "bytes": b"x", "string": "x"}
-    if kind in simple:
-        return simple[kind]
-    if kind == "fixed":
-        return b"\x01" * node["size"]
-    if kind == "enum":
-        return node["symbols"][0 if variant == 0 else -1]
-    if kind == "array":
-        return [] if depth > 8 else [_sample(node["items"], variant, depth + 1)]
-    if kind == "map":
-        return {} if depth > 8 else {"k": _sample(node["values"], variant, depth + 1)}
-    return {f["name"]: _sample(f["type"], variant, depth + 1) for f in node["fields"]}
+    if schema.type in simple:
+        return simple[schema.type]
+    if isinstance(schema, FixedSchema):
+        return b"\x01" * schema.size
+    if isinstance(schema, EnumSchema):
+        return schema.symbols[0 if variant == 0 else -1]
+    if isinstance(schema, ArraySchema):
+        return [] if depth > 8 else [_sample(schema.items, variant, depth + 1)]
+    if isinstance(schema, MapSchema):
+        return {} if depth > 8 else {"k": _sample(schema.values, variant, depth + 1)}
+    assert isinstance(schema, RecordSchema), schema
+    return {f.name: _sample(f.type, variant, depth + 1) for f in schema.fields}
 
 
 def fastavro_resolution_error(reader_schema: Any, writer_schema: Any) -> str | None:
@@ -298,7 +218,7 @@ def fastavro_resolution_error(reader_schema: Any, writer_schema: Any) -> str | N
     reader = fastavro.parse_schema(reader_schema)
     for variant in (0, 1):
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, writer, _sample(normalise(writer_schema), variant))
+        fastavro.schemaless_writer(buf, writer, _sample(_parse(writer_schema), variant))
         buf.seek(0)
         try:
             fastavro.schemaless_reader(buf, writer, reader)

@@ -8,6 +8,7 @@ import time
 from confluent_kafka import Message, TopicPartition
 
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, EventCodec, read_long
+from site_activity.kafka import position
 
 _BATCH_HEADERS = tuple(MAGIC + fp for fp in EventCodec(logical_types=False).batch.versions)
 
@@ -79,6 +80,6 @@ def next_offsets(messages: list[Message]) -> list[TopicPartition]:
     """Per partition, the offset after the last message: what to commit once the messages are durable."""
     last: dict[tuple[str, int], int] = {}
     for m in messages:
-        key = (m.topic(), m.partition())
-        last[key] = max(last.get(key, -1), m.offset())
+        topic, partition, offset = position(m)
+        last[topic, partition] = max(last.get((topic, partition), -1), offset)
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(last.items())]

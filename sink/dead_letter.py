@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -44,7 +45,8 @@ class DeadLetterPublisher:
             if err is None:
                 return
             if is_unwritable(err) and msg.value():  # refused for its size/content: again without the payload
-                refused.append((msg.key(), without_payload(msg.value(), msg.headers())[1]))
+                ours = cast("list[tuple[str, bytes]] | None", msg.headers())  # the headers _produce gave it
+                refused.append((msg.key(), without_payload(msg.value(), ours)[1]))
             else:
                 failures.append(err)
 
@@ -69,7 +71,8 @@ class DeadLetterPublisher:
                  delivered: Callable[[KafkaError | None, Message], None]) -> None:
         while True:
             try:
-                self._producer.produce(self._topic, key=key, value=value, headers=headers, on_delivery=delivered)
+                self._producer.produce(self._topic, key=key, value=value, on_delivery=delivered,
+                                       headers=cast("list[tuple[str, str | bytes | None]]", headers))
                 return
             except BufferError:  # local queue full: let some drain
                 self._producer.poll(0.05)

@@ -1,12 +1,11 @@
-"""Prometheus metrics of one sink process (own registry) and the tiny HTTP server for /healthz and /metrics."""
+"""Prometheus metrics of one sink process (own registry); site_activity.metrics serves them with /healthz."""
 
 from __future__ import annotations
 
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+# Liveness is re-exported: the webhooks stage imports it from here until it moves to site_activity.metrics.
+from site_activity.metrics import Liveness as Liveness
 
 
 class SinkMetrics:
@@ -42,46 +41,3 @@ class SinkMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class Liveness:
-    """The main loop ticks; /healthz is 200 while ticks keep coming (the loop also ticks while it backs off)."""
-
-    def __init__(self, max_silence_s: float) -> None:
-        self.max_silence_s = max_silence_s
-        self._last = time.monotonic()
-        self.running = True
-
-    def tick(self) -> None:
-        self._last = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.running and time.monotonic() - self._last < self.max_silence_s
-
-
-def serve_http(host: str, port: int, metrics: SinkMetrics, liveness: Liveness) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path == "/healthz":
-                ok = liveness.alive()
-                self._send(200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}',
-                           "application/json")
-            elif self.path == "/metrics":
-                self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
-            else:
-                self._send(404, b'{"error":"not found"}', "application/json")
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:  # probes every few seconds; not worth a log line
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
-    return server

@@ -11,13 +11,14 @@ import io
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from confluent_kafka import Message
 
 from schemas.codec import HEADER_LEN, DecodeError, EventCodec
 from site_activity.dead_letters import Reason, reason_text
+from site_activity.kafka import position
 
 # The event fields a row carries, in this order (the COPY column order, see sink.writer). The first two are
 # the table's primary key.
@@ -49,10 +50,11 @@ class EventDecoder:
         if data is not None:
             try:
                 if data.startswith(self._batch_header):
-                    return fastavro.schemaless_reader(self._body(data), self._batch, None)["events"]  # type: ignore[no-any-return]
+                    batch = cast(dict[str, Any], fastavro.schemaless_reader(self._body(data), self._batch, None))
+                    return cast(list[dict[str, Any]], batch["events"])
                 if data.startswith(self._event_header):
-                    return [fastavro.schemaless_reader(self._body(data), self._event, None)]
-            except Exception:  # noqa: BLE001 (the codec below turns it into the proper DecodeError)
+                    return [cast(dict[str, Any], fastavro.schemaless_reader(self._body(data), self._event, None))]
+            except Exception:
                 pass
         return self.codec.decode_events(data)
 
@@ -75,7 +77,8 @@ class Source:
 
     @classmethod
     def of(cls, msg: Message) -> Source:
-        return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+        topic, partition, offset = position(msg)
+        return cls(topic, partition, offset, msg.key(), msg.value())
 
 
 @dataclass(slots=True)  # one per event: kept lean, the Source is only built for dead letters

@@ -12,6 +12,7 @@ back as a dead letter; any other database error is transient and raised as `Tran
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -202,7 +203,7 @@ _MIN_RETENTION_US = 24 * 3600 * 1_000_000  # one day: the shortest retention a w
 
 def _may_hold_expired(rows: Sequence[Row]) -> bool:
     # Counting expired rows costs a scan of the batch; only a batch with a day-old event can hold one.
-    oldest = min(row.values[_OCCURRED_AT] for row in rows)
+    oldest: int = min(row.values[_OCCURRED_AT] for row in rows)
     return oldest < time.time_ns() // 1000 - _MIN_RETENTION_US + 60_000_000  # a minute of slack for clock drift
 
 
@@ -279,10 +280,8 @@ class EventWriter:
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None
 
     def _connection(self) -> psycopg.Connection:

@@ -42,7 +42,7 @@ def migrate(dsn: str) -> list[str]:
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type]  # trusted files shipped with the package
+                    conn.execute(sql)  # trusted files shipped with the package
                     conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
                 log.info("applied migration", extra={"migration": name})
                 applied.append(name)

@@ -20,8 +20,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaError, Message
 
 from site_activity.audit import audit
 from site_activity.settings import Settings
@@ -47,6 +49,17 @@ class NotifyError(RuntimeError):
 Notify = Callable[[list[bytes]], None]
 ERASED_MARKER = b'{"erased":true}'
 CONTACT_MARKER_PREFIX = b"contact:"  # never a visitor key: those start with a widget uuid
+
+
+_Target = tuple[bytes, int | None]  # (key, partition or None: by the key)
+
+
+def _refusals(into: list[tuple[_Target, str]], target: _Target) -> Callable[[KafkaError | None, Message], None]:
+    """A delivery callback that records a refused marker in `into`."""
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            into.append((target, str(err)))
+    return delivered
 
 
 def contact_marker_key(customer_id: uuid.UUID | str) -> bytes:
@@ -80,11 +93,10 @@ def kafka_notifier(settings: Settings, timeout_s: float = 30.0) -> Notify:
             else:
                 pending.append((key, None))
         while pending:
-            refused: list[tuple[tuple[bytes, int | None], str]] = []
+            refused: list[tuple[_Target, str]] = []
             for key, partition in pending:
-                extra = {} if partition is None else {"partition": partition}
-                producer.produce(topic, ERASED_MARKER, key, **extra, on_delivery=lambda err, _m, k=(key, partition):
-                                 refused.append((k, str(err))) if err else None)
+                extra: dict[str, Any] = {} if partition is None else {"partition": partition}
+                producer.produce(topic, ERASED_MARKER, key, on_delivery=_refusals(refused, (key, partition)), **extra)
             left = producer.flush(max(0.0, deadline - time.monotonic()))
             if left:  # still queued when time ran out: they may go out later, harmless after the commit
                 raise NotifyError(f"could not publish erasure markers to {topic}: {left} undelivered")

@@ -17,8 +17,6 @@ class EventType(StrEnum):
     IDENTIFY = "identify"
 
 
-# Event types a client may send; session_start is derived by the processors only.
-CLIENT_EVENT_TYPES = frozenset({EventType.PAGEVIEW, EventType.CUSTOM, EventType.IDENTIFY})
 # The longest visitor id the ingest API accepts (characters): also what an erase request may name.
 MAX_VISITOR_ID_CHARS = 128
 
@@ -44,15 +42,6 @@ class VisitorEvent(TypedDict):
     customer_id: str | uuid.UUID | None
 
 
-class IdentityLink(TypedDict):
-    tenant_id: str | uuid.UUID
-    widget_id: str | uuid.UUID
-    visitor_id: str
-    user_id: str
-    customer_id: str | uuid.UUID
-    linked_at: datetime
-
-
 # Fixed namespaces so that ids derived from the same facts are the same on every replay.
 _SESSION_NS = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e01")
 _CUSTOMER_NS = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e02")
@@ -64,10 +53,6 @@ _MICROSECOND = timedelta(microseconds=1)
 def session_id_for(widget_id: str | uuid.UUID, visitor_id: str, started_at: datetime) -> uuid.UUID:
     """A session is named by who and when it started, so reprocessing yields the same id."""
     return uuid.UUID(session_id_text(str(widget_id), visitor_id, (started_at - _EPOCH) // _MICROSECOND))
-
-
-def session_start_event_id(session_id: uuid.UUID) -> uuid.UUID:
-    return uuid.UUID(session_start_event_id_text(str(session_id)))
 
 
 def customer_id_for(tenant_id: str | uuid.UUID, user_id: str) -> uuid.UUID:

@@ -1,6 +1,6 @@
 """Export bundles: one zip archive with a tenant's events, the contacts they link to, and a manifest.
 
-Used by `site-activity export` (site_activity/cli.py) and by the console's export jobs
+Used by `site-activity export` (command_line/main.py) and by the console's export jobs
 (site_activity/export_jobs.py); both call `write_bundle`.
 
 Archive (zip, ZIP64 so any size works):
@@ -186,7 +186,7 @@ def _where(flt: ExportFilter, alias: str = "e") -> tuple[sql.Composable, dict[st
 def _select(columns: tuple[Column, ...], render: Callable[[Column], sql.Composable], source: str,
             where: sql.Composable, order: str) -> sql.Composed:
     return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-        sql.SQL(", ").join(render(c) for c in columns), sql.SQL(source), where, sql.SQL(order))  # type: ignore[arg-type]
+        sql.SQL(", ").join(render(c) for c in columns), sql.SQL(source), where, sql.SQL(order))
 
 
 _EVENTS_SOURCE = "visitor_events e"
@@ -256,11 +256,16 @@ class _FileOut:
 
 
 def _count(conn: psycopg.Connection, source: str, where: sql.Composable, params: dict[str, Any]) -> int:
-    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sql.SQL(source), where)  # type: ignore[arg-type]
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sql.SQL(source), where)
     return int(conn.execute(query, params).fetchone()[0])  # type: ignore[index]
 
 
-def _stream_rows(conn: psycopg.Connection, query: sql.Composable, params: dict[str, Any],
+def _progress_of(on_progress: Progress, name: str, total: int) -> Callable[[int], None]:
+    """One file's row count as it is written, reported as (file, rows so far, rows in the file)."""
+    return lambda n: on_progress(name, min(n, total), total)
+
+
+def _stream_rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any],
                  size: int) -> Iterator[list[tuple[Any, ...]]]:
     """Batches of rows from a server-side (named) cursor: Postgres keeps the result, we hold `size` rows."""
     with conn.cursor(name=f"export_{uuid.uuid4().hex[:8]}") as cur:
@@ -274,7 +279,7 @@ def _write_ndjson(conn: psycopg.Connection, out: _HashingWriter, columns: tuple[
                   where: sql.Composable, order: str, params: dict[str, Any], tick: Callable[[int], None]) -> int:
     rows = 0
     query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-        _json_object(columns), sql.SQL(source), where, sql.SQL(order))  # type: ignore[arg-type]
+        _json_object(columns), sql.SQL(source), where, sql.SQL(order))
     for batch in _stream_rows(conn, query, params, FETCH_ROWS):
         out.write("".join(f"{r[0]}\n" for r in batch).encode())
         rows += len(batch)
@@ -328,7 +333,7 @@ def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple
         for batch in _stream_rows(conn, query, params, FETCH_ROWS):
             arrays = [pa.array(values, type=pa.int64(), memory_pool=pool).cast(ts_type, memory_pool=pool)
                       if f.type == ts_type else pa.array(values, type=f.type, memory_pool=pool)
-                      for f, values in zip(schema, zip(*batch), strict=True)]
+                      for f, values in zip(schema, zip(*batch, strict=True), strict=True)]
             pending.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             pending_rows += len(batch)
             rows += len(batch)
@@ -392,7 +397,7 @@ def write_bundle(dsn: str, flt: ExportFilter, fmt: Format, out: Path, *, export_
                     with zf.open(entry, "w", force_zip64=True) as raw:
                         hashing = _HashingWriter(raw)
                         rows = _WRITERS[fmt](conn, hashing, columns, source, where, order, params,
-                                             lambda n, name=name, total=total: on_progress(name, min(n, total), total))
+                                             _progress_of(on_progress, name, total))
                     if rows != total:  # impossible within one snapshot; refuse to hand out a wrong manifest
                         raise RuntimeError(f"{name}: wrote {rows} rows, the snapshot counted {total}")
                     on_progress(name, rows, total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from site_activity.kafka_security import ClientConfig, confluent_security
@@ -13,6 +13,14 @@ from site_activity.settings import Settings
 from site_activity.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a message a consumer returned without error: confluent-kafka types them as
+    optional because a produced-but-undelivered or error message may lack them; a consumed one never does."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None, "not a consumed message"
+    return topic, partition, offset
 
 
 def client_config(settings: Settings, **overrides: Any) -> ClientConfig:
@@ -81,11 +89,3 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
                 raise
     log.info("created topics", extra={"topics": created})
     return created
-
-
-def kafka_reachable(settings: Settings, timeout: float = 2.0) -> bool:
-    try:
-        admin(settings).list_topics(timeout=timeout)
-        return True
-    except KafkaException:
-        return False

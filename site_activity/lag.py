@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -124,7 +124,7 @@ def _last_commit_time(window: Sequence[Sample]) -> float:
 
 
 def worst(statuses: Iterable[str]) -> Status:
-    return max(statuses, key=SEVERITY.__getitem__, default="OK")  # type: ignore[return-value]
+    return cast(Status, max(statuses, key=SEVERITY.__getitem__, default="OK"))
 
 
 # --- which groups ------------------------------------------------------------------------------------------
@@ -282,7 +282,8 @@ class LagMonitor:
             if tp not in end:
                 continue
             low = earliest.get(tp, 0)
-            position = committed[tp] if committed[tp] is not None else low
+            at = committed[tp]
+            position = at if at is not None else low
             owned = tp in assigned if any_assignment else (members > 0 and state not in _EMPTY_STATES)
             sample = Sample(now, position, end[tp], owned)
             window = self._samples.setdefault((spec.name, *tp), deque(maxlen=self.window))

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# --- structure (issue 10) ---------------------------------------------------------------------------------
+Stage = Literal["api", "processors", "sink", "webhooks", "console"]
+# The setting naming the port each long-running stage serves /healthz (and /metrics, /readyz) on, at http_host.
+STAGE_HTTP_PORT: dict[str, str] = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
+                                   "webhooks": "webhooks_http_port", "console": "console_port"}
 
 
 class Settings(BaseSettings):
@@ -21,7 +26,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5433/site_activity"
     # The embedded broker: "kafka" (Apache Kafka, KRaft, needs Java 17+) or "tansu" (a pip wheel). Unset:
-    # "kafka" where Java 17+ is found, else "tansu" (site_activity.kafka_dist.default_broker).
+    # "kafka" where Java 17+ is found, else "tansu" (dev_stack.kafka_dist.broker_kind).
     embedded_broker: Literal["kafka", "tansu"] | None = None
     # Apache Kafka nodes of the embedded cluster (combined broker+controller). Node i listens on
     # embedded_kafka_port + 2*i and its KRaft controller on the port after it, or on
@@ -224,7 +229,7 @@ class Settings(BaseSettings):
     webhooks_timeout_s: float = 15.0  # one attempt, connect to last byte
     # Delay before attempt 1, 2, ... (seconds); after the last one fails the delivery is `failed`.
     webhooks_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
+        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 36000])
     # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
     webhooks_disable_after_s: float = 5 * 24 * 3600
     webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)
@@ -235,16 +240,6 @@ class Settings(BaseSettings):
     # --- observability -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
-
-    @property
-    def broker_kind(self) -> Literal["kafka", "tansu"]:
-        """The embedded broker to start: the setting, else this machine's default (looked up only here, so
-        processes that never start a broker never probe for Java)."""
-        if self.embedded_broker is not None:
-            return self.embedded_broker
-        from site_activity.kafka_dist import default_broker
-
-        return default_broker(self.kafka_dist, self.kafka_version)
 
     @property
     def kafka_dist(self) -> Path:
@@ -268,6 +263,11 @@ class Settings(BaseSettings):
     def console_origin(self) -> str:
         """Where browsers reach the console; sign-in links point here."""
         return self.console_public_url.rstrip("/") or f"http://{reachable_host(self.http_host)}:{self.console_port}"
+
+    # --- structure (issue 10): where each stage's probes are, derived from its port setting -------------
+    def health_url(self, stage: Stage) -> str:
+        """http://<reachable http_host>:<the stage's port>/healthz (STAGE_HTTP_PORT names the port setting)."""
+        return f"http://{reachable_host(self.http_host)}:{getattr(self, STAGE_HTTP_PORT[stage])}/healthz"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""

@@ -76,7 +76,7 @@ def apply_topics(settings: Settings, dry_run: bool = False, timeout: float = 30.
     if missing and not dry_run:
         futures = client.create_topics([NewTopic(t.name, num_partitions=t.partitions, replication_factor=t.replication_factor,
                                                  config=t.config) for t in missing], operation_timeout=timeout)
-        for name, future in futures.items():
+        for future in futures.values():
             try:
                 future.result()
             except KafkaException as exc:

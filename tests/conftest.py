@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -16,14 +17,16 @@ import pytest
 from confluent_kafka import Consumer, Message
 from playwright.sync_api import Browser, sync_playwright
 
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
+from dev_stack.isolated import isolated_settings
+from dev_stack.kafka_dist import machine_settings
+from dev_stack.process import StageProcess
 from schemas.codec import EventCodec
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
 from site_activity.kafka import consumer_config, ensure_topics
-from site_activity.kafka_dist import machine_settings
-from site_activity.process import StageProcess
-from site_activity.settings import Settings
+from site_activity.settings import STAGE_HTTP_PORT, Settings
+from site_activity.settings import Stage as StageName
 from site_activity.topics import Topics
 from tests.console_helpers import Tenant, make_tenant
 
@@ -67,38 +70,25 @@ def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
     server.stop()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    return settings.to_env()
-
-
 @pytest.fixture
 def settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path) -> Settings:
     """Settings for one test: unique topic prefix and consumer groups, short group timeouts."""
     return make_settings(kafka, postgres, tmp_path / "data")
 
 
-def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: object) -> Settings:
-    """Unique topics, groups and ports on the session's broker and database; topics created.
+def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: Path, **overrides: Any) -> Settings:
+    """Unique topics, groups and ports on the session's broker and database (dev_stack.isolated); topics created.
     Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
-    tag = uuid.uuid4().hex[:10]
-    s = Settings(
-        data_dir=data_dir,
-        kafka_bootstrap=kafka.bootstrap,
-        postgres_dsn=postgres.dsn,
-        topic_prefix=f"t{tag}",
+    s = isolated_settings(
+        kafka.bootstrap, postgres.dsn, data_dir,
         topic_partitions=3,
-        sink_group=f"sink-{tag}",
-        processors_app_id=f"proc-{tag}",
-        http_port=free_port(),
-        sink_http_port=free_port(),
-        demo_port=free_port(),
-        processors_web_port=free_port(),
         consumer_session_timeout_ms=3000,
         consumer_heartbeat_interval_ms=500,
         widget_cache_refresh_s=0.5,
         sink_batch_max_ms=100,
         log_json=True,
-    ).model_copy(update=overrides)
+        **overrides,
+    )
     ensure_topics(s)
     return s
 
@@ -133,7 +123,7 @@ class Service(StageProcess):
         super().__init__(stage, settings, log_dir / f"{stage}.log", extra_env)
         self.ready: Callable[[], bool] | None = None
 
-    def start(self, timeout: float = 60.0) -> Service:  # type: ignore[override]
+    def start(self, timeout: float = 60.0) -> Service:
         super().start()
         if self.ready is not None:
             ready = self.ready
@@ -164,14 +154,7 @@ def start_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
     def start(stage: str, settings_override: Settings | None = None, **extra_env: str) -> Service:
         s = settings_override or settings
         svc = Service(stage, s, tmp_path, extra_env)
-        health = {
-            "api": f"http://127.0.0.1:{s.http_port}/healthz",
-            "sink": f"http://127.0.0.1:{s.sink_http_port}/healthz",
-            "processors": f"http://127.0.0.1:{s.processors_web_port}/healthz",
-            "console": f"http://127.0.0.1:{s.console_port}/healthz",
-            "webhooks": f"http://127.0.0.1:{s.webhooks_http_port}/healthz",  # issue 13
-        }.get(stage)
-        svc.ready = http_ok(health) if health else None
+        svc.ready = http_ok(s.health_url(cast(StageName, stage))) if stage in STAGE_HTTP_PORT else None
         started.append(svc)
         return svc.start()
 
@@ -241,7 +224,7 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 2
 _EVENTS = EventCodec()
 
 
-def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes, dict]]:
+def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes | None, dict]]:
     """(key, event) pairs from the start of `topic`: a raw-topic message holds a whole request's events."""
     msgs = read_topic(settings, topic, expected, timeout, weight=lambda m: len(_EVENTS.decode_events(m.value())))
     return [(m.key(), event) for m in msgs for event in _EVENTS.decode_events(m.value())]
@@ -258,7 +241,7 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
 def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A running `site-activity console` for the module, and an HTTP client pointed at it."""
     svc = Service("console", console_settings, tmp_path_factory.mktemp("console-logs"))
-    svc.ready = http_ok(f"http://127.0.0.1:{console_settings.console_port}/healthz")
+    svc.ready = http_ok(console_settings.health_url("console"))
     svc.start()
     with httpx.Client(base_url=f"http://127.0.0.1:{console_settings.console_port}", timeout=30) as client:
         yield client

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedPostgres
+from dev_stack.embedded import EmbeddedPostgres
 from site_activity.settings import Settings
 from tests.console_helpers import Tenant, cli, make_tenant
 from tests.test_console_pages import console_settings  # noqa: F401 - module fixture reused
@@ -41,7 +41,7 @@ def tenant(postgres: EmbeddedPostgres) -> dict[str, Any]:
 def api(settings: Settings, t: Tenant, path: str, **params: Any) -> dict[str, Any]:
     resp = httpx.get(f"{settings.console_origin}{path}", params=params, headers=t.auth("member"), timeout=30)
     assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
 def signed_in(browser: Browser, settings: Settings, t: Tenant) -> Page:

@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import psycopg
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from producer_api.json_body import Unfaithful, parse_body
 from site_activity import widgets

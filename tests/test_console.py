@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from console import accounts
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, iso, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
@@ -332,7 +332,7 @@ def test_csrf_token_is_required_and_bound_to_the_session(console: httpx.Client, 
     admin = sign_in(console, console_settings, acme, "admin")
     other = sign_in(console, console_settings, acme, "owner")
     page = other.get(f"/settings/widgets/{acme.widget.id}/tracking").text
-    foreign_token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    foreign_token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     before = admin.get(f"/api/v1/widgets/{acme.widget.id}", headers=acme.auth("admin")).json()
     url = f"/settings/widgets/{acme.widget.id}/tracking"
     for token in (None, "", "garbage", foreign_token):
@@ -351,7 +351,7 @@ def test_member_cannot_post_the_form(console: httpx.Client, console_settings: Se
     url = f"/settings/widgets/{acme.widget.id}/tracking"
     page = member.get(url).text
     assert "Only admins and owners can change" in page and 'name="csrf_token"' in page  # the sign-out form's
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     resp = member.post(url, data={"csrf_token": token, "event_retention_days": "3"})
     assert resp.status_code == 403
     assert member.get("/settings/audit-log").status_code == 403
@@ -394,7 +394,7 @@ def test_sign_out_needs_the_form_token_and_ends_the_page_session(console: httpx.
                                                                  acme: Tenant) -> None:
     client = sign_in(console, console_settings, acme, "member")
     page = client.get("/settings/widgets").text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     assert client.post("/logout", data={}).status_code == 403  # a cross-site POST cannot sign anyone out
     resp = client.post("/logout", data={"csrf_token": token})
     assert resp.status_code == 303 and 'sa_session=""' in resp.headers["set-cookie"]
@@ -416,7 +416,7 @@ def test_removed_member_loses_page_access_at_once(console: httpx.Client, console
 # --- signing key --------------------------------------------------------------------------------------
 def _secret_in(data_dir: str, _: int) -> str:
     from console.security import load_secret
-    return load_secret(Settings(data_dir=data_dir))
+    return load_secret(Settings(data_dir=Path(data_dir)))
 
 
 def test_console_processes_starting_together_share_one_nonempty_key(tmp_path) -> None:
@@ -447,10 +447,10 @@ def test_console_without_its_database_answers_503_with_retry_after(kafka: Embedd
                                                                    tmp_path: Path) -> None:
     """Postgres unreachable: /healthz still answers (the process is alive), and a request that needs the database
     gets a 503 a client may retry, not a 500 or a hang."""
-    s = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(),
+    s = make_settings(kafka, postgres, tmp_path / "data",
                       postgres_dsn=f"postgresql://127.0.0.1:{free_port()}/nowhere?connect_timeout=1")
     svc = Service("console", s, tmp_path / "logs")
-    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
+    svc.ready = http_ok(s.health_url("console"))
     svc.start()
     try:
         resp = httpx.get(f"http://127.0.0.1:{s.console_port}/api/v1/me",

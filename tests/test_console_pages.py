@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
@@ -22,7 +22,7 @@ def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     s = make_settings(kafka, postgres, tmp_path_factory.mktemp("console-pages") / "data", console_port=free_port())
     svc = Service("console", s, tmp_path_factory.mktemp("console-pages-logs"))
-    svc.ready = http_ok(f"http://127.0.0.1:{s.console_port}/healthz")
+    svc.ready = http_ok(s.health_url("console"))
     svc.start()
     yield s
     svc.stop()

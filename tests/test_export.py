@@ -24,8 +24,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from site_activity import erasure, export, widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from site_activity.settings import Settings
 from tests.conftest import make_settings
 from tests.console_helpers import Tenant, cli, make_tenant
@@ -238,7 +238,7 @@ def test_widget_and_time_filters_are_exact(fmt: str, acme: Tenant, db: psycopg.C
 def test_contacts_are_those_linked_to_exported_events(acme: Tenant, db: psycopg.Connection,
                                                       postgres: EmbeddedPostgres, tmp_path: Path) -> None:
     other_widget = db.execute("SELECT id FROM widget_configs WHERE tenant_id = %s AND id <> %s",
-                              (acme.id, acme.widget.id)).fetchone()[0]  # type: ignore[index]
+                              (acme.id, acme.widget.id)).fetchone()[0]
     for widget in (acme.widget.id, other_widget):
         zf, manifest, _ = bundle(postgres.dsn, tmp_path, "ndjson", acme.id, widget)
         rows = check_bundle(db, zf, manifest, "ndjson", "widget_id = %s", (widget,))
@@ -286,7 +286,7 @@ def test_bundle_is_one_snapshot_while_rows_keep_arriving(postgres: EmbeddedPostg
                                  " AND external_id NOT LIKE 'user-%%' ORDER BY random() LIMIT 1)", (tenant.id,))
                 written[0] += 1
 
-    before = db.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s", (tenant.id,)).fetchone()[0]  # type: ignore[index]
+    before = db.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s", (tenant.id,)).fetchone()[0]
     thread = threading.Thread(target=writer)
     thread.start()
     try:
@@ -461,11 +461,11 @@ def test_api_is_tenant_scoped(console: httpx.Client, acme: Tenant, globex: Tenan
                                   {"format": "csv", "widget_id": "nope"}, {"format": "csv", "extra": 1}])
 def test_api_refuses_bad_requests_with_400(console: httpx.Client, acme: Tenant, body: dict[str, Any],
                                            db: psycopg.Connection) -> None:
-    before = db.execute("SELECT count(*) FROM exports WHERE tenant_id = %s", (acme.id,)).fetchone()[0]  # type: ignore[index]
+    before = db.execute("SELECT count(*) FROM exports WHERE tenant_id = %s", (acme.id,)).fetchone()[0]
     resp = console.post("/api/v1/exports", json=body, headers=acme.auth("admin"))
     assert resp.status_code == 400, resp.text
     assert resp.json()["reason"]
-    assert db.execute("SELECT count(*) FROM exports WHERE tenant_id = %s", (acme.id,)).fetchone()[0] == before  # type: ignore[index]
+    assert db.execute("SELECT count(*) FROM exports WHERE tenant_id = %s", (acme.id,)).fetchone()[0] == before
 
 
 def test_download_before_done_is_409(console: httpx.Client, acme: Tenant, db: psycopg.Connection) -> None:
@@ -488,7 +488,7 @@ def test_expired_archive_is_deleted_and_gone(console: httpx.Client, console_sett
     done = wait_status(console, acme, job["id"], {"done"})
     created = datetime.fromisoformat(done["finished_at"])
     assert datetime.fromisoformat(done["expires_at"]) - created == timedelta(seconds=console_settings.export_ttl_s)
-    file_name = db.execute("SELECT file_name FROM exports WHERE id = %s", (job["id"],)).fetchone()[0]  # type: ignore[index]
+    file_name = db.execute("SELECT file_name FROM exports WHERE id = %s", (job["id"],)).fetchone()[0]
     path = console_settings.exports_path / file_name
     assert path.is_file()
     db.execute("UPDATE exports SET expires_at = now() WHERE id = %s", (job["id"],))  # as if the TTL passed
@@ -507,7 +507,7 @@ def test_an_erase_after_the_snapshot_withdraws_the_archive(console: httpx.Client
     seeded = seed_tenant(postgres.dsn, tenant.id, tenant.widget.id, n=10)
     job = request_export(console, tenant, format="csv")
     wait_status(console, tenant, job["id"], {"done"})
-    file_name = db.execute("SELECT file_name FROM exports WHERE id = %s", (job["id"],)).fetchone()[0]  # type: ignore[index]
+    file_name = db.execute("SELECT file_name FROM exports WHERE id = %s", (job["id"],)).fetchone()[0]
     erasure.erase_contact(db, tenant.id, seeded["contacts"][0], actor="tests", notify=lambda keys: None)
     resp = console.get(f"/api/v1/exports/{job['id']}/download", headers=tenant.auth("admin"))
     assert resp.status_code == 410 and "erased" in resp.json()["reason"]
@@ -546,7 +546,7 @@ class _Terminal(io.StringIO):
 def test_cli_shows_a_progress_bar_on_a_terminal(acme: Tenant, postgres: EmbeddedPostgres, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                 db: psycopg.Connection) -> None:
-    from site_activity.export_cli import run_export
+    from command_line.export import run_export
 
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)

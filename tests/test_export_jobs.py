@@ -14,21 +14,21 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, wait_until
 from tests.conftest import Service, http_ok, make_settings
 from tests.console_helpers import make_tenant
 from tests.test_export import seed_tenant
 
 
-def start_console(settings, log_dir: Path) -> Service:  # type: ignore[no-untyped-def]
+def start_console(settings, log_dir: Path) -> Service:
     svc = Service("console", settings, log_dir)
-    svc.ready = http_ok(f"http://127.0.0.1:{settings.console_port}/healthz")
+    svc.ready = http_ok(settings.health_url("console"))
     return svc.start()
 
 
 def test_job_of_a_killed_console_is_finished_after_restart(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
                                                            tmp_path: Path) -> None:
-    settings = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(), export_poll_s=0.2,
+    settings = make_settings(kafka, postgres, tmp_path / "data", export_poll_s=0.2,
                              export_lease_s=2.0)
     tenant = make_tenant(postgres.dsn, "Crash")
     seed_tenant(postgres.dsn, tenant.id, tenant.widget.id, n=200)
@@ -57,12 +57,12 @@ def test_job_of_a_killed_console_is_finished_after_restart(kafka: EmbeddedBroker
         assert status == ("running", 1)
         restarted = start_console(settings, tmp_path / "restarted")
         try:
-            wait_until(lambda: db.execute("SELECT status FROM exports WHERE id = %s", (job_id,)).fetchone()[0]  # type: ignore[index]
+            wait_until(lambda: db.execute("SELECT status FROM exports WHERE id = %s", (job_id,)).fetchone()[0]
                        in ("done", "failed"), 60, "the job to finish after the restart")
             job = client.get(f"/api/v1/exports/{job_id}", headers=tenant.auth("admin")).json()
             assert job["status"] == "done" and job["attempts"] == 2, job
             new_owner = db.execute("SELECT count(*) FROM audit_log WHERE entity_id = %s AND action = 'export.completed'",
-                                   (job_id,)).fetchone()[0]  # type: ignore[index]
+                                   (job_id,)).fetchone()[0]
             assert new_owner == 1
             resp = client.get(f"/api/v1/exports/{job_id}/download", headers=tenant.auth("admin"))
             assert resp.status_code == 200
@@ -82,7 +82,7 @@ def test_an_erase_during_a_running_export_makes_it_start_over(kafka: EmbeddedBro
     that snapshot (it may hold the erased visitor); it runs again from a snapshot after the erase."""
     from site_activity import erasure
 
-    settings = make_settings(kafka, postgres, tmp_path / "data", console_port=free_port(), export_poll_s=0.2,
+    settings = make_settings(kafka, postgres, tmp_path / "data", export_poll_s=0.2,
                              export_lease_s=2.0)
     tenant = make_tenant(postgres.dsn, "EraseDuring")
     seed_tenant(postgres.dsn, tenant.id, tenant.widget.id, n=40)
@@ -91,7 +91,7 @@ def test_an_erase_during_a_running_export_makes_it_start_over(kafka: EmbeddedBro
         with psycopg.connect(postgres.dsn) as blocker, psycopg.connect(postgres.dsn, autocommit=True) as db, \
                 httpx.Client(base_url=f"http://127.0.0.1:{settings.console_port}", timeout=30) as client:
             before = db.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s AND widget_id = %s"
-                                " AND visitor_id = 'visitor-3'", (tenant.id, tenant.widget.id)).fetchone()[0]  # type: ignore[index]
+                                " AND visitor_id = 'visitor-3'", (tenant.id, tenant.widget.id)).fetchone()[0]
             assert before > 0
             blocker.execute("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
             resp = client.post("/api/v1/exports", json={"format": "ndjson"}, headers=tenant.auth("admin"))
@@ -102,7 +102,7 @@ def test_an_erase_during_a_running_export_makes_it_start_over(kafka: EmbeddedBro
             erasure.erase_visitor(db, tenant.id, tenant.widget.id, "visitor-3", actor="tests",
                                   notify=lambda keys: None)
             blocker.rollback()
-            wait_until(lambda: db.execute("SELECT status FROM exports WHERE id = %s", (job_id,)).fetchone()[0]  # type: ignore[index]
+            wait_until(lambda: db.execute("SELECT status FROM exports WHERE id = %s", (job_id,)).fetchone()[0]
                        in ("done", "failed"), 60, "the job to finish")
             job = client.get(f"/api/v1/exports/{job_id}", headers=tenant.auth("admin")).json()
             assert job["status"] == "done" and job["attempts"] == 2, job

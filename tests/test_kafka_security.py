@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import aiokafka
-import faust
 import httpx
 import pytest
-from pydantic import SecretStr
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from pydantic import SecretStr
 
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, wait_until
+from dev_stack.kafka_dist import broker_kind
 from site_activity.kafka import admin, client_config, consumer_config, ensure_topics, producer_config
 from site_activity.kafka_security import MASK, KafkaSecurityError, faust_security, secret
 from site_activity.logs import JsonFormatter
@@ -180,7 +180,8 @@ class Recorder:
     """Wraps a confluent client class: records each configuration and builds the real client with it."""
 
     def __init__(self, cls: type) -> None:
-        self.cls, self.configs = cls, []
+        self.cls = cls
+        self.configs: list[Any] = []
 
     def __call__(self, conf: dict[str, Any], **kwargs: Any) -> Any:
         self.configs.append(conf)
@@ -239,7 +240,7 @@ def test_oidc_tokens_for_aiokafka_come_from_the_token_endpoint_and_are_reused(ce
     seen: list[tuple[str, dict[str, list[str]]]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"])).decode()
             seen.append((self.headers["Authorization"], parse_qs(body)))
             out = json.dumps({"access_token": f"tok-{len(seen)}", "token_type": "bearer", "expires_in": 3600}).encode()
@@ -345,7 +346,7 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
     """The embedded Apache Kafka with a SASL_PLAINTEXT listener (PLAIN user alice; SCRAM-SHA-512 user bob
     created through the admin API over the plaintext listener)."""
     base = broker_settings()
-    if base.broker_kind != "kafka":
+    if broker_kind(base) != "kafka":
         pytest.skip("a SASL listener needs the embedded Apache Kafka (Java 17+); Tansu has no SASL")
     cluster = EmbeddedApacheKafka.from_settings(base, tmp_path_factory.mktemp("sasl-kafka"), nodes=1, free_ports=True)
     cluster.sasl_users = dict(USERS)
@@ -363,7 +364,8 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
 
 def sasl_settings(cluster: EmbeddedApacheKafka, mechanism: str, user: str, password: str, **more: Any) -> Settings:
     return Settings(kafka_bootstrap=cluster.sasl_bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
-                    kafka_sasl_mechanism=mechanism, kafka_sasl_username=user, kafka_sasl_password=password, **more)
+                    kafka_sasl_mechanism=mechanism, kafka_sasl_username=user,  # type: ignore[arg-type]
+                    kafka_sasl_password=SecretStr(password), **more)
 
 
 def test_a_wrong_password_is_refused_by_the_broker(sasl_kafka: EmbeddedApacheKafka) -> None:
@@ -393,9 +395,9 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
     ensure_topics(s)  # the topics are created through the SASL listener as well (make_settings did it first)
     services = []
     try:
-        for stage, health in (("api", f"http://127.0.0.1:{s.http_port}/healthz"),
-                              ("processors", f"http://127.0.0.1:{s.processors_web_port}/healthz"),
-                              ("sink", f"http://127.0.0.1:{s.sink_http_port}/healthz")):
+        for stage, health in (("api", s.health_url("api")),
+                              ("processors", s.health_url("processors")),
+                              ("sink", s.health_url("sink"))):
             svc = Service(stage, s, tmp_path)
             svc.ready = lambda url=health: _ok(url)
             services.append(svc)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from site_activity.embedded import free_port, wait_until
+from dev_stack.embedded import free_port, wait_until
+from dev_stack.kafka_dist import broker_kind
 from site_activity.kafka import consumer_config, producer_config
-from site_activity.lag import (METRIC_NAMES, GroupSpec, LagMonitor, LagReport, Sample, partition_status,
-                               pipeline_groups, render_table, sink_group, webhooks_group)
+from site_activity.lag import (
+    METRIC_NAMES,
+    GroupSpec,
+    LagMonitor,
+    LagReport,
+    Sample,
+    partition_status,
+    pipeline_groups,
+    render_table,
+    sink_group,
+    webhooks_group,
+)
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from tests.conftest import broker_settings
@@ -36,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 W = 5  # window size in the unit tests
 
 
-def run(samples: list[tuple[float, int, int, bool]], window: int = W) -> str:
+def run(samples: Sequence[tuple[float, int, int, bool]], window: int = W) -> str:
     return partition_status([Sample(t, c, e, o) for t, c, e, o in samples], window)
 
 
@@ -238,7 +249,7 @@ class EventFlow:
 
 def lag_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.to_env(), "SITE_ACTIVITY_LOG_JSON": "True"}
-    return subprocess.run([sys.executable, "-m", "site_activity.cli", "lag", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "command_line", "lag", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -259,7 +270,7 @@ def sink_owns_its_partitions(settings: Settings) -> None:
         probe.close()
 
 
-@pytest.mark.skipif(broker_settings().broker_kind != "kafka",
+@pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
                     reason="Tansu describes no group members or state, so an owned partition cannot be told from an"
                            " abandoned one (STOP needs that); the rules are unit-tested above")
 def test_sink_stopped_while_events_flow_shows_growing_lag_and_stop_then_ok_after_restart(
@@ -312,7 +323,7 @@ def test_sink_stopped_while_events_flow_shows_growing_lag_and_stop_then_ok_after
         monitor.close()
 
 
-@pytest.mark.skipif(broker_settings().broker_kind != "kafka",
+@pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
                     reason="Tansu describes no group members or state: STALL (owned but not moving) is unobservable")
 def test_a_sink_that_cannot_write_is_stall_not_stop(raw_sink_settings: Settings, make_widget: Any,
                                                     start_service: Any) -> None:
@@ -347,10 +358,10 @@ def test_watch_prints_one_json_document_per_evaluation(settings: Settings) -> No
     topic = Topics.from_settings(settings).raw_events
     produce_raw(settings, topic, 3)
     env = {**os.environ, **settings.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "lag", "--watch", "--json", "--interval", "0.3"],
+    proc = subprocess.Popen([sys.executable, "-m", "command_line", "lag", "--watch", "--json", "--interval", "0.3"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
+        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]
     finally:
         proc.terminate()
         proc.wait(15)
@@ -381,7 +392,7 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
     start_service("sink", settings_override=s)
     port = free_port()
     env = {**os.environ, **s.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "lag", "--serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "command_line", "lag", "--serve", "--port", str(port),
                              "--interval", "0.5"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -411,7 +422,6 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _broker_kind() -> Iterator[None]:
+def _broker_kind() -> None:
     # Everything above runs on either broker; note the kind in the output for the report.
-    print(f"broker: {broker_settings().broker_kind}")
-    yield
+    print(f"broker: {broker_kind(broker_settings())}")

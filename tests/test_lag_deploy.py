@@ -51,7 +51,7 @@ def test_alerts_say_what_the_issue_asks() -> None:
         assert f'status="{status}"' in by_name[name]["expr"] and by_name[name]["for"] == "2m"
 
 
-def annotations(alert: str, value: str) -> dict[str, str]:
+def rendered_annotations(alert: str, value: str) -> dict[str, str]:
     """The alert's annotations as Prometheus renders them for group "sink" and the given $value."""
     rule = next(r for r in rules() if r["alert"] == alert)
     return {k: v.replace("{{ $labels.group }}", "sink").replace("{{ $value | humanizeDuration }}", value).strip()
@@ -80,11 +80,11 @@ def test_promtool_checks_and_unit_tests_the_rules(tmp_path: Path) -> None:
                 {"eval_time": "1m30s", "alertname": "SiteActivityConsumerStopped", "exp_alerts": []},
                 {"eval_time": "3m30s", "alertname": "SiteActivityConsumerStopped",
                  "exp_alerts": [{"exp_labels": {"severity": "critical", "group": "sink"},
-                                 "exp_annotations": annotations("SiteActivityConsumerStopped", "")}]},
+                                 "exp_annotations": rendered_annotations("SiteActivityConsumerStopped", "")}]},
                 {"eval_time": "3m30s", "alertname": "SiteActivityConsumerStalled", "exp_alerts": []},
                 {"eval_time": "2m30s", "alertname": "SiteActivityConsumerLagHigh",
                  "exp_alerts": [{"exp_labels": {"severity": "warning", "group": "sink"},
-                                 "exp_annotations": annotations("SiteActivityConsumerLagHigh", "1m 30s")}]},
+                                 "exp_annotations": rendered_annotations("SiteActivityConsumerLagHigh", "1m 30s")}]},
             ],
         }],
     }

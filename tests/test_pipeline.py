@@ -8,19 +8,20 @@ import struct
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import avro.io
 import avro.schema
 import httpx
 import psycopg
 
+from dev_stack.embedded import wait_until
 from schemas.codec import SCHEMA_DIR
 from site_activity import widgets
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from tests.avro_spec import crc64_avro, parsing_canonical_form
-from site_activity.embedded import wait_until
 from tests.conftest import iso, read_topic, wait_for_rows
 
 ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,
@@ -29,7 +30,7 @@ ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, u
 
 
 def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None) -> dict:
-    return {"widget_id": str(widget_id), "visitor_id": visitor, "sent_at": iso(sent_at or datetime.now(timezone.utc)),
+    return {"widget_id": str(widget_id), "visitor_id": visitor, "sent_at": iso(sent_at or datetime.now(UTC)),
             "events": events}
 
 
@@ -41,7 +42,7 @@ def test_posted_events_become_rows_with_every_column(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = [
         pageview(now - timedelta(seconds=4), "https://shop.example/pricing", referrer="https://google.example/"),
         {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked_upgrade", "occurred_at": iso(now - timedelta(seconds=3)),
@@ -51,15 +52,15 @@ def test_posted_events_become_rows_with_every_column(
     ]
     # Server-side fields in the body are ignored, never trusted.
     body = batch(w.id, events) | {"tenant_id": str(uuid.uuid4())}
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     resp = httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert resp.status_code == 204, resp.text
 
     rows = wait_for_rows(db, ROWS, (w.id,), 3)
     assert len(rows) == 3
     by_type = {r[4]: r for r in rows}
-    for sent, row in zip(events, rows):
+    for sent, row in zip(events, rows, strict=False):
         assert row[0] == uuid.UUID(sent["event_id"])
         assert row[1] == w.id and row[2] == w.tenant_id and row[3] == "v-1"
         assert before - timedelta(seconds=6) < row[12] <= after
@@ -76,7 +77,7 @@ def test_client_clock_skew_is_corrected(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
-    client_now = datetime.now(timezone.utc) + timedelta(hours=2)  # the visitor's clock runs two hours fast
+    client_now = datetime.now(UTC) + timedelta(hours=2)  # the visitor's clock runs two hours fast
     resp = httpx.post(f"{api_url}/api/widget/track", timeout=10, json=batch(
         w.id, [pageview(client_now - timedelta(seconds=30)), pageview(client_now + timedelta(minutes=5))],
         sent_at=client_now))
@@ -92,7 +93,7 @@ def test_retried_batch_never_duplicates_rows(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     body = batch(w.id, [pageview(now - timedelta(seconds=i), f"https://shop.example/{i}") for i in range(25)])
     for _ in range(3):
         assert httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10).status_code == 204
@@ -101,7 +102,7 @@ def test_retried_batch_never_duplicates_rows(
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url = 'https://shop.example/last'", (w.id,), 1)
     # one row per event sent: the rows counted per event id, against the ids the client sent (three times)
     sent = Counter(uuid.UUID(e["event_id"]) for e in body["events"] + marker["events"])
-    stored = dict(db.execute("SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id",
+    stored: dict[Any, int] = dict(db.execute("SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id",
                              (w.id,)).fetchall())
     assert stored == dict(sent) and sum(stored.values()) == 26
 
@@ -113,7 +114,7 @@ def test_no_stored_url_or_referrer_contains_a_fragment(
     drops every #fragment (often a secret, e.g. #access_token=…) before anything is stored; a long fragment
     does not get an otherwise storable url refused."""
     w = make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     long_secret = "#access_token=" + "s" * 3000
     cases = [("https://shop.example/a#access_token=abc", "https://idp.example/cb#id_token=xyz", "https://shop.example/a",
               "https://idp.example/cb"),
@@ -126,9 +127,9 @@ def test_no_stored_url_or_referrer_contains_a_fragment(
                    "url": "https://shop.example/e#secret", "referrer": "https://shop.example/f#other"})
     resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, events), timeout=10)
     assert resp.status_code == 204, resp.text
-    rows = dict(((str(e), (u, r)) for e, u, r in wait_for_rows(
-        db, "SELECT event_id, url, referrer FROM visitor_events WHERE widget_id = %s", (w.id,), len(events))))
-    expected = {e["event_id"]: (url, ref) for e, (_, _, url, ref) in zip(events, cases)}
+    rows = {str(e): (u, r) for e, u, r in wait_for_rows(
+        db, "SELECT event_id, url, referrer FROM visitor_events WHERE widget_id = %s", (w.id,), len(events))}
+    expected = {e["event_id"]: (url, ref) for e, (_, _, url, ref) in zip(events, cases, strict=False)}
     expected[events[-1]["event_id"]] = ("https://shop.example/e", "https://shop.example/f")
     assert rows == expected
     assert not any("#" in (v or "") for pair in rows.values() for v in pair)
@@ -139,15 +140,15 @@ def test_disabled_widget_drops_silently_until_enabled(
     postgres,
 ) -> None:
     w = make_widget(enabled=False)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     dropped = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now, "https://x.example/off")]), timeout=10)
     assert dropped.status_code == 204
     with psycopg.connect(postgres.dsn) as conn:
         widgets.set_tracking(conn, w.id, True, actor="tests")
     # The API's widget cache picks the flip up within its refresh interval (< 5 s).
-    deadline = datetime.now(timezone.utc) + timedelta(seconds=15)
-    while datetime.now(timezone.utc) < deadline:
-        resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(datetime.now(timezone.utc), "https://x.example/on")]),
+    deadline = datetime.now(UTC) + timedelta(seconds=15)
+    while datetime.now(UTC) < deadline:
+        resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(datetime.now(UTC), "https://x.example/on")]),
                           timeout=10)
         assert resp.status_code == 204
         if db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (w.id,)).fetchone()[0]:
@@ -162,7 +163,7 @@ def test_mixed_batch_keeps_the_valid_events(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     good = [pageview(now, "https://shop.example/a"), pageview(now, "https://shop.example/b")]
     bad = {"event_id": str(uuid.uuid4()), "type": "custom", "name": "x" * 101, "occurred_at": iso(now)}
     resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [good[0], bad, good[1]]), timeout=10)
@@ -176,7 +177,7 @@ def test_deleting_a_widget_removes_its_events(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection, postgres
 ) -> None:
     keep, doomed = make_widget(), make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for w in (keep, doomed):
         assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now)]), timeout=10).status_code == 204
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = ANY(%s)", ([keep.id, doomed.id],), 2)
@@ -207,7 +208,7 @@ def test_topic_messages_decode_with_the_reference_avro_library(
 ) -> None:
     """Any consumer with the .avsc file alone can read the raw topic: single-object encoding, Apache `avro`."""
     w = make_widget()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     sent = [pageview(now - timedelta(seconds=1), "https://shop.example/interop"),
             {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked", "occurred_at": iso(now),
              "properties": {"plan": "growth"}}]

@@ -20,15 +20,15 @@ import pytest
 from confluent_kafka import Producer
 from faust.types import TP
 
+from dev_stack.embedded import wait_until
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import erasure, widgets
-from site_activity.events import customer_id_for, session_id_for, session_start_event_id
+from site_activity.events import customer_id_for, session_id_for, session_start_event_id_text
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors.app import SkippedReader, create_app
 from stream_processors.erasures import is_erased
-from site_activity.embedded import wait_until
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
@@ -95,9 +95,9 @@ def feed(settings: Settings) -> RawFeed:
 
 
 @pytest.fixture
-def pipeline(start_service: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def pipeline(start_service: Callable[..., Any]) -> dict[str, Any]:
     """Processors + sink (reading the enriched topic) running against the test's topics."""
-    yield {"processors": start_service("processors"), "sink": start_service("sink")}
+    return {"processors": start_service("processors"), "sink": start_service("sink")}
 
 
 def enriched(settings: Settings, expected: int) -> list[dict[str, Any]]:
@@ -158,7 +158,7 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipe
                              ("v-late", T0), ("v-late", T0 + 3 * 60 * MIN)])
     for r in records:
         if r["event_type"] == "session_start":
-            assert r["event_id"] == session_start_event_id(r["session_id"])
+            assert r["event_id"] == uuid.UUID(session_start_event_id_text(str(r["session_id"])))
 
     # Postgres: one row per event (the duplicate collapses), session ids as defined.
     got = rows(db, w, 5 + 2 + 5 + 2)
@@ -215,7 +215,7 @@ def test_batch_messages_are_processed_like_single_event_messages(settings: Setti
         for r in by_widget[w.id]:
             assert r["session_id"] == sid(w, "v", max(t for t in opened if t <= r["occurred_at"]))
             if r["event_type"] == "session_start":
-                assert r["event_id"] == session_start_event_id(r["session_id"])
+                assert r["event_id"] == uuid.UUID(session_start_event_id_text(str(r["session_id"])))
             # processed before the identify arrived: no contact yet (the sink retro-links those rows)
             before_identify = r["occurred_at"] in (T0, T0 + 29 * MIN, T0 + 60 * MIN)
             assert r["customer_id"] == (None if before_identify else contact_id)

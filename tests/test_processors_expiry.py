@@ -12,8 +12,8 @@ import httpx
 import psycopg
 from confluent_kafka.admin import ConfigResource
 
+from dev_stack.embedded import free_port, wait_until
 from site_activity import widgets
-from site_activity.embedded import free_port, wait_until
 from site_activity.events import customer_id_for
 from site_activity.kafka import admin
 from site_activity.settings import Settings

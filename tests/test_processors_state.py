@@ -10,14 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
 from faust.transport import consumer as faust_consumer
 
 from schemas.codec import EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
+from site_activity.events import customer_id_text, session_id_for, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
-from site_activity.events import (customer_id_text, session_id_for, session_id_text,
-                                   session_start_event_id_text)
 from site_activity.topics import event_key
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState
@@ -248,7 +246,7 @@ class _Outputs:
         pass
 
 
-class _Store(dict):  # type: ignore[type-arg]
+class _Store(dict):
     def get(self, key: bytes, partition: int = 0) -> dict[str, Any] | None:  # type: ignore[override]
         return super().get(key)
 

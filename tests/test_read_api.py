@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from console import reads
 from console.app import create_app
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity import widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from site_activity.events import session_id_for, session_start_event_id
+from site_activity.events import session_id_for, session_start_event_id_text
 from site_activity.settings import Settings
 from tests.conftest import make_settings
 from tests.console_helpers import Tenant
@@ -39,21 +39,21 @@ def contact_id(conn: psycopg.Connection, tenant: uuid.UUID, user_id: str, email:
 
 
 def visitor_rows(w: widgets.Widget, visitor: str, rng: random.Random, n: int,
-                 contact: tuple[str, uuid.UUID] | None = None) -> list[tuple]:
+                 contact: tuple[str, uuid.UUID | None] | None = None) -> list[tuple[Any, ...]]:
     """Events of one visitor: sessions with a session_start, pageviews, custom events, optionally an identify;
     times scattered over three days (inserted in a shuffled order: late events)."""
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     # As the sink stores them once linked: every row of an identified visitor carries the contact.
     user, customer = contact if contact else (None, None)
     start = NOW - timedelta(days=3) + timedelta(seconds=rng.randrange(0, 3 * 86400 - 7200))
     sid = first_sid = session_id_for(w.id, visitor, start)
-    rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user, customer,
+    rows.append((w.id, uuid.UUID(session_start_event_id_text(str(sid))), w.tenant_id, visitor, "session_start", None, None, user, customer,
                  sid, start, start))
     for i in range(n):
         at = start + timedelta(seconds=10 * i, microseconds=rng.randrange(0, 999_999))
         if i == n // 2 and rng.random() < 0.5:  # a second session
             sid = session_id_for(w.id, visitor, at)
-            rows.append((w.id, session_start_event_id(sid), w.tenant_id, visitor, "session_start", None, None, user,
+            rows.append((w.id, uuid.UUID(session_start_event_id_text(str(sid))), w.tenant_id, visitor, "session_start", None, None, user,
                          customer, sid, at, at))
         kind = rng.choice(["pageview", "pageview", "custom"])
         rows.append((w.id, uuid.uuid4(), w.tenant_id, visitor, kind, rng.choice(["signup", "cart"]) if kind == "custom"
@@ -140,7 +140,7 @@ def test_events_equal_sql_for_every_filter(console: httpx.Client, db: psycopg.Co
                                            workload: dict[str, Any]) -> None:
     w = acme.widget.id
     since, until = NOW - timedelta(days=2), NOW - timedelta(days=1)
-    cases = [
+    cases: list[tuple[dict[str, Any], str, tuple[Any, ...]]] = [
         ({}, "tenant_id = %s", (acme.id,)),
         ({"widget_id": w}, "widget_id = %s", (w,)),
         ({"widget_id": w, "type": "custom", "name": "cart"}, "widget_id = %s AND event_type = 'custom' AND name = 'cart'", (w,)),
@@ -337,8 +337,9 @@ def test_bad_cursors_and_parameters_are_400(console: httpx.Client, acme: Tenant,
     # The same listing's cursor of the other order is refused too.
     resp = get(console, acme, "/api/v1/events", cursor=good, order="received")
     assert resp.status_code == 400
-    for params in [{"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"type": "click"}, {"since": "yesterday"},
-                   {"order": "random"}]:
+    invalid: list[dict[str, Any]] = [{"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"type": "click"},
+                                     {"since": "yesterday"}, {"order": "random"}]
+    for params in invalid:
         resp = get(console, acme, "/api/v1/events", **params)
         assert resp.status_code == 400 and resp.json()["error"] == "invalid_request", (params, resp.text)
 
@@ -393,7 +394,7 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
                     rows = [r for v in rng.sample(visitors, 4) for r in visitor_rows(
                         w, v, rng, 3, contact=(f"user-{rng.randrange(1000)}", None) if rng.random() < 0.5 else None)]
                     insert(conn, rows + rng.sample(rows, 3))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     def deleter() -> None:
@@ -404,7 +405,7 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
                     conn.execute("DELETE FROM visitor_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM visitor_events"
                                  " WHERE widget_id = %s AND visitor_id = ANY(%s) LIMIT 15))",
                                  (w.id, rng.sample(visitors, 3)))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=inserter, args=(s,)) for s in (1, 2, 3)] + [threading.Thread(target=deleter)]

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import psycopg
 
+from dev_stack.embedded import free_port
 from site_activity import widgets
-from site_activity.embedded import free_port
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
 from tests.console_helpers import make_tenant

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from site_activity.embedded import wait_until
+from dev_stack.embedded import wait_until
+from dev_stack.kafka_dist import broker_kind
 from site_activity.kafka import consumer_config
 from site_activity.settings import Settings
 from tests.conftest import broker_settings
 from tests.test_sink import count_rows, make_event, metric, produce, wait_count
 
-pytestmark = pytest.mark.skipif(broker_settings().broker_kind != "kafka",
+pytestmark = pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
                                 reason="needs Apache Kafka (Java 17+): Tansu's end offsets are wrong")
 
 LAG = "site_activity_sink_consumer_lag"

@@ -20,8 +20,8 @@ import httpx
 import psycopg
 import pytest
 
+from dev_stack.embedded import wait_until
 from site_activity import widgets
-from site_activity.embedded import wait_until
 from site_activity.retention import WidgetPurge, _Pace, purge
 from site_activity.settings import Settings
 from tests.conftest import Service, iso, wait_for_rows
@@ -141,12 +141,12 @@ def test_events_already_past_retention_are_not_stored(settings: Settings, db: ps
 
 
 def test_purge_validates_its_batch_size_and_duty_cycle(settings: Settings) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_rows"):
         purge(settings.postgres_dsn, batch_rows=0)
     for duty in (0.0, -0.5, 1.5):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="duty_cycle"):
             purge(settings.postgres_dsn, duty_cycle=duty)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="purge_duty_cycle"):
         Settings(purge_duty_cycle=0)
 
 
@@ -198,8 +198,8 @@ def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db
     w = make_widget()
     widgets.set_retention(db, w.id, 7, actor="tests")
     s = settings.model_copy(update={"purge_interval_s": 1.0})
-    log = open(tmp_path / "purge.log", "wb")
-    loop = subprocess.Popen([sys.executable, "-m", "site_activity.cli", "purge", "--loop"],
+    log = open(tmp_path / "purge.log", "wb")  # written by the child until it is stopped below  # noqa: SIM115
+    loop = subprocess.Popen([sys.executable, "-m", "command_line", "purge", "--loop"],
                             env={**os.environ, **s.to_env()}, stdout=log, stderr=log)
     try:
         seed(db, w, 3, timedelta(days=30))

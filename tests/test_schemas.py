@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import avro.io
 import avro.schema
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "site_activity.cli", "schemas", "check", *args],
+    return subprocess.run([sys.executable, "-m", "command_line", "schemas", "check", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -180,7 +180,7 @@ def test_invalid_schema_is_reported_not_crashed(schema_dir: Path) -> None:
     assert len(problems) == 1 and "visitor_event.avsc: not a valid Avro schema" in problems[0]
 
 
-EVOLUTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], bool]] = {
+EVOLUTIONS: dict[str, tuple[Callable[[dict[str, Any]], object], bool]] = {
     # change -> still compatible? (each break is one that fastavro's sample data runs into)
     "add optional field": (lambda s: s["fields"].append({"name": "x", "type": "int", "default": 0}), True),
     "add required field": (lambda s: s["fields"].append({"name": "x", "type": "int"}), False),
@@ -263,7 +263,7 @@ def test_single_object_encoding_is_readable_by_the_reference_library() -> None:
     assert data[2:10] == crc64_avro(canonical.encode()).to_bytes(8, "little")
 
     reader = avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema)))
-    decoded = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    decoded = cast(dict[str, Any], reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:]))))
     # uuid fields come back as str or UUID depending on the library: compare their text.
     normalised = {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in decoded.items()}
     assert normalised == {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in event.items()}
@@ -276,8 +276,8 @@ def test_identity_link_is_readable_by_the_reference_library() -> None:
             "linked_at": datetime(2026, 11, 24, 8, 0, 5, 1, tzinfo=UTC)}
     data = codec.encode(link)
     assert data[2:10] == crc64_avro(parsing_canonical_form(codec.schema).encode()).to_bytes(8, "little")
-    decoded = avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema))).read(
-        avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    decoded = cast(dict[str, Any], avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema))).read(
+        avro.io.BinaryDecoder(io.BytesIO(data[10:]))))
     assert {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in decoded.items()} == link
 
 

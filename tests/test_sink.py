@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from sink.batch import Batch
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.events import customer_id_for
 from site_activity.kafka import consumer_config, producer_config
 from site_activity.settings import Settings
@@ -57,7 +57,7 @@ def identify(widget: widgets.Widget, visitor: str, user_id: str, traits: dict[st
                       customer_id=cid, **fields)
 
 
-def produce(settings: Settings, topic: str, records: list[dict[str, Any] | bytes]) -> None:
+def produce(settings: Settings, topic: str, records: Sequence[dict[str, Any] | bytes]) -> None:
     """Encodes records with the Avro codec (bytes are sent as they are) and waits for delivery."""
     producer = Producer(producer_config(settings))
     errors: list[Any] = []
@@ -66,7 +66,7 @@ def produce(settings: Settings, topic: str, records: list[dict[str, Any] | bytes
             key, value = b"garbage", rec
         else:
             key, value = event_key(str(rec["widget_id"]), rec["visitor_id"]), CODEC.encode(rec)
-        producer.produce(topic, key=key, value=value, on_delivery=lambda err, _m: err and errors.append(err))
+        producer.produce(topic, key=key, value=value, on_delivery=lambda err, _m: errors.extend([err] if err else []))
         producer.poll(0)
     assert producer.flush(30) == 0
     assert not errors, errors
@@ -297,7 +297,7 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     wait_count(db, w.id, len(good))
     letters = read_topic(raw_settings, topics.dead_letter, 4)
     assert len(letters) == 4
-    by_value = {m.value(): dict(m.headers()) for m in letters}
+    by_value = {m.value(): dict(cast(list[tuple[str, bytes]], m.headers())) for m in letters}
     assert by_value[garbage]["x-reason"].startswith(b"undecodable")
     for rec in (bad_json, nul_byte, bad_in_batch):  # each bad event alone, as a single-event message
         headers = by_value[CODEC.encode(rec)]
@@ -603,14 +603,14 @@ def test_sink_batches_are_bounded_by_events_not_messages() -> None:
              "widget_id": str(uuid.uuid4()), "visitor_id": "v", "name": None, "url": None, "referrer": None,
              "properties": "{}", "user_id": None, "occurred_at": 1, "received_at": 2, "session_id": None,
              "customer_id": None}
-    request = _Message(raw.encode_batch([event] * 25))  # one request's 25 events, as both event topics carry them
+    request = cast(Message, _Message(raw.encode_batch([event] * 25)))  # one request's 25 events, as both event topics carry them
     batch = Batch(max_events=1000, max_ms=60_000)
     assert batch.room() == 10  # nothing seen yet: as if every message held 100 events
     batch.max_events = 100
     batch.add([request, request])
     assert (len(batch), batch.events, batch.due()) == (2, 50, False)
     assert batch.room() == 2  # 50 events still wanted, at 25 per message
-    batch.add([request, _Message(raw.encode_event(event), partition=1), request])
+    batch.add([request, cast(Message, _Message(raw.encode_event(event), partition=1)), request])
     assert batch.events == 101 and batch.due()
     assert batch.drop_partitions({("t", 1)}) == 1 and batch.events == 100
     assert len(batch.take()) == 4 and batch.events == 0 and not batch.due()

@@ -21,8 +21,8 @@ import pytest
 from console import stats
 from console.errors import ConsoleError
 from console.routes.dashboard_pages import page_range
+from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity import rollups, widgets
-from site_activity.embedded import EmbeddedPostgres, free_port, wait_until
 from site_activity.retention import purge
 from site_activity.settings import Settings
 from tests.conftest import Service, http_ok, iso
@@ -104,10 +104,10 @@ def raw_totals(conn: psycopg.Connection, widget_id: uuid.UUID, start: datetime, 
     return {"pageviews": pv, "visitors": vis, "sessions": ss, "events": ev, "custom_events": cu}
 
 
-def get_ok(console: httpx.Client, t: Tenant, path: str, **params: object) -> dict[str, Any]:
+def get_ok(console: httpx.Client, t: Tenant, path: str, **params: Any) -> dict[str, Any]:
     resp = console.get(path, params=params, headers=t.auth("member"))
     assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
 def check_widget(conn: psycopg.Connection, console: httpx.Client, t: Tenant, widget_id: uuid.UUID) -> int:
@@ -155,11 +155,11 @@ def check_widget(conn: psycopg.Connection, console: httpx.Client, t: Tenant, wid
         " AND occurred_at > now() - interval '5 minutes'", (widget_id,)).fetchone()[0]
     minutes = [stats.parse_time(m["minute"], "minute") for m in live["pageviews"]]
     assert len(minutes) == 30 and minutes == sorted(minutes)
-    per_minute = dict(conn.execute(
+    per_minute: dict[Any, int] = dict(conn.execute(
         "SELECT date_trunc('minute', occurred_at, 'UTC'), count(*) FROM visitor_events WHERE widget_id = %s"
         " AND event_type = 'pageview' AND occurred_at >= %s AND occurred_at < %s GROUP BY 1",
         (widget_id, minutes[0], minutes[-1] + timedelta(minutes=1))).fetchall())
-    assert {m: p["pageviews"] for m, p in zip(minutes, live["pageviews"])} == {m: per_minute.get(m, 0) for m in minutes}
+    assert {m: p["pageviews"] for m, p in zip(minutes, live["pageviews"], strict=False)} == {m: per_minute.get(m, 0) for m in minutes}
     return int(conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchone()[0])
 
 
@@ -180,7 +180,7 @@ def test_stats_equal_raw_rows_through_pipeline_replay_purge_erase_and_delete(
     s = settings.model_copy(update={"console_port": free_port()})
     for stage in ("sink", "processors", "api", "console"):
         start_service(stage, settings_override=s)
-    wait_until(http_ok(f"http://127.0.0.1:{s.console_port}/healthz"), 30, "console", interval=0.2)
+    wait_until(http_ok(s.health_url("console")), 30, "console", interval=0.2)
     api = httpx.Client(base_url=f"http://127.0.0.1:{s.http_port}", timeout=10)
     console = httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30)
     now = datetime.now(UTC)
@@ -265,13 +265,13 @@ def test_concurrent_inserts_duplicates_and_deletes_stay_exact(postgres: Embedded
                     # itself (not a rollup matter; one sink member owns each partition). The rollup keys of the batch
                     # are in random order relative to it.
                     batch = sorted(r.sample(pool, 200))
-                    cols = list(zip(*[(e, v, k, n if k == "custom" else None, u, t) for e, v, k, n, u, t in batch]))
+                    cols = list(zip(*[(e, v, k, n if k == "custom" else None, u, t) for e, v, k, n, u, t in batch], strict=False))
                     conn.execute(  # one statement per batch, as the sink does
                         "INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name,"
                         " url, occurred_at, received_at) SELECT %s, e, %s, v, k, n, u, t, now()"
                         " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])"
                         " AS b (e, v, k, n, u, t) ON CONFLICT DO NOTHING", (w.id, w.tenant_id, *map(list, cols)))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     def deleter() -> None:
@@ -280,7 +280,7 @@ def test_concurrent_inserts_duplicates_and_deletes_stay_exact(postgres: Embedded
                 for i in range(15):
                     conn.execute("DELETE FROM visitor_events WHERE widget_id = %s AND visitor_id = %s",
                                  (w.id, f"v{i * 2}"))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)] + [threading.Thread(target=deleter)]

@@ -4,11 +4,9 @@ below overrides the session's broker for the imported tests only."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from site_activity.embedded import EmbeddedTansu
+from dev_stack.embedded import EmbeddedTansu
 from tests.test_pipeline import (  # noqa: F401 (collected here again, on Tansu)
     test_posted_events_become_rows_with_every_column,
     test_retried_batch_never_duplicates_rows,
@@ -22,5 +20,5 @@ from tests.test_processors import (  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def kafka(tansu: EmbeddedTansu) -> Iterator[EmbeddedTansu]:
-    yield tansu
+def kafka(tansu: EmbeddedTansu) -> EmbeddedTansu:
+    return tansu

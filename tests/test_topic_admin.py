@@ -10,7 +10,7 @@ import sys
 
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
-from site_activity.embedded import wait_until
+from dev_stack.embedded import wait_until
 from site_activity.kafka import admin
 from site_activity.settings import Settings
 from site_activity.topic_admin import apply_topics, desired_topics
@@ -85,7 +85,7 @@ def test_apply_aligns_drifted_configs_reports_partitions_and_is_idempotent(setti
 
     # the CLI: exit 1 while a difference is left, with the reason on the topic's line
     env = {**os.environ, **settings.to_env()}
-    out = subprocess.run([sys.executable, "-m", "site_activity.cli", "topics"], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "command_line", "topics"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "DIFFERS" in out.stdout and "not changed" in out.stdout and f"{t.raw_events}" in out.stdout

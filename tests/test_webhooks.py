@@ -24,9 +24,9 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
 from standardwebhooks import Webhook
 
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from schemas.codec import EventCodec
 from site_activity import erasure, widgets
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_until
 from site_activity.kafka import admin, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
@@ -131,7 +131,7 @@ def deliveries(stack: Stack, tenant: Tenant, endpoint_id: str, **params: Any) ->
     resp = stack.console.get(f"/api/v1/webhook-endpoints/{endpoint_id}/deliveries", params=params,
                              headers=tenant.auth("admin"))
     assert resp.status_code == 200, resp.text
-    return resp.json()["data"]  # type: ignore[no-any-return]
+    return resp.json()["data"]
 
 
 # --- pure rules ---------------------------------------------------------------------------------------
@@ -174,13 +174,12 @@ def test_delivery_time_check_refuses_a_private_address_before_connecting() -> No
     connection then uses; IP literals (which skip resolvers) are checked by the dispatcher."""
     receiver = Receiver().start()
     try:
-        port = receiver.server.server_address[1]  # type: ignore[union-attr]
+        port = receiver.server.server_address[1]
 
         async def post(url: str, guarded: bool) -> int:
             connector = aiohttp.TCPConnector(use_dns_cache=False, resolver=GuardedResolver() if guarded else None)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                async with session.post(url, data=b"{}") as resp:
-                    return resp.status
+            async with aiohttp.ClientSession(connector=connector) as session, session.post(url, data=b"{}") as resp:
+                return resp.status
 
         with pytest.raises(aiohttp.ClientConnectorError, match="not a public address"):
             asyncio.run(post(f"http://localhost:{port}/x", guarded=True))
@@ -209,6 +208,7 @@ def test_admin_only_tenant_scoped_and_audited(stack: Stack, postgres: EmbeddedPo
     t, other = make_tenant(postgres.dsn, "Hooks"), make_tenant(postgres.dsn, "Rival")
     c = stack.console
     url = stack.receiver.url + "/admin"
+    body: dict[str, Any] | None
     for method, path, body in (("POST", "", {"url": url}), ("GET", "", None)):
         assert c.request(method, f"/api/v1/webhook-endpoints{path}", json=body,
                          headers=t.auth("member")).status_code == 403
@@ -292,7 +292,7 @@ def test_stored_events_are_delivered_signed_with_the_event_as_data(stack: Stack,
     got = stack.receiver.wait_for("/signed", 2)
     bodies = verified(secret, got)
     assert sorted(b["data"]["event_id"] for b in bodies) == sorted(e["event_id"] for e in sent)
-    for body, request in zip(bodies, got):
+    for body, request in zip(bodies, got, strict=False):
         assert body["type"] == "visitor_event.created"
         data = body["data"]
         row = db.execute("SELECT widget_id, tenant_id, visitor_id, event_type, url, properties::text FROM visitor_events"
@@ -363,7 +363,7 @@ def test_410_gone_disables_the_endpoint(stack: Stack, postgres: EmbeddedPostgres
         return ep if not ep["enabled"] else None
 
     wait_until(lambda: disabled() is not None, 20, "endpoint disabled")
-    assert "410 Gone" in disabled()["disabled_reason"]  # type: ignore[index]
+    assert "410 Gone" in disabled()["disabled_reason"]
     [(actor, new)] = db.execute("SELECT actor, new_value FROM audit_log WHERE entity_id = %s"
                                 " AND action = 'webhook_endpoint.disable'", (eid,)).fetchall()
     assert actor == "system:webhooks" and "410" in new["disabled_reason"]
@@ -452,7 +452,7 @@ def test_events_of_deleted_widgets_and_erased_visitors_are_not_delivered(
     time.sleep(TIMEOUT_S + 1.0)  # an attempt in flight during the erase has ended; retries would have come
     got = stack.receiver.at("/erased")
     bodies = verified(secret, got)
-    after = [b["data"]["event_id"] for r, b in zip(got, bodies) if r.at > erased_at + TIMEOUT_S]
+    after = [b["data"]["event_id"] for r, b in zip(got, bodies, strict=False) if r.at > erased_at + TIMEOUT_S]
     sent_after = {b["data"]["event_id"] for b in bodies}
     assert live["event_id"] in sent_after
     assert not {e["event_id"] for e in late} & sent_after  # never stored, never sent

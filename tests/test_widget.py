@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from site_activity.settings import Settings
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, Service, http_ok, make_settings
 from widget.assets import snippet_csp_hash, snippet_html, widget_script
@@ -68,7 +68,7 @@ window.fetch = function (url, init) {
     (e) => { window.__statuses.push(String(e)); throw e; },
   ).finally(() => { window.__answered++; });
 };
-""" % TRACK_PATH
+""" % TRACK_PATH  # noqa: UP031 (a JS snippet: every brace would need doubling)
 
 
 # --- the pipeline: one API + sink for the module, raw topic straight into Postgres -------------------
@@ -76,8 +76,8 @@ window.fetch = function (url, init) {
 def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     log_dir = tmp_path_factory.mktemp("widget-stack")
     settings = make_settings(kafka, postgres, log_dir / "data", sink_from_enriched=False)
-    api = _start(Service("api", settings, log_dir), f"http://127.0.0.1:{settings.http_port}/healthz")
-    sink = _start(Service("sink", settings, log_dir), f"http://127.0.0.1:{settings.sink_http_port}/healthz")
+    api = _start(Service("api", settings, log_dir), settings.health_url("api"))
+    sink = _start(Service("sink", settings, log_dir), settings.health_url("sink"))
     yield settings
     sink.stop()
     api.stop()

@@ -69,7 +69,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0"))).decode()
                 with receiver.lock:
                     seen = sum(1 for r in receiver.received if r.path == self.path)

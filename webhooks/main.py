@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 
-from sink.metrics import serve_http
+from site_activity.metrics import serve_http
 from site_activity.lag import start_lag_metrics, webhooks_group
 from site_activity.settings import Settings
 from webhooks.dispatcher import Dispatcher

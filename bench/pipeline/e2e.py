@@ -107,7 +107,7 @@ class HopTap:
         while not self._stop.is_set():
             for msg in self._consumer.consume(1000, timeout=0.2):
                 if msg.error() is None:
-                    self.first_seen[msg.topic()].setdefault(msg.key(), msg.timestamp()[1])
+                    self.first_seen[msg.topic()].setdefault(msg.key() or b"", msg.timestamp()[1])
 
     def hops_s(self, src: str, dst: str) -> list[float]:
         self._stop.set()

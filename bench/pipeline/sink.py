@@ -11,9 +11,16 @@ import psycopg
 from bench.harness import Row, bare_produce, say, verdict
 from bench.pipeline.stack import Profile, Stack
 from bench.workload import (
-    COPY_COLUMNS, EVENTS_PER_BODY, JsonText, JsonTextBinaryDumper, copy_row, encoded_batches, make_bodies, to_records,
+    COPY_COLUMNS,
+    EVENTS_PER_BODY,
+    JsonText,
+    JsonTextBinaryDumper,
+    copy_row,
+    encoded_batches,
+    make_bodies,
+    to_records,
 )
-from site_activity.process import StageProcess
+from dev_stack.process import StageProcess
 from site_activity.topics import Topics
 
 SINK_TARGET_RATIO = 0.5
@@ -41,7 +48,7 @@ def bare_copy(dsn: str, rows: list[tuple[Any, ...]], batch: int = 10_000, foreig
                     copy.write_row(row)
             conn.commit()
         elapsed = time.perf_counter() - start
-        count = conn.execute("SELECT count(*) FROM bench_copy").fetchone()[0]  # type: ignore[index]
+        count = conn.execute("SELECT count(*) FROM bench_copy").fetchone()[0]
         conn.execute("DROP TABLE bench_copy")
         conn.commit()
     if count != len(rows):
@@ -69,9 +76,9 @@ def section_sink(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
         del records, bodies, copy_rows
         say(f"[sink] bare COPY: {copy['rows_per_s']:,.0f} rows/s ({copy_no_fk['rows_per_s']:,.0f} without foreign keys)")
 
-        with stack.stage("sink", s, None) as proc, psycopg.connect(stack.postgres.dsn, autocommit=True) as conn:
-            with stack.profiler.record("sink", proc), stack.cpu.measure("sink"):
-                sink = poll_sink(conn, proc, widget_id, n, timeout=max(60.0, n / 2_000))
+        with (stack.stage("sink", s, None) as proc, psycopg.connect(stack.postgres.dsn, autocommit=True) as conn,
+              stack.profiler.record("sink", proc), stack.cpu.measure("sink")):
+            sink = poll_sink(conn, proc, widget_id, n, timeout=max(60.0, n / 2_000))
     out["sink"] = {"preload": preload, "bare_copy": copy, "bare_copy_without_foreign_keys": copy_no_fk, "sink": sink}
     ratio = sink["rows_per_s"] / copy["rows_per_s"]
     ratio_no_fk = sink["rows_per_s"] / copy_no_fk["rows_per_s"]
@@ -118,4 +125,4 @@ def poll_sink(conn: psycopg.Connection, proc: StageProcess, widget_id: str, n: i
 def count_sent_events(conn: psycopg.Connection, widget_id: str) -> int:
     """Events of the widget as sent (the processors' derived session_start rows are not counted)."""
     return int(conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
-                            (widget_id,)).fetchone()[0])  # type: ignore[index]
+                            (widget_id,)).fetchone()[0])

@@ -14,14 +14,14 @@ from pathlib import Path
 import psycopg
 
 from bench.harness import ROOT, CpuMeter, Profiler, say
+from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until
+from dev_stack.isolated import isolated_settings
+from dev_stack.kafka_dist import broker_kind, machine_settings
+from dev_stack.process import StageProcess
 from site_activity import widgets
 from site_activity.db import migrate
-from site_activity.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, make_broker, wait_until
 from site_activity.kafka import ensure_topics
-from site_activity.kafka_dist import machine_settings
-from site_activity.process import StageProcess
 from site_activity.settings import Settings
-
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class Stack:
     @contextlib.contextmanager
     def kafka(self, section: str) -> Iterator[EmbeddedBroker]:
         chosen = machine_settings(ROOT)
-        broker = make_broker(chosen, self.workdir / f"{section}-{chosen.broker_kind}", free_ports=True)
-        say(f"[{section}] starting a fresh {chosen.broker_kind} broker on {broker.bootstrap}")
+        broker = make_broker(chosen, self.workdir / f"{section}-{broker_kind(chosen)}", free_ports=True)
+        say(f"[{section}] starting a fresh {broker_kind(chosen)} broker on {broker.bootstrap}")
         try:
             broker.start()
             yield broker
@@ -73,11 +73,10 @@ class Stack:
             broker.stop()
 
     def settings(self, section: str, broker: EmbeddedBroker) -> Settings:
-        s = Settings(
-            data_dir=self.workdir / section, kafka_bootstrap=broker.bootstrap, postgres_dsn=self.postgres.dsn,
+        s = isolated_settings(
+            broker.bootstrap, self.postgres.dsn, self.workdir / section,
             topic_prefix=f"bench-{section}", sink_group=f"bench-sink-{section}",
-            processors_app_id=f"bench-proc-{section}", http_port=free_port(), sink_http_port=free_port(),
-            demo_port=free_port(), processors_web_port=free_port(),
+            processors_app_id=f"bench-proc-{section}",
             # Tansu holds a JoinGroup for session_timeout/2: keep group start-up short (see the Tansu notes).
             consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000,
             widget_cache_refresh_s=1.0, sink_from_enriched=False,

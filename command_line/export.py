@@ -65,8 +65,15 @@ def run_export(settings: Settings, *, tenant: uuid.UUID, widget: uuid.UUID | Non
 
 def _with_bar(settings: Settings, flt: object, fmt: Format, tmp: Path, export_id: uuid.UUID) -> BundleResult:
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     tasks: dict[str, TaskID] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

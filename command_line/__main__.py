@@ -1,0 +1,5 @@
+import sys
+
+from command_line.main import main
+
+sys.exit(main())
