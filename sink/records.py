@@ -17,6 +17,7 @@ import fastavro
 from confluent_kafka import Message
 
 from schemas.codec import HEADER_LEN, DecodeError, EventCodec
+from schemas.fields import check_event_fields
 from site_activity.dead_letters import Reason, reason_text
 from site_activity.kafka import position
 
@@ -26,6 +27,7 @@ FIELDS: tuple[str, ...] = (
     "widget_id", "event_id", "tenant_id", "visitor_id", "event_type", "name", "url", "referrer", "properties",
     "user_id", "customer_id", "session_id", "occurred_at", "received_at",
 )
+check_event_fields(FIELDS, "sink.records.FIELDS")
 EVENT_TYPE = FIELDS.index("event_type")
 CUSTOMER_ID = FIELDS.index("customer_id")
 _pick = operator.itemgetter(*FIELDS)

@@ -109,11 +109,10 @@ WHERE NOT EXISTS (  -- re-applying an identify is a no-op: no write, updated_at 
 
 # tenant_id stays the event's (the API stamped it from the widget config). The customer join drops a
 # customer_id whose contact does not exist (deleted) instead of violating the foreign key.
+_INSERTED_AS = {"properties": "b.properties::jsonb", "customer_id": "c.id"}  # every other field: b.<field>
 _INSERT_EVENTS = f"""
-INSERT INTO visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer,
-                            properties, user_id, customer_id, session_id, occurred_at, received_at)
-SELECT b.widget_id, b.event_id, b.tenant_id, b.visitor_id, b.event_type, b.name, b.url, b.referrer,
-       b.properties::jsonb, b.user_id, c.id, b.session_id, b.occurred_at, b.received_at
+INSERT INTO visitor_events ({", ".join(FIELDS)})
+SELECT {", ".join(_INSERTED_AS.get(name, f"b.{name}") for name in FIELDS)}
 FROM {_TEMP} b
 JOIN widget_configs w ON w.id = b.widget_id
 LEFT JOIN customers c ON c.id = b.customer_id AND c.tenant_id = b.tenant_id

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TypedDict
 
+from schemas.fields import check_event_fields
+
 
 class EventType(StrEnum):
     PAGEVIEW = "pageview"
@@ -41,6 +43,8 @@ class VisitorEvent(TypedDict):
     session_id: str | uuid.UUID | None
     customer_id: str | uuid.UUID | None
 
+
+check_event_fields(VisitorEvent.__annotations__, "site_activity.events.VisitorEvent")
 
 # Fixed namespaces so that ids derived from the same facts are the same on every replay.
 _SESSION_NS = uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e01")

@@ -40,6 +40,8 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from schemas.fields import check_event_fields
+
 FORMAT_VERSION = 1
 Format = Literal["ndjson", "csv", "parquet"]
 FORMATS: tuple[Format, ...] = ("ndjson", "csv", "parquet")
@@ -88,6 +90,7 @@ EVENT_COLUMNS: tuple[Column, ...] = (
     Column("occurred_at", "occurred_at", "timestamp", False),
     Column("received_at", "received_at", "timestamp", False),
 )
+check_event_fields((c.name for c in EVENT_COLUMNS), "site_activity.export.EVENT_COLUMNS")
 CONTACT_COLUMNS: tuple[Column, ...] = (
     Column("id", "id", "uuid", False),
     Column("external_id", "external_id", "string", False),

@@ -16,10 +16,12 @@ from typing import Any, cast
 
 import avro.io
 import avro.schema
+import psycopg
 import pytest
 
 from schemas.codec import SCHEMA_DIR, AvroCodec
 from schemas.compat import check_all, fastavro_resolution_error, incompatibilities
+from schemas.fields import EVENT_FIELDS, FieldListDrift, check_event_fields
 from site_activity.events import VisitorEvent
 from tests.avro_spec import crc64_avro, parsing_canonical_form
 
@@ -292,3 +294,22 @@ def test_batch_schema_inlines_the_current_event_schema() -> None:
     batch = _json.loads((_DIR / "visitor_event_batch.avsc").read_text())
     [events_field] = batch["fields"]
     assert events_field["type"]["items"] == event
+
+
+# --- one field list (issue 10): every list of event fields in the code is checked against the schema ---------
+
+
+def test_a_field_list_that_drifted_from_the_schema_is_refused() -> None:
+    check_event_fields(reversed(EVENT_FIELDS), "any order")
+    with pytest.raises(FieldListDrift, match=r"missing \['customer_id'\]"):
+        check_event_fields([f for f in EVENT_FIELDS if f != "customer_id"], "a list without a field")
+    with pytest.raises(FieldListDrift, match=r"unknown \['device'\]"):
+        check_event_fields([*EVENT_FIELDS, "device"], "a list with a field the schema lacks")
+    with pytest.raises(FieldListDrift, match=r"repeated \['url'\]"):
+        check_event_fields([*EVENT_FIELDS, "url"], "a list naming a field twice")
+
+
+def test_the_event_table_has_a_column_per_schema_field(db: psycopg.Connection) -> None:
+    columns = {r[0] for r in db.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'visitor_events'")}
+    assert set(EVENT_FIELDS) <= columns, set(EVENT_FIELDS) - columns
