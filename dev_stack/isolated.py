@@ -11,11 +11,12 @@ from dev_stack.embedded import free_port
 from site_activity.settings import STAGE_HTTP_PORT, Settings
 
 
-def isolated_settings(kafka_bootstrap: str, postgres_dsn: str, data_dir: Path, prefix: str = "t",
+def isolated_settings(kafka_bootstrap: str, postgres_dsn: str, data_dir: Path, /, prefix: str = "t",
                       **overrides: object) -> Settings:
     """Settings() (so SITE_ACTIVITY_* still apply) on the given broker and database, with every stage's HTTP port
     and the demo's a free port on 127.0.0.1, and their own topics, consumer groups and processors app id
-    (`<prefix><10 hex digits>`, `sink-…`, `proc-…`, `hooks-…`); `overrides` are applied last. Creates nothing:
+    (`<prefix><10 hex digits>`, `sink-…`, `proc-…`, `hooks-…`); `overrides` (any field, the three positional
+    ones too) are applied last. Creates nothing:
     call site_activity.kafka.ensure_topics for the topics."""
     tag = uuid.uuid4().hex[:10]
     fields: dict[str, Any] = {
