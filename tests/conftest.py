@@ -30,6 +30,16 @@ from site_activity.settings import Stage as StageName
 from site_activity.topics import Topics
 from tests.console_helpers import Tenant, make_tenant
 
+# Fixtures that start a real service: a test using any of them (directly or through another fixture) is marked
+# `integration`, so `pytest -m "not integration"` runs the in-process unit tests alone, in seconds.
+REAL_SERVICES = frozenset({"kafka", "postgres", "browser", "sasl_kafka"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_SERVICES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -16,12 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import psutil
 import psycopg
+import pytest
 
 from dev_stack.embedded import free_port, wait_until
 from dev_stack.kafka_dist import broker_kind
 from tests.conftest import broker_settings
 
 
+@pytest.mark.integration  # starts the whole dev stack (its own broker and Postgres)
 def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     ports = {name: free_port() for name in ("HTTP", "DEMO", "SINK_HTTP", "PROCESSORS_WEB", "EMBEDDED_KAFKA",
