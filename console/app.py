@@ -13,9 +13,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import ConnectionPool
 
+from console import metrics as console_metrics
 from console import ratelimit
 from console.cursors import Cursors, RailTokens
 from console.errors import install_error_handlers
+from console.metrics import ConsoleMetrics
 from console.routes import activity_pages, api, dashboard_pages, pages, read_api, stats
 from console.routes import exports as export_routes
 from console.routes import webhooks as webhook_routes
@@ -73,6 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    console_metrics.install(app, ConsoleMetrics(pool))
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

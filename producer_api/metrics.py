@@ -32,7 +32,7 @@ class ApiMetrics:
                                            "within its deadline", ["phase"], registry=r)
         self.producer_queue = Gauge("site_activity_api_producer_queue_messages",
                                     "Messages waiting in the producer queue", registry=r)
-        self.widget_cache_size = Gauge("site_activity_api_widget_cache_size", "Widget configs in the cache",
+        self.widget_cache_size = Gauge("site_activity_api_widget_cache_configs", "Widget configs in the cache",
                                        registry=r)
         self.widget_cache_reloads = Counter("site_activity_api_widget_cache_reloads_total",
                                             "Full reloads of the widget cache from Postgres", ["outcome"], registry=r)

@@ -36,7 +36,7 @@ class SinkMetrics:
         self.db_retries = Counter(f"{p}_db_retries", "Batch attempts that failed transiently", registry=r)
         self.commit_failures = Counter(f"{p}_commit_failures", "Offset commits that failed", registry=r)
         # Tansu reports wrong end offsets, so this is only meaningful against real Kafka.
-        self.consumer_lag = Gauge(f"{p}_consumer_lag", "High watermark minus committed offset", ["partition"],
+        self.consumer_lag = Gauge(f"{p}_consumer_lag_messages", "High watermark minus committed offset (messages)", ["partition"],
                                   registry=r)
 
     def render(self) -> bytes:

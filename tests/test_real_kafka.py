@@ -20,7 +20,7 @@ from tests.test_sink import count_rows, make_event, metric, produce, wait_count
 pytestmark = pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
                                 reason="needs Apache Kafka (Java 17+): Tansu's end offsets are wrong")
 
-LAG = "site_activity_sink_consumer_lag"
+LAG = "site_activity_sink_consumer_lag_messages"
 
 
 def group_lag(settings: Settings, topic: str) -> int:
