@@ -55,7 +55,7 @@ from dev_stack.isolated import isolated_settings  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
-from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
+from site_activity.kafka import ensure_topics, flush_or_raise, produce_waiting, producer_config  # noqa: E402
 from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
@@ -179,15 +179,9 @@ def produce(settings: Settings, widget: widgets.Widget, events: int, seed: int) 
     for first in range(0, events, chunk):
         bodies = make_bodies(str(widget.id), min(chunk, events - first) // EVENTS_PER_BODY, seed=seed * 1000 + first)
         for key, value in encoded_batches(bodies, str(widget.tenant_id)):
-            while True:
-                try:
-                    producer.produce(topic, value, key)
-                    break
-                except BufferError:
-                    producer.poll(0.01)
+            produce_waiting(producer, topic, value, key)
             producer.poll(0)
-    if producer.flush(120):
-        raise RuntimeError("produce: undelivered messages")
+    flush_or_raise(producer, 120)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.workload import http_request  # noqa: E402
 from dev_stack.embedded import wait_until  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
-from site_activity.kafka import producer_config  # noqa: E402
+from site_activity.kafka import DeliveryReports, flush_or_raise, produce_waiting, producer_config  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -182,27 +182,15 @@ class Profiler:
 def bare_produce(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]], label: str) -> dict[str, Any]:
     """The limit for the API: the same librdkafka producer settings and bytes, no HTTP, no validation."""
     producer = Producer(producer_config(settings))
-    failed: list[str] = []
-
-    def on_delivery(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failed.append(str(err))
-
+    reports = DeliveryReports()
     start = time.perf_counter()
     for i, (key, value) in enumerate(messages, 1):
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
-                break
-            except BufferError:  # bounded queue full: let librdkafka drain it
-                producer.poll(0.01)
+        produce_waiting(producer, topic, value, key, on_delivery=reports)
         producer.poll(0)
         if i % 100_000 == 0:
             say(f"    [{label}] {i:,} messages queued")
-    left = producer.flush(120)
+    flush_or_raise(producer, 120, reports)
     elapsed = time.perf_counter() - start
-    if left or failed:
-        raise RuntimeError(f"bare producer: {left} undelivered, {len(failed)} failed ({failed[:1]})")
     return {"messages": len(messages), "seconds": round(elapsed, 3), "msgs_per_s": len(messages) / elapsed,
             "avg_bytes": sum(len(v) for _, v in messages) / len(messages)}
 

@@ -13,7 +13,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from sink.records import DeadLetter
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
-from site_activity.kafka import producer_config
+from site_activity.kafka import produce_waiting, producer_config
 from site_activity.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,9 @@ class DeadLetterPublisher:
                  delivered: Callable[[KafkaError | None, Message], None]) -> None:
         while True:
             try:
-                self._producer.produce(self._topic, key=key, value=value, on_delivery=delivered,
-                                       headers=cast("list[tuple[str, str | bytes | None]]", headers))
+                produce_waiting(self._producer, self._topic, value, key, on_delivery=delivered,
+                                headers=cast("list[tuple[str, str | bytes | None]]", headers))
                 return
-            except BufferError:  # local queue full: let some drain
-                self._producer.poll(0.05)
             except KafkaException as exc:
                 if not is_unwritable(exc.args[0]) or not value:
                     raise DeadLetterError(str(exc)) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from site_activity.kafka_security import ClientConfig, confluent_security
@@ -44,6 +44,47 @@ def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:
     })
     conf.update(overrides)
     return conf
+
+
+# --- producing: the one way every stage, tool and benchmark hands records to a confluent producer ------------
+
+
+class DeliveryFailed(Exception):
+    """Records were not confirmed by the broker (failed delivery reports, or still queued after the flush)."""
+
+
+class DeliveryReports:
+    """An `on_delivery` callback that keeps the failures; successes cost nothing beyond the call."""
+
+    def __init__(self) -> None:
+        self.failures: list[KafkaError] = []
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self.failures.append(err)
+
+
+def produce_waiting(producer: Producer, topic: str, value: bytes | None, key: bytes | None = None,
+                    **options: Any) -> None:
+    """`producer.produce(...)`, waiting while librdkafka's bounded local queue is full (back-pressure: serve
+    delivery reports, try again) instead of failing with BufferError. A KafkaException (e.g. a record too
+    large: `dead_letters.is_unwritable`) is raised to the caller, which decides whether to dead-letter it."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **options)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def flush_or_raise(producer: Producer, timeout_s: float, reports: DeliveryReports | None = None) -> None:
+    """Waits up to `timeout_s` seconds until everything produced so far is delivered; raises `DeliveryFailed`
+    if something is still queued then, or if `reports` (the records' on_delivery) saw a failure."""
+    left = producer.flush(timeout_s)
+    failures = reports.failures if reports is not None else []
+    if left or failures:
+        raise DeliveryFailed(f"{left} record(s) unconfirmed after {timeout_s:.0f} s, {len(failures)} failed"
+                             + (f": {failures[0]}" if failures else ""))
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> ClientConfig:

@@ -22,7 +22,7 @@ from sink.batch import Batch
 from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.events import customer_id_for
-from site_activity.kafka import consumer_config, producer_config
+from site_activity.kafka import DeliveryReports, consumer_config, flush_or_raise, produce_waiting, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import event_key
 from tests.conftest import http_ok, read_topic
@@ -60,24 +60,23 @@ def identify(widget: widgets.Widget, visitor: str, user_id: str, traits: dict[st
 def produce(settings: Settings, topic: str, records: Sequence[dict[str, Any] | bytes]) -> None:
     """Encodes records with the Avro codec (bytes are sent as they are) and waits for delivery."""
     producer = Producer(producer_config(settings))
-    errors: list[Any] = []
+    reports = DeliveryReports()
     for rec in records:
         if isinstance(rec, bytes):
             key, value = b"garbage", rec
         else:
             key, value = event_key(str(rec["widget_id"]), rec["visitor_id"]), CODEC.encode(rec)
-        producer.produce(topic, key=key, value=value, on_delivery=lambda err, _m: errors.extend([err] if err else []))
+        produce_waiting(producer, topic, value, key, on_delivery=reports)
         producer.poll(0)
-    assert producer.flush(30) == 0
-    assert not errors, errors
+    flush_or_raise(producer, 30, reports)
 
 
 def produce_batch(settings: Settings, topic: str, records: list[dict[str, Any]]) -> None:
     """One VisitorEventBatch message of one visitor's records, as the API publishes a request."""
     producer = Producer(producer_config(settings))
     key = event_key(str(records[0]["widget_id"]), records[0]["visitor_id"])
-    producer.produce(topic, key=key, value=EventCodec().encode_batch(records))
-    assert producer.flush(30) == 0
+    produce_waiting(producer, topic, EventCodec().encode_batch(records), key)
+    flush_or_raise(producer, 30)
 
 
 def count_rows(conn: psycopg.Connection, widget_id: uuid.UUID) -> int:
