@@ -29,7 +29,6 @@ their own p95 target (50 ms), reported as extra rows."""
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_purge import produce, running_sink, say, stack  # noqa: E402
+from bench.harness import report  # noqa: E402
 from bench.workload import EVENTS_PER_BODY  # noqa: E402
 from console import accounts  # noqa: E402
 from dev_stack.embedded import free_port, wait_until  # noqa: E402
@@ -56,7 +56,6 @@ from dev_stack.process import StageProcess  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 SPAN_DAYS = 30
 API_P95_TARGET_MS = 100.0
 SINK_KEPT_TARGET = 0.8
@@ -384,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = measure_sink(settings, pg.dsn, sink_events, args.rounds, Path(tmp))
     res = {"seed": seeded, "dashboard": dashboard, "sink": {**sink, "events_per_phase": sink_events},
            "at": datetime.now(UTC).isoformat(timespec="seconds")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dashboard.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    rows = table(res)
-    print("\n| row | measured | same-run baseline | verdict |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nfull results: {RESULTS / 'dashboard.json'}")
-    return 1 if any("FAIL" in r[3] for r in rows) else 0
+    return report("dashboard", res, ("row", "measured", "same-run baseline", "verdict"), table(res), 3)
 
 
 if __name__ == "__main__":

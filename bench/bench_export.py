@@ -42,6 +42,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import report  # noqa: E402
 from bench.workload import (  # noqa: E402
     COPY_COLUMNS,
     EVENTS_PER_BODY,
@@ -55,7 +56,6 @@ from dev_stack.embedded import EmbeddedPostgres, free_port  # noqa: E402
 from site_activity import widgets  # noqa: E402
 from site_activity.db import migrate  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 TARGET_MB = 100.0
 TARGET_AT_EVENTS = 5_000_000
 FORMATS = ("ndjson", "csv", "parquet")
@@ -236,14 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.dsn, args.tenant, args.child, args.out), default=str))
         return 0
     res = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "export.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    rows = table(res)
-    print("\n| row | time, rate | archive | peak RSS growth | verdict |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nfull results: {RESULTS / 'export.json'}")
-    return 1 if any(r[4].startswith("FAIL") for r in rows) else 0
+    return report("export", res, ("row", "time, rate", "archive", "peak RSS growth", "verdict"), table(res), 4)
 
 
 if __name__ == "__main__":

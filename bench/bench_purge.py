@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import re
 import sys
@@ -43,7 +42,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted  # noqa: E402
+from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted, report  # noqa: E402
 from bench.workload import (  # noqa: E402
     EVENTS_PER_BODY,
     encoded_batches,
@@ -60,7 +59,6 @@ from site_activity.retention import PurgeReport, purge  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 RETENTIONS = (7, 30, 90, 365)
 WIDGETS_PER_RETENTION = 2
 SPAN_DAYS = 400
@@ -372,14 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-seconds", type=float, default=15.0, help="seconds of each ingest measurement")
     args = p.parse_args(argv)
     res = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "purge.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    rows = table(res)
-    print("\n| row | measured | rate / baseline | verdict |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nfull results: {RESULTS / 'purge.json'}")
-    return 1 if any("FAIL" in r[3] for r in rows) else 0
+    return report("purge", res, ("row", "measured", "rate / baseline", "verdict"), table(res), 3)
 
 
 if __name__ == "__main__":

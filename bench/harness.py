@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,3 +297,16 @@ def environment() -> dict[str, Any]:
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(), "git": rev,
             "loadavg_at_start": os.getloadavg()}
+
+
+def report(name: str, res: dict[str, Any], header: tuple[str, ...], rows: Sequence[Sequence[str]],
+           verdict_column: int) -> int:
+    """Writes bench/results/<name>.json, prints the rows as a markdown table (for the README) and returns the exit
+    status: 1 when any row's verdict column says FAIL."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nfull results: {RESULTS_DIR / (name + '.json')}")
+    return 1 if any("FAIL" in row[verdict_column] for row in rows) else 0

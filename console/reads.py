@@ -92,6 +92,17 @@ _EVENT_CONDITIONS = (
 )
 
 
+def _keyset_page(rows: list[dict[str, Any]], limit: int, time_key: str, third_key: str,
+                 ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """A page of a query that asked for `limit` + 1 rows in (time, widget_id, third) DESC order: the first `limit`
+    rows, and the position after the last of them (None: no more), as `_time_key` reads it back."""
+    page = rows[:limit]
+    if len(rows) <= limit:
+        return page, None
+    last = page[-1]
+    return page, [last[time_key].isoformat(), str(last["widget_id"]), str(last[third_key])]
+
+
 def _filters(f: EventFilter, p: dict[str, Any]) -> list[str]:
     """The conditions of the filters set in `f`; their values are added to the query parameters `p`."""
     conds = []
@@ -129,12 +140,8 @@ def list_events(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, 
            f" WHERE e.widget_id = w.id AND e.tenant_id = %(tenant)s{where}"
            f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s) e"
            f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
-    page = rows[:limit]
-    nxt = None
-    if len(rows) > limit:
-        last = page[-1]
-        nxt = [last["occurred_at"].isoformat(), str(last["widget_id"]), str(last["event_id"])]
+    page, nxt = _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit,
+                             "occurred_at", "event_id")
     return [event_json(r) for r in page], nxt
 
 
@@ -215,12 +222,8 @@ def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: 
            f" WHERE {' AND '.join(conds)}"
            " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s) v"
            " ORDER BY v.last_seen DESC, v.widget_id DESC, v.visitor_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
-    page = rows[:limit]
-    nxt = None
-    if len(rows) > limit:
-        last = page[-1]
-        nxt = [last["last_seen"].isoformat(), str(last["widget_id"]), last["visitor_id"]]
+    page, nxt = _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit,
+                             "last_seen", "visitor_id")
     return [visitor_json(r) for r in page], nxt
 
 
@@ -240,13 +243,7 @@ def _timeline_rows(conn: psycopg.Connection, where: str, p: dict[str, Any], limi
         where += " AND e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)"
     sql = (f"SELECT {_EVENT_COLUMNS} FROM visitor_events e WHERE {where}"
            " ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
-    rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
-    page = rows[:limit]
-    nxt = None
-    if len(rows) > limit:
-        last = page[-1]
-        nxt = [last["occurred_at"].isoformat(), str(last["widget_id"]), str(last["event_id"])]
-    return page, nxt
+    return _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit, "occurred_at", "event_id")
 
 
 def group_sessions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
