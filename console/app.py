@@ -76,7 +76,6 @@ def create_app(settings: Settings) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    console_metrics.install(app, ConsoleMetrics(pool))
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -87,4 +86,5 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["X-Request-ID"] = request.state.request_id
         return response
 
+    console_metrics.install(app, ConsoleMetrics(pool))  # last: its middleware is the outermost
     return app

@@ -4,15 +4,17 @@ status, their latency, and the Postgres connection pool (a pool that runs out is
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
 class _PoolCollector(Collector):
@@ -40,31 +42,63 @@ class ConsoleMetrics:
         self.requests = Counter("site_activity_console_requests_total",
                                 "HTTP requests by route (the path template, e.g. /api/v1/visitors/{visitor_id}), "
                                 "method and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("site_activity_console_request_seconds", "HTTP request latency by route",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("site_activity_console_request_seconds",
+                                 "HTTP request latency by route, to the last byte of the body (streamed exports "
+                                 "included)", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_PoolCollector(pool))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def install(app: FastAPI, metrics: ConsoleMetrics) -> None:
-    """Counts every request under its route template (unknown paths as "other", so random URLs cannot grow the
-    label set) and serves GET /metrics."""
+class _Observe:
+    """Pure ASGI middleware, outermost: a request is counted when its last body chunk is sent (a streamed zip
+    export is timed to its end; an error while streaming counts as 500), under the route template it matches,
+    even when an inner middleware (the rate limiter) answered before routing. Unknown paths count as "other",
+    so random URLs cannot grow the label set."""
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        status = 500  # an exception escaping the app's handlers is answered 500 by the server
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, metrics: ConsoleMetrics) -> None:
+        self.app = app
+        self.fastapi = fastapi
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status, done = time.perf_counter(), 500, False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, done
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                done = True
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, observed_send)
         finally:
-            route = getattr(request.scope.get("route"), "path", "other")
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
+            route = self._route(scope)
+            self.metrics.requests.labels(route, scope["method"], str(status if done else 500)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    def _route(self, scope: Scope) -> str:
+        matched = scope.get("route")
+        if matched is not None:
+            return str(getattr(matched, "path", "other"))
+        for route in self.fastapi.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(route, "path", "other"))
+        return "other"
+
+
+def install(app: FastAPI, metrics: ConsoleMetrics) -> None:
+    """Serves GET /metrics and counts every request (call last, so the counting middleware is outermost)."""
 
     @app.get("/metrics", include_in_schema=False)
     def metrics_page() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_Observe, fastapi=app, metrics=metrics)

@@ -153,10 +153,11 @@ class Sink:
             job = self.inflight
             try:
                 result = job.write.result()
-                invalid = len(job.batch.letters) + len(result.rejected)
-                self.dead_letter_limit.record(valid=len(job.batch.rows) - len(result.rejected), invalid=invalid)
+                valid, invalid = _messages_valid_invalid(job.batch, result)
+                self.dead_letter_limit.check(valid, invalid)
                 self.dead_letters.publish(job.batch.letters + result.rejected)
                 self._commit(next_offsets(job.batch.messages))
+                self.dead_letter_limit.add(valid, invalid)
             except _RETRYABLE as exc:
                 if not retry or self.stopping.is_set():
                     log.warning("batch not written, left uncommitted for redelivery", extra={
@@ -203,7 +204,9 @@ class Sink:
         m.batch_size.observe(len(job.batch.messages))
         m.batches.inc()
         m.rows_written.inc(result.inserted)
-        m.rows_skipped.inc(len(job.batch.rows) - len(result.rejected) - result.inserted - result.expired - result.erased)
+        # max(0, …): after a lost assignment the batch may be smaller than what its write stored
+        m.rows_skipped.inc(max(0, len(job.batch.rows) - len(result.rejected) - result.inserted - result.expired
+                               - result.erased))
         m.rows_expired.inc(result.expired)
         m.rows_erased.inc(result.erased)
         m.customers_upserted.inc(result.customers)
@@ -268,6 +271,13 @@ class Sink:
             dropped += len(self.inflight.batch.messages) - len(kept.messages)
             self.inflight = InFlight(kept, self.inflight.write) if kept.messages else None
         log.info(f"partitions {why}", extra={"partitions": [tp.partition for tp in partitions], "dropped": dropped})
+
+
+def _messages_valid_invalid(batch: DecodedBatch, result: WriteResult) -> tuple[int, int]:
+    """(valid, invalid) messages of a written batch, for the dead-letter limit: a message is invalid when it was
+    undecodable or the database refused one of its rows."""
+    invalid = {(d.source.topic, d.source.partition, d.source.offset) for d in batch.letters + result.rejected}
+    return max(len(batch.messages) - len(invalid), 0), len(invalid)
 
 
 def run(settings: Settings) -> int:

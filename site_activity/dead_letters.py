@@ -39,9 +39,11 @@ class DeadLetterLimit:
 
     Two rules, each off when 0: more than `max_consecutive` invalid records in a row (counted per batch: a
     batch with any valid record ends the run), or an invalid share above `max_ratio` over the last `window`
-    records (judged once that many were seen). Records are whatever the stage counts as one (a message, or
-    an event row). `record()` raises `DeadLetterLimitExceeded`; the caller exits without committing, so the
-    records are read again once the cause is fixed."""
+    records (judged once that many were seen). A record is whatever the stage counts as one, the same for
+    valid and invalid (the sink counts messages). `check()` raises `DeadLetterLimitExceeded` before the batch
+    is dead-lettered; the caller exits without committing it, so its records are read again by the next run.
+    `add()` counts a batch once it is committed (a retried or redelivered batch counts once). The counts live
+    in the process: each restart starts from zero."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeadLetterLimit:
@@ -56,24 +58,46 @@ class DeadLetterLimit:
         self._batches: deque[tuple[int, int]] = deque()  # (valid, invalid) per batch, oldest first
         self._valid = self._invalid = 0
 
-    def record(self, valid: int, invalid: int) -> None:
-        """Counts one batch's valid and invalid records; raises `DeadLetterLimitExceeded` past a limit."""
-        self.consecutive = self.consecutive + invalid if valid == 0 else 0
-        if self.max_consecutive and self.consecutive > self.max_consecutive:
+    def check(self, valid: int, invalid: int) -> None:
+        """Raises `DeadLetterLimitExceeded` if a batch of `valid` and `invalid` records would pass a limit; counts
+        nothing (call `add` once the batch is committed, so a batch retried or redelivered counts once)."""
+        consecutive = self._consecutive_after(valid, invalid)
+        if self.max_consecutive and consecutive > self.max_consecutive:
+            raise DeadLetterLimitExceeded(f"{consecutive} invalid records in a row (limit {self.max_consecutive})")
+        _, total_valid, total_invalid = self._window_after(valid, invalid)
+        seen = total_valid + total_invalid
+        if self.max_ratio and self.window and seen >= self.window and total_invalid / seen > self.max_ratio:
             raise DeadLetterLimitExceeded(
-                f"{self.consecutive} invalid records in a row (limit {self.max_consecutive})")
-        self._batches.append((valid, invalid))
-        self._valid += valid
-        self._invalid += invalid
-        while len(self._batches) > 1 and self._valid + self._invalid - sum(self._batches[0]) >= self.window:
-            old_valid, old_invalid = self._batches.popleft()
-            self._valid -= old_valid
-            self._invalid -= old_invalid
-        seen = self._valid + self._invalid
-        if self.max_ratio and self.window and seen >= self.window and self._invalid / seen > self.max_ratio:
-            raise DeadLetterLimitExceeded(
-                f"{self._invalid} of the last {seen} records invalid ({self._invalid / seen:.0%}, limit "
+                f"{total_invalid} of the last {seen} records invalid ({total_invalid / seen:.0%}, limit "
                 f"{self.max_ratio:.0%})")
+
+    def add(self, valid: int, invalid: int) -> None:
+        """Counts a committed batch."""
+        self.consecutive = self._consecutive_after(valid, invalid)
+        dropped, self._valid, self._invalid = self._window_after(valid, invalid)
+        self._batches.append((valid, invalid))
+        for _ in range(dropped):
+            self._batches.popleft()
+
+    def record(self, valid: int, invalid: int) -> None:
+        """`check` then `add`: for a caller that counts each batch once anyway."""
+        self.check(valid, invalid)
+        self.add(valid, invalid)
+
+    def _consecutive_after(self, valid: int, invalid: int) -> int:
+        return self.consecutive + invalid if valid == 0 else 0
+
+    def _window_after(self, valid: int, invalid: int) -> tuple[int, int, int]:
+        """With this batch added: how many of the oldest batches leave the window, and its valid/invalid totals
+        (the window keeps the fewest newest batches holding at least `window` records)."""
+        total_valid, total_invalid = self._valid + valid, self._invalid + invalid
+        dropped = 0
+        for old_valid, old_invalid in self._batches:  # oldest first; the new batch always stays
+            if total_valid + total_invalid - old_valid - old_invalid < self.window:
+                break
+            total_valid, total_invalid, dropped = total_valid - old_valid, total_invalid - old_invalid, dropped + 1
+        return dropped, total_valid, total_invalid
+
 
 # Errors about the record itself: retrying the same bytes can never succeed.
 UNWRITABLE = frozenset({
@@ -83,6 +107,7 @@ UNWRITABLE = frozenset({
 })
 # Room left in a message for the record framing and the dead-letter headers.
 _OVERHEAD_BYTES = 4096
+
 
 
 def dead_letter_headers(stage: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -123,11 +123,11 @@ class Settings(BaseSettings):
     topic_events_retention_ms: int = 7 * 24 * 3600 * 1000
     topic_dead_letter_retention_ms: int = 30 * 24 * 3600 * 1000
     # The dead-letter limit of the consuming stages (site_activity/dead_letters.py, DeadLetterLimit): a stage
-    # stops without committing after more than `…_max_consecutive` invalid records in a row, or when more than
-    # `…_max_ratio` of its last `…_ratio_window` records were invalid. 0 turns a rule off.
-    dead_letter_max_consecutive: int = 1_000
-    dead_letter_max_ratio: float = 0.5
-    dead_letter_ratio_window: int = 10_000
+    # stops without committing after more than `…_max_consecutive` invalid messages in a row, or when more than
+    # `…_max_ratio` of its last `…_ratio_window` messages were invalid. 0 turns a rule off.
+    dead_letter_max_consecutive: int = Field(default=1_000, ge=0)
+    dead_letter_max_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    dead_letter_ratio_window: int = Field(default=10_000, ge=0)
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = "site-activity-sink"

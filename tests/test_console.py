@@ -105,11 +105,14 @@ def test_member_sees_settings(console: httpx.Client, acme: Tenant) -> None:
 def test_metrics_count_requests_by_route_template_and_show_the_pool(console: httpx.Client, acme: Tenant) -> None:
     for _ in range(3):
         assert console.get(f"/api/v1/widgets/{acme.widget.id}", headers=acme.auth("member")).status_code == 200
-    assert console.get(f"/no/such/{uuid.uuid4()}").status_code == 404
+    unknown = f"/no/such/{uuid.uuid4()}"
+    assert console.get(unknown).status_code == 404
     text = console.get("/metrics").text
     sample = 'site_activity_console_requests_total{method="GET",route="/api/v1/widgets/{widget_id}",status="200"}'
     assert any(line.startswith(sample) and float(line.split()[-1]) >= 3 for line in text.splitlines()), text
-    assert 'route="other",status="404"' in text  # unknown paths do not grow the label set
+    assert 'method="GET",route="other",status="404"' in text
+    assert unknown not in text  # a random URL does not become a label
+    assert "site_activity_console_db_pool_connections" in text
     assert 'site_activity_console_db_pool_connections{state="max"}' in text
     assert "site_activity_console_request_seconds_bucket" in text
 

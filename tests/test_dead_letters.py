@@ -49,3 +49,16 @@ def test_zero_turns_both_rules_off() -> None:
 def test_every_reason_header_starts_with_its_reason() -> None:
     assert reason_text(Reason.DB_REJECTED, "23514 check violation") == "db_rejected: 23514 check violation"
     assert {r.value for r in Reason} == {"undecodable", "invalid_event", "db_rejected", "unwritable_output"}
+
+
+def test_a_batch_checked_again_on_retry_counts_once() -> None:
+    """The sink checks a batch before dead-lettering it and counts it only once committed: a batch retried
+    after a dead-letter topic outage must not double its invalid records."""
+    limit = DeadLetterLimit(max_consecutive=1000, max_ratio=0, window=0)
+    for _ in range(5):  # five attempts at the same batch of 600 invalid messages
+        limit.check(valid=0, invalid=600)
+    limit.add(valid=0, invalid=600)
+    assert limit.consecutive == 600
+    with pytest.raises(DeadLetterLimitExceeded):
+        limit.check(valid=0, invalid=401)
+    assert limit.consecutive == 600  # a refused check counts nothing either
