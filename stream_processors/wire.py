@@ -219,6 +219,16 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise _NotLean("varint over 10 bytes")
 
 
+_CONTINUATIONS_8 = 0x8080808080808080  # the continuation bits of 8 bytes read as a little-endian int
+_EIGHT_BYTES = 0x0080808080808080  # a varint of exactly 8 bytes: the first seven continue, the eighth ends it
+
+
+def _seven_bit_groups(n: int) -> int:
+    """The value of an 8-byte varint given as a little-endian int (its seven-bit groups joined)."""
+    return ((n & 0x7F) | (n >> 1 & 0x3F80) | (n >> 2 & 0x1FC000) | (n >> 3 & 0xFE00000) | (n >> 4 & 0x7F0000000)
+            | (n >> 5 & 0x3F800000000) | (n >> 6 & 0x1FC0000000000) | (n >> 7 & 0xFE000000000000))
+
+
 def read_current_items(data: bytes) -> list[RawEvent]:
     """The events of a VisitorEventBatch message whose items are current VisitorEvents (header already
     checked by the caller), each with its own datum when it can be restamped. Raises on anything unusual."""
@@ -235,24 +245,36 @@ def read_current_items(data: bytes) -> list[RawEvent]:
         for _ in range(n >> 1):
             start = pos
             # event_id, event_type, tenant_id, widget_id, visitor_id
-            n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+            n = data[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
             event_id = data[pos:pos + (n >> 1)].decode()
             pos += n >> 1
             event_type = types[data[pos]]
             pos += 1
-            n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+            n = data[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
             tenant_id = data[pos:pos + (n >> 1)].decode()
             pos += n >> 1
-            n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+            n = data[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
             widget_id = data[pos:pos + (n >> 1)].decode()
             pos += n >> 1
-            n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+            n = data[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
             visitor_id = data[pos:pos + (n >> 1)].decode()
@@ -267,13 +289,19 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                     continue
                 if branch != 2:
                     raise _NotLean("union index")
-                n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
                 if n & 1:
                     raise _NotLean("negative length")
                 optional.append(data[pos:pos + (n >> 1)].decode())
                 pos += n >> 1
             # properties
-            n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+            n = data[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
             properties = data[pos:pos + (n >> 1)].decode()
@@ -284,17 +312,28 @@ def read_current_items(data: bytes) -> list[RawEvent]:
             if branch == 0:
                 user_id = None
             elif branch == 2:
-                n, pos = (data[pos], pos + 1) if data[pos] < 0x80 else _varint(data, pos)
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
                 if n & 1:
                     raise _NotLean("negative length")
                 user_id = data[pos:pos + (n >> 1)].decode()
                 pos += n >> 1
             else:
                 raise _NotLean("union index")
-            # occurred_at, received_at: zigzag longs
-            n, pos = _varint(data, pos)
+            # occurred_at, received_at: zigzag longs, 8 bytes each for today's times (51 bits): read as one int
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
+                n, pos = _seven_bit_groups(n), pos + 8
+            else:
+                n, pos = _varint(data, pos)
             occurred_at = (n >> 1) ^ -(n & 1)
-            n, pos = _varint(data, pos)
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
+                n, pos = _seven_bit_groups(n), pos + 8
+            else:
+                n, pos = _varint(data, pos)
             received_at = (n >> 1) ^ -(n & 1)
             # session_id, customer_id: null on the raw topic (then the datum can be restamped)
             if data[pos] == 0 and data[pos + 1] == 0:
