@@ -201,7 +201,7 @@ class Stack:
         """A clean start for a section: no rows, and a checkpoint, so that a checkpoint triggered by the WAL of
         earlier sections (1 GB default max_wal_size) does not land in this one and slow its inserts down."""
         with psycopg.connect(self.postgres.dsn, autocommit=True) as conn:
-            conn.execute("TRUNCATE visitor_events")
+            conn.execute("TRUNCATE visitor_events CASCADE")  # webhook deliveries reference events (0008)
             conn.execute("VACUUM ANALYZE visitor_events")
             conn.execute("CHECKPOINT")
 
