@@ -29,12 +29,21 @@ RawEvent = tuple[dict[str, Any], bytes | None]  # (raw values, the event's own d
 
 
 def _long(n: int) -> bytes:
-    zigzag, out = (n << 1) ^ (n >> 63), bytearray()
+    zigzag = (n << 1) ^ (n >> 63)
+    if 1 << 49 <= zigzag < 1 << 56:  # exactly 8 bytes: every event time of this century, without a loop
+        return (_spread_seven_bit_groups(zigzag) | 0x0080808080808080).to_bytes(8, "little")
+    out = bytearray()
     while zigzag > 0x7F:
         out.append((zigzag & 0x7F) | 0x80)
         zigzag >>= 7
     out.append(zigzag)
     return bytes(out)
+
+
+def _spread_seven_bit_groups(z: int) -> int:
+    """z < 2**56 as eight 7-bit groups, one per byte (little-endian), continuation bits not set yet."""
+    return ((z & 0x7F) | (z & 0x3F80) << 1 | (z & 0x1FC000) << 2 | (z & 0xFE00000) << 3 | (z & 0x7F0000000) << 4
+            | (z & 0x3F800000000) << 5 | (z & 0x1FC0000000000) << 6 | (z & 0xFE000000000000) << 7)
 
 
 @lru_cache(maxsize=16_384)  # session and contact ids repeat across a visitor's events
