@@ -3,6 +3,7 @@ the processors (byte-identical output, exact ids). Pure logic, no services."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from site_activity.events import (customer_id_text, session_id_for, session_id_t
 from site_activity.topics import event_key
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState
-from stream_processors.transport import check_internals, unacked_offsets
+from stream_processors.transport import _continue, check_internals, unacked_offsets
 from stream_processors.wire import (EventReader, _long, SessionStartWriter, frame_batch, frame_batches, read_current_items,
                                    restamp)
 
@@ -392,3 +393,52 @@ def test_start_up_checks_the_faust_and_aiokafka_internals_it_overrides(monkeypat
     monkeypatch.delattr(faust_consumer.Consumer, "_new_offset")  # a faust without the method we override
     with pytest.raises(RuntimeError, match=r"faust Consumer\._new_offset.*pinned in pyproject"):
         check_internals()
+
+
+def test_a_callback_run_to_its_first_suspension_continues_in_a_task() -> None:
+    """transport.Consumer.wait_first runs faust's per-message callback directly; one that suspends (a full stream
+    buffer) continues in a task (`_continue`), with its result, its exceptions and its cancellation intact."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[int] = loop.create_future()
+
+        async def callback() -> int:
+            await asyncio.sleep(0)
+            value = await ready
+            await asyncio.sleep(0.001)
+            return value + 1
+
+        coro = callback()
+        task = asyncio.ensure_future(_continue(coro, coro.send(None)))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        ready.set_result(41)
+        assert await task == 42
+
+        async def failing() -> None:
+            await asyncio.sleep(0)
+            raise KeyError("x")
+
+        coro2 = failing()
+        with pytest.raises(KeyError):
+            await _continue(coro2, coro2.send(None))
+
+        never: asyncio.Future[None] = loop.create_future()
+        cancelled = []
+
+        async def waiting() -> None:
+            try:
+                await never
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        coro3 = waiting()
+        task3 = asyncio.ensure_future(_continue(coro3, coro3.send(None)))
+        await asyncio.sleep(0)
+        task3.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task3
+        assert cancelled == [True] and never.cancelled()
+
+    asyncio.run(main())
