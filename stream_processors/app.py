@@ -5,8 +5,10 @@ offset commits, and the web server. The agent hands each `take_events()` batch t
 
 Throughput note: faust moves every consumed message through its own per-message machinery (tasks in the
 fetch loop, the conductor, the stream iterator) before `take_events()` sees it; on the 2-core reference box
-that caps a worker at ~8k messages/s even with an empty agent body. The API therefore publishes one message
-per ingest request (up to 25 events from the widget), so that cost is paid once per request, and the batch
+that capped a worker at ~8k messages/s even with an empty agent body (before `transport.py` skipped the five
+tasks per message of faust's fetch loop; still ~50 µs per message, ~12 % of a worker, issue 14). The API
+therefore publishes one message per ingest request (up to 25 events from the widget), so that cost is paid once
+per request, and the batch
 work (decode, placement, output, and the table's changelog records) is done outside faust with a
 confluent-kafka producer (`outputs.py`). Figures: bench/bench_processors.py. More workers in the group add
 throughput.

@@ -42,7 +42,7 @@ from stream_processors import erasures, metrics
 from stream_processors.erasures import is_erased
 from stream_processors.outputs import Outputs, Source
 from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, restamp
+from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, stamp_bytes
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,18 @@ class BatchProcessor:
         header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
         produced = starts = 0
         max_value = self.max_value_bytes - len(key)
+        # The hot loop below inlines VisitorState.seen/remember (entries [event_id, t, session start]) and keeps
+        # the last session and contact ids with their encoding: a visitor's events mostly share them.
+        gap, max_sessions, place = self.gap_us, s.processors_max_sessions, state.place_start
+        index, remembered = state.index(), state.events
+        state.max_events = s.processors_max_recent_events
+        links = state.links
+        last_user: str | None = None
+        last_tenant = tenant_id
+        last_start = -1 << 64  # no event time is this small (MIN_US)
+        customer_id: str | None = None
+        session_id = start_event_id = ""
+        stamps: bytes | None = None
         for events, source in zip(visitor.messages, visitor.sources, strict=True):
             # A message's links first: its events before the identify (the usual request: anonymous page views,
             # then the login) are stamped with the contact right away instead of being written anonymous and
@@ -239,30 +251,40 @@ class BatchProcessor:
                     self._publish_link(key, record)
             out: list[bytes] = []
             for record, datum in events:
-                first = state.seen(record["event_id"])
+                event_id = record["event_id"]
+                first = index.get(event_id)
                 if first is None:
                     t = record["occurred_at"]
-                    placed = state.place(t, self.gap_us, s.processors_max_sessions)
-                    state.remember(record["event_id"], t, placed.session_start_us, s.processors_max_recent_events)
+                    start_us = place(t, gap, max_sessions)
+                    entry = [event_id, t, start_us]
+                    remembered.append(entry)
+                    index[event_id] = entry
                 else:  # a copy: stamped like its first copy, derives nothing new, changes nothing
-                    t, placed = first.t, first.placement
+                    t, start_us = first[1], first[2]
                     if record["occurred_at"] != t:  # a re-send whose clock correction differed: the first time
                         record["occurred_at"], datum = t, None
-                is_identify = record["event_type"] == IDENTIFY
-                if is_identify:  # an identify of an erased contact names nobody (neither does its session_start)
+                if record["event_type"] == IDENTIFY:  # an identify of an erased contact names nobody (nor its session_start)
                     user = None if self._contact_erased(visitor.partition, record["tenant_id"],
                                                         record["user_id"]) else record["user_id"]
+                elif links and t >= links[-1][0]:  # the usual case: after the latest link (state.user_at)
+                    user = links[-1][1]
                 else:
                     user = state.user_at(t)
-                record["customer_id"] = contact_id(record["tenant_id"], user) if user else None
-                record["session_id"], start_event_id = session_ids(record["widget_id"], record["visitor_id"],
-                                                                   placed.session_start_us)
-                if placed.opens_session:
-                    out.append(start_datum(record, start_event_id, record["session_id"], record["customer_id"]))
+                if user != last_user or record["tenant_id"] != last_tenant:
+                    last_user, last_tenant, stamps = user, record["tenant_id"], None
+                    customer_id = contact_id(last_tenant, user) if user else None
+                if start_us != last_start:
+                    last_start, stamps = start_us, None
+                    session_id, start_event_id = session_ids(record["widget_id"], record["visitor_id"], start_us)
+                if t == start_us:  # the event opened its session
+                    out.append(start_datum(record, start_event_id, session_id, customer_id))
                     starts += 1
                 if datum is not None:
-                    out.append(restamp(datum, record["session_id"], record["customer_id"]))
+                    if stamps is None:  # the encoded ids, shared by a run of events of one session and contact
+                        stamps = stamp_bytes(session_id, customer_id)
+                    out.append(datum[:-2] + stamps)
                 else:
+                    record["session_id"], record["customer_id"] = session_id, customer_id
                     out.append(datum_of(record))
             for value in frame_batches(header, out, max_value):
                 self.outputs.send(topic, key, value, source=source)

@@ -132,12 +132,16 @@ class VisitorState:
 
     def seen(self, event_id: str) -> Seen | None:
         """The first copy of this event, if it is among the remembered ones."""
-        if self._index is None:
-            self._index = {e[0]: e for e in self.events}
-        entry = self._index.get(event_id)
+        entry = self.index().get(event_id)
         if entry is None:
             return None
         return Seen(entry[1], entry[2])
+
+    def index(self) -> dict[str, list[Any]]:
+        """event_id -> its entry [event_id, t, session start] (the hot loop's `seen`, without an object)."""
+        if self._index is None:
+            self._index = {e[0]: e for e in self.events}
+        return self._index
 
     def remember(self, event_id: str, t: int, session_start_us: int, max_events: int) -> None:
         """Records the first copy of an event (call after placing it); the last max_events are kept."""
@@ -151,6 +155,12 @@ class VisitorState:
 
     def place(self, t: int, gap: int, max_sessions: int) -> Placement:
         """Puts an event at time t (µs) into a session, creating one if needed (rules in the docstring)."""
+        start = self.place_start(t, gap, max_sessions)
+        return Placement(start, t == start)
+
+    def place_start(self, t: int, gap: int, max_sessions: int) -> int:
+        """`place` for the hot loop: the start of the session the event joined (it opened the session, and
+        gets a session_start, when that equals t)."""
         sessions = self.sessions
         # index of the first session starting after t: sessions[i-1] is the one at or before t (an event in
         # time order, the usual case, comes after the last session's lo: no search)
@@ -161,15 +171,16 @@ class VisitorState:
         before = sessions[i - 1] if i > 0 else None
         after = sessions[i] if i < len(sessions) else None
         if before is not None and t <= before[2] + gap:  # rules 1 and 2
-            before[2] = max(before[2], t)
-            return Placement(before[0], t == before[0])
+            if t > before[2]:
+                before[2] = t
+            return before[0]  # type: ignore[no-any-return]
         if after is not None and after[1] - t <= gap:  # rule 3
             after[1] = t
-            return Placement(after[0], t == after[0])
+            return after[0]  # type: ignore[no-any-return]
         sessions.insert(i, [t, t, t])  # rule 4
         if len(sessions) > max_sessions:
             del sessions[: len(sessions) - max_sessions]
-        return Placement(t, True)
+        return t
 
     # --- identity ---------------------------------------------------------------------------------
 
@@ -186,5 +197,8 @@ class VisitorState:
         """The user the visitor was linked to at time t; before the first link, the first link's user."""
         if not self.links:
             return None
+        last = self.links[-1]
+        if t >= last[0]:  # the usual case: an event after the visitor's latest link
+            return str(last[1])
         i = bisect.bisect_right(self.links, t, key=lambda x: x[0])
         return str(self.links[max(i - 1, 0)][1])

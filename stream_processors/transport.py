@@ -26,6 +26,16 @@ repair for offsets faust would commit without having processed them.
   dropped *after* the first acked one was recorded as a gap (one missing offset between two delivered ones),
   so faust committed past it while the repair, firing for a message at the head, never looked at it.
 
+* Throughput (issue 14): faust's fetch loop (`Consumer._drain_messages`) hands every message to the conductor
+  through `Service.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks, adds two
+  more for the service's `_stopped`/`_crashed` events, waits for the first and cancels the other three: five
+  tasks, an `asyncio.wait` and three cancellations per message, about a fifth of a worker's time. The callback
+  (decode the key/value, put the event in the stream's queue) almost always finishes without suspending, so
+  `Consumer.wait_first` runs it to its first suspension first; if it finished, that is the result
+  `wait_first` would have returned (flow not suspended, service neither stopping nor crashed: checked before),
+  with none of the tasks. If it suspends (the stream's buffer is full), the suspended callback continues under
+  faust's own `wait_first` as before (`_continue`), so a flow suspension still interrupts it.
+
 This module overrides private parts of faust and aiokafka: `check_internals()` fails start-up with a clear
 message if an installed version lacks them (pyproject pins the versions it was written against).
 """
@@ -35,14 +45,17 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiokafka
 import faust
 import faust.transport.consumer
+import mode
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
+from mode.services import WaitResults
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,10 @@ def check_internals() -> None:
                 if not hasattr(driver.AIOKafkaConsumerThread, name)]
     init_source = _source(faust.transport.consumer.Consumer.__init__)
     missing += [f"faust Consumer().{name}" for name in _FAUST_CONSUMER_STATE if f"self.{name} =" not in init_source]
+    if "self.suspend_flow.wait()" not in _source(faust.transport.consumer.Consumer._drain_messages):
+        missing.append("faust Consumer._drain_messages calling wait_first(callback(message), suspend_flow.wait())")
+    if not all(f"self.{name} =" in _source(mode.Service.__init__) for name in ("_stopped", "_crashed")):
+        missing.append("mode Service()._stopped/_crashed")
     if "self._fetch_max_wait_ms" not in _source(aiokafka.AIOKafkaConsumer.__init__):
         missing.append("aiokafka AIOKafkaConsumer()._fetch_max_wait_ms")
     if missing:
@@ -99,6 +116,23 @@ class Consumer(driver.Consumer):
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        """faust's `wait_first`, with a fast path for the fetch loop's call (see the module docstring)."""
+        flow = self.suspend_flow
+        if (timeout is None and len(coros) == 2 and inspect.iscoroutine(coros[0]) and _waits_on(coros[1], flow)
+                and not flow.is_set() and not self._stopped.is_set() and not self._crashed.is_set()):
+            callback, suspended = coros
+            try:
+                yielded = callback.send(None)
+            except StopIteration as finished:  # done without suspending: what wait_first would return
+                suspended.close()
+                return WaitResults([callback], [finished.value], False)
+            except BaseException:
+                suspended.close()
+                raise
+            coros = (_continue(callback, yielded), suspended)
+        return await super().wait_first(*coros, timeout=timeout)  # type: ignore[no-any-return]
+
     async def _commit(self, offsets: Mapping[Any, int]) -> bool:
         for barrier in self.app.commit_barriers:  # type: ignore[attr-defined]
             barrier()
@@ -123,6 +157,41 @@ class Consumer(driver.Consumer):
                     # consecutive run early); they are handled now.
                     self._gap[tp].chop(missing[0], missing[-1] + 1)
         return super()._new_offset(tp)  # type: ignore[no-any-return]
+
+
+def _waits_on(coro: Any, event: Any) -> bool:
+    """Whether `coro` is `event.wait()`, not started yet."""
+    frame = getattr(coro, "cr_frame", None)
+    return (frame is not None and coro.cr_code is type(event).wait.__code__
+            and frame.f_locals.get("self") is event)
+
+
+async def _continue(coro: Any, yielded: Any) -> Any:
+    """`coro`, already run to its first suspension (where it yielded `yielded`), run on to its end: a coroutine
+    that a Task (faust's `wait_first`) can drive and cancel like the original."""
+    return await _resume(coro, yielded)
+
+
+@types.coroutine
+def _resume(coro: Any, yielded: Any) -> Any:
+    # What `await` does for the suspended coroutine: pass what it yields up to the task, and what the task
+    # sends or throws back down, until it returns.
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001  # cancellation and the like: the coroutine decides
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as finished:
+                return finished.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as finished:
+                return finished.value
 
 
 def unacked_offsets(acked: list[int], committed: int) -> list[int]:

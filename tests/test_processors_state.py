@@ -3,6 +3,7 @@ the processors (byte-identical output, exact ids). Pure logic, no services."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -10,17 +11,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
 from faust.transport import consumer as faust_consumer
 
-from schemas.codec import EventCodec
+from schemas.codec import DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
 from site_activity.events import customer_id_text, session_id_for, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import event_key
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState
-from stream_processors.transport import check_internals, unacked_offsets
-from stream_processors.wire import EventReader, SessionStartWriter, frame_batch, frame_batches, restamp
+from stream_processors.transport import _continue, check_internals, unacked_offsets
+from stream_processors.wire import (EventReader, _long, SessionStartWriter, frame_batch, frame_batches, read_current_items,
+                                   restamp)
 
 MIN = 60_000_000  # µs
 GAP = 30 * MIN
@@ -143,6 +147,73 @@ def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
     # events whose ids are already set are not restampable (their datum does not end with two nulls)
     [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
     assert datum is None
+
+
+def _fastavro_read(reader: EventReader, data: bytes) -> Any:
+    """What EventReader gave before the lean reader: fastavro item by item, or the DecodeError's type."""
+    try:
+        return reader._read_items(data, None, True)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__ if isinstance(exc, DecodeError) else "DecodeError"
+
+
+def _read(reader: EventReader, data: bytes) -> Any:
+    try:
+        return reader.read(data)
+    except DecodeError:
+        return "DecodeError"
+
+
+LEAN_EVENTS = [raw_event(i) for i in range(12)] + [
+    raw_event(1, url="https://ex.example/" + "ü" * 3000, referrer=None, user_id="ü✓" * 100),  # multi-byte lengths
+    raw_event(2, event_type="session_start", occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),
+    raw_event(3, occurred_at=0, received_at=-1, visitor_id="", properties="", name=""),
+    raw_event(4, occurred_at=-(1 << 63), received_at=(1 << 63) - 1, event_id="not a uuid", tenant_id="x" * 70),
+]
+
+
+def test_lean_reader_gives_what_fastavro_gives() -> None:
+    """The lean reader (wire.read_current_items) builds the very records and datums of the fastavro path."""
+    reader = EventReader(RAW)
+    for n in (1, 2, 13, len(LEAN_EVENTS)):
+        for events in (LEAN_EVENTS[:n], LEAN_EVENTS[-n:]):
+            data = RAW.encode_batch(events)
+            assert read_current_items(data) == reader._read_items(data, None, True)
+            assert [r for r, _ in read_current_items(data)] == events
+    # several array blocks (other writers may split the array): the same events
+    datums = [RAW.event.encode_datum(e) for e in LEAN_EVENTS[:5]]
+    blocks = RAW.batch.header + b"\x04" + b"".join(datums[:2]) + b"\x06" + b"".join(datums[2:]) + b"\x00"
+    assert read_current_items(blocks) == reader._read_items(blocks, None, True)
+    # events whose ids are set, and sized blocks, are left to fastavro: the same result through EventReader.read
+    stamped = RAW.encode_batch([raw_event(1, session_id="s")])
+    sized = RAW.batch.header + b"\x01" + _long(len(datums[0])) + datums[0] + b"\x00"  # count -1, then the size
+    for data in (stamped, sized):
+        with pytest.raises(ValueError):
+            read_current_items(data)
+        assert reader.read(data) == reader._read_items(data, None, True)
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_lean_reader_on_corrupted_batches_gives_what_fastavro_gives(data: st.DataObject) -> None:
+    """Any byte flipped, cut or inserted: EventReader.read gives the fastavro path's records, or a DecodeError
+    where it gave one (the lean reader never accepts what fastavro refuses, nor reads it differently)."""
+    reader = EventReader(RAW)
+    events = data.draw(st.lists(st.sampled_from(LEAN_EVENTS), min_size=1, max_size=4))
+    raw = bytearray(RAW.encode_batch(events))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(10, len(raw) - 1))
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if kind == "flip":
+            raw[at] = data.draw(st.integers(0, 255))
+        elif kind == "cut":
+            del raw[at:]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=3))
+        if len(raw) <= 11:
+            break
+    blob = bytes(raw)
+    assert _read(reader, blob) == _fastavro_read(reader, blob)
 
 
 def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:
@@ -321,3 +392,52 @@ def test_start_up_checks_the_faust_and_aiokafka_internals_it_overrides(monkeypat
     monkeypatch.delattr(faust_consumer.Consumer, "_new_offset")  # a faust without the method we override
     with pytest.raises(RuntimeError, match=r"faust Consumer\._new_offset.*pinned in pyproject"):
         check_internals()
+
+
+def test_a_callback_run_to_its_first_suspension_continues_in_a_task() -> None:
+    """transport.Consumer.wait_first runs faust's per-message callback directly; one that suspends (a full stream
+    buffer) continues in a task (`_continue`), with its result, its exceptions and its cancellation intact."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[int] = loop.create_future()
+
+        async def callback() -> int:
+            await asyncio.sleep(0)
+            value = await ready
+            await asyncio.sleep(0.001)
+            return value + 1
+
+        coro = callback()
+        task = asyncio.ensure_future(_continue(coro, coro.send(None)))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        ready.set_result(41)
+        assert await task == 42
+
+        async def failing() -> None:
+            await asyncio.sleep(0)
+            raise KeyError("x")
+
+        coro2 = failing()
+        with pytest.raises(KeyError):
+            await _continue(coro2, coro2.send(None))
+
+        never: asyncio.Future[None] = loop.create_future()
+        cancelled = []
+
+        async def waiting() -> None:
+            try:
+                await never
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        coro3 = waiting()
+        task3 = asyncio.ensure_future(_continue(coro3, coro3.send(None)))
+        await asyncio.sleep(0)
+        task3.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task3
+        assert cancelled == [True] and never.cancelled()
+
+    asyncio.run(main())
