@@ -44,6 +44,7 @@ USER_AGENT = "site-activity-webhooks/1"
 _ERROR_BODY_BYTES = 512  # of a failed response's body, kept in the log
 _RECORD_BATCH_S = 0.02
 _DB_BACKOFF_S = 1.0
+_LEASE_MARGIN_S = 2.0  # an attempt starts only if timeout + this is left of its lease
 _MAX_RETRY_AFTER_S = 24 * 3600
 
 
@@ -77,10 +78,16 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         # A claim is a lease: long enough that an attempt in flight (bounded by the timeout) is never claimed
-        # again by another process; short enough that a crashed process's claims come back soon.
-        # A claimed delivery waits for at most one round of requests ahead of it (2 x concurrency are claimed
-        # per endpoint), then takes at most the timeout itself.
+        # again by another process; short enough that a crashed process's claims come back soon. A delivery
+        # that waited for a slot so long that its attempt could outlast the lease is not sent but left to its
+        # lease (claimed again once it runs out), so a held delivery is never sent twice at once.
         self.lease_s = 2 * settings.webhooks_timeout_s + 5
+        # Deliveries held per healthy endpoint (sending + waiting for one of its request slots): two rounds of
+        # requests until its attempts were timed, then up to the prefetch -- so that a burst of fresh events is
+        # handed over whole and the next requests are at hand when slots free up -- but only as many as its
+        # recent attempt durations let finish within a lease (see _held_limit).
+        self.prefetch = max(settings.webhooks_endpoint_prefetch, 2 * settings.webhooks_endpoint_concurrency)
+        self._attempt_s: dict[uuid.UUID, float] = {}  # per endpoint: moving average of attempt durations
         self.in_flight: dict[uuid.UUID, int] = {}  # claimed and not finished, per endpoint
         self._slots: dict[uuid.UUID, asyncio.Semaphore] = {}  # requests actually sending, per endpoint
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,11 +111,23 @@ class Dispatcher:
 
     def _room(self) -> tuple[dict[uuid.UUID, int], int, int]:
         """What this process may still take: per endpoint it already holds (room), for any other endpoint
-        (default), in all. Claimed and handed-over deliveries share it, so a delivery waits behind at most
-        one round of requests to its endpoint and its lease (2 x timeout + 5 s) covers that wait."""
-        per_endpoint = 2 * self.settings.webhooks_endpoint_concurrency
-        room = {ep: max(0, per_endpoint - n) for ep, n in self.in_flight.items()}
-        return room, per_endpoint, max(0, self.settings.webhooks_max_in_flight - len(self._tasks))
+        (default), in all. Claimed and handed-over deliveries share it."""
+        room = {ep: max(0, self._held_limit(ep) - self.in_flight.get(ep, 0))
+                for ep in self.in_flight.keys() | self._attempt_s.keys()}
+        default = 2 * self.settings.webhooks_endpoint_concurrency  # an endpoint not timed yet
+        return room, default, max(0, self.settings.webhooks_max_in_flight - len(self._tasks))
+
+    def _held_limit(self, endpoint_id: uuid.UUID) -> int:
+        """How many deliveries to hold for a healthy endpoint: as many as its slots get through, at its recent
+        attempt duration, before a lease would run out -- between two rounds (also while it is not timed yet)
+        and the prefetch."""
+        concurrency = self.settings.webhooks_endpoint_concurrency
+        seen = self._attempt_s.get(endpoint_id)
+        if seen is None:
+            return 2 * concurrency
+        budget_s = self.lease_s - self.settings.webhooks_timeout_s - _LEASE_MARGIN_S
+        rounds = budget_s / max(seen, 0.001)
+        return max(2 * concurrency, min(self.prefetch, int(concurrency * rounds)))
 
     # --- handed over by the reader ----------------------------------------------------------------------
 
@@ -121,6 +140,7 @@ class Dispatcher:
                 if self._enqueue_conn is None or self._enqueue_conn.closed:
                     self._enqueue_conn = await self._connect()
                 room, room_default, room_total = self._room()
+                leased_at = time.monotonic()  # no later than the lease's start in the database
                 added, left, taken = await queue.enqueue_and_take(
                     self._enqueue_conn, keys, room=room, room_default=room_default, room_total=room_total,
                     lease_s=self.lease_s)
@@ -132,7 +152,7 @@ class Dispatcher:
                 raise
             self.metrics.handed_over.inc(len(taken))
             for job in taken:
-                self._start(job)
+                self._start(job, leased_at)
         if left:
             self._due_now()
         return added
@@ -197,21 +217,22 @@ class Dispatcher:
     async def _claim_round(self) -> bool:
         """Claims what is due and fits, and starts sending it; False when the database failed."""
         async with self._db_lock:
-            _, _, room_total = self._room()
+            room, room_default, room_total = self._room()
             if room_total <= 0:
                 return True  # every slot is taken: a finished request wakes the loop
-            per_endpoint = 2 * self.settings.webhooks_endpoint_concurrency
             # An endpoint that holds all its room may have more due than this claim could take.
-            capped = any(n >= per_endpoint for n in self.in_flight.values())
+            capped = any(n == 0 for n in room.values())
             self.more_due = False
             try:
                 if self._claim_conn is None or self._claim_conn.closed:
                     self._claim_conn = await self._connect()
                 began = time.perf_counter()
-                # Up to twice the concurrency per endpoint: the next requests are at hand when a slot frees, so
-                # claiming (a database round trip) overlaps sending.
-                claimed = await queue.claim(self._claim_conn, room=room_total, cap=per_endpoint,
-                                            busy=dict(self.in_flight), lease_s=self.lease_s)
+                leased_at = time.monotonic()
+                # Up to the prefetch per endpoint: the next requests are at hand when a slot frees, so claiming
+                # (a database round trip) overlaps sending.
+                claimed = await queue.claim(self._claim_conn, room_total=room_total, room=room,
+                                            room_default=room_default, busy=dict(self.in_flight),
+                                            lease_s=self.lease_s)
                 self.metrics.claim_seconds.observe(time.perf_counter() - began)
             except psycopg.Error as exc:
                 self.metrics.db_errors.labels("claim").inc()
@@ -222,7 +243,7 @@ class Dispatcher:
                 self.more_due = True
                 return False
             for job in claimed:
-                self._start(job)
+                self._start(job, leased_at)
             # Something was due, so more may be (what did not fit): a freed slot claims again. (more_due may
             # also have been set meanwhile by the reader.)
             self.more_due = self.more_due or bool(claimed) or capped or len(claimed) >= room_total
@@ -260,10 +281,12 @@ class Dispatcher:
 
     # --- one attempt --------------------------------------------------------------------------------
 
-    def _start(self, job: Claimed) -> None:
+    def _start(self, job: Claimed, leased_at: float) -> None:
+        """Sends `job` when its endpoint has a free slot; `leased_at` (time.monotonic()) is no later than the
+        start of its lease."""
         self.in_flight[job.endpoint_id] = self.in_flight.get(job.endpoint_id, 0) + 1
         self.metrics.in_flight.inc()
-        task = asyncio.create_task(self._attempt_in_slot(job))
+        task = asyncio.create_task(self._attempt_in_slot(job, leased_at + self.lease_s))
         self._tasks.add(task)
         task.add_done_callback(lambda t, job=job: self._done(t, job))
 
@@ -295,11 +318,16 @@ class Dispatcher:
             signer = self._signers[secret] = Webhook(secret)
         return signer
 
-    async def _attempt_in_slot(self, job: Claimed) -> None:
+    async def _attempt_in_slot(self, job: Claimed, lease_until: float) -> None:
         slots = self._slots.get(job.endpoint_id)
         if slots is None:
             slots = self._slots[job.endpoint_id] = asyncio.Semaphore(self.settings.webhooks_endpoint_concurrency)
         async with slots:
+            if time.monotonic() + self.settings.webhooks_timeout_s + _LEASE_MARGIN_S > lease_until:
+                # The attempt could outlast the lease (the endpoint got slow while this waited): another claim
+                # could then send it too. Left as it is; it is claimed again when the lease runs out.
+                self.metrics.lease_expired.inc()
+                return
             await self._attempt(job)
 
     async def _attempt(self, job: Claimed) -> None:
@@ -342,6 +370,8 @@ class Dispatcher:
             error, reason = f"internal error: {type(exc).__name__}", "internal"
         latency_ms = (time.perf_counter() - started) * 1000
         self.metrics.attempt_seconds.observe(latency_ms / 1000)
+        seen = self._attempt_s.get(job.endpoint_id)
+        self._attempt_s[job.endpoint_id] = latency_ms / 1000 if seen is None else 0.9 * seen + 0.1 * latency_ms / 1000
         ok = status is not None and 200 <= status < 300
         attempt = job.attempts + 1
         gone = status == 410
@@ -392,10 +422,17 @@ class Dispatcher:
                     return  # the leases run out: those deliveries are sent again
                 await asyncio.sleep(_DB_BACKOFF_S)
                 continue
-            soon = datetime.now(UTC) + timedelta(seconds=self.settings.webhooks_poll_interval_s)
-            if any(o.next_attempt_at is not None and not o.ok and o.next_attempt_at <= soon for o in batch):
-                self._due_now()  # a retry (the schedule starts at 0 s) is due before the next poll
+            self._wake_for_retries(batch)
             await self._apply_disable_rules(batch, failing)
+
+    def _wake_for_retries(self, batch: list[Outcome]) -> None:
+        """A retry that falls due before the next poll (the schedule's first steps are seconds) is claimed when
+        it does: the claim loop is woken then (its row was just written)."""
+        now = datetime.now(UTC)
+        soon = [(o.next_attempt_at - now).total_seconds() for o in batch if not o.ok and o.next_attempt_at is not None]
+        soon = [s for s in soon if s < self.settings.webhooks_poll_interval_s]
+        if soon and self._loop is not None:
+            self._loop.call_later(max(0.0, min(soon)) + 0.01, self._due_now)
 
     async def _apply_disable_rules(self, batch: list[Outcome], failing: list[tuple[uuid.UUID, datetime]]) -> None:
         reasons: dict[uuid.UUID, tuple[str, str]] = {}

@@ -2,8 +2,9 @@
 
 Two loops in one process: the reader (a thread; confluent-kafka) queues a delivery per stored event and
 matching endpoint (webhooks/feeder.py) through the dispatcher (asyncio, main thread; webhooks/dispatcher.py),
-which sends those new deliveries at once and claims whatever else is due. The queue lives in Postgres, so deliveries survive restarts and several replicas
-share the work. /healthz and /metrics on SITE_ACTIVITY_WEBHOOKS_HTTP_PORT.
+which sends those new deliveries at once and claims whatever else is due. The queue lives in Postgres, so
+deliveries survive restarts and several replicas share the work. /healthz and /metrics on
+SITE_ACTIVITY_WEBHOOKS_HTTP_PORT.
 """
 
 from __future__ import annotations

@@ -115,20 +115,25 @@ async def enqueue_and_take(conn: psycopg.AsyncConnection, keys: Sequence[tuple[u
     return len(taken) + left, left, taken
 
 
-# Per endpoint at most `cap` in flight (1 while it is failing: a dead endpoint probes with one request and
-# holds one slot), minus what this process already has in flight for it; oldest due first overall.
+# Per endpoint at most its room (what this process may still hold for it; room_default for one it holds
+# nothing of), or while it is failing 1 minus what this process holds for it (a dead endpoint probes with one
+# request and holds one slot); oldest due first overall.
 _CLAIM = f"""
 WITH busy AS (
     SELECT * FROM unnest(%(busy_ids)s::uuid[], %(busy_n)s::int[]) AS b (endpoint_id, n)
+), room AS (
+    SELECT * FROM unnest(%(room_ids)s::uuid[], %(room_n)s::int[]) AS r (endpoint_id, n)
 ), picked AS (
     SELECT due.id, due.next_attempt_at
     FROM webhook_endpoints ep
     LEFT JOIN busy ON busy.endpoint_id = ep.id
+    LEFT JOIN room ON room.endpoint_id = ep.id
     CROSS JOIN LATERAL (
         SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
         WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.next_attempt_at <= now()
         ORDER BY d.next_attempt_at
-        LIMIT greatest(0, (CASE WHEN ep.failing_since IS NULL THEN %(cap)s ELSE 1 END) - coalesce(busy.n, 0))
+        LIMIT greatest(0, CASE WHEN ep.failing_since IS NULL THEN coalesce(room.n, %(room_default)s)
+                               ELSE 1 - coalesce(busy.n, 0) END)
         FOR UPDATE OF d SKIP LOCKED
     ) due
     WHERE ep.enabled
@@ -156,12 +161,15 @@ class Claimed:
     body: str
 
 
-async def claim(conn: psycopg.AsyncConnection, *, room: int, cap: int, busy: dict[uuid.UUID, int],
-                lease_s: float) -> list[Claimed]:
-    """Claims up to `room` due deliveries of enabled endpoints (see _CLAIM for the per-endpoint cap)."""
+async def claim(conn: psycopg.AsyncConnection, *, room_total: int, room: dict[uuid.UUID, int], room_default: int,
+                busy: dict[uuid.UUID, int], lease_s: float) -> list[Claimed]:
+    """Claims up to `room_total` due deliveries of enabled endpoints, per healthy endpoint at most room[endpoint]
+    (room_default for one not in `room`), per failing endpoint 1 minus busy[endpoint] (what the caller holds)."""
     async with conn.transaction():
-        cur = await conn.execute(_CLAIM, {"busy_ids": list(busy), "busy_n": list(busy.values()), "cap": cap,
-                                          "room": room, "lease_s": lease_s}, prepare=False)
+        cur = await conn.execute(_CLAIM, {"busy_ids": list(busy), "busy_n": list(busy.values()),
+                                          "room_ids": list(room), "room_n": list(room.values()),
+                                          "room_default": room_default, "room": room_total, "lease_s": lease_s},
+                                 prepare=False)
         return [Claimed(*row) for row in await cur.fetchall()]
 
 
@@ -190,8 +198,9 @@ WITH o AS (
                          %(latency)s::float8[], %(error)s::text[], %(next_at)s::timestamptz[], %(state)s::text[])
                   AS o (id, attempt, at, response_status, latency_ms, error, next_at, state)
 ), moved AS (
-    UPDATE webhook_deliveries d SET status = o.state, attempts = o.attempt, next_attempt_at = coalesce(o.next_at, now()),
-           last_attempt_at = o.at, last_response_status = o.response_status, last_error = o.error
+    UPDATE webhook_deliveries d
+    SET status = o.state, attempts = o.attempt, next_attempt_at = coalesce(o.next_at, now()),
+        last_attempt_at = o.at, last_response_status = o.response_status, last_error = o.error
     FROM o WHERE d.id = o.id AND d.status = 'pending' AND o.state IS NOT NULL
     RETURNING d.id
 )
