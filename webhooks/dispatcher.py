@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "site-activity-webhooks/1"
 _ERROR_BODY_BYTES = 512  # of a failed response's body, kept in the log
-_RECORD_BATCH_S = 0.02
+# Outcomes are gathered this long into one transaction: only the log and the leases wait for it, never a send.
+_RECORD_BATCH_S = 0.1
 _DB_BACKOFF_S = 1.0
 _LEASE_MARGIN_S = 2.0  # an attempt starts only if timeout + this is left of its lease
 _MAX_RETRY_AFTER_S = 24 * 3600
