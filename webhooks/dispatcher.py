@@ -141,6 +141,8 @@ class Dispatcher:
                 if self._enqueue_conn is None or self._enqueue_conn.closed:
                     self._enqueue_conn = await self._connect()
                 room, room_default, room_total = self._room()
+                if self.stopping.is_set():
+                    room_total = 0  # queue them due, for whichever process runs next; none held here
                 leased_at = time.monotonic()  # no later than the lease's start in the database
                 added, left, taken = await queue.enqueue_and_take(
                     self._enqueue_conn, keys, room=room, room_default=room_default, room_total=room_total,
