@@ -233,7 +233,10 @@ class Settings(BaseSettings):
     # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
     webhooks_disable_after_s: float = 5 * 24 * 3600
     webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)
-    webhooks_max_in_flight: int = 500  # requests in flight per process, all endpoints
+    # Deliveries a process holds per healthy endpoint: sending plus waiting for one of its request slots
+    # (handed over fresh, or claimed). Bursts of fresh events are sent without a claim round trip.
+    webhooks_endpoint_prefetch: int = 200
+    webhooks_max_in_flight: int = 500  # deliveries held (sending or waiting for a slot) per process, all endpoints
     webhooks_poll_interval_s: float = 0.5  # how often due retries are looked for (new events wake it at once)
     webhooks_batch_max_messages: int = 1000  # enriched-topic messages per enqueue transaction
 

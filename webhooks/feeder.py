@@ -7,7 +7,8 @@ committed); then its events are looked up in visitor_events. A duplicate the sin
 already queued (unique key); an event of a deleted widget, an erased person or past retention is no row and
 queues nothing. Commit last, and never past a message still waiting: a crash re-reads what was not queued,
 and enqueueing is idempotent. The sink's offsets are read every 50 ms while messages wait, so the reader adds
-about that to the sink's own latency.
+about that to the sink's own latency. The enqueue itself runs on the dispatcher's loop (Dispatcher.enqueue), which
+sends the new deliveries that fit at once: a fresh event is not waiting for a claim or a poll.
 """
 
 from __future__ import annotations
@@ -50,10 +51,14 @@ class Pending:
 
 
 class Feeder:
-    def __init__(self, settings: Settings, metrics: WebhookMetrics, wake: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, metrics: WebhookMetrics,
+                 enqueue: Callable[[list[tuple[uuid.UUID, uuid.UUID]], Callable[[], bool]], int | None]) -> None:
+        """`enqueue(keys, stopping)` queues (and commits) the deliveries of these stored events' (widget_id,
+        event_id) keys and returns how many were new, or None when the stage stops first; it raises
+        psycopg.Error when the database fails (Dispatcher.enqueue_from_thread)."""
         self.settings = settings
         self.metrics = metrics
-        self.wake = wake  # tells the dispatcher that new deliveries may be due
+        self.enqueue = enqueue
         topics = Topics.from_settings(settings)
         # Whatever the sink reads is what "stored" refers to.
         self.topic = topics.enriched_events if settings.sink_from_enriched else topics.raw_events
@@ -197,13 +202,20 @@ class Feeder:
         return {tp.partition: tp.offset for tp in answer.topic_partitions if tp.error is None}
 
     def _enqueue(self, keys: list[tuple[uuid.UUID, uuid.UUID]]) -> bool:
-        added = self._db(lambda conn: queue.enqueue(conn, keys))
-        if added is None:
-            return False
-        self.metrics.enqueued.inc(added)
-        if added:
-            self.wake()
-        return True
+        """Queues the keys' deliveries, retrying a failing database until it works; False when stopping."""
+        while not self.stopping.is_set():
+            try:
+                added = self.enqueue(keys, self.stopping.is_set)
+            except psycopg.Error as exc:
+                log.warning("queueing deliveries failed; retrying", extra={"error": str(exc)})
+                self.liveness.tick()
+                self.stopping.wait(_DB_BACKOFF_S)
+                continue
+            if added is None:
+                return False
+            self.metrics.enqueued.inc(added)
+            return True
+        return False
 
     def _db(self, step: Callable[[psycopg.Connection], object]):  # type: ignore[no-untyped-def]
         """Runs `step` on the reader's connection; on a database error reconnects and retries until it works

@@ -1,9 +1,10 @@
 """`site-activity webhooks`: visitor_event.created webhooks.
 
 Two loops in one process: the reader (a thread; confluent-kafka) queues a delivery per stored event and
-matching endpoint (webhooks/feeder.py), the dispatcher (asyncio, main thread) sends due deliveries
-(webhooks/dispatcher.py). The queue lives in Postgres, so deliveries survive restarts and several replicas
-share the work. /healthz and /metrics on SITE_ACTIVITY_WEBHOOKS_HTTP_PORT.
+matching endpoint (webhooks/feeder.py) through the dispatcher (asyncio, main thread; webhooks/dispatcher.py),
+which sends those new deliveries at once and claims whatever else is due. The queue lives in Postgres, so
+deliveries survive restarts and several replicas share the work. /healthz and /metrics on
+SITE_ACTIVITY_WEBHOOKS_HTTP_PORT.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 async def _serve(settings: Settings) -> int:
     metrics = WebhookMetrics()
     dispatcher = Dispatcher(settings, metrics)
-    feeder = Feeder(settings, metrics, dispatcher.wake_soon)
+    feeder = Feeder(settings, metrics, dispatcher.enqueue_from_thread)
     # kafka_consumergroup_* gauges of this stage's own group on its /metrics, like the sink and the processors.
     lag = start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])
     server = serve_http(settings.http_host, settings.webhooks_http_port, metrics,  # type: ignore[arg-type]

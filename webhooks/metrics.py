@@ -15,6 +15,12 @@ class WebhookMetrics:
         self.consumed = Counter(f"{p}_messages_consumed", "Messages read from the event topic", registry=r)
         self.enqueued = Counter(f"{p}_deliveries_enqueued", "Deliveries queued (stored event x matching endpoint)",
                                 registry=r)
+        self.handed_over = Counter(f"{p}_deliveries_handed_over",
+                                   "Deliveries queued already leased to this process and sent without a claim",
+                                   registry=r)
+        self.lease_expired = Counter(f"{p}_leases_left_to_expire",
+                                     "Held deliveries not sent because their lease would run out first (a slow "
+                                     "endpoint); claimed again later", registry=r)
         self.batches = Counter(f"{p}_batches", "Topic batches enqueued and committed", registry=r)
         self.sink_wait_seconds = Histogram(
             f"{p}_queue_lag_seconds", "Age (since produced) of the oldest message of each queued batch", registry=r,
