@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_purge import healthy  # noqa: E402
 from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
-from site_activity import widgets  # noqa: E402
-from site_activity.db import migrate  # noqa: E402
 from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, stop_process, wait_until  # noqa: E402
 from dev_stack.kafka_dist import broker_kind  # noqa: E402
-from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
+from site_activity import widgets  # noqa: E402
+from site_activity.db import migrate  # noqa: E402
+from site_activity.kafka import ensure_topics, producer_config  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 from webhooks import endpoints  # noqa: E402
@@ -65,7 +65,7 @@ def receiver_main(port: int, out_path: str) -> None:
     import orjson
     import uvicorn
 
-    out = open(out_path, "a", buffering=1)
+    out = open(out_path, "a", buffering=1)  # noqa: SIM115 - open for the receiver process's whole life
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -126,7 +126,7 @@ def stack(workdir: Path) -> Iterator[tuple[EmbeddedPostgres, Settings]]:
 @contextlib.contextmanager
 def running(settings: Settings, workdir: Path, receiver_port: int, receiver_file: Path) -> Iterator[dict[str, int]]:
     recv = subprocess.Popen([sys.executable, __file__, "--receiver", str(receiver_port), str(receiver_file)],
-                            stdout=open(workdir / "receiver.log", "ab"), stderr=subprocess.STDOUT,
+                            stdout=open(workdir / "receiver.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)
     stages = [StageProcess(s, settings, workdir / f"{s}.log") for s in ("sink", "webhooks")]
     try:

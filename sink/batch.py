@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import time
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, EventCodec, read_long
-from site_activity.kafka import position
 
 _BATCH_HEADERS = tuple(MAGIC + fp for fp in EventCodec(logical_types=False).batch.versions)
 
@@ -76,10 +75,3 @@ class Batch:
         return before - len(self.messages)
 
 
-def next_offsets(messages: list[Message]) -> list[TopicPartition]:
-    """Per partition, the offset after the last message: what to commit once the messages are durable."""
-    last: dict[tuple[str, int], int] = {}
-    for m in messages:
-        topic, partition, offset = position(m)
-        last[topic, partition] = max(last.get((topic, partition), -1), offset)
-    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(last.items())]

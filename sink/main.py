@@ -27,13 +27,14 @@ from types import FrameType
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from sink.batch import Batch, next_offsets
+from schemas.codec import EventDecoder
+from sink.batch import Batch
 from sink.dead_letter import DeadLetterError, DeadLetterPublisher
 from sink.metrics import SinkMetrics
-from sink.records import DecodedBatch, EventDecoder
+from sink.records import DecodedBatch
 from sink.writer import EventWriter, TransientError, WriteResult
 from site_activity.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded, Reason
-from site_activity.kafka import consumer_config
+from site_activity.kafka import consumer_config, next_offsets
 from site_activity.lag import sink_group, start_lag_metrics
 from site_activity.metrics import Liveness, serve_http
 from site_activity.settings import Settings

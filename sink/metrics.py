@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# Liveness is re-exported: the webhooks stage imports it from here until it moves to site_activity.metrics.
-from site_activity.metrics import Liveness as Liveness
-
 
 class SinkMetrics:
     def __init__(self) -> None:

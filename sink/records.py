@@ -7,16 +7,14 @@ anyway (a malformed uuid is then a row the database rejects, dead-lettered like 
 
 from __future__ import annotations
 
-import io
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import fastavro
 from confluent_kafka import Message
 
-from schemas.codec import HEADER_LEN, DecodeError, EventCodec
+from schemas.codec import DecodeError, EventCodec, EventDecoder
 from schemas.fields import check_event_fields
 from site_activity.dead_letters import Reason, reason_text
 from site_activity.kafka import position
@@ -33,38 +31,6 @@ CUSTOMER_ID = FIELDS.index("customer_id")
 _pick = operator.itemgetter(*FIELDS)
 _identity = operator.itemgetter(0, 1)  # (widget_id, event_id) of a row's values
 _EVENT = EventCodec(logical_types=False).event
-
-
-class EventDecoder:
-    """`EventCodec(logical_types=False).decode_events`, with a shortcut for the messages the sink sees: a batch
-    or a single event in the current schema. Those are read straight from the message (no slice copies, and
-    no per-call comparison of reader and writer schema); everything else, including every message the
-    shortcut fails on, goes through the codec, which resolves old schemas and raises the DecodeError."""
-
-    def __init__(self) -> None:
-        self.codec = EventCodec(logical_types=False)
-        self._event_header = self.codec.event.header
-        self._batch_header = self.codec.batch.header
-        self._event = self.codec.event.parsed
-        self._batch = self.codec.batch.parsed
-
-    def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
-        if data is not None:
-            try:
-                if data.startswith(self._batch_header):
-                    batch = cast(dict[str, Any], fastavro.schemaless_reader(self._body(data), self._batch, None))
-                    return cast(list[dict[str, Any]], batch["events"])
-                if data.startswith(self._event_header):
-                    return [cast(dict[str, Any], fastavro.schemaless_reader(self._body(data), self._event, None))]
-            except Exception:
-                pass
-        return self.codec.decode_events(data)
-
-    @staticmethod
-    def _body(data: bytes) -> io.BytesIO:
-        buf = io.BytesIO(data)  # shares the bytes, no copy
-        buf.seek(HEADER_LEN)
-        return buf
 
 
 @dataclass(frozen=True)

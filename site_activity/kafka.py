@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from site_activity.kafka_security import ClientConfig, confluent_security
@@ -21,6 +21,15 @@ def position(msg: Message) -> tuple[str, int, int]:
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     assert topic is not None and partition is not None and offset is not None, "not a consumed message"
     return topic, partition, offset
+
+
+def next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """Per partition, the offset after the last message: what to commit once the messages are durable."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        topic, partition, offset = position(m)
+        last[topic, partition] = max(last.get((topic, partition), -1), offset)
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(last.items())]
 
 
 def client_config(settings: Settings, **overrides: Any) -> ClientConfig:

@@ -24,8 +24,6 @@ OURS = KERNEL + STAGES + ROOF
 KNOWN_STAGE_EDGES = {
     ("producer_api", "widget"): "the API serves the browser script (widget.assets)",
     ("console", "webhooks"): "endpoint rules shared by the console and the CLI (webhooks.endpoints)",
-    ("webhooks", "sink"): "the reader decodes the sink's topic with sink.records / sink.batch and its Liveness "
-                          "(issue 10: one reader in schemas/, Liveness from site_activity.metrics)",
 }
 
 

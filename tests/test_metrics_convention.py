@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 from console.metrics import ConsoleMetrics
 from producer_api.metrics import ApiMetrics
 from sink.metrics import SinkMetrics
+from webhooks.metrics import WebhookMetrics
 
 UNITS = ("seconds", "bytes", "messages", "events", "rows", "connections", "requests", "configs", "deliveries",
          "ratio", "info")
@@ -28,6 +29,7 @@ def registries() -> Iterator[tuple[str, CollectorRegistry]]:
     yield "api", ApiMetrics().registry
     yield "sink", SinkMetrics().registry
     yield "console", ConsoleMetrics(ConnectionPool("dbname=unused", open=False)).registry
+    yield "webhooks", WebhookMetrics().registry
 
 
 def families() -> Iterator[tuple[str, Metric]]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import logging
 import random
 import time
@@ -31,7 +33,7 @@ import aiohttp
 import psycopg
 from standardwebhooks import Webhook
 
-from sink.metrics import Liveness
+from site_activity.metrics import Liveness
 from site_activity.settings import Settings
 from webhooks import endpoints, queue
 from webhooks.metrics import WebhookMetrics
@@ -269,18 +271,14 @@ class Dispatcher:
     async def _wait(self, timeout: float) -> None:
         """Until new work may be due (wake: more_due was set, or a slot freed up while it is), or the poll
         interval passed."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
-        except TimeoutError:
-            pass
         self.wake.clear()
         await asyncio.sleep(0.005)  # gather a few wake-ups into one claim
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     # --- one attempt --------------------------------------------------------------------------------
 
@@ -291,9 +289,9 @@ class Dispatcher:
         self.metrics.in_flight.inc()
         task = asyncio.create_task(self._attempt_in_slot(job, leased_at + self.lease_s))
         self._tasks.add(task)
-        task.add_done_callback(lambda t, job=job: self._done(t, job))
+        task.add_done_callback(functools.partial(self._done, job=job))
 
-    def _done(self, task: asyncio.Task[None], job: Claimed) -> None:
+    def _done(self, task: asyncio.Task[None], *, job: Claimed) -> None:
         self._tasks.discard(task)
         left = self.in_flight.get(job.endpoint_id, 1) - 1
         if left > 0:
@@ -368,7 +366,7 @@ class Dispatcher:
             error, reason = f"no response within {timeout:g} s", "timeout"
         except (aiohttp.ClientError, OSError) as exc:
             error, reason = f"connection failed: {exc or type(exc).__name__}", "connection"
-        except Exception as exc:  # noqa: BLE001 (recorded as a failed attempt, never a silently lost outcome)
+        except Exception as exc:
             log.exception("webhook attempt failed unexpectedly", extra={"delivery": job.delivery_id})
             error, reason = f"internal error: {type(exc).__name__}", "internal"
         latency_ms = (time.perf_counter() - started) * 1000
@@ -404,7 +402,7 @@ class Dispatcher:
             await asyncio.sleep(_RECORD_BATCH_S)  # collect what finishes meanwhile into one transaction
             try:
                 await self._flush()
-            except Exception:  # noqa: BLE001 (keep recording; the leases of what was lost run out)
+            except Exception:
                 log.exception("recording attempts failed")
 
     async def _flush(self) -> None:

@@ -21,15 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from sink.batch import next_offsets
-from sink.metrics import Liveness
-from sink.records import EventDecoder
-from schemas.codec import DecodeError
-from site_activity.kafka import consumer_config
+from schemas.codec import DecodeError, EventDecoder
+from site_activity.kafka import consumer_config, next_offsets, position
+from site_activity.metrics import Liveness
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from webhooks import queue
@@ -158,19 +155,22 @@ class Feeder:
     def _release(self) -> None:
         """Queues the deliveries of every pending message the sink has committed past, then commits those
         offsets. Messages without keys (no endpoint in their tenant) need no wait."""
-        waiting = {p.message.partition() for p in self.pending if p.keys}
+        waiting = {position(p.message)[1] for p in self.pending if p.keys}
         committed = self._sink_offsets(sorted(waiting))
         ready, rest = [], []
         for p in self.pending:
-            if not p.keys or p.message.offset() < committed.get(p.message.partition(), -1):
+            _, partition, offset = position(p.message)
+            if not p.keys or offset < committed.get(partition, -1):
                 ready.append(p)
             else:
                 rest.append(p)
         # Offsets are committed per partition up to the first message still waiting, never past it.
         first_waiting: dict[int, int] = {}
         for p in rest:
-            first_waiting.setdefault(p.message.partition(), p.message.offset())
-        ready = [p for p in ready if p.message.offset() < first_waiting.get(p.message.partition(), 1 << 62)]
+            _, partition, offset = position(p.message)
+            first_waiting.setdefault(partition, offset)
+        ready = [p for p in ready
+                 if position(p.message)[2] < first_waiting.get(position(p.message)[1], 1 << 62)]
         if not ready:
             return
         keys = [k for p in ready for k in p.keys]

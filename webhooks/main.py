@@ -14,8 +14,8 @@ import logging
 import signal
 import threading
 
-from site_activity.metrics import serve_http
 from site_activity.lag import start_lag_metrics, webhooks_group
+from site_activity.metrics import serve_http
 from site_activity.settings import Settings
 from webhooks.dispatcher import Dispatcher
 from webhooks.feeder import Feeder
@@ -30,8 +30,8 @@ async def _serve(settings: Settings) -> int:
     feeder = Feeder(settings, metrics, dispatcher.enqueue_from_thread)
     # kafka_consumergroup_* gauges of this stage's own group on its /metrics, like the sink and the processors.
     lag = start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])
-    server = serve_http(settings.http_host, settings.webhooks_http_port, metrics,  # type: ignore[arg-type]
-                        AllAlive(feeder.liveness, dispatcher.liveness))  # type: ignore[arg-type]
+    server = serve_http(settings.http_host, settings.webhooks_http_port, metrics,
+                        AllAlive(feeder.liveness, dispatcher.liveness))
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
@@ -46,7 +46,7 @@ async def _serve(settings: Settings) -> int:
     def read() -> None:
         try:
             feeder.run()
-        except BaseException as exc:  # noqa: BLE001 (a dead reader must stop the process, not hang it)
+        except BaseException as exc:
             log.exception("webhooks reader failed")
             failed.append(exc)
             loop.call_soon_threadsafe(dispatcher.stop)

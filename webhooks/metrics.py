@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sink.metrics import Liveness
+from site_activity.metrics import Liveness
 
 
 class WebhookMetrics:
@@ -40,7 +40,7 @@ class WebhookMetrics:
         self.claim_seconds = Histogram(
             f"{p}_claim_seconds", "One claim of due deliveries (query and lease)", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.in_flight = Gauge(f"{p}_in_flight", "Deliveries claimed by this process and not finished", registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight_deliveries", "Deliveries claimed by this process and not finished", registry=r)
         self.db_errors = Counter(f"{p}_db_errors", "Database operations that failed and were retried", ["step"],
                                  registry=r)
 
