@@ -12,7 +12,8 @@ EVENTS_OUT = Counter("site_activity_processors_events_out_total",
 SESSION_STARTS = Counter("site_activity_processors_session_starts_total", "session_start events emitted")
 IDENTITY_LINKS = Counter("site_activity_processors_identity_links_total", "Links published on the identity-links topic")
 DEAD_LETTERS = Counter("site_activity_processors_dead_letters_total",
-                       "Dead letters: undecodable raw messages, or single invalid events out of a batch message")
+                       "Dead letters by reason: undecodable raw messages, single invalid events out of a batch message,"
+                       " output records the broker can never take", ["reason"])
 BATCH_EVENTS = Histogram("site_activity_processors_batch_events", "Valid events per processed take() batch",
                          buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000))
 BATCH_SECONDS = Histogram("site_activity_processors_batch_seconds", "Time to process and deliver one batch",

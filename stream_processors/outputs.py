@@ -25,7 +25,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
+from site_activity.dead_letters import (Reason, dead_letter_headers, fit_dead_letter, is_unwritable, reason_text,
+                                        without_payload)
 from site_activity.kafka import producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics
@@ -89,16 +90,18 @@ class Outputs:
                     options["headers"] = headers
                     continue
                 src = source or (topic, -1 if partition is None else partition, -1)
-                self._dead_letter(key, value, f"unwritable output to {topic}: {err.name()} {err.str()}", src)
+                self._dead_letter(key, value, f"{topic}: {err.name()} {err.str()}", src)
                 return
 
-    def _dead_letter(self, key: bytes | None, value: bytes | None, reason: str, source: Source) -> None:
+    def _dead_letter(self, key: bytes | None, value: bytes | None, detail: str, source: Source) -> None:
+        """Dead-letters a record the broker can never take (`detail`: its topic and the error)."""
+        reason = reason_text(Reason.UNWRITABLE_OUTPUT, detail)
         log.warning("dead-lettered an output record", extra={
             "reason": reason, "topic": source[0], "partition": source[1], "offset": source[2]})
         headers = dead_letter_headers("processors", reason, *source)
         value, headers = fit_dead_letter(key, value, headers, self.max_message_bytes)
         self.send(self.dead_letter_topic, key or b"", value or b"", headers=headers)
-        metrics.DEAD_LETTERS.inc()
+        metrics.DEAD_LETTERS.labels(Reason.UNWRITABLE_OUTPUT).inc()
 
     def _dead_letter_refused(self) -> None:
         """Dead-letters the records the broker refused for good (reported by delivery callbacks)."""
@@ -108,7 +111,7 @@ class Outputs:
                 empty, headers = without_payload(value, headers)
                 self.send(topic, key or b"", empty, headers=headers)
             else:
-                self._dead_letter(key, value, f"unwritable output to {topic}: {reason}", (topic, partition, -1))
+                self._dead_letter(key, value, f"{topic}: {reason}", (topic, partition, -1))
 
     def send_state(self, changelog_topic: str, partition: int, key: bytes, value: bytes | None) -> None:
         """A table changelog record (the state document's JSON bytes, or None: a tombstone), on the partition

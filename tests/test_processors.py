@@ -12,19 +12,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from faust.types import TP
 
 from dev_stack.embedded import wait_until
+from dev_stack.process import StageProcess
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import erasure, widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id_text
-from site_activity.kafka import producer_config
+from site_activity.kafka import consumer_config, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors.app import SkippedReader, create_app
@@ -498,8 +500,9 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
     dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 3)
     assert len(dead) == 3
     headers = [{k: v.decode() for k, v in m.headers()} for m in dead]
-    assert headers[0]["x-reason"].startswith("DecodeError") and "session_start" in headers[1]["x-reason"]
-    assert headers[2]["x-reason"] == "InvalidEvent: identify event without user_id"
+    assert headers[0]["x-reason"].startswith("undecodable: ") and "session_start" in headers[1]["x-reason"]
+    assert headers[1]["x-reason"].startswith("invalid_event: ")
+    assert headers[2]["x-reason"] == "invalid_event: identify event without user_id"
     assert dead[0].value() == b"not avro at all"
     assert CODEC.decode(dead[2].value()) == bad  # the bad event alone, as a single-event message
     assert [h["x-source-offset"] for h in headers] == ["0", "1", "3"]  # all keyed alike: one partition
@@ -509,10 +512,64 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
     assert [r[0] for r in rows(db, w, 4)] == ["session_start", "pageview", "pageview", "pageview"]
 
     metrics = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics").text
-    assert "site_activity_processors_dead_letters_total 3.0" in metrics
+    assert 'site_activity_processors_dead_letters_total{reason="undecodable"} 1.0' in metrics
+    assert 'site_activity_processors_dead_letters_total{reason="invalid_event"} 2.0' in metrics
     assert "site_activity_processors_session_starts_total 1.0" in metrics
     assert "site_activity_processors_messages_in_total 4.0" in metrics
     assert "site_activity_processors_events_in_total 3.0" in metrics  # the valid ones
+
+
+def committed_total(settings: Settings, topic: str) -> int:
+    """Sum over partitions of the processors group's committed offsets (0 for a partition never committed)."""
+    consumer = Consumer(consumer_config(settings, settings.processors_app_id))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in tps)
+
+
+def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
+        settings: Settings, start_service: Callable[..., Any], feed: RawFeed, tmp_path: Path,
+        make_widget: Callable[..., widgets.Widget]) -> None:
+    """A producer deployed with a broken encoder: every raw message is undecodable. Past the dead-letter limit
+    the processors stop (exit 65) instead of moving the stream to the dead-letter topic, and commit none of the
+    batch that crossed it, so a restart reads those messages again; with the limit off they are dead-lettered
+    and the worker runs on."""
+    limited = settings.model_copy(update={"dead_letter_max_consecutive": 5})
+    topics = Topics.from_settings(settings)
+    proc = start_service("processors", settings_override=limited)
+    key = event_key(str(uuid.uuid4()), "v-bad")  # one partition: the messages arrive in order
+    garbage = [b"\x00\x01 not avro %d" % i for i in range(12)]
+    for value in garbage:
+        feed.producer.produce(topics.raw_events, value, key)
+    assert feed.producer.flush(15) == 0
+    wait_until(lambda: not proc.alive(), 60, "the processors to stop at the dead-letter limit")
+    assert proc.proc is not None and proc.proc.returncode == 65, proc.log_tail()
+    assert "dead-letter limit reached" in proc.log_tail()
+    assert committed_total(limited, topics.raw_events) < len(garbage)
+    assert len(read_topic(limited, topics.dead_letter, len(garbage), timeout=3)) < len(garbage)
+
+    # Same input, same limit: the restarted worker stops again (not through start_service: it may stop before
+    # its health page is ever asked).
+    again = StageProcess("processors", limited, tmp_path / "again.log").start()
+    try:
+        wait_until(lambda: not again.alive(), 60, "the restarted processors to stop again")
+        assert again.proc is not None and again.proc.returncode == 65
+    finally:
+        again.stop()
+
+    unlimited = limited.model_copy(update={"dead_letter_max_consecutive": 0})
+    with logs_on_failure(start_service("processors", settings_override=unlimited)):
+        wait_until(lambda: committed_total(unlimited, topics.raw_events) >= len(garbage), 60, "offsets committed")
+        distinct: set[bytes | None] = set()  # a dead letter of an uncommitted batch may be written twice
+        letters = read_topic(unlimited, topics.dead_letter, len(garbage),
+                             weight=lambda m: 0 if m.value() in distinct else distinct.add(m.value()) or 1)
+        assert {m.value() for m in letters} == set(garbage)
+        assert all(dict(m.headers())["x-reason"].startswith(b"undecodable: ") for m in letters)
+        w = make_widget()  # and the worker runs on
+        feed.send([ev(w, "v-1", T0)])
+        assert [r["event_type"] for r in enriched(unlimited, 2)] == ["session_start", "pageview"]
 
 
 # --- reference check ----------------------------------------------------------------------------------
@@ -716,6 +773,7 @@ def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
         for m in dead:
             h = {k: v.decode() for k, v in m.headers()}
             assert "MSG_SIZE_TOO_LARGE" in h["x-reason"] and h["x-stage"] == "processors"
+            assert h["x-reason"].startswith(f"unwritable_output: {Topics.from_settings(settings).enriched_events}: ")
             assert h["x-source-topic"] == Topics.from_settings(settings).raw_events and h["x-source-offset"] == "0"
             assert int(h["x-dropped-bytes"]) > 300_000 and m.value() in (b"", None)  # too big to keep
         assert proc.alive()
