@@ -13,12 +13,9 @@ changes nothing (state.py, "Duplicates"). The stamped events
 are their raw bytes with the two ids appended (`wire.py`), not a re-encoding.
 
 Outputs are handed to `Outputs` (one confluent-kafka producer) without waiting, and the agent moves on to the
-next batch while they are in flight: waiting for the broker's acks after every batch left the worker idle
-for a round trip per batch. faust acks a batch's messages when the agent returns but commits offsets only
-every few seconds, on rebalance and on shutdown, and `Outputs.deliver()` runs before each of those commits
-(`transport.py`). So an offset is never committed ahead of its outputs or its state. At-least-once: a crash
-replays everything after the last commit, and replays produce the same records (deterministic ids), which
-the sink writes idempotently.
+next batch while they are in flight: waiting for the broker's acks after every batch left the worker idle for a
+round trip per batch. They are delivered before the offsets of their messages are committed; how, and what a
+crash replays (the same records: deterministic ids, written once by the sink): `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -34,15 +31,21 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
-from site_activity.dead_letters import (DeadLetterLimit, DeadLetterLimitExceeded, Reason, dead_letter_headers,
-                                        fit_dead_letter, reason_text)
+from site_activity.dead_letters import (
+    DeadLetterLimit,
+    DeadLetterLimitExceeded,
+    Reason,
+    dead_letter_headers,
+    fit_dead_letter,
+    reason_text,
+)
 from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key, max_event_value_bytes
 from stream_processors import erasures, metrics
 from stream_processors.checkpoint import EXIT_DEAD_LETTER_LIMIT, exit_without_committing
 from stream_processors.erasures import is_erased
-from stream_processors.outputs import Outputs, Source
+from stream_processors.outputs import Source
 from stream_processors.state import VisitorState
 from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, stamp_bytes
 
@@ -82,14 +85,29 @@ def canonical_uuid(text: str) -> str:
 
 
 class RawMessage(Protocol):
-    """What the processor needs of a consumed message (faust's `Message` has these attributes)."""
+    """What the processor needs of a consumed message (faust's `Message` has these attributes; read only)."""
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp: float  # seconds since the epoch
-    key: bytes | None
-    value: bytes | None
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> float: ...  # seconds since the epoch
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class RecordSink(Protocol):
+    """Where the processor hands its records (`outputs.Outputs`): sent without waiting, delivered before the commit."""
+
+    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
+             headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None: ...
+
+    def check(self) -> None: ...
 
 
 class StateStore(Protocol):
@@ -161,7 +179,7 @@ def validate(record: dict[str, Any], key: bytes | None, known: set[Any] | None =
 
 
 class BatchProcessor:
-    def __init__(self, settings: Settings, store: StateStore, outputs: Outputs) -> None:
+    def __init__(self, settings: Settings, store: StateStore, outputs: RecordSink) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.store = store
@@ -195,7 +213,7 @@ class BatchProcessor:
         for visitor in visitors:
             doc = self.store.get(visitor.key, visitor.partition)
             if is_erased(doc):  # an erased visitor: nothing of theirs is placed, linked or emitted again
-                erasures.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
+                metrics.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
                 continue
             state = VisitorState.from_doc(doc, copy=not fresh)
             out += self._enrich(state, visitor)
@@ -246,9 +264,11 @@ class BatchProcessor:
                     continue
                 valid.append((record, datum if unchanged else None))
             if valid:
-                batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
+                key = msg.key
+                assert key is not None  # validate() checked it is <widget_id>:<visitor_id>
+                batch = by_key.get(key)
                 if batch is None:
-                    batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [], [])  # type: ignore[index,arg-type]
+                    batch = by_key[key] = VisitorBatch(key, msg.partition, [], [])
                 batch.messages.append(valid)
                 batch.sources.append((msg.topic, msg.partition, msg.offset))
         return list(by_key.values()), letters
@@ -337,7 +357,7 @@ class BatchProcessor:
 
     def _refuse_link(self, partition: int, identify: dict[str, Any]) -> bool:
         if self._contact_erased(partition, identify["tenant_id"], identify["user_id"]):
-            erasures.LINKS_REFUSED.inc()
+            metrics.LINKS_REFUSED.inc()
             return True
         return False
 
@@ -361,8 +381,8 @@ class BatchProcessor:
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
-        key, value = msg.key or b"", letter.value if letter.value is not None else msg.value or b""
-        value, headers = fit_dead_letter(key, value, headers, self.settings.kafka_max_message_bytes)
+        key, payload = msg.key or b"", letter.value if letter.value is not None else msg.value or b""
+        value, headers = fit_dead_letter(key, payload, headers, self.settings.kafka_max_message_bytes)
         self.outputs.send(self.topics.dead_letter, key, value or b"", headers=headers)
         metrics.DEAD_LETTERS.labels(letter.reason).inc()
 
