@@ -88,9 +88,9 @@ def create_app(settings: Settings) -> App:
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:
-        # faust's StreamT leaves take_events out; the Stream faust passes has it.
-        async for events in cast(faust.Stream, stream).take_events(settings.processors_batch_max_messages,
-                                               within=settings.processors_batch_max_s):
+        batches = cast(faust.Stream, stream)  # faust's StreamT leaves take_events out; the Stream it passes has it
+        async for events in batches.take_events(settings.processors_batch_max_messages,
+                                                within=settings.processors_batch_max_s):
             processor.process([event.message for event in events])
 
     add_erasure_agent(app, topics.erasures, settings.topic_partitions, processor.store)
