@@ -32,13 +32,12 @@ from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_processors import _healthy, bench_settings, fresh_broker, scrape, work_dir  # noqa: E402
-from schemas.codec import EventCodec  # noqa: E402
+from bench.bench_processors import _healthy, fresh_broker, scrape, work_dir  # noqa: E402
 from dev_stack.embedded import free_port, wait_until  # noqa: E402
-from site_activity.kafka import producer_config  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
+from schemas.codec import EventCodec  # noqa: E402
+from site_activity.kafka import producer_config  # noqa: E402
 from site_activity.topics import event_key  # noqa: E402
 
 EVENTS_PER_VISITOR = 2
@@ -107,6 +106,8 @@ def main() -> None:
     with fresh_broker("state") as (_, base, topics):
         s = base.model_copy(update={"processors_web_port": free_port(), "processors_store_url": args.store})
         worker = StageProcess("processors", s, work_dir() / "state-worker.log").start()
+        pid = worker.pid
+        assert pid is not None  # started
         try:
             port = s.processors_web_port
             wait_until(lambda: _healthy(port), 90, "processors worker")
@@ -117,7 +118,7 @@ def main() -> None:
             produce(producer, topics.raw_events, messages, 0, warm)
             producer.flush(60)
             wait_until(lambda: processed(port) >= warm * EVENTS_PER_VISITOR, 300, "warm-up")
-            rss_start = rss_mib(worker.pid)  # type: ignore[arg-type]
+            rss_start = rss_mib(pid)
             t0, done0 = time.perf_counter(), max(0.0, processed(port))
             sent, peak, report = warm, rss_start, 0.0
             print(f"store {args.store}: {args.visitors:,} visitors, {total_events:,} events; RSS after "
@@ -137,14 +138,14 @@ def main() -> None:
                     peak = max(peak, rss_mib(worker.pid))  # type: ignore[arg-type]
                 if time.monotonic() > report:
                     report = time.monotonic() + 15
-                    print(f"  {done:,.0f} events processed, RSS {rss_mib(worker.pid):.0f} MiB", flush=True)  # type: ignore[arg-type]
+                    print(f"  {done:,.0f} events processed, RSS {rss_mib(pid):.0f} MiB", flush=True)
             producer.flush(60)
             done = max(done, processed(port))
             elapsed = time.perf_counter() - t0
             if done < total_events:
                 raise SystemExit(f"processed {done:.0f} of {total_events} in time; see {work_dir()}")
             rate = (done - done0) / elapsed
-            rss_end = rss_mib(worker.pid)  # type: ignore[arg-type]
+            rss_end = rss_mib(pid)
             peak = max(peak, rss_end)
             time.sleep(6)  # past the commit interval (2.8 s): offsets and changelog offsets recorded
 

@@ -33,8 +33,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,11 @@ from confluent_kafka import Consumer, Producer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from schemas.codec import EventCodec  # noqa: E402
 from dev_stack.embedded import EmbeddedBroker, free_port, make_broker, wait_until  # noqa: E402
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
-from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
+from schemas.codec import EventCodec  # noqa: E402
+from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics, event_key  # noqa: E402
 
@@ -252,7 +252,7 @@ def processors(messages: list[Message], workers: int, store: str = "rocksdb://")
             s = base.model_copy(update={"processors_web_port": free_port(), "processors_store_url": store})
             procs.append((s, StageProcess("processors", s, work_dir() / f"{name}-{i}.log").start()))
         try:
-            for s, p in procs:
+            for s, _ in procs:
                 wait_until(lambda s=s: _healthy(s.processors_web_port), 60, "processors worker")
             time.sleep(3)  # let the group settle on its final assignment before the load arrives
             ports = [s.processors_web_port for s, _ in procs]

@@ -1,124 +1,42 @@
-"""The faust application: the raw-events agent, the visitor-state table and the web pages.
+"""The faust application, wiring only: the raw-events agent, the erasures agent, the visitor-state table, the
+expiry timer and the web pages.
 
 faust owns the consumer group, the co-partitioned visitor-state table and its changelog recovery, acks and
-offset commits, and the web server. The agent hands each `take_events()` batch to `BatchProcessor`.
+offset commits, and the web server. The agent hands each `take_events()` batch to `BatchProcessor`
+(`processor.py`); everything it writes, the table's changelog included, goes through `Outputs` (`outputs.py`, a
+confluent-kafka producer) rather than faust: faust's per-message machinery is costly (figures in bench/README.md),
+so the API publishes one message per ingest request (up to 25 events) and the batch work is done outside faust.
+More workers in the group add throughput.
 
-Throughput note: faust moves every consumed message through its own per-message machinery (tasks in the
-fetch loop, the conductor, the stream iterator) before `take_events()` sees it; on the 2-core reference box
-that capped a worker at ~8k messages/s even with an empty agent body (before `transport.py` skipped the five
-tasks per message of faust's fetch loop; still ~50 µs per message, ~12 % of a worker, issue 14). The API
-therefore publishes one message per ingest request (up to 25 events from the widget), so that cost is paid once
-per request, and the batch
-work (decode, placement, output, and the table's changelog records) is done outside faust with a
-confluent-kafka producer (`outputs.py`). Figures: bench/bench_processors.py. More workers in the group add
-throughput.
+When an offset is committed and why that is safe (the checkpoint before every commit, the repair of skipped
+offsets, what a kill means): `checkpoint.py`. The patches to faust and aiokafka: `transport.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
+from faust.tables.manager import TableManager
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from site_activity.kafka import consumer_config
 from site_activity.kafka_security import faust_security
 from site_activity.settings import Settings, reachable_host
 from site_activity.topics import Topics
+from stream_processors import metrics
+from stream_processors.checkpoint import Checkpoint
 from stream_processors.erasures import add_erasure_agent, apply_erasures
-from stream_processors.outputs import EXIT_DELIVERY_FAILED, Outputs
+from stream_processors.outputs import Outputs
 from stream_processors.processor import BatchProcessor
+from stream_processors.repair import SkippedReader
 from stream_processors.store import TableStore, is_rocksdb, table_options
 from stream_processors.transport import App
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "visitor-state"
-
-
-@dataclass(frozen=True)
-class FetchedMessage:
-    """A raw message read outside faust, with the attributes `BatchProcessor` reads."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: float
-    key: bytes | None
-    value: bytes | None
-
-
-class SkippedReader:
-    """Reads the messages faust would commit past without processing them (see `transport.py`) straight
-    from Kafka and processes them, before faust commits. A group-less consumer: it never commits anything.
-    `processes` maps each topic an agent consumes (raw events, erasure markers) to the function that agent
-    applies; offsets of other topics are left to faust.
-
-    It reads from the first offset asked for until it has seen an offset at or past the last one (the log
-    answers which offsets hold messages), retrying fetch errors; if that takes longer than `timeout_s` the
-    process exits without committing, so a restarted worker redoes those messages: never a commit past an
-    unprocessed offset."""
-
-    def __init__(self, settings: Settings, processes: dict[str, Callable[[list[FetchedMessage]], None]],
-                 timeout_s: float, on_give_up: Callable[[], None] | None = None) -> None:
-        self.settings = settings
-        self.processes = processes
-        self.timeout_s = timeout_s
-        self.on_give_up = on_give_up or _exit_without_committing
-
-    def __call__(self, topic: str, partition: int, offsets: list[int]) -> bool:
-        process = self.processes.get(topic)
-        if process is None:
-            return False
-        messages = self.read(topic, partition, offsets)
-        if messages is None:
-            log.critical("could not read the messages faust skipped; exiting without committing past them",
-                         extra={"topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
-                                "timeout_s": self.timeout_s})
-            self.on_give_up()
-            raise RuntimeError("skipped messages not processed")  # on_give_up must not return
-        log.warning("processed skipped messages", extra={
-            "topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
-            "offsets": len(offsets), "messages": len(messages)})
-        if messages:
-            process(messages)
-        return True
-
-    def read(self, topic: str, partition: int, offsets: list[int]) -> list[FetchedMessage] | None:
-        """The messages at `offsets` (sorted) that exist, or None if the log could not be read in time."""
-        wanted, last = set(offsets), offsets[-1]
-        consumer = Consumer(consumer_config(self.settings, f"{self.settings.processors_app_id}-skipped"))
-        consumer.assign([TopicPartition(topic, partition, offsets[0])])
-        messages: list[FetchedMessage] = []
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            while time.monotonic() < deadline:
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    log.warning("reading skipped messages", extra={"error": str(msg.error())})
-                    continue
-                if msg.offset() in wanted:
-                    messages.append(FetchedMessage(topic, partition, msg.offset(), msg.timestamp()[1] / 1000,
-                                                   msg.key(), msg.value()))
-                if msg.offset() >= last:
-                    return messages
-            return None
-        finally:
-            consumer.close()
-
-
-def _exit_without_committing() -> None:
-    logging.shutdown()
-    os._exit(EXIT_DELIVERY_FAILED)
 
 
 def create_app(settings: Settings) -> App:
@@ -161,8 +79,7 @@ def create_app(settings: Settings) -> App:
     store = TableStore(table, outputs, rocksdb=is_rocksdb(settings.processors_store_url))
     processor = BatchProcessor(settings, store, outputs)
     app.state_store = store
-    app.commit_barriers.append(outputs.deliver)
-    app.commit_barriers.append(store.record_persisted_offsets)  # after deliver: those offsets are durable
+    app.commit_barriers.append(Checkpoint(outputs, store).flush)
     # Same code paths as the agents below: a skipped erasure marker must not be committed past either.
     app.skipped_offsets_handler = SkippedReader(
         settings, {topics.raw_events: processor.process,
@@ -171,8 +88,9 @@ def create_app(settings: Settings) -> App:
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.processors_batch_max_messages,
-                                               within=settings.processors_batch_max_s):
+        batches = cast(faust.Stream, stream)  # faust's StreamT leaves take_events out; the Stream it passes has it
+        async for events in batches.take_events(settings.processors_batch_max_messages,
+                                                within=settings.processors_batch_max_s):
             processor.process([event.message for event in events])
 
     add_erasure_agent(app, topics.erasures, settings.topic_partitions, processor.store)
@@ -180,13 +98,19 @@ def create_app(settings: Settings) -> App:
     @app.timer(settings.processors_expiry_interval_s)
     async def expire_idle_visitors() -> None:
         # Same event loop as the agent: a scan never runs in the middle of a batch.
-        if app.tables.recovery.completed.is_set():
+        if _recovered(app):
             store.expire(store.active_partitions(app), settings.processors_state_horizon_s,
                          settings.processors_expiry_scan_keys)
             outputs.check()
 
     _add_pages(app)
     return app
+
+
+def _recovered(app: faust.App) -> bool:
+    """Whether the worker has recovered its tables for the current assignment (TableManagerT leaves `recovery`
+    out; faust's TableManager has it)."""
+    return cast(TableManager, app.tables).recovery.completed.is_set()
 
 
 def _add_pages(app: faust.App) -> None:
@@ -197,7 +121,7 @@ def _add_pages(app: faust.App) -> None:
         # Healthy once the worker has joined the group and recovered its tables; stays healthy during
         # later rebalances (a liveness probe must not kill a worker for recovering).
         nonlocal recovered_once
-        recovered_once = recovered_once or app.tables.recovery.completed.is_set()
+        recovered_once = recovered_once or _recovered(app)
         if recovered_once and not app.should_stop:
             return web.json({"status": "ok"})
         return web.json({"status": "starting"}, status=503)
@@ -205,4 +129,4 @@ def _add_pages(app: faust.App) -> None:
     @app.page("/metrics")
     async def metrics_page(web: View, request: Request) -> Response:
         # via headers: aiohttp rejects a content_type argument that carries a charset
-        return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.bytes(generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -17,21 +17,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
-from prometheus_client import Counter
 
 from site_activity.erasure import CONTACT_MARKER_PREFIX
+from stream_processors import metrics
 
 ERASED_DOC: dict[str, Any] = {"erased": True}
 
-ERASURES_APPLIED = Counter("site_activity_processors_erasures_total", "Erasure markers applied to visitor state")
-LINKS_REFUSED = Counter("site_activity_processors_erased_contact_links_total",
-                        "Links to erased contacts refused or forgotten by the processors")
-EVENTS_DROPPED = Counter("site_activity_processors_erased_events_total",
-                         "Events of erased visitors dropped by the processors")
 
 
 def is_erased(doc: dict[str, Any] | None) -> bool:
-    return bool(doc) and doc.get("erased") is True  # type: ignore[union-attr]
+    return doc is not None and doc.get("erased") is True
 
 
 def add_erasure_agent(app: faust.App, topic_name: str, partitions: int, store: Any) -> None:
@@ -57,7 +52,7 @@ def apply_erasures(store: Any, messages: Iterable[Any]) -> None:
             store.put(erased_contact_key(message.partition, customer_id), message.partition, ERASED_DOC)
         else:
             store.put(message.key, message.partition, ERASED_DOC)
-        ERASURES_APPLIED.inc()
+        metrics.ERASURES_APPLIED.inc()
 
 
 def erased_contact_key(partition: int, customer_id: str) -> bytes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import faust
-from prometheus_client import REGISTRY
 
 from site_activity.lag import processors_group, start_lag_metrics
 from site_activity.settings import Settings
+from stream_processors import metrics
 from stream_processors.app import create_app
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ def run(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     # kafka_consumergroup_* gauges of the processors' faust group on /metrics (issue 13: consumer lag).
-    lag = start_lag_metrics(REGISTRY, settings, [processors_group(settings)])
+    lag = start_lag_metrics(metrics.REGISTRY, settings, [processors_group(settings)])
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,

@@ -7,34 +7,37 @@ refuses it at once or the broker refuses it later; everything else flows on. Onl
 dead-lettered makes the process exit.
 
 Records are handed over without waiting and without a Python callback per success (librdkafka reports only
-failures). `deliver()` is the commit barrier (see `transport.py`): it blocks until everything produced so
-far is acknowledged, and faust commits offsets only after it returned. If librdkafka gives up on a record,
-the process exits without committing, so a restarted worker redoes the uncommitted messages, outputs and
-state included: at-least-once, with deterministic records that downstream writes deduplicate.
+failures). `deliver()` blocks until everything produced so far is acknowledged; it is the first half of the
+checkpoint before every offset commit, and a record lost for good ends the process without committing (the
+commit story: `checkpoint.py`).
 
-faust's own producer (aiokafka, pure Python, one future and one queue hop per record) used to write the
-changelog and cost about a quarter of a worker's throughput; the changelog records written here are the
-same bytes (key as is, the state document as JSON) and faust's table recovery reads them back unchanged.
+The table changelog is written here too rather than by faust's own producer (aiokafka: pure Python, one future
+and one queue hop per record, a large share of a worker: bench/README.md); the records are the same bytes (key
+as is, the state document as JSON) and faust's table recovery reads them back unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from site_activity.dead_letters import dead_letter_headers, fit_dead_letter, is_unwritable, without_payload
-from site_activity.kafka import producer_config
+from site_activity.dead_letters import (
+    Reason,
+    dead_letter_headers,
+    fit_dead_letter,
+    is_unwritable,
+    reason_text,
+    without_payload,
+)
+from site_activity.kafka import produce_waiting, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics
 from stream_processors import metrics
+from stream_processors.checkpoint import EXIT_DELIVERY_FAILED, exit_without_committing
 
 log = logging.getLogger(__name__)
-
-# Exit code when records could not be delivered: the process must die without committing their offsets.
-EXIT_DELIVERY_FAILED = 75
 
 
 Source = tuple[str, int, int]  # (topic, partition, offset) of the input a record was derived from
@@ -76,10 +79,8 @@ class Outputs:
             options["partition"] = partition
         while True:
             try:
-                self.producer.produce(topic, value, key, **options)
+                produce_waiting(self.producer, topic, value, key, **options)  # waits while the queue is full
                 return
-            except BufferError:  # local queue full: let librdkafka drain some, then retry
-                self.producer.poll(0.05)
             except KafkaException as exc:
                 err = exc.args[0]
                 if not is_unwritable(err) or _dropped(headers):
@@ -89,16 +90,18 @@ class Outputs:
                     options["headers"] = headers
                     continue
                 src = source or (topic, -1 if partition is None else partition, -1)
-                self._dead_letter(key, value, f"unwritable output to {topic}: {err.name()} {err.str()}", src)
+                self._dead_letter(key, value, f"{topic}: {err.name()} {err.str()}", src)
                 return
 
-    def _dead_letter(self, key: bytes | None, value: bytes | None, reason: str, source: Source) -> None:
+    def _dead_letter(self, key: bytes | None, value: bytes | None, detail: str, source: Source) -> None:
+        """Dead-letters a record the broker can never take (`detail`: its topic and the error)."""
+        reason = reason_text(Reason.UNWRITABLE_OUTPUT, detail)
         log.warning("dead-lettered an output record", extra={
             "reason": reason, "topic": source[0], "partition": source[1], "offset": source[2]})
         headers = dead_letter_headers("processors", reason, *source)
         value, headers = fit_dead_letter(key, value, headers, self.max_message_bytes)
         self.send(self.dead_letter_topic, key or b"", value or b"", headers=headers)
-        metrics.DEAD_LETTERS.inc()
+        metrics.DEAD_LETTERS.labels(Reason.UNWRITABLE_OUTPUT).inc()
 
     def _dead_letter_refused(self) -> None:
         """Dead-letters the records the broker refused for good (reported by delivery callbacks)."""
@@ -108,18 +111,13 @@ class Outputs:
                 empty, headers = without_payload(value, headers)
                 self.send(topic, key or b"", empty, headers=headers)
             else:
-                self._dead_letter(key, value, f"unwritable output to {topic}: {reason}", (topic, partition, -1))
+                self._dead_letter(key, value, f"{topic}: {reason}", (topic, partition, -1))
 
     def send_state(self, changelog_topic: str, partition: int, key: bytes, value: bytes | None) -> None:
         """A table changelog record (the state document's JSON bytes, or None: a tombstone), on the partition
         of the key's input (the table is co-partitioned). A state record never exceeds the message limit
         (bounded lists of short values), so there is no dead-letter path: a failure ends the process."""
-        while True:
-            try:
-                self.state_producer.produce(changelog_topic, value, key, partition=partition)
-                return
-            except BufferError:
-                self.state_producer.poll(0.05)
+        produce_waiting(self.state_producer, changelog_topic, value, key, partition=partition)
 
     def take_state_offsets(self) -> dict[tuple[str, int], int]:
         """The highest delivered changelog offset per (topic, partition) since the last call."""
@@ -164,10 +162,8 @@ class Outputs:
 
     def _exit_if_failed(self) -> None:
         if self._failed:
-            log.critical("records not delivered; exiting before their offsets are committed",
-                         extra={"errors": self._failed[:5], "failed": len(self._failed)})
-            logging.shutdown()
-            os._exit(EXIT_DELIVERY_FAILED)
+            exit_without_committing(EXIT_DELIVERY_FAILED, "records not delivered; exiting before their offsets are "
+                                    "committed", errors=self._failed[:5], failed=len(self._failed))
 
 
 def _dropped(headers: list[tuple[str, bytes]] | None) -> bool:

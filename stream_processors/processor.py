@@ -13,12 +13,9 @@ changes nothing (state.py, "Duplicates"). The stamped events
 are their raw bytes with the two ids appended (`wire.py`), not a re-encoding.
 
 Outputs are handed to `Outputs` (one confluent-kafka producer) without waiting, and the agent moves on to the
-next batch while they are in flight: waiting for the broker's acks after every batch left the worker idle
-for a round trip per batch. faust acks a batch's messages when the agent returns but commits offsets only
-every few seconds, on rebalance and on shutdown, and `Outputs.deliver()` runs before each of those commits
-(`transport.py`). So an offset is never committed ahead of its outputs or its state. At-least-once: a crash
-replays everything after the last commit, and replays produce the same records (deterministic ids), which
-the sink writes idempotently.
+next batch while they are in flight: waiting for the broker's acks after every batch left the worker idle for a
+round trip per batch. They are delivered before the offsets of their messages are committed; how, and what a
+crash replays (the same records: deterministic ids, written once by the sink): `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -34,13 +31,21 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
-from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
+from site_activity.dead_letters import (
+    DeadLetterLimit,
+    DeadLetterLimitExceeded,
+    Reason,
+    dead_letter_headers,
+    fit_dead_letter,
+    reason_text,
+)
 from site_activity.events import EventType, customer_id_text, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key, max_event_value_bytes
 from stream_processors import erasures, metrics
+from stream_processors.checkpoint import EXIT_DEAD_LETTER_LIMIT, exit_without_committing
 from stream_processors.erasures import is_erased
-from stream_processors.outputs import Outputs, Source
+from stream_processors.outputs import Source
 from stream_processors.state import VisitorState
 from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, stamp_bytes
 
@@ -80,14 +85,29 @@ def canonical_uuid(text: str) -> str:
 
 
 class RawMessage(Protocol):
-    """What the processor needs of a consumed message (faust's `Message` has these attributes)."""
+    """What the processor needs of a consumed message (faust's `Message` has these attributes; read only)."""
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp: float  # seconds since the epoch
-    key: bytes | None
-    value: bytes | None
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> float: ...  # seconds since the epoch
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class RecordSink(Protocol):
+    """Where the processor hands its records (`outputs.Outputs`): sent without waiting, delivered before the commit."""
+
+    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
+             headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None: ...
+
+    def check(self) -> None: ...
 
 
 class StateStore(Protocol):
@@ -111,6 +131,16 @@ class VisitorBatch:
 
 class InvalidEvent(ValueError):
     """A raw message that decodes but can never be processed."""
+
+
+@dataclass
+class Letter:
+    """A raw message (or with `value`, one bad event out of a batch message) to dead-letter."""
+
+    msg: RawMessage
+    reason: Reason
+    detail: str
+    value: bytes | None = None
 
 
 def validate(record: dict[str, Any], key: bytes | None, known: set[Any] | None = None) -> bool:
@@ -149,7 +179,7 @@ def validate(record: dict[str, Any], key: bytes | None, known: set[Any] | None =
 
 
 class BatchProcessor:
-    def __init__(self, settings: Settings, store: StateStore, outputs: Outputs) -> None:
+    def __init__(self, settings: Settings, store: StateStore, outputs: RecordSink) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.store = store
@@ -161,19 +191,29 @@ class BatchProcessor:
         self.gap_us = int(settings.session_gap_s * 1_000_000)
         # Room for the key and the record framing below the producer's message.max.bytes.
         self.max_value_bytes = max_event_value_bytes(settings)
+        self.dead_letter_limit = DeadLetterLimit.from_settings(settings)
 
     # --- the batch --------------------------------------------------------------------------------
 
     def process(self, messages: Sequence[RawMessage]) -> None:
+        """Processes one batch of raw messages: outputs, dead letters and state writes are handed to `Outputs`
+        (delivered before the next offset commit). Ends the process without committing (exit status 65) if the
+        batch's invalid messages pass the dead-letter limit, before any of them is dead-lettered; and (75) if
+        `Outputs` reports a record lost for good."""
         started = time.perf_counter()
         if messages:
             metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
+        visitors, letters = self._group(messages)
+        invalid = len({id(letter.msg) for letter in letters})  # messages with anything dead-lettered
+        self._check_dead_letter_limit(messages, len(messages) - invalid, invalid)
+        for letter in letters:
+            self._dead_letter(letter)
         events = out = 0
         fresh = getattr(self.store, "fresh_docs", False)  # a document read is ours to change (no copy needed)
-        for visitor in self._group(messages):
+        for visitor in visitors:
             doc = self.store.get(visitor.key, visitor.partition)
             if is_erased(doc):  # an erased visitor: nothing of theirs is placed, linked or emitted again
-                erasures.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
+                metrics.EVENTS_DROPPED.inc(sum(map(len, visitor.messages)))
                 continue
             state = VisitorState.from_doc(doc, copy=not fresh)
             out += self._enrich(state, visitor)
@@ -183,19 +223,36 @@ class BatchProcessor:
         metrics.EVENTS_IN.inc(events)
         metrics.EVENTS_OUT.inc(out)
         self.outputs.check()
+        # Counted once processed rather than once committed: faust hands a message to the agent once per process
+        # (a redelivery comes after a restart, or a rebalance that committed the batch or gave it to another
+        # worker), and a batch never committed means the process exited, taking these counts with it.
+        self.dead_letter_limit.add(len(messages) - invalid, invalid)
         elapsed = time.perf_counter() - started
         metrics.BATCH_EVENTS.observe(events)
         metrics.BATCH_SECONDS.observe(elapsed)
         if elapsed > SLOW_BATCH_S:  # the event loop (heartbeats included) was blocked all that time
             log.warning("slow batch", extra={"seconds": round(elapsed, 3), "messages": len(messages), "events": events})
 
-    def _group(self, messages: Iterable[RawMessage]) -> list[VisitorBatch]:
+    def _check_dead_letter_limit(self, messages: Sequence[RawMessage], valid: int, invalid: int) -> None:
+        """Ends the process, committing nothing of this batch, if its invalid messages pass the limit."""
+        try:
+            self.dead_letter_limit.check(valid, invalid)
+        except DeadLetterLimitExceeded as exc:
+            first = messages[0]
+            exit_without_committing(
+                EXIT_DEAD_LETTER_LIMIT, "dead-letter limit reached; exiting without committing the batch",
+                error=str(exc), topic=first.topic, partition=first.partition, offset=first.offset,
+                messages=len(messages), invalid=invalid)
+
+    def _group(self, messages: Iterable[RawMessage]) -> tuple[list[VisitorBatch], list[Letter]]:
+        """The valid events per visitor, and what to dead-letter (not sent yet: the limit is checked first)."""
         by_key: dict[bytes, VisitorBatch] = {}
+        letters: list[Letter] = []
         for msg in messages:
             try:
                 events = self.reader.read(msg.value)
             except DecodeError as exc:
-                self._dead_letter(msg, f"DecodeError: {exc}")
+                letters.append(Letter(msg, Reason.UNDECODABLE, str(exc)))
                 continue
             valid: list[RawEvent] = []
             known: set[Any] = set()
@@ -203,16 +260,18 @@ class BatchProcessor:
                 try:
                     unchanged = validate(record, msg.key, known)
                 except InvalidEvent as exc:
-                    self._dead_letter(msg, f"InvalidEvent: {exc}", self.codec.encode_event(record))
+                    letters.append(Letter(msg, Reason.INVALID_EVENT, str(exc), self.codec.encode_event(record)))
                     continue
                 valid.append((record, datum if unchanged else None))
             if valid:
-                batch = by_key.get(msg.key)  # type: ignore[arg-type]  # validate() checked the key
+                key = msg.key
+                assert key is not None  # validate() checked it is <widget_id>:<visitor_id>
+                batch = by_key.get(key)
                 if batch is None:
-                    batch = by_key[msg.key] = VisitorBatch(msg.key, msg.partition, [], [])  # type: ignore[index,arg-type]
+                    batch = by_key[key] = VisitorBatch(key, msg.partition, [], [])
                 batch.messages.append(valid)
                 batch.sources.append((msg.topic, msg.partition, msg.offset))
-        return list(by_key.values())
+        return list(by_key.values()), letters
 
     # --- one visitor's events ---------------------------------------------------------------------
 
@@ -298,7 +357,7 @@ class BatchProcessor:
 
     def _refuse_link(self, partition: int, identify: dict[str, Any]) -> bool:
         if self._contact_erased(partition, identify["tenant_id"], identify["user_id"]):
-            erasures.LINKS_REFUSED.inc()
+            metrics.LINKS_REFUSED.inc()
             return True
         return False
 
@@ -316,13 +375,14 @@ class BatchProcessor:
 
     # --- output -----------------------------------------------------------------------------------
 
-    def _dead_letter(self, msg: RawMessage, reason: str, value: bytes | None = None) -> None:
-        """Dead-letters a raw message, or with `value` just one bad event out of a batch message."""
+    def _dead_letter(self, letter: Letter) -> None:
+        """Dead-letters a raw message, or with `letter.value` just one bad event out of a batch message."""
+        msg, reason = letter.msg, reason_text(letter.reason, letter.detail)
         log.warning("dead-lettered a raw message", extra={
             "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
-        key, value = msg.key or b"", value if value is not None else msg.value or b""
-        value, headers = fit_dead_letter(key, value, headers, self.settings.kafka_max_message_bytes)
+        key, payload = msg.key or b"", letter.value if letter.value is not None else msg.value or b""
+        value, headers = fit_dead_letter(key, payload, headers, self.settings.kafka_max_message_bytes)
         self.outputs.send(self.topics.dead_letter, key, value or b"", headers=headers)
-        metrics.DEAD_LETTERS.inc()
+        metrics.DEAD_LETTERS.labels(letter.reason).inc()
 

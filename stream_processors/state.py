@@ -164,19 +164,16 @@ class VisitorState:
         sessions = self.sessions
         # index of the first session starting after t: sessions[i-1] is the one at or before t (an event in
         # time order, the usual case, comes after the last session's lo: no search)
-        if sessions and sessions[-1][1] <= t:
-            i = len(sessions)
-        else:
-            i = bisect.bisect_right(sessions, t, key=_lo)
+        i = len(sessions) if sessions and sessions[-1][1] <= t else bisect.bisect_right(sessions, t, key=_lo)
         before = sessions[i - 1] if i > 0 else None
         after = sessions[i] if i < len(sessions) else None
         if before is not None and t <= before[2] + gap:  # rules 1 and 2
             if t > before[2]:
                 before[2] = t
-            return before[0]  # type: ignore[no-any-return]
+            return before[0]
         if after is not None and after[1] - t <= gap:  # rule 3
             after[1] = t
-            return after[0]  # type: ignore[no-any-return]
+            return after[0]
         sessions.insert(i, [t, t, t])  # rule 4
         if len(sessions) > max_sessions:
             del sessions[: len(sessions) - max_sessions]

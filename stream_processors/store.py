@@ -33,15 +33,13 @@ from typing import Any
 
 import faust
 import orjson
-from faust.types import TP
-from prometheus_client import Counter
+from faust.types import TP, TableT
 
+from stream_processors import metrics
 from stream_processors.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
-EXPIRED = Counter("site_activity_processors_state_expired_total",
-                  "Idle visitors whose session state was dropped (horizon reached)", ["outcome"])
 
 # RocksDB sizes per partition database: faust's defaults (64 MiB write buffers x3, a 2 GiB block cache each)
 # would let RSS grow to gigabytes; visitor documents are small and read once per batch.
@@ -69,7 +67,7 @@ class TableStore:
     """Visitor state by (key, partition). Each write is a changelog record on the key's own partition (the
     table is co-partitioned with the raw topic), flushed with the outputs before every offset commit."""
 
-    def __init__(self, table: faust.Table, outputs: Outputs, rocksdb: bool) -> None:
+    def __init__(self, table: TableT, outputs: Outputs, rocksdb: bool) -> None:
         self.table = table
         self.outputs = outputs
         self.rocksdb = rocksdb
@@ -83,8 +81,8 @@ class TableStore:
     def get(self, key: bytes, partition: int) -> dict[str, Any] | None:
         if self.rocksdb:
             raw = self._db(partition).get(key)
-            return None if raw is None else orjson.loads(raw)  # type: ignore[no-any-return]
-        return self.table.data.get(key)  # type: ignore[no-any-return]
+            return None if raw is None else orjson.loads(raw)
+        return self.table.data.get(key)
 
     def put(self, key: bytes, partition: int, doc: dict[str, Any]) -> None:
         raw = orjson.dumps(doc | {"a": time.time_ns() // 1000})  # a copy: callers may pass shared constants
@@ -101,8 +99,13 @@ class TableStore:
             self.table.data.pop(key, None)
         self.outputs.send_state(self.changelog, partition, key, None)
 
+    def _rocksdb(self) -> Any:
+        """faust's RocksDB store (faust.stores.rocksdb.Store) behind the table; typed `StoreT`, which lacks its
+        per-partition databases (`_db_for_partition`, `_dbs`: private; the pinned faust-streaming has them)."""
+        return self.table.data
+
     def _db(self, partition: int) -> Any:
-        return self.table.data._db_for_partition(partition)
+        return self._rocksdb()._db_for_partition(partition)
 
     # --- persisted offsets (RocksDB recovery reads only the changelog tail) ---------------------------
 
@@ -112,10 +115,10 @@ class TableStore:
         offsets = self.outputs.take_state_offsets()
         if not self.rocksdb:
             return
-        dbs = self.table.data._dbs
+        data = self._rocksdb()
         for (topic, partition), offset in offsets.items():
-            if partition in dbs:  # not for a partition revoked meanwhile (would reopen its database)
-                self.table.data.set_persisted_offset(TP(topic, partition), offset)
+            if partition in data._dbs:  # not for a partition revoked meanwhile (would reopen its database)
+                data.set_persisted_offset(TP(topic, partition), offset)
 
     # --- expiry -------------------------------------------------------------------------------------
 
@@ -140,10 +143,10 @@ class TableStore:
                 links = doc.get("l")
                 if links:
                     self.put(key, partition, {"s": [], "l": links, "e": [], "x": True})
-                    EXPIRED.labels("links_kept").inc()
+                    metrics.STATE_EXPIRED.labels("links_kept").inc()
                 else:
                     self.delete(key, partition)
-                    EXPIRED.labels("deleted").inc()
+                    metrics.STATE_EXPIRED.labels("deleted").inc()
                 expired += 1
         return expired
 

@@ -7,7 +7,8 @@ repair for offsets faust would commit without having processed them.
   raw -> enriched hop. `consumer_fetch_wait_max_ms` is the same bound the sink's consumer uses.
 * faust flushes its own producer before it commits offsets, but knows nothing of the processors'
   confluent-kafka producer. `App.commit_barriers` run right before every offset commit (periodic,
-  rebalance, shutdown), so offsets are never committed ahead of the outputs of their messages.
+  rebalance, shutdown): the processors' one barrier is `checkpoint.Checkpoint.flush` (the commit story,
+  told once: `checkpoint.py`).
 * faust computes the offset to commit from the offsets its streams acked, and commits past offsets that were
   never processed in two ways: it compares the first acked offset with the committed one off by one
   (`min(acked) - committed > 1`), so a message *at* the committed offset that never reached the agent is
@@ -15,10 +16,10 @@ repair for offsets faust would commit without having processed them.
   (`Consumer._add_gap`, meant for compaction and transaction markers), which also include messages faust
   itself dropped (records taken from the fetcher but not handed on around a rebalance or a flow suspension).
   Either way the message is lost for good. `Consumer._new_offset` hands every offset between the committed
-  one and the highest acked one that was not acked, gaps included, to `App.skipped_offsets_handler`, which
-  reads them from Kafka and processes those that exist, before faust computes the commit; the handler
-  either processes them all or ends the process without committing. Their outputs are flushed by the
-  commit barrier like every other output.
+  one and the highest acked one that was not acked, gaps included, to `App.skipped_offsets_handler`
+  (`repair.SkippedReader`), which reads them from Kafka and processes those that exist, before faust computes
+  the commit; the handler either processes them all or ends the process without committing. Their outputs
+  are flushed by the checkpoint like every other output.
 
   Cause of the loss of one acknowledged request after a processors kill (issue 8, case 16): the first
   version of this repair only looked at offsets below the first acked one and skipped those faust had
@@ -29,8 +30,9 @@ repair for offsets faust would commit without having processed them.
 * Throughput (issue 14): faust's fetch loop (`Consumer._drain_messages`) hands every message to the conductor
   through `Service.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks, adds two
   more for the service's `_stopped`/`_crashed` events, waits for the first and cancels the other three: five
-  tasks, an `asyncio.wait` and three cancellations per message, about a fifth of a worker's time. The callback
-  (decode the key/value, put the event in the stream's queue) almost always finishes without suspending, so
+  tasks, an `asyncio.wait` and three cancellations per message (a large share of a worker: bench/README.md).
+  The callback (decode the key/value, put the event in the stream's queue) almost always finishes without
+  suspending, so
   `Consumer.wait_first` runs it to its first suspension first; if it finished, that is the result
   `wait_first` would have returned (flow not suspended, service neither stopping nor crashed: checked before),
   with none of the tasks. If it suspends (the stream's buffer is full), the suspended callback continues under
@@ -131,12 +133,12 @@ class Consumer(driver.Consumer):
                 suspended.close()
                 raise
             coros = (_continue(callback, yielded), suspended)
-        return await super().wait_first(*coros, timeout=timeout)  # type: ignore[no-any-return]
+        return await super().wait_first(*coros, timeout=timeout)
 
     async def _commit(self, offsets: Mapping[Any, int]) -> bool:
         for barrier in self.app.commit_barriers:  # type: ignore[attr-defined]
             barrier()
-        return await super()._commit(offsets)  # type: ignore[no-any-return]
+        return await super()._commit(offsets)
 
     def _new_offset(self, tp: TP) -> int | None:
         acked, committed = self._acked[tp], self._committed_offset[tp]
@@ -156,7 +158,7 @@ class Consumer(driver.Consumer):
                     # faust would add these again from its gap records (duplicates in `acked` end its
                     # consecutive run early); they are handled now.
                     self._gap[tp].chop(missing[0], missing[-1] + 1)
-        return super()._new_offset(tp)  # type: ignore[no-any-return]
+        return super()._new_offset(tp)
 
 
 def _waits_on(coro: Any, event: Any) -> bool:
@@ -182,7 +184,7 @@ def _resume(coro: Any, yielded: Any) -> Any:
         except GeneratorExit:
             coro.close()
             raise
-        except BaseException as exc:  # noqa: BLE001  # cancellation and the like: the coroutine decides
+        except BaseException as exc:  # cancellation and the like: the coroutine decides
             try:
                 yielded = coro.throw(exc)
             except StopIteration as finished:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 
@@ -116,16 +116,18 @@ class EventReader:
         item = self._items.get(bytes(data[2:HEADER_LEN])) if data and len(data) >= HEADER_LEN else None
         if item is None:  # a single VisitorEvent, or garbage
             record = self.codec.event.decode(data)
-            current = bytes(data[2:HEADER_LEN]) == self._event_fp  # type: ignore[index]
-            return [(record, self._restampable(record, data[HEADER_LEN:] if current else None))]  # type: ignore[index]
+            assert data is not None  # it decoded
+            current = bytes(data[2:HEADER_LEN]) == self._event_fp
+            return [(record, self._restampable(record, data[HEADER_LEN:] if current else None))]
+        assert data is not None  # it has a batch header
         writer, current = item
         if current and type(data) is bytes:
             try:
                 return read_current_items(data)
-            except Exception:  # noqa: S110  # anything unusual: fastavro below gives the values or the error
+            except Exception:  # anything unusual: fastavro below gives the values or the error
                 pass
         try:
-            return self._read_items(data, writer, current)  # type: ignore[arg-type]
+            return self._read_items(data, writer, current)
         except DecodeError:
             raise
         except Exception as exc:  # fastavro raises a zoo of types on truncated/garbage input
@@ -143,10 +145,10 @@ class EventReader:
             for _ in range(count):
                 start = buf.tell()
                 if current:
-                    record = fastavro.schemaless_reader(buf, reader, None)
+                    record = cast(dict[str, Any], fastavro.schemaless_reader(buf, reader, None))  # a record schema
                     out.append((record, self._restampable(record, data[start:buf.tell()])))
                 else:
-                    out.append((fastavro.schemaless_reader(buf, writer, reader), None))
+                    out.append((cast(dict[str, Any], fastavro.schemaless_reader(buf, writer, reader)), None))
         return out
 
     @staticmethod
@@ -198,8 +200,8 @@ def frame_batch(header: bytes, datums: list[bytes]) -> bytes:
 
 # --- the lean reader: batches of current-schema events, without fastavro ----------------------------------------
 # fastavro reads an item field by field from a file object (a Python call per field), and `EventReader` reads one
-# item per call to learn each item's bytes: ~7 µs per event, a quarter of a worker. The function below walks the
-# bytes of a batch of current VisitorEvents directly (~4 µs) and builds the very dicts fastavro builds (raw values:
+# item per call to learn each item's bytes: costly per event (figures: bench/README.md). The function below walks the
+# bytes of a batch of current VisitorEvents directly and builds the very dicts fastavro builds (raw values:
 # str, int µs). It takes only what it is sure of: any other input (a block with a byte size, an enum or union index
 # out of range, a negative length, a varint over 64 bits, invalid UTF-8, truncation) raises, and the caller reads
 # the message with fastavro instead, which gives the values or the error exactly as before

@@ -5,6 +5,9 @@
 - names are `site_activity_<stage>_…` (or the `kafka_consumergroup_…` names lag exporters use);
 - a counter is exposed as `…_total`; a gauge or histogram ends in its unit or in what it counts;
 - every metric has help text.
+
+A stage may add prometheus_client's process/platform/GC collectors to its registry (operators keep RSS and CPU):
+their `process_…`/`python_…` names are Prometheus' own convention, not ours, and are left out of the name check.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
 from psycopg_pool import ConnectionPool
 
 from console.metrics import ConsoleMetrics
 from producer_api.metrics import ApiMetrics
 from sink.metrics import SinkMetrics
+from stream_processors import metrics as processors_metrics
 from webhooks.metrics import WebhookMetrics
 
 UNITS = ("seconds", "bytes", "messages", "events", "rows", "connections", "requests", "configs", "deliveries",
@@ -28,14 +32,22 @@ UNITS = ("seconds", "bytes", "messages", "events", "rows", "connections", "reque
 def registries() -> Iterator[tuple[str, CollectorRegistry]]:
     yield "api", ApiMetrics().registry
     yield "sink", SinkMetrics().registry
+    yield "processors", processors_metrics.REGISTRY  # one per process: module level
     yield "console", ConsoleMetrics(ConnectionPool("dbname=unused", open=False)).registry
     yield "webhooks", WebhookMetrics().registry
+
+
+_standard = CollectorRegistry()
+for _collector in (ProcessCollector, PlatformCollector, GCCollector):
+    _collector(registry=_standard)
+STANDARD = {family.name for family in _standard.collect()}
 
 
 def families() -> Iterator[tuple[str, Metric]]:
     for stage, registry in registries():
         for family in registry.collect():
-            yield stage, family
+            if family.name not in STANDARD:
+                yield stage, family
 
 
 @pytest.mark.parametrize(("stage", "family"), list(families()), ids=lambda v: v if isinstance(v, str) else v.name)
@@ -51,3 +63,9 @@ def test_names_units_and_help(stage: str, family: Metric) -> None:
 def test_every_stage_has_its_own_registry() -> None:
     regs = [registry for _, registry in registries()]
     assert len({id(r) for r in regs}) == len(regs)
+
+
+def test_the_processors_registry_keeps_the_process_metrics() -> None:
+    """Off the default registry, the processors still expose RSS and CPU (what operators watched before)."""
+    names = {family.name for family in processors_metrics.REGISTRY.collect()}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds", "python_info"} <= names, names

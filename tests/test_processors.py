@@ -12,23 +12,27 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from faust.types import TP
 
 from dev_stack.embedded import wait_until
+from dev_stack.process import StageProcess
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import erasure, widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id_text
-from site_activity.kafka import producer_config
+from site_activity.kafka import consumer_config, position, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
-from stream_processors.app import SkippedReader, create_app
+from stream_processors import transport
+from stream_processors.app import create_app
 from stream_processors.erasures import is_erased
+from stream_processors.repair import SkippedReader
 from tests.conftest import read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
@@ -324,7 +328,7 @@ def test_no_link_to_an_erased_contact_even_from_identify_calls_in_flight(
     assert [c for v, _, c in out if v == "v-after"] == [None, None, None]  # its identify names nobody
     assert [c for v, _, c in out if v == "v-kept"] == [kept] * 3
     links = read_topic(settings, topics.identity_links, 3, timeout=5)
-    assert sorted(m.key() for m in links) == sorted([event_key(str(w.id), "v-before"), event_key(str(w.id), "v-kept")])
+    assert sorted(m.key() or b"" for m in links) == sorted([event_key(str(w.id), "v-before"), event_key(str(w.id), "v-kept")])
 
 
 # --- robustness ---------------------------------------------------------------------------------------
@@ -392,7 +396,12 @@ def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, 
 
     # SIGKILL mid-stream: events keep coming while the worker dies and comes back.
     part2 = visitor_stream(w, visitors, 20, T0 + 15 * MIN)
-    sender = threading.Thread(target=lambda: [feed.send(b) or time.sleep(0.01) for b in part2])
+    def send_part2() -> None:
+        for b in part2:
+            feed.send(b)
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send_part2)
     sender.start()
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND occurred_at >= %s",
                   (w.id, T0 + 15 * MIN), 50)
@@ -429,7 +438,7 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
         settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0)
     partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-skip"))
     tp = TP(topics.raw_events, partition)
-    consumer = app.consumer
+    consumer = cast(transport.Consumer, app.consumer)  # the private state the repair works on
     consumer._committed_offset[tp] = 2  # committed: next to read is 2
     consumer._acked[tp].extend([4, 5])  # 2 and 3 never reached the agent
     assert consumer._new_offset(tp) == 6  # commit after 5, now that 2 and 3 are processed too
@@ -450,8 +459,9 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     # Offsets that cannot be read (here: past the end of the log) within the time limit: no commit past them.
     def give_up() -> None:
         raise GaveUp
-    app.skipped_offsets_handler = SkippedReader(settings, {topics.raw_events: processed.extend}, 1.0,
-                                                on_give_up=give_up)
+    app.skipped_offsets_handler = SkippedReader(
+        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 1.0,
+        on_give_up=give_up)
     consumer._committed_offset[tp] = 12
     consumer._acked[tp].extend([20])  # 12..19 are not in the log: the read never reaches offset 19
     with pytest.raises(GaveUp):
@@ -472,15 +482,16 @@ def test_a_skipped_erasure_marker_is_applied_before_the_commit(settings: Setting
     app = create_app(settings)
     partition = partition_of(settings, topics.erasures, key)
     tp = TP(topics.erasures, partition)
-    app.consumer._committed_offset[tp] = 0
-    app.consumer._acked[tp].extend([1])  # offset 0 never reached the agent
-    assert app.consumer._new_offset(tp) == 2
+    consumer = cast(transport.Consumer, app.consumer)
+    consumer._committed_offset[tp] = 0
+    consumer._acked[tp].extend([1])  # offset 0 never reached the agent
+    assert consumer._new_offset(tp) == 2
     assert is_erased(app.state_store.get(key, partition))
 
 
 def partition_of(settings: Settings, topic: str, key: bytes) -> int:
     [msg] = [m for m in read_topic(settings, topic, 1) if m.key() == key]
-    return msg.partition()
+    return position(msg)[1]
 
 
 def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, pipeline: Any, feed: RawFeed,
@@ -497,9 +508,10 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
     raw = Topics.from_settings(settings).raw_events
     dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 3)
     assert len(dead) == 3
-    headers = [{k: v.decode() for k, v in m.headers()} for m in dead]
-    assert headers[0]["x-reason"].startswith("DecodeError") and "session_start" in headers[1]["x-reason"]
-    assert headers[2]["x-reason"] == "InvalidEvent: identify event without user_id"
+    headers = [headers_of(m) for m in dead]
+    assert headers[0]["x-reason"].startswith("undecodable: ") and "session_start" in headers[1]["x-reason"]
+    assert headers[1]["x-reason"].startswith("invalid_event: ")
+    assert headers[2]["x-reason"] == "invalid_event: identify event without user_id"
     assert dead[0].value() == b"not avro at all"
     assert CODEC.decode(dead[2].value()) == bad  # the bad event alone, as a single-event message
     assert [h["x-source-offset"] for h in headers] == ["0", "1", "3"]  # all keyed alike: one partition
@@ -509,10 +521,74 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, 
     assert [r[0] for r in rows(db, w, 4)] == ["session_start", "pageview", "pageview", "pageview"]
 
     metrics = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics").text
-    assert "site_activity_processors_dead_letters_total 3.0" in metrics
+    assert 'site_activity_processors_dead_letters_total{reason="undecodable"} 1.0' in metrics
+    assert 'site_activity_processors_dead_letters_total{reason="invalid_event"} 2.0' in metrics
     assert "site_activity_processors_session_starts_total 1.0" in metrics
     assert "site_activity_processors_messages_in_total 4.0" in metrics
     assert "site_activity_processors_events_in_total 3.0" in metrics  # the valid ones
+
+
+def headers_of(msg: Message) -> dict[str, str]:
+    """A consumed message's headers (confluent-kafka types them loosely: a consumed message has a list or none)."""
+    return {k: v.decode() for k, v in cast(list[tuple[str, bytes]], msg.headers() or [])}
+
+
+def committed_total(settings: Settings, topic: str) -> int:
+    """Sum over partitions of the processors group's committed offsets (0 for a partition never committed)."""
+    consumer = Consumer(consumer_config(settings, settings.processors_app_id))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in tps)
+
+
+def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
+        settings: Settings, start_service: Callable[..., Any], feed: RawFeed, tmp_path: Path,
+        make_widget: Callable[..., widgets.Widget]) -> None:
+    """A producer deployed with a broken encoder: every raw message is undecodable. Past the dead-letter limit
+    the processors stop (exit 65) instead of moving the stream to the dead-letter topic, and commit none of the
+    batch that crossed it, so a restart reads those messages again; with the limit off they are dead-lettered
+    and the worker runs on."""
+    limited = settings.model_copy(update={"dead_letter_max_consecutive": 5})
+    topics = Topics.from_settings(settings)
+    proc = start_service("processors", settings_override=limited)
+    key = event_key(str(uuid.uuid4()), "v-bad")  # one partition: the messages arrive in order
+    garbage = [b"\x00\x01 not avro %d" % i for i in range(12)]
+    for value in garbage:
+        feed.producer.produce(topics.raw_events, value, key)
+    assert feed.producer.flush(15) == 0
+    wait_until(lambda: not proc.alive(), 60, "the processors to stop at the dead-letter limit")
+    assert proc.proc is not None and proc.proc.returncode == 65, proc.log_tail()
+    assert "dead-letter limit reached" in proc.log_tail()
+    assert committed_total(limited, topics.raw_events) < len(garbage)
+    assert len(read_topic(limited, topics.dead_letter, len(garbage), timeout=3)) < len(garbage)
+
+    # Same input, same limit: the restarted worker stops again (not through start_service: it may stop before
+    # its health page is ever asked).
+    again = StageProcess("processors", limited, tmp_path / "again.log").start()
+    try:
+        wait_until(lambda: not again.alive(), 60, "the restarted processors to stop again")
+        assert again.proc is not None and again.proc.returncode == 65
+    finally:
+        again.stop()
+
+    unlimited = limited.model_copy(update={"dead_letter_max_consecutive": 0})
+    with logs_on_failure(start_service("processors", settings_override=unlimited)):
+        wait_until(lambda: committed_total(unlimited, topics.raw_events) >= len(garbage), 60, "offsets committed")
+        distinct: set[bytes | None] = set()  # a dead letter of an uncommitted batch may be written twice
+
+        def new_value(m: Message) -> int:
+            fresh = m.value() not in distinct
+            distinct.add(m.value())
+            return int(fresh)
+
+        letters = read_topic(unlimited, topics.dead_letter, len(garbage), weight=new_value)
+        assert {m.value() for m in letters} == set(garbage)
+        assert all(headers_of(m)["x-reason"].startswith("undecodable: ") for m in letters)
+        w = make_widget()  # and the worker runs on
+        feed.send([ev(w, "v-1", T0)])
+        assert [r["event_type"] for r in enriched(unlimited, 2)] == ["session_start", "pageview"]
 
 
 # --- reference check ----------------------------------------------------------------------------------
@@ -686,7 +762,7 @@ def test_oversized_enriched_output_is_split_and_everything_lands(settings: Setti
     assert sum(1 for r in got if r[0] == "session_start" and r[1] == big[0]["visitor_id"]) == 62
     msgs = [m for m in read_topic(settings, Topics.from_settings(settings).enriched_events, 7, timeout=10)
             if m.key() == event_key(str(w.id), big[0]["visitor_id"])]
-    assert len(msgs) >= 2 and all(len(m.value()) + len(m.key()) <= KAFKA_MESSAGE_LIMIT for m in msgs)
+    assert len(msgs) >= 2 and all(len(cast(bytes, m.value())) + len(cast(bytes, m.key())) <= KAFKA_MESSAGE_LIMIT for m in msgs)
     records = [r for m in msgs for r in EVENTS.decode_events(m.value())]
     assert [r["event_type"] for r in records] == ["session_start", "pageview"] * 62  # in order across messages
     assert read_topic(settings, Topics.from_settings(settings).dead_letter, 1, timeout=2) == []
@@ -714,8 +790,9 @@ def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
         dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2, timeout=20)
         assert len(dead) == 2  # the session_start it opened (it repeats the url) and the event
         for m in dead:
-            h = {k: v.decode() for k, v in m.headers()}
+            h = headers_of(m)
             assert "MSG_SIZE_TOO_LARGE" in h["x-reason"] and h["x-stage"] == "processors"
+            assert h["x-reason"].startswith(f"unwritable_output: {Topics.from_settings(settings).enriched_events}: ")
             assert h["x-source-topic"] == Topics.from_settings(settings).raw_events and h["x-source-offset"] == "0"
             assert int(h["x-dropped-bytes"]) > 300_000 and m.value() in (b"", None)  # too big to keep
         assert proc.alive()
