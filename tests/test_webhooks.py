@@ -97,6 +97,12 @@ def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: p
                       webhooks_group=f"wh-{uuid.uuid4().hex[:8]}", webhooks_allow_private_urls=True,
                       webhooks_retry_schedule_s=[0, 0.5, 0.5, 0.5, 0.5], webhooks_timeout_s=TIMEOUT_S,
                       webhooks_poll_interval_s=0.2, webhooks_endpoint_concurrency=3)
+    yield from running_stack(s, base)
+
+
+def running_stack(s: Settings, base: Path) -> Iterator[Stack]:
+    """The sink, the webhooks stage and the console on `s`, a local receiver and a producer of enriched events;
+    everything stopped afterwards (for module fixtures: `yield from running_stack(...)`)."""
     services = []
     for stage, port in (("sink", s.sink_http_port), ("webhooks", s.webhooks_http_port),
                         ("console", s.console_port)):

@@ -13,16 +13,13 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from confluent_kafka import Producer
 
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from site_activity.kafka import producer_config
 from site_activity.settings import Settings
-from site_activity.topics import Topics
-from tests.conftest import Service, http_ok, make_settings
+from tests.conftest import make_settings
 from tests.console_helpers import make_tenant
-from tests.test_webhooks import Stack, deliveries, event, verified
-from tests.webhook_helpers import Receiver, always, fail_first
+from tests.test_webhooks import Stack, deliveries, event, running_stack, verified
+from tests.webhook_helpers import always, fail_first
 from webhooks.dispatcher import Dispatcher
 from webhooks.metrics import WebhookMetrics
 from webhooks.queue import Outcome, _deciding
@@ -41,19 +38,7 @@ def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: p
                       webhooks_retry_schedule_s=[0, 0.5, 0.5], webhooks_timeout_s=3.0,
                       webhooks_poll_interval_s=POLL_S, webhooks_endpoint_concurrency=CONCURRENCY,
                       webhooks_endpoint_prefetch=PREFETCH)
-    services = []
-    for stage, port in (("sink", s.sink_http_port), ("webhooks", s.webhooks_http_port),
-                        ("console", s.console_port)):
-        svc = Service(stage, s, base / "logs")
-        svc.ready = http_ok(f"http://127.0.0.1:{port}/healthz")
-        services.append(svc.start())
-    receiver = Receiver().start()
-    producer = Producer(producer_config(s))
-    with httpx.Client(base_url=f"http://127.0.0.1:{s.console_port}", timeout=30) as client:
-        yield Stack(s, client, services[1], receiver, producer, Topics.from_settings(s).enriched_events)
-    receiver.stop()
-    for svc in reversed(services):
-        svc.stop()
+    yield from running_stack(s, base)
 
 
 def metric(settings: Settings, name: str) -> float:
