@@ -75,13 +75,25 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         first = widgets.create_widget(conn, name="bench export 0", actor="bench", tracking_enabled=True)
         tenant = first.tenant_id
-        targets = [first] + [widgets.create_widget(conn, name=f"bench export {i}", tenant_id=tenant, actor="bench",
-                                                   tracking_enabled=True) for i in range(1, 4)]
+        targets = [first] + [
+            widgets.create_widget(
+                conn, name=f"bench export {i}", tenant_id=tenant, actor="bench", tracking_enabled=True
+            )
+            for i in range(1, 4)
+        ]
         contacts = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(max(1, events // 250))]
         with conn.cursor().copy("COPY customers (id, tenant_id, external_id, email, name, traits) FROM STDIN") as copy:
             for i, cid in enumerate(contacts):
-                copy.write_row((cid, tenant, f"u_{i}", f"user{i}@example.com", f"User Ñame {i}",
-                                json.dumps({"plan": "pro", "seats": i % 50, "company": "Ünïcode GmbH"})))
+                copy.write_row(
+                    (
+                        cid,
+                        tenant,
+                        f"u_{i}",
+                        f"user{i}@example.com",
+                        f"User Ñame {i}",
+                        json.dumps({"plan": "pro", "seats": i % 50, "company": "Ünïcode GmbH"}),
+                    )
+                )
         conn.adapters.register_dumper(JsonText, JsonTextBinaryDumper)
         # The export reads visitor_events and customers only: the tables derived on insert (rollups, visitor
         # summaries) are not maintained while seeding, which makes seeding several times faster.
@@ -91,16 +103,21 @@ def seed(dsn: str, events: int) -> tuple[uuid.UUID, float]:
         while done < events:
             n = min(CHUNK, events - done)
             rows: list[tuple[Any, ...]] = []
-            for b, body in enumerate(make_bodies(str(targets[(done // CHUNK) % len(targets)].id),
-                                                 -(-n // EVENTS_PER_BODY), seed=done)):
+            for b, body in enumerate(
+                make_bodies(str(targets[(done // CHUNK) % len(targets)].id), -(-n // EVENTS_PER_BODY), seed=done)
+            ):
                 body["widget_id"] = str(targets[b % len(targets)].id)
                 for rec in to_records(body, str(tenant), received):
                     row = list(copy_row(rec))
                     if rec["event_type"] == "identify" or len(rows) % 7 == 0:
                         row[_CUSTOMER] = contacts[rng.randrange(len(contacts))]
                     rows.append(tuple(row))
-            with conn.transaction(), conn.cursor().copy(
-                    f"COPY visitor_events ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            with (
+                conn.transaction(),
+                conn.cursor().copy(
+                    f"COPY visitor_events ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
                 for values in rows[:n]:
                     copy.write_row(values)
             done += n
@@ -141,9 +158,16 @@ def child(dsn: str, tenant: str, fmt: str, out: Path) -> dict[str, Any]:
     # The kernel's high-water mark catches a spike between two samples, but only counts if the export set it.
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     max_rss = max(peak[0], maxrss_after if maxrss_after > maxrss_before else 0)
-    return {"format": fmt, "seconds": seconds, "events": result.rows["events"], "contacts": result.rows["contacts"],
-            "archive_bytes": result.bytes, "baseline_rss_mb": baseline / 2**20,
-            "peak_rss_growth_mb": (max_rss - baseline) / 2**20, "manifest": result.manifest}
+    return {
+        "format": fmt,
+        "seconds": seconds,
+        "events": result.rows["events"],
+        "contacts": result.rows["contacts"],
+        "archive_bytes": result.bytes,
+        "baseline_rss_mb": baseline / 2**20,
+        "peak_rss_growth_mb": (max_rss - baseline) / 2**20,
+        "manifest": result.manifest,
+    }
 
 
 def verify(dsn: str, tenant: uuid.UUID, res: dict[str, Any], out: Path) -> list[str]:
@@ -151,8 +175,11 @@ def verify(dsn: str, tenant: uuid.UUID, res: dict[str, Any], out: Path) -> list[
     problems = []
     with psycopg.connect(dsn) as conn:
         events = conn.execute("SELECT count(*) FROM visitor_events WHERE tenant_id = %s", (tenant,)).fetchone()[0]
-        contacts = conn.execute("SELECT count(*) FROM customers c WHERE tenant_id = %s AND EXISTS"
-                                " (SELECT 1 FROM visitor_events e WHERE e.customer_id = c.id)", (tenant,)).fetchone()[0]
+        contacts = conn.execute(
+            "SELECT count(*) FROM customers c WHERE tenant_id = %s AND EXISTS"
+            " (SELECT 1 FROM visitor_events e WHERE e.customer_id = c.id)",
+            (tenant,),
+        ).fetchone()[0]
     if res["manifest"]["row_counts"] != {"events": events, "contacts": contacts}:
         problems.append(f"row counts {res['manifest']['row_counts']} != SQL {events}/{contacts}")
     with zipfile.ZipFile(out) as zf:
@@ -167,8 +194,12 @@ def verify(dsn: str, tenant: uuid.UUID, res: dict[str, Any], out: Path) -> list[
 
 
 def run_child(dsn: str, tenant: uuid.UUID, fmt: str, out: Path) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--child", fmt, "--dsn", dsn, "--tenant", str(tenant),
-                           "--out", str(out)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", fmt, "--dsn", dsn, "--tenant", str(tenant), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"export child ({fmt}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
@@ -198,16 +229,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res = run_child(pg.dsn, tenant, fmt, out)
             res["problems"] = verify(pg.dsn, tenant, res, out)
             res["rows_per_s"] = res["events"] / res["seconds"] if res["seconds"] else None
-            say(f"  {res['events']:,} events + {res['contacts']:,} contacts in {res['seconds']:.1f} s "
+            say(
+                f"  {res['events']:,} events + {res['contacts']:,} contacts in {res['seconds']:.1f} s "
                 f"({res['rows_per_s']:,.0f} events/s), archive {res['archive_bytes'] / 2**20:,.1f} MiB, "
-                f"peak RSS growth {res['peak_rss_growth_mb']:.1f} MB" + (f"; PROBLEMS {res['problems']}"
-                                                                        if res["problems"] else ""))
+                f"peak RSS growth {res['peak_rss_growth_mb']:.1f} MB"
+                + (f"; PROBLEMS {res['problems']}" if res["problems"] else "")
+            )
             del res["manifest"]
             runs.append(res)
             out.unlink()
-    return {"events": args.events, "seed_seconds": round(seed_s, 1), "runs": runs,
-            "target": {"peak_rss_growth_mb": TARGET_MB, "at_events": TARGET_AT_EVENTS},
-            "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {
+        "events": args.events,
+        "seed_seconds": round(seed_s, 1),
+        "runs": runs,
+        "target": {"peak_rss_growth_mb": TARGET_MB, "at_events": TARGET_AT_EVENTS},
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def table(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -216,10 +253,15 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ok = r["peak_rss_growth_mb"] <= TARGET_MB and not r["problems"]
         full = res["events"] >= TARGET_AT_EVENTS
         verdict = ("PASS" if ok else "FAIL") + ("" if full else f" (at {res['events']:,} events, not the 5M target)")
-        rows.append((f"export {r['format']}: {r['events']:,} events + {r['contacts']:,} contacts",
-                     f"{r['seconds']:.1f} s, {r['rows_per_s']:,.0f} events/s",
-                     f"{r['archive_bytes'] / 2**20:,.1f} MiB", f"{r['peak_rss_growth_mb']:.1f} MB (≤ {TARGET_MB:.0f} MB)",
-                     verdict))
+        rows.append(
+            (
+                f"export {r['format']}: {r['events']:,} events + {r['contacts']:,} contacts",
+                f"{r['seconds']:.1f} s, {r['rows_per_s']:,.0f} events/s",
+                f"{r['archive_bytes'] / 2**20:,.1f} MiB",
+                f"{r['peak_rss_growth_mb']:.1f} MB (≤ {TARGET_MB:.0f} MB)",
+                verdict,
+            )
+        )
     return rows
 
 

@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             stack = Stack(workdir, exit_stack, Profiler(args.py_spy), cpu)
             if set(sections) - {"codec"}:
                 stack.start_postgres()
-            for name, run in (("ingest", section_ingest), ("sink", section_sink), ("e2e", section_e2e),
-                              ("e2e-processors", section_e2e_processors)):
+            for name, run in (
+                ("ingest", section_ingest),
+                ("sink", section_sink),
+                ("e2e", section_e2e),
+                ("e2e-processors", section_e2e_processors),
+            ):
                 if name in sections:
                     t0 = time.monotonic()
                     try:
@@ -79,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:  # report the section as failed, carry on with the next
                         failed = True
                         say(f"[{name}] FAILED: {exc}")
-                        rows.append(Row(f"{name}: section failed", str(exc).splitlines()[0][:120], "-", "-", "-", "FAIL"))
+                        rows.append(
+                            Row(f"{name}: section failed", str(exc).splitlines()[0][:120], "-", "-", "-", "FAIL")
+                        )
                     say(f"[{name}] done in {time.monotonic() - t0:.0f}s")
             rows += processors_cost_rows(out)
             if "codec" in sections:
@@ -102,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     noisy = {phase: c["other_cores"] for phase, c in cpu.phases.items() if c["other_cores"] > NOISY_OTHER_CORES}
     if noisy:
-        print("\nWARNING: other processes were busy during " + ", ".join(f"{p} ({c:.2f} cores)" for p, c in noisy.items())
-              + ": on 2 cores this shows up as latency tails and lower rates; rerun on an idle machine to publish.")
+        print(
+            "\nWARNING: other processes were busy during "
+            + ", ".join(f"{p} ({c:.2f} cores)" for p, c in noisy.items())
+            + ": on 2 cores this shows up as latency tails and lower rates; rerun on an idle machine to publish."
+        )
     print(f"\nraw results: {RESULTS_DIR / 'pipeline.json'}; stage logs: {RESULTS_DIR / 'logs'}")
     return 1 if failed or any(r.result == "FAIL" for r in rows) else 0
 

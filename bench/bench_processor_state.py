@@ -53,12 +53,25 @@ class Messages:
         codec = EventCodec()
         self.widget = uuid.UUID(int=42)
         t = datetime(2026, 11, 24, 10, tzinfo=UTC)
-        events = [{
-            "event_id": EVENT_PLACEHOLDERS[i], "event_type": "pageview", "tenant_id": str(uuid.UUID(int=7)),
-            "widget_id": str(self.widget), "visitor_id": VISITOR_PLACEHOLDER, "name": None,
-            "url": f"https://shop.example.com/p/{i}", "referrer": None, "properties": "{}", "user_id": None,
-            "occurred_at": t + timedelta(seconds=40 * i), "received_at": t + timedelta(seconds=40 * i + 1),
-            "session_id": None, "customer_id": None} for i in range(EVENTS_PER_VISITOR)]
+        events = [
+            {
+                "event_id": EVENT_PLACEHOLDERS[i],
+                "event_type": "pageview",
+                "tenant_id": str(uuid.UUID(int=7)),
+                "widget_id": str(self.widget),
+                "visitor_id": VISITOR_PLACEHOLDER,
+                "name": None,
+                "url": f"https://shop.example.com/p/{i}",
+                "referrer": None,
+                "properties": "{}",
+                "user_id": None,
+                "occurred_at": t + timedelta(seconds=40 * i),
+                "received_at": t + timedelta(seconds=40 * i + 1),
+                "session_id": None,
+                "customer_id": None,
+            }
+            for i in range(EVENTS_PER_VISITOR)
+        ]
         self.template = codec.encode_batch(events)
 
     def message(self, n: int) -> tuple[bytes, bytes]:
@@ -121,8 +134,11 @@ def main() -> None:
             rss_start = rss_mib(pid)
             t0, done0 = time.perf_counter(), max(0.0, processed(port))
             sent, peak, report = warm, rss_start, 0.0
-            print(f"store {args.store}: {args.visitors:,} visitors, {total_events:,} events; RSS after "
-                  f"{warm:,} visitors {rss_start:.0f} MiB", flush=True)
+            print(
+                f"store {args.store}: {args.visitors:,} visitors, {total_events:,} events; RSS after "
+                f"{warm:,} visitors {rss_start:.0f} MiB",
+                flush=True,
+            )
             while time.monotonic() < deadline:
                 done = processed(port)
                 if done >= total_events:
@@ -156,15 +172,18 @@ def main() -> None:
             healthy_s = time.perf_counter() - started
             produce(producer, topics.raw_events, messages, args.visitors, 1)
             producer.flush(30)
-            wait_until(lambda: processed(port) >= EVENTS_PER_VISITOR, 600, "first event after recovery",
-                       interval=0.05)
+            wait_until(lambda: processed(port) >= EVENTS_PER_VISITOR, 600, "first event after recovery", interval=0.05)
             first_event_s = time.perf_counter() - started
         finally:
             worker.stop()
-    print("\n| store | visitors | events/s | RSS start → end (peak) | end/start | recovery: healthy | "
-          "recovery: first event processed |\n|---|---:|---:|---|---:|---:|---:|")
-    print(f"| {args.store} | {args.visitors:,} | {rate:,.0f} | {rss_start:.0f} → {rss_end:.0f} ({peak:.0f}) MiB "
-          f"| {rss_end / rss_start:.2f}x | {healthy_s:.1f} s | {first_event_s:.1f} s |")
+    print(
+        "\n| store | visitors | events/s | RSS start → end (peak) | end/start | recovery: healthy | "
+        "recovery: first event processed |\n|---|---:|---:|---|---:|---:|---:|"
+    )
+    print(
+        f"| {args.store} | {args.visitors:,} | {rate:,.0f} | {rss_start:.0f} → {rss_end:.0f} ({peak:.0f}) MiB "
+        f"| {rss_end / rss_start:.2f}x | {healthy_s:.1f} s | {first_event_s:.1f} s |"
+    )
     print(f"(logs in {work_dir()})")
 
 

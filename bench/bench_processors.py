@@ -67,6 +67,7 @@ class Message:
 
 # --- workload -----------------------------------------------------------------------------------------
 
+
 def workload(n_events: int, seed: int = 42) -> list[Message]:
     """Visitors of one widget browsing over a day: gaps of seconds to hours, each visitor's timeline cut into
     widget batches of 1..25 events (one raw message each), batches of many visitors interleaved."""
@@ -84,21 +85,30 @@ def workload(n_events: int, seed: int = 42) -> list[Message]:
         events = []
         for i in range(min(rng.randint(10, 90), n_events - made)):
             kind = "identify" if i == 7 else ("custom" if rng.random() < 0.12 else "pageview")
-            events.append({
-                "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "event_type": kind,
-                "tenant_id": str(tenant), "widget_id": str(widget), "visitor_id": visitor,
-                "name": "clicked_upgrade" if kind == "custom" else None,
-                "url": f"https://shop.example.com/p/{rng.randrange(50)}", "referrer": None,
-                "properties": '{"plan": "pro", "variant": "b"}' if kind != "pageview" else "{}",
-                "user_id": f"u_{rng.randrange(10**6)}" if kind == "identify" else None,
-                "occurred_at": t, "received_at": t + timedelta(seconds=1), "session_id": None, "customer_id": None,
-            })
+            events.append(
+                {
+                    "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                    "event_type": kind,
+                    "tenant_id": str(tenant),
+                    "widget_id": str(widget),
+                    "visitor_id": visitor,
+                    "name": "clicked_upgrade" if kind == "custom" else None,
+                    "url": f"https://shop.example.com/p/{rng.randrange(50)}",
+                    "referrer": None,
+                    "properties": '{"plan": "pro", "variant": "b"}' if kind != "pageview" else "{}",
+                    "user_id": f"u_{rng.randrange(10**6)}" if kind == "identify" else None,
+                    "occurred_at": t,
+                    "received_at": t + timedelta(seconds=1),
+                    "session_id": None,
+                    "customer_id": None,
+                }
+            )
             t += timedelta(seconds=rng.choice(gaps))
         made += len(events)
         batches, i = [], 0
         while i < len(events):
             n = rng.randint(1, 25)
-            batches.append(Message(key, codec.encode_batch(events[i:i + n]), len(events[i:i + n])))
+            batches.append(Message(key, codec.encode_batch(events[i : i + n]), len(events[i : i + n])))
             i += n
         per_visitor.append(batches)
     # interleave visitors' batches, each visitor's batches staying in time order
@@ -125,6 +135,7 @@ def count_events(messages: list[Message]) -> int:
 
 # --- infrastructure -----------------------------------------------------------------------------------
 
+
 @cache
 def work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="bench-processors-"))
@@ -147,9 +158,16 @@ def fresh_broker(name: str) -> Iterator[tuple[EmbeddedBroker, Settings, Topics]]
 
 def bench_settings(kafka: EmbeddedBroker, name: str) -> Settings:
     return Settings(
-        data_dir=work_dir() / name, kafka_bootstrap=kafka.bootstrap, topic_prefix=name, topic_partitions=PARTITIONS,
-        processors_app_id=f"bench-{name}", processors_web_port=free_port(), postgres_dsn="postgresql://unused",
-        consumer_session_timeout_ms=3000, consumer_heartbeat_interval_ms=500, log_level="WARNING",
+        data_dir=work_dir() / name,
+        kafka_bootstrap=kafka.bootstrap,
+        topic_prefix=name,
+        topic_partitions=PARTITIONS,
+        processors_app_id=f"bench-{name}",
+        processors_web_port=free_port(),
+        postgres_dsn="postgresql://unused",
+        consumer_session_timeout_ms=3000,
+        consumer_heartbeat_interval_ms=500,
+        log_level="WARNING",
     )
 
 
@@ -168,6 +186,7 @@ def preload(settings: Settings, topic: str, messages: list[Message]) -> None:
 
 
 # --- scenarios ----------------------------------------------------------------------------------------
+
 
 def passthrough(messages: list[Message]) -> float:
     """Events/s of moving the raw messages unchanged: every message consumed and produced, rate in events."""
@@ -196,8 +215,19 @@ def naive_agent(messages: list[Message]) -> float:
     with fresh_broker("naive") as (kafka, s, topics):
         preload(s, topics.raw_events, messages)
         out = subprocess.run(
-            [sys.executable, __file__, "--naive-worker", kafka.bootstrap, topics.raw_events, topics.enriched_events,
-             str(count_events(messages))], capture_output=True, text=True, timeout=180)
+            [
+                sys.executable,
+                __file__,
+                "--naive-worker",
+                kafka.bootstrap,
+                topics.raw_events,
+                topics.enriched_events,
+                str(count_events(messages)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         found = re.search(r"RESULT ([\d.]+)", out.stdout + out.stderr)  # faust may route print() to its log
         if not found:
             raise RuntimeError(f"naive agent failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -211,9 +241,17 @@ def run_naive_worker(bootstrap: str, raw: str, enriched: str, n: int) -> None:
     import faust
 
     codec = EventCodec()
-    app = faust.App(f"naive-{os.getpid()}", broker=f"kafka://{bootstrap}", store="memory://",
-                    topic_partitions=PARTITIONS, broker_session_timeout=3, broker_heartbeat_interval=0.5,
-                    consumer_auto_offset_reset="earliest", web_enabled=False, autodiscover=False)
+    app = faust.App(
+        f"naive-{os.getpid()}",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        topic_partitions=PARTITIONS,
+        broker_session_timeout=3,
+        broker_heartbeat_interval=0.5,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+    )
     source = app.topic(raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     sink = app.topic(enriched, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     last_seen = app.Table("last-seen", default=int, partitions=PARTITIONS, key_type=bytes)
@@ -281,6 +319,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 def _rate(ports: list[int], total: int, pids: list[int], name: str) -> float:
     """Events/s between the first and the last observation of the workers' processed-events counters (the
     events of batches finished before the first observation are excluded along with their time)."""
+
     def processed() -> float:
         return sum(scrape(p, "site_activity_processors_batch_events_sum") for p in ports)
 
@@ -306,26 +345,34 @@ def _healthy(port: int) -> bool:
 
 # --- report -------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--naive-events", type=int, default=20_000, help="the baseline is slow; fewer events")
     parser.add_argument("--only", default="passthrough,naive,x1,x2", help="comma-separated scenarios to run")
-    parser.add_argument("--py-spy", action="store_true",
-                        help="profile the workers while measured (bench/results/profiles; numbers not for publishing)")
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="profile the workers while measured (bench/results/profiles; numbers not for publishing)",
+    )
     args = parser.parse_args()
     if args.py_spy:
         global PROFILER
         from bench.harness import Profiler
+
         PROFILER = Profiler(True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so brokers and workers are stopped on the way out
     started = time.monotonic()
     messages = workload(args.events)
     naive_messages = prefix(messages, args.naive_events)
-    print(f"workload: {count_events(messages)} events in {len(messages)} messages, "
-          f"{len({m.key for m in messages})} visitors "
-          f"({time.monotonic() - started:.0f} s to build)", flush=True)
+    print(
+        f"workload: {count_events(messages)} events in {len(messages)} messages, "
+        f"{len({m.key for m in messages})} visitors "
+        f"({time.monotonic() - started:.0f} s to build)",
+        flush=True,
+    )
     scenarios = {
         "passthrough": ("passthrough (confluent consume->produce)", messages, passthrough),
         "naive": ("naive faust agent (1 table write + 1 send per event)", naive_messages, naive_agent),
@@ -341,8 +388,10 @@ def main() -> None:
 
     naive_rate = results["naive"][2] if "naive" in results else None
     limit = results["passthrough"][2] if "passthrough" in results else None
-    print("\n| scenario | events | events/s | vs naive agent | vs passthrough | events per CPU second of the process |"
-          "\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| scenario | events | events/s | vs naive agent | vs passthrough | events per CPU second of the process |"
+        "\n|---|---:|---:|---:|---:|---:|"
+    )
     for name, (label, n, rate) in results.items():
         vs_naive = f"{rate / naive_rate:.1f}x" if naive_rate else "-"
         vs_limit = f"{rate / limit:.0%}" if limit else "-"

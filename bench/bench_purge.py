@@ -94,7 +94,10 @@ def seed(dsn: str, targets: list[widgets.Widget], rows: int, now: datetime) -> f
     chunk = 200_000
     with psycopg.connect(dsn, autocommit=True) as conn:
         for first in range(0, rows, chunk):
-            with conn.transaction(), conn.cursor().copy(f"COPY visitor_events ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            with (
+                conn.transaction(),
+                conn.cursor().copy(f"COPY visitor_events ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
+            ):
                 copy.set_types(["uuid", "uuid", "uuid", "text", "text", "text", "timestamptz", "timestamptz"])
                 for i in range(first, min(first + chunk, rows)):
                     w = targets[i % len(targets)]
@@ -102,8 +105,18 @@ def seed(dsn: str, targets: list[widgets.Widget], rows: int, now: datetime) -> f
                     while any(abs(age - edge) < _BOUNDARY_GAP_US for edge in edges):
                         age = rng.randrange(span_us)
                     at = now - timedelta(microseconds=age)
-                    copy.write_row((w.id, uuid.UUID(int=rng.getrandbits(128), version=4), w.tenant_id,
-                                    f"v-{rng.randrange(50_000)}", "pageview", "https://shop.example/", at, at))
+                    copy.write_row(
+                        (
+                            w.id,
+                            uuid.UUID(int=rng.getrandbits(128), version=4),
+                            w.tenant_id,
+                            f"v-{rng.randrange(50_000)}",
+                            "pageview",
+                            "https://shop.example/",
+                            at,
+                            at,
+                        )
+                    )
             say(f"  seeded {min(first + chunk, rows):,} / {rows:,} rows")
         say("  VACUUM ANALYZE + CHECKPOINT")
         conn.execute("VACUUM ANALYZE visitor_events")
@@ -120,7 +133,8 @@ def counts(dsn: str, targets: list[widgets.Widget]) -> dict[str, dict[str, int]]
                 "SELECT count(*) FILTER (WHERE occurred_at < now() - make_interval(days => %s)),"
                 " count(*) FILTER (WHERE occurred_at >= now() - make_interval(days => %s))"
                 " FROM visitor_events WHERE widget_id = %s",
-                (w.event_retention_days, w.event_retention_days, w.id)).fetchone()  # type: ignore[misc]
+                (w.event_retention_days, w.event_retention_days, w.id),
+            ).fetchone()  # type: ignore[misc]
             out[str(w.id)] = {"retention_days": w.event_retention_days, "expired": old, "kept": kept}
     return out
 
@@ -193,9 +207,16 @@ def stack(workdir: Path) -> Iterator[tuple[EmbeddedPostgres, Settings]]:
         broker.start()
         stop.callback(broker.stop)
         migrate(pg.dsn)
-        settings = isolated_settings(broker.bootstrap, pg.dsn, workdir / "data",
-                                     topic_prefix="bench-purge", sink_group="bench-purge-sink", sink_from_enriched=False,
-                                     consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000)
+        settings = isolated_settings(
+            broker.bootstrap,
+            pg.dsn,
+            workdir / "data",
+            topic_prefix="bench-purge",
+            sink_group="bench-purge-sink",
+            sink_from_enriched=False,
+            consumer_session_timeout_ms=6000,
+            consumer_heartbeat_interval_ms=1000,
+        )
         ensure_topics(settings)
         yield pg, settings
 
@@ -227,12 +248,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api_settings = settings.model_copy(update={"topic_prefix": "bench-purge-api", "widget_cache_refresh_s": 1.0})
         ensure_topics(api_settings)
         with running_api(api_settings, Path(tmp) / "api.log", live) as api:
-            say(f"ingest baseline: {args.ingest_rate:g} requests/s ({args.ingest_rate * EVENTS_PER_BODY:,.0f} events/s)"
-                f" for {args.ingest_seconds:g} s, no purge")
+            say(
+                f"ingest baseline: {args.ingest_rate:g} requests/s ({args.ingest_rate * EVENTS_PER_BODY:,.0f} events/s)"
+                f" for {args.ingest_seconds:g} s, no purge"
+            )
             ingest_base = ingest_load(api, live, args, "ingest-baseline")
 
-            say(f"purge under load: producing another {sink_events:,} events; the purge starts once the sink writes"
-                f" them (duty cycle {args.duty_cycle:g})")
+            say(
+                f"purge under load: producing another {sink_events:,} events; the purge starts once the sink writes"
+                f" them (duty cycle {args.duty_cycle:g})"
+            )
             produce(settings, live, sink_events, seed=2)
             report: dict[str, PurgeReport] = {}
             ended = threading.Event()
@@ -260,25 +285,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 during_rate, during_s = meter.rate(p0, min(p1, sink_done))
         if "r" not in report:
             raise RuntimeError("the purge failed (see the log above)")
-        say(f"  purge: {report['r'].rows:,} rows in {p1 - p0:.1f} s; sink during it: {during_rate:,.0f} rows/s"
+        say(
+            f"  purge: {report['r'].rows:,} rows in {p1 - p0:.1f} s; sink during it: {during_rate:,.0f} rows/s"
             f" over {during_s:.1f} s; ingest p99 {ingest_during['latency_ms']['p99']} ms during it vs"
-            f" {ingest_base['latency_ms']['p99']} ms without")
+            f" {ingest_base['latency_ms']['p99']} ms without"
+        )
         after = counts(pg.dsn, targets)
 
     r = report["r"]
     left_expired = sum(c["expired"] for c in after.values())
     lost = sum(before[w]["kept"] - after[w]["kept"] for w in before)
     return {
-        "rows_seeded": args.rows, "span_days": SPAN_DAYS, "retentions": RETENTIONS, "widgets": len(targets),
-        "batch_rows": args.batch_rows, "seed_seconds": round(seed_s, 1), "expired_before": expired,
+        "rows_seeded": args.rows,
+        "span_days": SPAN_DAYS,
+        "retentions": RETENTIONS,
+        "widgets": len(targets),
+        "batch_rows": args.batch_rows,
+        "seed_seconds": round(seed_s, 1),
+        "expired_before": expired,
         "purge": {**r.summary(), "wall_seconds": round(p1 - p0, 3)},
         "duty_cycle": args.duty_cycle,
-        "ingest": {"rate_req_s": args.ingest_rate, "events_per_request": EVENTS_PER_BODY,
-                   "seconds": args.ingest_seconds, "baseline": _ingest_summary(ingest_base),
-                   "during_purge": _ingest_summary(ingest_during), "overlapped_purge": ingest_overlapped},
-        "sink": {"events_per_phase": sink_events, "baseline_rows_per_s": base_rate, "baseline_window_s": base_s,
-                 "during_purge_rows_per_s": during_rate, "during_purge_window_s": during_s,
-                 "ratio": during_rate / base_rate if base_rate else None},
+        "ingest": {
+            "rate_req_s": args.ingest_rate,
+            "events_per_request": EVENTS_PER_BODY,
+            "seconds": args.ingest_seconds,
+            "baseline": _ingest_summary(ingest_base),
+            "during_purge": _ingest_summary(ingest_during),
+            "overlapped_purge": ingest_overlapped,
+        },
+        "sink": {
+            "events_per_phase": sink_events,
+            "baseline_rows_per_s": base_rate,
+            "baseline_window_s": base_s,
+            "during_purge_rows_per_s": during_rate,
+            "during_purge_window_s": during_s,
+            "ratio": during_rate / base_rate if base_rate else None,
+        },
         "check": {"expired_left": left_expired, "kept_rows_lost": lost, "per_widget_after": after},
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -299,14 +341,32 @@ def running_api(settings: Settings, log: Path, widget: widgets.Widget) -> Iterat
 
 def ingest_load(port: int, widget: widgets.Widget, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """One open-loop run of bench/loadgen.py: answers and latency (ms) from each request's scheduled time."""
-    gen = Loadgen(label, port, str(widget.id), "--mode", "open", "--rate", f"{args.ingest_rate:g}",
-                  "--duration", f"{args.ingest_seconds:g}", "--warmup", "1", "--bodies", "2000")
+    gen = Loadgen(
+        label,
+        port,
+        str(widget.id),
+        "--mode",
+        "open",
+        "--rate",
+        f"{args.ingest_rate:g}",
+        "--duration",
+        f"{args.ingest_seconds:g}",
+        "--warmup",
+        "1",
+        "--bodies",
+        "2000",
+    )
     return gen.wait(timeout=args.ingest_seconds + 60)
 
 
 def _ingest_summary(res: dict[str, Any]) -> dict[str, Any]:
-    return {"requests_ok": res["requests_ok"], "errors": res["errors"], "statuses": res["statuses"],
-            "events_per_s": round(res["events_per_s"]), "latency_ms": res["latency_ms"]}
+    return {
+        "requests_ok": res["requests_ok"],
+        "errors": res["errors"],
+        "statuses": res["statuses"],
+        "events_per_s": round(res["events_per_s"]),
+        "latency_ms": res["latency_ms"],
+    }
 
 
 @contextlib.contextmanager
@@ -336,8 +396,10 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if s["during_purge_window_s"] < 2.0:  # a few samples at least; small --rows runs purge in a blink
         sink_verdict = "n/a (the purge was too short to sample the sink during it)"
     else:
-        sink_verdict = (f"{s['ratio']:.0%} ({'PASS' if s['ratio'] >= SINK_SLOWDOWN_TARGET else 'FAIL'} >= "
-                        f"{SINK_SLOWDOWN_TARGET:.0%})")
+        sink_verdict = (
+            f"{s['ratio']:.0%} ({'PASS' if s['ratio'] >= SINK_SLOWDOWN_TARGET else 'FAIL'} >= "
+            f"{SINK_SLOWDOWN_TARGET:.0%})"
+        )
     i = res["ingest"]
     base, during = i["baseline"], i["during_purge"]
     p99_base, p99_during = base["latency_ms"]["p99"], during["latency_ms"]["p99"]
@@ -347,15 +409,25 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ingest_ok = during["errors"] == 0 and p99_during is not None and p99_during < INGEST_P99_TARGET_MS
         ingest_verdict = f"{'PASS' if ingest_ok else 'FAIL'} (no errors, p99 < {INGEST_P99_TARGET_MS:.0f} ms)"
     return [
-        (f"purge: {res['rows_seeded']:,} events / {res['span_days']} d, retention 7/30/90/365, duty cycle "
-         f"{res['duty_cycle']:g}",
-         f"{p['rows']:,} rows removed in {p['seconds']:.1f} s", f"{p['rows_per_s']:,} rows/s",
-         "PASS" if ok else f"FAIL ({c['expired_left']} expired left, {c['kept_rows_lost']} kept rows lost)"),
-        ("sink write rate during the purge", f"{s['during_purge_rows_per_s']:,.0f} rows/s",
-         f"{s['baseline_rows_per_s']:,.0f} rows/s without a purge (same run)", sink_verdict),
-        (f"ingest during the purge ({i['rate_req_s'] * i['events_per_request']:,.0f} events/s, open loop)",
-         f"p50 {during['latency_ms']['p50']} ms, p99 {p99_during} ms, {during['errors']} non-204",
-         f"p50 {base['latency_ms']['p50']} ms, p99 {p99_base} ms without a purge (same run)", ingest_verdict),
+        (
+            f"purge: {res['rows_seeded']:,} events / {res['span_days']} d, retention 7/30/90/365, duty cycle "
+            f"{res['duty_cycle']:g}",
+            f"{p['rows']:,} rows removed in {p['seconds']:.1f} s",
+            f"{p['rows_per_s']:,} rows/s",
+            "PASS" if ok else f"FAIL ({c['expired_left']} expired left, {c['kept_rows_lost']} kept rows lost)",
+        ),
+        (
+            "sink write rate during the purge",
+            f"{s['during_purge_rows_per_s']:,.0f} rows/s",
+            f"{s['baseline_rows_per_s']:,.0f} rows/s without a purge (same run)",
+            sink_verdict,
+        ),
+        (
+            f"ingest during the purge ({i['rate_req_s'] * i['events_per_request']:,.0f} events/s, open loop)",
+            f"p50 {during['latency_ms']['p50']} ms, p99 {p99_during} ms, {during['errors']} non-204",
+            f"p50 {base['latency_ms']['p50']} ms, p99 {p99_base} ms without a purge (same run)",
+            ingest_verdict,
+        ),
     ]
 
 
@@ -364,8 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=5_000_000, help="events to seed (default 5,000,000)")
     p.add_argument("--sink-events", type=int, default=1_000_000, help="fresh events the sink writes per phase")
     p.add_argument("--batch-rows", type=int, default=10_000, help="rows per purge DELETE transaction")
-    p.add_argument("--duty-cycle", type=float, default=Settings().purge_duty_cycle,
-                   help="the purge's duty cycle (default: the product's purge_duty_cycle)")
+    p.add_argument(
+        "--duty-cycle",
+        type=float,
+        default=Settings().purge_duty_cycle,
+        help="the purge's duty cycle (default: the product's purge_duty_cycle)",
+    )
     p.add_argument("--ingest-rate", type=float, default=80.0, help="ingest requests/s (25 events each), open loop")
     p.add_argument("--ingest-seconds", type=float, default=15.0, help="seconds of each ingest measurement")
     args = p.parse_args(argv)

@@ -113,27 +113,44 @@ def stack(workdir: Path) -> Iterator[tuple[EmbeddedPostgres, Settings]]:
         broker.start()
         stop.callback(broker.stop)
         migrate(pg.dsn)
-        settings = Settings(data_dir=workdir / "data", kafka_bootstrap=broker.bootstrap, postgres_dsn=pg.dsn,
-                            topic_prefix="bench-webhooks", sink_group="bench-webhooks-sink", sink_from_enriched=False,
-                            webhooks_group="bench-webhooks", webhooks_allow_private_urls=True,
-                            sink_http_port=free_port(), webhooks_http_port=free_port(), http_port=free_port(),
-                            processors_web_port=free_port(), consumer_session_timeout_ms=6000,
-                            consumer_heartbeat_interval_ms=1000)
+        settings = Settings(
+            data_dir=workdir / "data",
+            kafka_bootstrap=broker.bootstrap,
+            postgres_dsn=pg.dsn,
+            topic_prefix="bench-webhooks",
+            sink_group="bench-webhooks-sink",
+            sink_from_enriched=False,
+            webhooks_group="bench-webhooks",
+            webhooks_allow_private_urls=True,
+            sink_http_port=free_port(),
+            webhooks_http_port=free_port(),
+            http_port=free_port(),
+            processors_web_port=free_port(),
+            consumer_session_timeout_ms=6000,
+            consumer_heartbeat_interval_ms=1000,
+        )
         ensure_topics(settings)
         yield pg, settings
 
 
 @contextlib.contextmanager
 def running(settings: Settings, workdir: Path, receiver_port: int, receiver_file: Path) -> Iterator[dict[str, int]]:
-    recv = subprocess.Popen([sys.executable, __file__, "--receiver", str(receiver_port), str(receiver_file)],
-                            stdout=open(workdir / "receiver.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            start_new_session=True)
+    recv = subprocess.Popen(
+        [sys.executable, __file__, "--receiver", str(receiver_port), str(receiver_file)],
+        stdout=open(workdir / "receiver.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     stages = [StageProcess(s, settings, workdir / f"{s}.log") for s in ("sink", "webhooks")]
     try:
         for stage in stages:
             stage.start()
-        wait_until(lambda: healthy(settings.sink_http_port) and healthy(settings.webhooks_http_port), 60,
-                   "sink and webhooks", interval=0.2)
+        wait_until(
+            lambda: healthy(settings.sink_http_port) and healthy(settings.webhooks_http_port),
+            60,
+            "sink and webhooks",
+            interval=0.2,
+        )
         wait_until(lambda: _port_open(receiver_port), 30, "receiver", interval=0.1)
         yield {"webhooks": stages[1].pid, "sink": stages[0].pid, "receiver": recv.pid}  # type: ignore[dict-item]
     finally:
@@ -190,8 +207,11 @@ def stage_metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     wanted = ("_total", "_sum", "_count")
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-            if line.startswith("site_activity_webhooks") and line.split(" ")[0].split("{")[0].endswith(wanted)}
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("site_activity_webhooks") and line.split(" ")[0].split("{")[0].endswith(wanted)
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -205,67 +225,106 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port, got = free_port(), work / "arrivals.tsv"
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             w = widgets.create_widget(conn, name="bench", actor="bench", tracking_enabled=True)
-            ep, _ = endpoints.create_endpoint(conn, w.tenant_id, f"http://127.0.0.1:{port}/hook", actor="bench",
-                                              allow_private=True)
+            ep, _ = endpoints.create_endpoint(
+                conn, w.tenant_id, f"http://127.0.0.1:{port}/hook", actor="bench", allow_private=True
+            )
         with running(settings, work, port, got) as pids:
             # Warm-up (another widget of the tenant): both consumer groups have joined and fetched before the
             # measured events start, so group start-up is not counted as webhook latency.
             with psycopg.connect(pg.dsn, autocommit=True) as conn:
-                warm = widgets.create_widget(conn, name="warm-up", tenant_id=w.tenant_id, actor="bench",
-                                             tracking_enabled=True)
+                warm = widgets.create_widget(
+                    conn, name="warm-up", tenant_id=w.tenant_id, actor="bench", tracking_enabled=True
+                )
             warm_sent = produce_paced(settings, warm, EVENTS_PER_BODY * 10, 1.0, seed=10**9)
             wait_until(lambda: len(arrivals(got)) >= warm_sent, 120, "warm-up deliveries", interval=0.2)
             say(f"steady phase: {args.rate:,.0f} events/s for {args.seconds:.0f} s")
             t0 = datetime.now(UTC)
             sent = produce_paced(settings, w, args.rate, args.seconds)
-            wait_until(lambda: len({e for e, _ in arrivals(got)}) >= warm_sent + sent, max(60.0, args.seconds * 3),
-                       f"{sent:,} first deliveries", interval=0.5)
+            wait_until(
+                lambda: len({e for e, _ in arrivals(got)}) >= warm_sent + sent,
+                max(60.0, args.seconds * 3),
+                f"{sent:,} first deliveries",
+                interval=0.5,
+            )
             first: dict[str, float] = {}
             for event_id, at in arrivals(got):
                 first.setdefault(event_id, at)
             with psycopg.connect(pg.dsn, autocommit=True) as conn:
-                commits = {str(r[0]): r[1].timestamp() for r in conn.execute(
-                    "SELECT event_id, pg_xact_commit_timestamp(xmin) FROM visitor_events WHERE widget_id = %s",
-                    (w.id,))}
+                commits = {
+                    str(r[0]): r[1].timestamp()
+                    for r in conn.execute(
+                        "SELECT event_id, pg_xact_commit_timestamp(xmin) FROM visitor_events WHERE widget_id = %s",
+                        (w.id,),
+                    )
+                }
                 # When the reader queued the delivery (its transaction's start; the rest is the dispatcher's).
-                queued_at = {str(r[0]): r[1].timestamp() for r in conn.execute(
-                    "SELECT event_id, created_at FROM webhook_deliveries WHERE endpoint_id = %s AND widget_id = %s",
-                    (ep.id, w.id))}
+                queued_at = {
+                    str(r[0]): r[1].timestamp()
+                    for r in conn.execute(
+                        "SELECT event_id, created_at FROM webhook_deliveries WHERE endpoint_id = %s AND widget_id = %s",
+                        (ep.id, w.id),
+                    )
+                }
             latencies = [first[e] - commits[e] for e in commits if e in first]
             to_queue = [queued_at[e] - commits[e] for e in commits if e in queued_at]
             to_send = [first[e] - queued_at[e] for e in queued_at if e in first]
-            say(f"  row commit -> queued: p50 {statistics.median(to_queue):.3f} s, p95 {percentile(to_queue, 0.95):.3f} s;"
-                f" queued -> first attempt: p50 {statistics.median(to_send):.3f} s, p95 {percentile(to_send, 0.95):.3f} s")
-            say(f"  {len(latencies):,} events: p50 {statistics.median(latencies):.3f} s,"
-                f" p95 {percentile(latencies, 0.95):.3f} s, max {max(latencies):.3f} s")
+            say(
+                f"  row commit -> queued: p50 {statistics.median(to_queue):.3f} s, p95 {percentile(to_queue, 0.95):.3f} s;"
+                f" queued -> first attempt: p50 {statistics.median(to_send):.3f} s, p95 {percentile(to_send, 0.95):.3f} s"
+            )
+            say(
+                f"  {len(latencies):,} events: p50 {statistics.median(latencies):.3f} s,"
+                f" p95 {percentile(latencies, 0.95):.3f} s, max {max(latencies):.3f} s"
+            )
 
             say("throughput phase: replay of the whole steady phase")
             before = len(arrivals(got))
             r0 = time.time()
             with psycopg.connect(pg.dsn, autocommit=True) as conn:
-                queued = endpoints.replay(conn, w.tenant_id, ep.id, t0 - timedelta(minutes=5),
-                                          datetime.now(UTC) + timedelta(minutes=5), actor="bench")
-            wait_until(lambda: len(arrivals(got)) - before >= queued, max(60.0, queued / 100),
-                       f"{queued:,} replayed deliveries", interval=0.5)
+                queued = endpoints.replay(
+                    conn,
+                    w.tenant_id,
+                    ep.id,
+                    t0 - timedelta(minutes=5),
+                    datetime.now(UTC) + timedelta(minutes=5),
+                    actor="bench",
+                )
+            wait_until(
+                lambda: len(arrivals(got)) - before >= queued,
+                max(60.0, queued / 100),
+                f"{queued:,} replayed deliveries",
+                interval=0.5,
+            )
             replayed = arrivals(got)[before:]
             span = max(at for _, at in replayed) - r0
             say(f"  {queued:,} deliveries in {span:.2f} s: {queued / span:,.0f}/s")
             metrics = stage_metrics(settings.webhooks_http_port)
             cpu = cpu_seconds(pids)
-            say(f"  CPU seconds over all phases: {cpu}; webhooks stage:"
-                f" {cpu['webhooks'] * 1000 / (warm_sent + sent + queued):.2f} ms per delivery")
+            say(
+                f"  CPU seconds over all phases: {cpu}; webhooks stage:"
+                f" {cpu['webhooks'] * 1000 / (warm_sent + sent + queued):.2f} ms per delivery"
+            )
     return {
-        "offered_events_per_s": args.rate, "seconds": args.seconds, "events": sent,
-        "first_attempt_latency_s": {"n": len(latencies), "p50": statistics.median(latencies),
-                                    "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
-                                    "max": max(latencies)},
+        "offered_events_per_s": args.rate,
+        "seconds": args.seconds,
+        "events": sent,
+        "first_attempt_latency_s": {
+            "n": len(latencies),
+            "p50": statistics.median(latencies),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
+            "max": max(latencies),
+        },
         "row_commit_to_queued_s": {"p50": statistics.median(to_queue), "p95": percentile(to_queue, 0.95)},
         "queued_to_first_attempt_s": {"p50": statistics.median(to_send), "p95": percentile(to_send, 0.95)},
         "replay": {"deliveries": queued, "seconds": span, "deliveries_per_s": queued / span},
         "stage_metrics": metrics,
         "cpu_seconds": cpu,
-        "settings": {"endpoint_concurrency": settings.webhooks_endpoint_concurrency,
-                     "max_in_flight": settings.webhooks_max_in_flight, "broker": broker_kind(settings)},
+        "settings": {
+            "endpoint_concurrency": settings.webhooks_endpoint_concurrency,
+            "max_in_flight": settings.webhooks_max_in_flight,
+            "broker": broker_kind(settings),
+        },
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -274,11 +333,19 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     lat, rep = res["first_attempt_latency_s"], res["replay"]
     verdict = "PASS" if lat["p95"] <= P95_TARGET_S else "FAIL"
     return [
-        (f"webhooks: first attempt after row commit, {res['offered_events_per_s']:,.0f} events/s x "
-         f"{res['seconds']:.0f} s, 1 endpoint", f"p95 {lat['p95']:.2f} s (p50 {lat['p50']:.2f}, max {lat['max']:.2f})",
-         f"target p95 <= {P95_TARGET_S:g} s", verdict),
-        ("webhooks: deliveries/s to a fast local receiver (replayed backlog, 1 endpoint)",
-         f"{rep['deliveries_per_s']:,.0f}/s", f"{rep['deliveries']:,} in {rep['seconds']:.1f} s", "-"),
+        (
+            f"webhooks: first attempt after row commit, {res['offered_events_per_s']:,.0f} events/s x "
+            f"{res['seconds']:.0f} s, 1 endpoint",
+            f"p95 {lat['p95']:.2f} s (p50 {lat['p50']:.2f}, max {lat['max']:.2f})",
+            f"target p95 <= {P95_TARGET_S:g} s",
+            verdict,
+        ),
+        (
+            "webhooks: deliveries/s to a fast local receiver (replayed backlog, 1 endpoint)",
+            f"{rep['deliveries_per_s']:,.0f}/s",
+            f"{rep['deliveries']:,} in {rep['seconds']:.1f} s",
+            "-",
+        ),
     ]
 
 

@@ -29,11 +29,20 @@ from schemas.codec import SCHEMA_DIR, VISITOR_EVENT, AvroCodec
 def sample_record() -> dict[str, Any]:
     at = datetime(2026, 11, 24, 8, 0, 5, 120_000, tzinfo=UTC)
     return {
-        "event_id": str(uuid.uuid4()), "event_type": "custom", "tenant_id": str(uuid.uuid4()),
-        "widget_id": str(uuid.uuid4()), "visitor_id": "v_5f1c2a9e0b7d4c3a", "name": "clicked_upgrade",
-        "url": "https://shop.example.com/pricing", "referrer": "https://www.google.com/",
-        "properties": '{"plan":"pro","position":5,"variant":"b"}', "user_id": None,
-        "occurred_at": at, "received_at": at, "session_id": None, "customer_id": None,
+        "event_id": str(uuid.uuid4()),
+        "event_type": "custom",
+        "tenant_id": str(uuid.uuid4()),
+        "widget_id": str(uuid.uuid4()),
+        "visitor_id": "v_5f1c2a9e0b7d4c3a",
+        "name": "clicked_upgrade",
+        "url": "https://shop.example.com/pricing",
+        "referrer": "https://www.google.com/",
+        "properties": '{"plan":"pro","position":5,"variant":"b"}',
+        "user_id": None,
+        "occurred_at": at,
+        "received_at": at,
+        "session_id": None,
+        "customer_id": None,
     }
 
 
@@ -92,16 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         legacy = args.lib == "avro-python3"
         encode = apache_encoder(codec.header, legacy)
-        datum = {**record, "occurred_at": _micros(record["occurred_at"]),
-                 "received_at": _micros(record["received_at"])} if legacy else record
+        datum = (
+            {**record, "occurred_at": _micros(record["occurred_at"]), "received_at": _micros(record["received_at"])}
+            if legacy
+            else record
+        )
     import_from = sys.modules["fastavro" if args.lib == "fastavro" else "avro"].__file__
     if encode(datum) != expected:
         print(json.dumps({"lib": args.lib, "error": "encoded bytes differ from schemas.codec (fastavro)"}))
         return 1
     count, elapsed = measure(encode, datum, args.seconds)
-    print(json.dumps({"lib": args.lib, "encodes": count, "seconds": round(elapsed, 3),
-                      "encodes_per_s": count / elapsed, "bytes": len(expected), "module": import_from,
-                      "version": version(args.lib)}))
+    print(
+        json.dumps(
+            {
+                "lib": args.lib,
+                "encodes": count,
+                "seconds": round(elapsed, 3),
+                "encodes_per_s": count / elapsed,
+                "bytes": len(expected),
+                "module": import_from,
+                "version": version(args.lib),
+            }
+        )
+    )
     return 0
 
 

@@ -102,10 +102,16 @@ class CpuMeter:
         finally:
             wall = time.monotonic() - t0
             ours, machine = (self._ours() - ours0) / wall, (self._machine() - all0) / wall
-            self.phases[phase] = {"seconds": round(wall, 2), "bench_cores": round(ours, 2),
-                                  "other_cores": round(max(machine - ours, 0.0), 2), "cpus": psutil.cpu_count() or 0}
-            say(f"    [{phase}] CPU: this benchmark {ours:.2f} cores, other processes {max(machine - ours, 0):.2f} "
-                f"cores (of {psutil.cpu_count()})")
+            self.phases[phase] = {
+                "seconds": round(wall, 2),
+                "bench_cores": round(ours, 2),
+                "other_cores": round(max(machine - ours, 0.0), 2),
+                "cpus": psutil.cpu_count() or 0,
+            }
+            say(
+                f"    [{phase}] CPU: this benchmark {ours:.2f} cores, other processes {max(machine - ours, 0):.2f} "
+                f"cores (of {psutil.cpu_count()})"
+            )
 
 
 class Profiler:
@@ -129,11 +135,32 @@ class Profiler:
         if not self.enabled:
             yield
             return
-        spies = [(proc, subprocess.Popen(
-            [self.exe, "record", "--pid", str(proc.pid), "--rate", "100", "--nonblocking", "--idle", "--threads",
-             "--format", "raw",
-             "--output", str(self.dir / f"{name}-{proc.stage}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for proc in procs if proc.pid]
+        spies = [
+            (
+                proc,
+                subprocess.Popen(
+                    [
+                        self.exe,
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--rate",
+                        "100",
+                        "--nonblocking",
+                        "--idle",
+                        "--threads",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(self.dir / f"{name}-{proc.stage}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+            )
+            for proc in procs
+            if proc.pid
+        ]
         try:
             yield
         finally:
@@ -169,10 +196,19 @@ class Profiler:
         lines = [f"{grand} samples at 100 Hz (idle included), {len(threads)} thread(s)"]
         for name, stats in sorted(threads.items(), key=lambda kv: -kv[1]["total"][""]):
             total = stats["total"][""]
-            lines += ["", f"== {name}: {100 * total / grand:.1f}% of samples", "self %  function (share of this thread)"]
-            lines += [f"{100 * c / total:5.1f}  {f}" for f, c in sorted(stats["self"].items(), key=lambda kv: -kv[1])[:top]]
+            lines += [
+                "",
+                f"== {name}: {100 * total / grand:.1f}% of samples",
+                "self %  function (share of this thread)",
+            ]
+            lines += [
+                f"{100 * c / total:5.1f}  {f}" for f, c in sorted(stats["self"].items(), key=lambda kv: -kv[1])[:top]
+            ]
             lines += ["incl %  function"]
-            lines += [f"{100 * c / total:5.1f}  {f}" for f, c in sorted(stats["incl"].items(), key=lambda kv: -kv[1])[:top * 2]]
+            lines += [
+                f"{100 * c / total:5.1f}  {f}"
+                for f, c in sorted(stats["incl"].items(), key=lambda kv: -kv[1])[: top * 2]
+            ]
         raw.with_suffix(".summary.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -191,14 +227,20 @@ def bare_produce(settings: Settings, topic: str, messages: list[tuple[bytes, byt
             say(f"    [{label}] {i:,} messages queued")
     flush_or_raise(producer, 120, reports)
     elapsed = time.perf_counter() - start
-    return {"messages": len(messages), "seconds": round(elapsed, 3), "msgs_per_s": len(messages) / elapsed,
-            "avg_bytes": sum(len(v) for _, v in messages) / len(messages)}
+    return {
+        "messages": len(messages),
+        "seconds": round(elapsed, 3),
+        "msgs_per_s": len(messages) / elapsed,
+        "avg_bytes": sum(len(v) for _, v in messages) / len(messages),
+    }
 
 
 class Loadgen:
     """bench/loadgen.py as a child process; its marker lines are handed to a callback from a reader thread."""
 
-    def __init__(self, label: str, port: int, widget: str, *options: str, on_marker: Callable[[str, float], None] | None = None):
+    def __init__(
+        self, label: str, port: int, widget: str, *options: str, on_marker: Callable[[str, float], None] | None = None
+    ):
         cmd = [sys.executable, str(LOADGEN), "--port", str(port), "--widget", widget, "--label", label, *options]
         if on_marker is not None:
             cmd.append("--markers")
@@ -243,13 +285,17 @@ class Loadgen:
 def post_until_accepted(port: int, body: dict[str, Any], timeout: float = 30.0) -> None:
     """The API learns about widgets from a periodically refreshed cache: retry until it accepts the batch."""
     raw = http_request(body, port)
-    payload = raw[raw.index(b"\r\n\r\n") + 4:]
+    payload = raw[raw.index(b"\r\n\r\n") + 4 :]
     last = ""
 
     def accepted() -> bool:
         nonlocal last
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/widget/track", data=payload,
-                                     headers={"Content-Type": "text/plain"}, method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/widget/track",
+            data=payload,
+            headers={"Content-Type": "text/plain"},
+            method="POST",
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return bool(resp.status == 204)
@@ -265,8 +311,15 @@ def post_until_accepted(port: int, body: dict[str, Any], timeout: float = 30.0) 
 
 def wait_rows(dsn: str, widget_id: str, expected: int, timeout: float) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        wait_until(lambda: conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s",
-                                        (widget_id,)).fetchone()[0] >= expected, timeout, f"{expected} rows", 0.2)
+        wait_until(
+            lambda: (
+                conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchone()[0]
+                >= expected
+            ),
+            timeout,
+            f"{expected} rows",
+            0.2,
+        )
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -291,16 +344,24 @@ def markdown_table(rows: list[Row]) -> str:
 
 def environment() -> dict[str, Any]:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
     except OSError:
         rev = ""
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform(), "git": rev,
-            "loadavg_at_start": os.getloadavg()}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git": rev,
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
-def report(name: str, res: dict[str, Any], header: tuple[str, ...], rows: Sequence[Sequence[str]],
-           verdict_column: int) -> int:
+def report(
+    name: str, res: dict[str, Any], header: tuple[str, ...], rows: Sequence[Sequence[str]], verdict_column: int
+) -> int:
     """Writes bench/results/<name>.json, prints the rows as a markdown table (for the README) and returns the exit
     status: 1 when any row's verdict column says FAIL."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

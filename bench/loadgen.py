@@ -59,7 +59,7 @@ class Connection(asyncio.Protocol):
         at = head.find(_CONTENT_LENGTH)
         if at >= 0:
             stop = head.find(b"\r\n", at + 2)
-            length = int(head[at + len(_CONTENT_LENGTH): stop if stop >= 0 else None])
+            length = int(head[at + len(_CONTENT_LENGTH) : stop if stop >= 0 else None])
         if len(self.buf) < end + 4 + length:
             return
         del self.buf[: end + 4 + length]
@@ -111,7 +111,9 @@ class Stats:
             self.marker_lines.clear()
 
 
-async def send(conn: Connection, data: bytes, t_sched: float, marker: str | None, stats: Stats, port: int) -> Connection:
+async def send(
+    conn: Connection, data: bytes, t_sched: float, marker: str | None, stats: Stats, port: int
+) -> Connection:
     """Sends one request; returns a usable connection (a fresh one if this one broke)."""
     try:
         status: int | str = await conn.request(data)
@@ -141,8 +143,9 @@ async def closed_loop(reqs: list[tuple[bytes, str]], args: argparse.Namespace, s
     await asyncio.gather(*(client() for _ in range(args.clients)))
 
 
-async def open_loop(reqs: list[tuple[bytes, str]], args: argparse.Namespace, stats: Stats, start: float,
-                    stop_at: float) -> None:
+async def open_loop(
+    reqs: list[tuple[bytes, str]], args: argparse.Namespace, stats: Stats, start: float, stop_at: float
+) -> None:
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for conn in await asyncio.gather(*(connect(args.port) for _ in range(args.clients))):
         idle.put_nowait(conn)
@@ -184,7 +187,9 @@ async def progress(stats: Stats, args: argparse.Namespace) -> None:
         now = time.monotonic()
         rate = (stats.done - last) / (now - t_last) * EVENTS_PER_BODY
         last, t_last = stats.done, now
-        print(f"    [{args.label}] {stats.done:>7} requests answered, {rate:>9,.0f} events/s", file=sys.stderr, flush=True)
+        print(
+            f"    [{args.label}] {stats.done:>7} requests answered, {rate:>9,.0f} events/s", file=sys.stderr, flush=True
+        )
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -205,7 +210,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stop_at = measure_from + args.duration
     # Warmup requests are sent but not recorded: the API's first requests pay for connection setup and caches.
     asyncio.get_running_loop().call_at(
-        asyncio.get_running_loop().time() + args.warmup, lambda: setattr(stats, "recording", True))
+        asyncio.get_running_loop().time() + args.warmup, lambda: setattr(stats, "recording", True)
+    )
     if args.warmup <= 0:
         stats.recording = True
     if args.mode == "closed":
@@ -224,15 +230,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     lat = sorted(stats.latencies)
     ok = len(lat)
     return {
-        "mode": args.mode, "clients": args.clients, "rate_req_s": args.rate if args.mode == "open" else None,
-        "window_s": round(window, 3), "t_start": measure_from, "t_end": end,
-        "requests_ok": ok, "events_ok": ok * EVENTS_PER_BODY,
-        "statuses": dict(stats.statuses), "errors": sum(n for s, n in stats.statuses.items() if s != "204"),
+        "mode": args.mode,
+        "clients": args.clients,
+        "rate_req_s": args.rate if args.mode == "open" else None,
+        "window_s": round(window, 3),
+        "t_start": measure_from,
+        "t_end": end,
+        "requests_ok": ok,
+        "events_ok": ok * EVENTS_PER_BODY,
+        "statuses": dict(stats.statuses),
+        "errors": sum(n for s, n in stats.statuses.items() if s != "204"),
         "req_per_s": ok / window if window > 0 else 0.0,
         "events_per_s": ok * EVENTS_PER_BODY / window if window > 0 else 0.0,
-        "latency_ms": {name: (round(v * 1000, 2) if v is not None else None)
-                       for name, v in (("p50", percentile(lat, 0.50)), ("p90", percentile(lat, 0.90)),
-                                       ("p99", percentile(lat, 0.99)), ("max", lat[-1] if lat else None))},
+        "latency_ms": {
+            name: (round(v * 1000, 2) if v is not None else None)
+            for name, v in (
+                ("p50", percentile(lat, 0.50)),
+                ("p90", percentile(lat, 0.90)),
+                ("p99", percentile(lat, 0.99)),
+                ("max", lat[-1] if lat else None),
+            )
+        },
         "per_second": per_second,
         # The generator's own CPU (cores), to check it is not what limits the server on a small machine.
         "client_cores": round(cpu_used / (end - start), 3),
@@ -252,8 +270,15 @@ def per_second_view(stats: Stats, origin: float) -> list[dict[str, Any]]:
     out = []
     for second in sorted(buckets):
         values = sorted(buckets[second])
-        out.append({"s": second, "ok": len(values), "p50_ms": round(percentile(values, 0.5) * 1000, 1),  # type: ignore[operator]
-                    "p99_ms": round(percentile(values, 0.99) * 1000, 1), "max_ms": round(values[-1] * 1000, 1)})  # type: ignore[operator]
+        out.append(
+            {
+                "s": second,
+                "ok": len(values),
+                "p50_ms": round(percentile(values, 0.5) * 1000, 1),  # type: ignore[operator]
+                "p99_ms": round(percentile(values, 0.99) * 1000, 1),  # type: ignore[operator]
+                "max_ms": round(values[-1] * 1000, 1),
+            }
+        )
     return out
 
 

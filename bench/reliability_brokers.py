@@ -123,9 +123,15 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         pg.start()
         migrate(pg.dsn)
         settings = isolated_settings(
-            cluster.bootstrap, pg.dsn, work, embedded_broker="kafka",
-            topic_replication_factor=3, topic_min_insync_replicas=2,
-            consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000, widget_cache_refresh_s=1.0,
+            cluster.bootstrap,
+            pg.dsn,
+            work,
+            embedded_broker="kafka",
+            topic_replication_factor=3,
+            topic_min_insync_replicas=2,
+            consumer_session_timeout_ms=6000,
+            consumer_heartbeat_interval_ms=1000,
+            widget_cache_refresh_s=1.0,
         )
         ensure_topics(settings)
         with psycopg.connect(pg.dsn) as conn:
@@ -134,11 +140,11 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         sup.start()
         stack.callback(sup.stop)
         api = settings.api_origin
-        for url in (f"{api}/healthz", settings.health_url("processors"),
-                    settings.health_url("sink")):
+        for url in (f"{api}/healthz", settings.health_url("processors"), settings.health_url("sink")):
             wait_until(lambda url=url: healthy(url), 120, url, interval=0.5)
 
         done = threading.Event()
+
         def watch() -> None:
             while not done.wait(1.0):
                 sup.check()
@@ -152,11 +158,34 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
         seed = random.randrange(2**31)
         load_out = open(work / "loadgen.out", "w")  # written by the load generator until it ends  # noqa: SIM115
         load = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(settings.http_port),
-             "--widget", str(w.id), "--mode", "open", "--rate", str(rate), "--duration", str(LOAD_S),
-             "--clients", "64", "--bodies", str(requests + 10), "--max-requests", str(requests),
-             "--seed", str(seed), "--markers", "--grace", "20"],
-            stdout=load_out, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                str(ROOT / "bench" / "loadgen.py"),
+                "--port",
+                str(settings.http_port),
+                "--widget",
+                str(w.id),
+                "--mode",
+                "open",
+                "--rate",
+                str(rate),
+                "--duration",
+                str(LOAD_S),
+                "--clients",
+                "64",
+                "--bodies",
+                str(requests + 10),
+                "--max-requests",
+                str(requests),
+                "--seed",
+                str(seed),
+                "--markers",
+                "--grace",
+                "20",
+            ],
+            stdout=load_out,
+            stderr=subprocess.DEVNULL,
+        )
         t0 = time.monotonic()
         victims = [1] if scenario == "one" else [1, 2]
         probe_ids: list[str] = []
@@ -166,8 +195,12 @@ def run_scenario(scenario: str, rate: float, run: int, keep: bool) -> Outcome:
             cluster.kill(v)
         say(f"[{scenario}#{run}] SIGKILLed broker(s) {[v + 1 for v in victims]}")
         if scenario == "two":
-            probes = [threading.Thread(target=probe_writes, args=(api, str(w.id), t0 + RESTART_AT_S, out.probes, probe_ids, i))
-                      for i in range(4)]
+            probes = [
+                threading.Thread(
+                    target=probe_writes, args=(api, str(w.id), t0 + RESTART_AT_S, out.probes, probe_ids, i)
+                )
+                for i in range(4)
+            ]
             time.sleep(SETTLE_S)
             for p in probes:
                 p.start()
@@ -212,13 +245,21 @@ def parse_loadgen(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
     return result, acked
 
 
-def check_rows(out: Outcome, dsn: str, w: widgets.Widget, acked: set[uuid.UUID], sent: set[uuid.UUID],
-               load_done: float) -> None:
+def check_rows(
+    out: Outcome, dsn: str, w: widgets.Widget, acked: set[uuid.UUID], sent: set[uuid.UUID], load_done: float
+) -> None:
     """Waits (up to 3 minutes) for every acknowledged event to be a row, then compares with the references."""
     with psycopg.connect(dsn, autocommit=True) as db:
+
         def stored() -> set[uuid.UUID]:
-            return {r[0] for r in db.execute("SELECT event_id FROM visitor_events WHERE widget_id = %s "
-                                             "AND event_type <> 'session_start'", (w.id,))}
+            return {
+                r[0]
+                for r in db.execute(
+                    "SELECT event_id FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
+                    (w.id,),
+                )
+            }
+
         with contextlib.suppress(TimeoutError):
             wait_until(lambda: acked <= stored(), 180, "acknowledged events in Postgres", interval=2)
         out.catchup_s = round(time.monotonic() - load_done, 1)
@@ -230,20 +271,30 @@ def check_rows(out: Outcome, dsn: str, w: widgets.Widget, acked: set[uuid.UUID],
         out.unknown_rows = len(rows - sent)
         out.duplicates = db.execute(
             "SELECT count(*) FROM (SELECT event_id FROM visitor_events WHERE widget_id = %s "
-            "GROUP BY event_id HAVING count(*) > 1) d", (w.id,)).fetchone()[0]
+            "GROUP BY event_id HAVING count(*) > 1) d",
+            (w.id,),
+        ).fetchone()[0]
         expected = {(v, t) for v, t in db.execute(REFERENCE_SQL, (w.id,))}
-        starts = [(v, t) for v, t in db.execute("SELECT visitor_id, occurred_at FROM visitor_events WHERE "
-                                                "widget_id = %s AND event_type = 'session_start'", (w.id,))]
+        starts = [
+            (v, t)
+            for v, t in db.execute(
+                "SELECT visitor_id, occurred_at FROM visitor_events WHERE "
+                "widget_id = %s AND event_type = 'session_start'",
+                (w.id,),
+            )
+        ]
         wrong_session = events_outside_their_session(db, w)
         out.sessions_ok = set(starts) == expected and len(starts) == len(expected) and wrong_session == 0
-        identifies = db.execute("SELECT visitor_id, user_id, customer_id FROM visitor_events WHERE widget_id = %s "
-                                "AND event_type = 'identify'", (w.id,)).fetchall()
+        identifies = db.execute(
+            "SELECT visitor_id, user_id, customer_id FROM visitor_events WHERE widget_id = %s "
+            "AND event_type = 'identify'",
+            (w.id,),
+        ).fetchall()
         contact = {v: customer_id_for(w.tenant_id, u) for v, u, _ in identifies}
         wrong_contact = sum(1 for v, _, c in identifies if c != contact[v])
         # Every event of a visitor who identified carries the contact (events before the identify in the same
         # request included); visitors whose identify was never stored are not judged here.
-        for v, c in db.execute("SELECT visitor_id, customer_id FROM visitor_events WHERE widget_id = %s",
-                               (w.id,)):
+        for v, c in db.execute("SELECT visitor_id, customer_id FROM visitor_events WHERE widget_id = %s", (w.id,)):
             if v in contact and c != contact[v]:
                 wrong_contact += 1
         out.links_ok = wrong_contact == 0
@@ -255,8 +306,10 @@ def events_outside_their_session(db: psycopg.Connection, w: widgets.Widget) -> i
     wrong = 0
     current: tuple[str, Any] = ("", None)
     for visitor, kind, session in db.execute(
-            "SELECT visitor_id, event_type, session_id FROM visitor_events WHERE widget_id = %s "
-            "ORDER BY visitor_id, occurred_at, event_type <> 'session_start'", (w.id,)):
+        "SELECT visitor_id, event_type, session_id FROM visitor_events WHERE widget_id = %s "
+        "ORDER BY visitor_id, occurred_at, event_type <> 'session_start'",
+        (w.id,),
+    ):
         if kind == "session_start":
             current = (visitor, session)
         elif current != (visitor, session):
@@ -298,22 +351,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outcomes: list[Outcome] = []
     for run in range(1, args.runs + 1):
-        for scenario in (["one", "two"] if args.scenario == "both" else [args.scenario]):
+        for scenario in ["one", "two"] if args.scenario == "both" else [args.scenario]:
             o = run_scenario(scenario, args.rate, run, args.keep)
             outcomes.append(o)
             say(f"[{scenario}#{run}] {'PASS' if o.ok else 'FAIL'} {json.dumps(o.__dict__ | {'ok': o.ok})}")
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "reliability_brokers.json").write_text(
-        json.dumps([o.__dict__ | {"ok": o.ok} for o in outcomes], indent=2) + "\n")
-    print("\n| scenario | requests 204 | events 204 | 503 | rows | acked lost | duplicates | sessions/links "
-          "| 204 with 2 down | probes | stage restarts | result |")
+        json.dumps([o.__dict__ | {"ok": o.ok} for o in outcomes], indent=2) + "\n"
+    )
+    print(
+        "\n| scenario | requests 204 | events 204 | 503 | rows | acked lost | duplicates | sessions/links "
+        "| 204 with 2 down | probes | stage restarts | result |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
-        print(f"| {o.scenario} | {o.requests_204} | {o.events_204} | {o.statuses.get('503', 0)} | {o.rows} | "
-              f"{o.missing} | {o.duplicates} | {'ok' if o.sessions_ok and o.links_ok else 'WRONG'} | "
-              f"{o.acked_while_two_down if o.scenario == 'two' else '-'} | {o.probes or '-'} | "
-              f"{sum(o.stage_restarts.values())} | {'PASS' if o.ok else 'FAIL: ' + '; '.join(o.problems)} |")
+        print(
+            f"| {o.scenario} | {o.requests_204} | {o.events_204} | {o.statuses.get('503', 0)} | {o.rows} | "
+            f"{o.missing} | {o.duplicates} | {'ok' if o.sessions_ok and o.links_ok else 'WRONG'} | "
+            f"{o.acked_while_two_down if o.scenario == 'two' else '-'} | {o.probes or '-'} | "
+            f"{sum(o.stage_restarts.values())} | {'PASS' if o.ok else 'FAIL: ' + '; '.join(o.problems)} |"
+        )
     return 0 if all(o.ok for o in outcomes) else 1
 
 

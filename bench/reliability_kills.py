@@ -71,6 +71,7 @@ class Stage:
     def _healthy(self) -> bool:
         import urllib.error
         import urllib.request
+
         if not self.proc.alive():
             raise RuntimeError(f"{self.name} exited:\n{self.proc.log_tail()}")
         try:
@@ -127,16 +128,24 @@ def kill_schedule(duration: float, processors: int, sink: int) -> list[tuple[flo
 
 def count_rows(dsn: str, widget_id: str) -> dict[uuid.UUID, int]:
     with psycopg.connect(dsn) as conn:
-        return dict(conn.execute(
-            "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' "
-            "GROUP BY event_id", (widget_id,)).fetchall())
+        return dict(
+            conn.execute(
+                "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' "
+                "GROUP BY event_id",
+                (widget_id,),
+            ).fetchall()
+        )
 
 
 def session_start_duplicates(dsn: str, widget_id: str) -> int:
     with psycopg.connect(dsn) as conn:
-        return int(conn.execute(
-            "SELECT count(*) FROM (SELECT session_id FROM visitor_events WHERE widget_id = %s "
-            "AND event_type = 'session_start' GROUP BY session_id HAVING count(*) > 1) d", (widget_id,)).fetchone()[0])
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM (SELECT session_id FROM visitor_events WHERE widget_id = %s "
+                "AND event_type = 'session_start' GROUP BY session_id HAVING count(*) > 1) d",
+                (widget_id,),
+            ).fetchone()[0]
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,15 +154,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with infrastructure(workdir, args.kafka_bootstrap) as (bootstrap, dsn):
         tag = uuid.uuid4().hex[:8]
         # The dev stack's defaults; only addresses, names and ports are set here.
-        s = isolated_settings(bootstrap, dsn, workdir / "data", topic_prefix=f"rel-{tag}", sink_group=f"rel-sink-{tag}",
-                              processors_app_id=f"rel-proc-{tag}")
+        s = isolated_settings(
+            bootstrap,
+            dsn,
+            workdir / "data",
+            topic_prefix=f"rel-{tag}",
+            sink_group=f"rel-sink-{tag}",
+            processors_app_id=f"rel-proc-{tag}",
+        )
         ensure_topics(s)
         with psycopg.connect(dsn) as conn:
             w = widgets.create_widget(conn, name="reliability", actor="bench", tracking_enabled=True)
         widget_id = str(w.id)
-        stages = {"api": Stage("api", s, workdir),
-                  "processors": Stage("processors", s, workdir),
-                  "sink": Stage("sink", s, workdir)}
+        stages = {
+            "api": Stage("api", s, workdir),
+            "processors": Stage("processors", s, workdir),
+            "sink": Stage("sink", s, workdir),
+        }
         try:
             for stage in stages.values():
                 say(f"starting {stage.name}")
@@ -164,8 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stage.stop()
 
 
-def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: str, stages: dict[str, Stage],
-                   workdir: Path) -> dict[str, Any]:
+def _load_and_kill(
+    args: argparse.Namespace, s: Settings, dsn: str, widget_id: str, stages: dict[str, Stage], workdir: Path
+) -> dict[str, Any]:
     probe = make_bodies(widget_id, 1, seed=args.seed + 1)[0]
     post_until_accepted(s.http_port, probe)
     n_bodies = int(args.rate * args.duration) + 100  # every request a body of its own: unique event ids
@@ -188,11 +206,30 @@ def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: s
 
     threading.Thread(target=sampler, daemon=True).start()
     schedule = kill_schedule(args.duration, args.processors_kills, args.sink_kills)
-    say(f"open loop: {args.rate} requests/s x 25 events for {args.duration:.0f}s; kills at "
-        + ", ".join(f"{t:.0f}s {name}" for t, name in schedule))
-    load = Loadgen("reliability", s.http_port, widget_id, "--mode", "open", "--rate", str(args.rate),
-                   "--duration", str(args.duration), "--clients", "64", "--bodies", str(n_bodies),
-                   "--seed", str(args.seed), "--grace", "30", on_marker=on_marker)
+    say(
+        f"open loop: {args.rate} requests/s x 25 events for {args.duration:.0f}s; kills at "
+        + ", ".join(f"{t:.0f}s {name}" for t, name in schedule)
+    )
+    load = Loadgen(
+        "reliability",
+        s.http_port,
+        widget_id,
+        "--mode",
+        "open",
+        "--rate",
+        str(args.rate),
+        "--duration",
+        str(args.duration),
+        "--clients",
+        "64",
+        "--bodies",
+        str(n_bodies),
+        "--seed",
+        str(args.seed),
+        "--grace",
+        "30",
+        on_marker=on_marker,
+    )
     started = time.monotonic()
     try:
         for at, name in schedule:
@@ -219,15 +256,21 @@ def _load_and_kill(args: argparse.Namespace, s: Settings, dsn: str, widget_id: s
     report = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "broker": args.kafka_bootstrap or broker_kind(Settings()),
-        "duration_s": args.duration, "rate_req_s": args.rate,
+        "duration_s": args.duration,
+        "rate_req_s": args.rate,
         "kills": {name: stage.kills for name, stage in stages.items()},
-        "events_204": len(wanted), "rows": sum(rows.values()), "distinct_event_rows": len(rows),
-        "lost": len(lost), "lost_sample": sorted(map(str, lost))[:10],
+        "events_204": len(wanted),
+        "rows": sum(rows.values()),
+        "distinct_event_rows": len(rows),
+        "lost": len(lost),
+        "lost_sample": sorted(map(str, lost))[:10],
         "rows_not_answered_204": len(rows.keys() - wanted),  # e.g. requests that landed but timed out client-side
         "duplicate_rows": sum(n - 1 for n in rows.values() if n > 1),
         "duplicate_session_starts": session_start_duplicates(dsn, widget_id),
         "peak_rss_mb": {name: round(stage.peak_rss / 2**20, 1) for name, stage in stages.items()},
-        "repair_fired": repairs, "non_204": result["errors"], "workdir": str(workdir),
+        "repair_fired": repairs,
+        "non_204": result["errors"],
+        "workdir": str(workdir),
     }
     return report
 
@@ -248,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS_DIR / f"reliability-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    say(f"{'OK' if report['lost'] == 0 and report['duplicate_rows'] == 0 else 'FAILED'}: "
+    say(
+        f"{'OK' if report['lost'] == 0 and report['duplicate_rows'] == 0 else 'FAILED'}: "
         f"{report['events_204']} events answered 204, {report['lost']} lost, {report['duplicate_rows']} duplicate rows;"
-        f" written to {out}")
+        f" written to {out}"
+    )
     return 0 if report["lost"] == 0 and report["duplicate_rows"] == 0 else 1
 
 

@@ -29,15 +29,25 @@ def _event(rng: random.Random, index: int, at: datetime) -> dict[str, Any]:
     """A realistic mix per batch: mostly pageviews, a few custom events, one identify."""
     base: dict[str, Any] = {
         "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "occurred_at": (at + timedelta(milliseconds=40 * index)).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "occurred_at": (at + timedelta(milliseconds=40 * index))
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
         "url": "https://shop.example.com" + rng.choice(_PAGES),
     }
     if index == EVENTS_PER_BODY - 1:
-        return {**base, "type": "identify", "user_id": f"u_{rng.randrange(10**6)}",
-                "traits": {"email": "someone@example.com", "plan": "pro", "seats": 5}}
+        return {
+            **base,
+            "type": "identify",
+            "user_id": f"u_{rng.randrange(10**6)}",
+            "traits": {"email": "someone@example.com", "plan": "pro", "seats": 5},
+        }
     if index % 6 == 5:
-        return {**base, "type": "custom", "name": "clicked_upgrade",
-                "properties": {"plan": rng.choice(["pro", "team"]), "position": index, "variant": "b"}}
+        return {
+            **base,
+            "type": "custom",
+            "name": "clicked_upgrade",
+            "properties": {"plan": rng.choice(["pro", "team"]), "position": index, "variant": "b"},
+        }
     return {**base, "type": "pageview", "referrer": rng.choice(_REFERRERS)}
 
 
@@ -61,8 +71,10 @@ def make_bodies(widget_id: str, count: int, seed: int) -> list[dict[str, Any]]:
 def http_request(body: dict[str, Any], port: int) -> bytes:
     """The raw HTTP/1.1 keep-alive request, as the widget sends it (text/plain: no CORS preflight)."""
     payload = orjson.dumps(body)
-    head = (f"POST {TRACK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/plain;charset=UTF-8\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n")
+    head = (
+        f"POST {TRACK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/plain;charset=UTF-8\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
     return head.encode() + payload
 
 
@@ -75,16 +87,28 @@ def to_records(body: dict[str, Any], tenant_id: str, received_at: datetime) -> l
     sent_at = _parse_time(body["sent_at"])
     records: list[VisitorEvent] = []
     for ev in body["events"]:
-        props = ev.get("properties") if ev["type"] == "custom" else ev.get("traits") if ev["type"] == "identify" else None
+        props = (
+            ev.get("properties") if ev["type"] == "custom" else ev.get("traits") if ev["type"] == "identify" else None
+        )
         occurred = min(received_at - (sent_at - _parse_time(ev["occurred_at"])), received_at)
-        records.append({
-            "event_id": ev["event_id"], "event_type": ev["type"], "tenant_id": tenant_id,
-            "widget_id": body["widget_id"], "visitor_id": body["visitor_id"], "name": ev.get("name"),
-            "url": ev.get("url"), "referrer": ev.get("referrer"),
-            "properties": json.dumps(props, separators=(",", ":"), ensure_ascii=False) if props else "{}",
-            "user_id": ev.get("user_id"), "occurred_at": occurred, "received_at": received_at,
-            "session_id": None, "customer_id": None,
-        })
+        records.append(
+            {
+                "event_id": ev["event_id"],
+                "event_type": ev["type"],
+                "tenant_id": tenant_id,
+                "widget_id": body["widget_id"],
+                "visitor_id": body["visitor_id"],
+                "name": ev.get("name"),
+                "url": ev.get("url"),
+                "referrer": ev.get("referrer"),
+                "properties": json.dumps(props, separators=(",", ":"), ensure_ascii=False) if props else "{}",
+                "user_id": ev.get("user_id"),
+                "occurred_at": occurred,
+                "received_at": received_at,
+                "session_id": None,
+                "customer_id": None,
+            }
+        )
     return records
 
 
@@ -104,15 +128,33 @@ def encoded_batches(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[
     request (the enriched topic has the same shape)."""
     codec = EventCodec()
     received_at = datetime.now(UTC)
-    return [(event_key(body["widget_id"], body["visitor_id"]),
-             codec.encode_batch(sorted(to_records(body, tenant_id, received_at), key=lambda r: r["occurred_at"])))
-            for body in bodies]
+    return [
+        (
+            event_key(body["widget_id"], body["visitor_id"]),
+            codec.encode_batch(sorted(to_records(body, tenant_id, received_at), key=lambda r: r["occurred_at"])),
+        )
+        for body in bodies
+    ]
 
 
 # --- rows for the bare COPY ------------------------------------------------------------------------
 
-COPY_COLUMNS = ("widget_id", "event_id", "tenant_id", "visitor_id", "event_type", "name", "url", "referrer",
-                "properties", "user_id", "customer_id", "session_id", "occurred_at", "received_at")
+COPY_COLUMNS = (
+    "widget_id",
+    "event_id",
+    "tenant_id",
+    "visitor_id",
+    "event_type",
+    "name",
+    "url",
+    "referrer",
+    "properties",
+    "user_id",
+    "customer_id",
+    "session_id",
+    "occurred_at",
+    "received_at",
+)
 
 
 class JsonText(str):
@@ -128,6 +170,19 @@ class JsonTextBinaryDumper(Dumper):
 
 
 def copy_row(rec: VisitorEvent) -> tuple[Any, ...]:
-    return (uuid.UUID(str(rec["widget_id"])), uuid.UUID(str(rec["event_id"])), uuid.UUID(str(rec["tenant_id"])),
-            rec["visitor_id"], rec["event_type"], rec["name"], rec["url"], rec["referrer"],
-            JsonText(rec["properties"]), rec["user_id"], None, None, rec["occurred_at"], rec["received_at"])
+    return (
+        uuid.UUID(str(rec["widget_id"])),
+        uuid.UUID(str(rec["event_id"])),
+        uuid.UUID(str(rec["tenant_id"])),
+        rec["visitor_id"],
+        rec["event_type"],
+        rec["name"],
+        rec["url"],
+        rec["referrer"],
+        JsonText(rec["properties"]),
+        rec["user_id"],
+        None,
+        None,
+        rec["occurred_at"],
+        rec["received_at"],
+    )

@@ -35,8 +35,17 @@ def _plain_progress() -> Progress:
     return show
 
 
-def run_export(settings: Settings, *, tenant: uuid.UUID, widget: uuid.UUID | None, from_: str | None,
-               to: str | None, fmt: Format, out: Path, actor: str | None) -> int:
+def run_export(
+    settings: Settings,
+    *,
+    tenant: uuid.UUID,
+    widget: uuid.UUID | None,
+    from_: str | None,
+    to: str | None,
+    fmt: Format,
+    out: Path,
+    actor: str | None,
+) -> int:
     flt = make_filter(tenant, widget, from_, to)
     export_id = uuid.uuid4()
     out = out.resolve()
@@ -46,20 +55,36 @@ def run_export(settings: Settings, *, tenant: uuid.UUID, widget: uuid.UUID | Non
         if sys.stderr.isatty():
             result = _with_bar(settings, flt, fmt, tmp, export_id)
         else:
-            result = write_bundle(settings.postgres_dsn, flt, fmt, tmp, export_id=export_id,
-                                  on_progress=_plain_progress())
+            result = write_bundle(
+                settings.postgres_dsn, flt, fmt, tmp, export_id=export_id, on_progress=_plain_progress()
+            )
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     with connect(settings.postgres_dsn, autocommit=True) as conn, conn.transaction():
-        audit(conn, actor=actor or f"cli:{getpass.getuser()}", action="export.written", tenant_id=tenant,
-              entity="export", entity_id=str(export_id), old=None,
-              new={"format": fmt, **flt.public(), "row_counts": result.rows, "bytes": result.bytes,
-                   "sha256": result.sha256, "out": str(out)})
+        audit(
+            conn,
+            actor=actor or f"cli:{getpass.getuser()}",
+            action="export.written",
+            tenant_id=tenant,
+            entity="export",
+            entity_id=str(export_id),
+            old=None,
+            new={
+                "format": fmt,
+                **flt.public(),
+                "row_counts": result.rows,
+                "bytes": result.bytes,
+                "sha256": result.sha256,
+                "out": str(out),
+            },
+        )
     counts = result.rows
-    print(f"wrote {out} ({result.bytes:,} bytes, sha256 {result.sha256}): {counts['events']:,} events, "
-          f"{counts['contacts']:,} contacts in {result.seconds:.1f} s")
+    print(
+        f"wrote {out} ({result.bytes:,} bytes, sha256 {result.sha256}): {counts['events']:,} events, "
+        f"{counts['contacts']:,} contacts in {result.seconds:.1f} s"
+    )
     return 0
 
 
@@ -76,12 +101,25 @@ def _with_bar(settings: Settings, flt: object, fmt: Format, tmp: Path, export_id
     )
 
     tasks: dict[str, TaskID] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+
         def show(name: str, done: int, total: int) -> None:
             if name not in tasks:
                 tasks[name] = progress.add_task(name, total=total)
             progress.update(tasks[name], completed=done)
 
-        return write_bundle(settings.postgres_dsn, flt, fmt, tmp, export_id=export_id,  # type: ignore[arg-type]
-                            on_progress=show)
+        return write_bundle(
+            settings.postgres_dsn,
+            flt,  # type: ignore[arg-type]
+            fmt,
+            tmp,
+            export_id=export_id,
+            on_progress=show,
+        )

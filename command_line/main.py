@@ -78,8 +78,9 @@ def _widgets(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings.postgres_dsn) as conn:
         action = args.widgets_action
         if action == "create":
-            w = widgets.create_widget(conn, name=args.name, actor=args.actor, tenant_id=args.tenant,
-                                      tenant_name=args.tenant_name)
+            w = widgets.create_widget(
+                conn, name=args.name, actor=args.actor, tenant_id=args.tenant, tenant_name=args.tenant_name
+            )
             print(w.id)
             return 0
         if action == "list":
@@ -89,8 +90,10 @@ def _widgets(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(f"{'id':36}  {'tenant':36}  {'tracking':8}  {'retention':9}  name")
                 for w in rows:
-                    print(f"{w.id!s:36}  {w.tenant_id!s:36}  {'on' if w.tracking_enabled else 'off':8}  "
-                          f"{w.event_retention_days:>5} d    {w.name}")
+                    print(
+                        f"{w.id!s:36}  {w.tenant_id!s:36}  {'on' if w.tracking_enabled else 'off':8}  "
+                        f"{w.event_retention_days:>5} d    {w.name}"
+                    )
             return 0
         if action == "show":
             print(json.dumps(widgets.get_widget(conn, args.widget_id).public(), indent=2))
@@ -113,17 +116,21 @@ def _events_recent(args: argparse.Namespace, settings: Settings) -> int:
 
     from site_activity.db import connect
 
-    sql = ("SELECT received_at, occurred_at, event_type, coalesce(name, user_id, ''), url, visitor_id,"
-           " session_id, customer_id FROM visitor_events WHERE (%(w)s::uuid IS NULL OR widget_id = %(w)s)"
-           " AND received_at > %(since)s ORDER BY received_at DESC, occurred_at DESC, (event_type = 'session_start') LIMIT %(n)s")
+    sql = (
+        "SELECT received_at, occurred_at, event_type, coalesce(name, user_id, ''), url, visitor_id,"
+        " session_id, customer_id FROM visitor_events WHERE (%(w)s::uuid IS NULL OR widget_id = %(w)s)"
+        " AND received_at > %(since)s ORDER BY received_at DESC, occurred_at DESC, (event_type = 'session_start') LIMIT %(n)s"
+    )
     since = "-infinity"
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         while True:
             rows = conn.execute(sql, {"w": args.widget, "since": since, "n": args.limit}).fetchall()
             for _rx, at, kind, label, url, visitor, session, customer in reversed(rows):
-                print(f"{at:%Y-%m-%d %H:%M:%S}  {kind:13}  {label[:24]:24}  {url or '':50}  visitor={visitor[:8]}"
-                      f"  session={str(session)[:8] if session else '-'}  contact={str(customer)[:8] if customer else '-'}",
-                      flush=True)
+                print(
+                    f"{at:%Y-%m-%d %H:%M:%S}  {kind:13}  {label[:24]:24}  {url or '':50}  visitor={visitor[:8]}"
+                    f"  session={str(session)[:8] if session else '-'}  contact={str(customer)[:8] if customer else '-'}",
+                    flush=True,
+                )
             if rows:
                 since = rows[0][0]
             if not args.follow:
@@ -164,8 +171,10 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
         if action == "create":
             key, secret = accounts.create_key(conn, args.tenant, args.email, args.name, actor=args.actor or args.email)
             print(secret)
-            print(f"API key {key.id} ({key.prefix}…) for {key.email}: the secret above is shown only now.",
-                  file=sys.stderr)
+            print(
+                f"API key {key.id} ({key.prefix}…) for {key.email}: the secret above is shown only now.",
+                file=sys.stderr,
+            )
         elif action == "revoke":
             accounts.revoke_key(conn, args.tenant, args.key_id, actor=args.actor)
             print(f"revoked {args.key_id}")
@@ -188,10 +197,20 @@ def _login_link(args: argparse.Namespace, settings: Settings) -> int:
         print(f"--next must be a path on the console (like /site-activity), not {args.next!r}", file=sys.stderr)
         return 2
     with connect(settings.postgres_dsn, autocommit=True) as conn:
-        print(accounts.login_link(conn, settings.console_origin, args.tenant, args.email,
-                                  settings.console_login_link_ttl_s, next_path=args.next))
-    print(f"one-time sign-in link for {args.email}; expires in {settings.console_login_link_ttl_s // 60} minutes",
-          file=sys.stderr)
+        print(
+            accounts.login_link(
+                conn,
+                settings.console_origin,
+                args.tenant,
+                args.email,
+                settings.console_login_link_ttl_s,
+                next_path=args.next,
+            )
+        )
+    print(
+        f"one-time sign-in link for {args.email}; expires in {settings.console_login_link_ttl_s // 60} minutes",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -205,11 +224,20 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        purge_every(settings.postgres_dsn, settings.purge_interval_s, stop,
-                    batch_rows=args.batch_rows or settings.purge_batch_rows, duty_cycle=settings.purge_duty_cycle)
+        purge_every(
+            settings.postgres_dsn,
+            settings.purge_interval_s,
+            stop,
+            batch_rows=args.batch_rows or settings.purge_batch_rows,
+            duty_cycle=settings.purge_duty_cycle,
+        )
         return 0
-    run_with_progress(settings.postgres_dsn, batch_rows=args.batch_rows or settings.purge_batch_rows,
-                      dry_run=args.dry_run, duty_cycle=settings.purge_duty_cycle)
+    run_with_progress(
+        settings.postgres_dsn,
+        batch_rows=args.batch_rows or settings.purge_batch_rows,
+        dry_run=args.dry_run,
+        duty_cycle=settings.purge_duty_cycle,
+    )
     return 0
 
 
@@ -220,8 +248,7 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings.postgres_dsn, autocommit=True) as conn:
         notify = erasure.kafka_notifier(settings)
         if args.erase_kind == "visitor":
-            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor,
-                                         notify=notify)
+            done = erasure.erase_visitor(conn, args.tenant, args.widget, args.visitor, actor=args.actor, notify=notify)
         else:
             done = erasure.erase_contact(conn, args.tenant, args.contact, actor=args.actor, notify=notify)
     print(json.dumps(done.public(), indent=2))
@@ -232,8 +259,16 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     from command_line.export import run_export
 
-    return run_export(settings, tenant=args.tenant, widget=args.widget, from_=args.from_, to=args.to,
-                      fmt=args.format, out=args.out, actor=args.actor)
+    return run_export(
+        settings,
+        tenant=args.tenant,
+        widget=args.widget,
+        from_=args.from_,
+        to=args.to,
+        fmt=args.format,
+        out=args.out,
+        actor=args.actor,
+    )
 
 
 # --- rollups (read surfaces, issue 12) ---------------------------------------------------------------------
@@ -253,8 +288,10 @@ def _rollups(args: argparse.Namespace, settings: Settings) -> int:
     bad = {w: tables for w, tables in bad.items() if tables}
     for w, tables in bad.items():
         print(f"{w}: differs in {', '.join(tables)}")
-    print(f"{len(widget_ids) - len(bad)} of {len(widget_ids)} widget(s) exact"
-          + ("" if not bad else "; run `site-activity rollups rebuild` to repair"))
+    print(
+        f"{len(widget_ids) - len(bad)} of {len(widget_ids)} widget(s) exact"
+        + ("" if not bad else "; run `site-activity rollups rebuild` to repair")
+    )
     return 1 if bad else 0
 
 
@@ -262,8 +299,16 @@ def _rollups(args: argparse.Namespace, settings: Settings) -> int:
 def _lag(args: argparse.Namespace, settings: Settings) -> int:
     from site_activity.lag import run_cli
 
-    return run_cli(settings, as_json=args.json, watch=args.watch, serve=args.serve, groups=args.group,
-                   interval_s=args.interval, samples=args.samples, port=args.port)
+    return run_cli(
+        settings,
+        as_json=args.json,
+        watch=args.watch,
+        serve=args.serve,
+        groups=args.group,
+        interval_s=args.interval,
+        samples=args.samples,
+        port=args.port,
+    )
 
 
 def _add_lag_parser(sub: argparse._SubParsersAction) -> None:
@@ -271,13 +316,21 @@ def _add_lag_parser(sub: argparse._SubParsersAction) -> None:
     lag.set_defaults(func=_lag)
     lag.add_argument("--json", action="store_true", help="JSON (one document per evaluation)")
     lag.add_argument("--watch", action="store_true", help="re-evaluate every --interval seconds until Ctrl-C")
-    lag.add_argument("--serve", action="store_true",
-                     help="Prometheus exporter: /metrics on --port (default SITE_ACTIVITY_LAG_EXPORTER_PORT)")
+    lag.add_argument(
+        "--serve",
+        action="store_true",
+        help="Prometheus exporter: /metrics on --port (default SITE_ACTIVITY_LAG_EXPORTER_PORT)",
+    )
     lag.add_argument("--group", action="append", default=[], help="also watch this consumer group (repeatable)")
-    lag.add_argument("--interval", type=float,
-                     help="seconds between evaluations (default: 1 one-shot, SITE_ACTIVITY_LAG_INTERVAL_S otherwise)")
+    lag.add_argument(
+        "--interval",
+        type=float,
+        help="seconds between evaluations (default: 1 one-shot, SITE_ACTIVITY_LAG_INTERVAL_S otherwise)",
+    )
     lag.add_argument("--samples", type=int, default=3, help="one-shot: evaluations taken before printing")
     lag.add_argument("--port", type=int)
+
+
 # --- end issue 13: consumer lag -------------------------------------------------------------------------------
 
 
@@ -291,8 +344,7 @@ def _uuid_arg(value: str) -> uuid.UUID:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="site-activity", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="run the whole pipeline on the embedded stack").set_defaults(
-        func=_dev)
+    sub.add_parser("dev", help="run the whole pipeline on the embedded stack").set_defaults(func=_dev)
     sub.add_parser("api", help="run the ingest API (uvicorn)").set_defaults(func=_api)
     sub.add_parser("sink", help="run the Kafka -> Postgres sink").set_defaults(func=_sink)
     sub.add_parser("processors", help="run the faust stream processors").set_defaults(func=_processors)
@@ -305,29 +357,39 @@ def build_parser() -> argparse.ArgumentParser:
     pg.set_defaults(func=_purge)
     pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
-    pg.add_argument("--loop", action="store_true",
-                    help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)")
+    pg.add_argument(
+        "--loop",
+        action="store_true",
+        help="run now and then every SITE_ACTIVITY_PURGE_INTERVAL_S until stopped (a scheduler's job)",
+    )
     # --- rollups (read surfaces, issue 12) ---
     ru = sub.add_parser("rollups", help="dashboard rollups: rebuild from the raw events, or check they are exact")
     rusub = ru.add_subparsers(dest="rollups_action", required=True)
-    for name, help_ in (("rebuild", "recompute from visitor_events (blocks the sink's writes while it runs)"),
-                        ("check", "compare with the same counts over visitor_events; exit 1 if any differs")):
+    for name, help_ in (
+        ("rebuild", "recompute from visitor_events (blocks the sink's writes while it runs)"),
+        ("check", "compare with the same counts over visitor_events; exit 1 if any differs"),
+    ):
         rp = rusub.add_parser(name, help=help_)
         rp.add_argument("--widget", type=_uuid_arg, help="only this widget (default: every widget)")
         rp.set_defaults(func=_rollups)
     sub.add_parser("migrate", help="apply pending Postgres migrations").set_defaults(func=_migrate)
-    tp = sub.add_parser("topics", help="create missing Kafka topics and align the configs of existing ones "
-                        "(replication, min.insync.replicas, compaction, retention); reports what differs")
+    tp = sub.add_parser(
+        "topics",
+        help="create missing Kafka topics and align the configs of existing ones "
+        "(replication, min.insync.replicas, compaction, retention); reports what differs",
+    )
     tp.set_defaults(func=_topics)
     tp.add_argument("--dry-run", action="store_true", help="only report what would change")
 
     schemas = sub.add_parser("schemas", help="Avro schema tools")
     schemas_sub = schemas.add_subparsers(dest="schemas_action", required=True)
     check = schemas_sub.add_parser(
-        "check", help="fail when a schema is not backward-compatible with its previous version")
+        "check", help="fail when a schema is not backward-compatible with its previous version"
+    )
     check.set_defaults(func=_schemas_check)
-    check.add_argument("--dir", type=Path,
-                       help="schema directory with a history/ folder (default: the packaged schemas)")
+    check.add_argument(
+        "--dir", type=Path, help="schema directory with a history/ folder (default: the packaged schemas)"
+    )
 
     events = sub.add_parser("events", help="look at stored events")
     events_sub = events.add_subparsers(dest="events_action", required=True)
@@ -403,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
     ex.add_argument("--tenant", type=_uuid_arg, required=True)
     ex.add_argument("--widget", type=_uuid_arg, help="only this widget's events (default: every widget)")
-    ex.add_argument("--from", dest="from_", metavar="DATE", help="occurred_at >= this ISO 8601 date or date-time (UTC if no offset)")
+    ex.add_argument(
+        "--from", dest="from_", metavar="DATE", help="occurred_at >= this ISO 8601 date or date-time (UTC if no offset)"
+    )
     ex.add_argument("--to", metavar="DATE", help="occurred_at < this ISO 8601 date or date-time (exclusive)")
     ex.add_argument("--format", required=True, choices=("ndjson", "csv", "parquet"))
     ex.add_argument("--out", type=Path, required=True, help="the zip to write (replaced if it exists)")
@@ -434,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         from site_activity.kafka_security import KafkaSecurityError  # incomplete security settings
         from site_activity.widgets import WidgetError
 
-        if isinstance(exc, (WidgetError, AccountError, ErasureError, NotifyError, ExportError, KafkaSecurityError,
-                            DevExtraMissing)):
+        if isinstance(
+            exc,
+            (WidgetError, AccountError, ErasureError, NotifyError, ExportError, KafkaSecurityError, DevExtraMissing),
+        ):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         import psycopg

@@ -74,8 +74,10 @@ _MEMBER_COLUMNS = "id, tenant_id, email, role, created_at"
 
 def get_member(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str) -> Member:
     with conn.cursor(row_factory=class_row(Member)) as cur:
-        row = cur.execute(f"SELECT {_MEMBER_COLUMNS} FROM members WHERE tenant_id = %s AND email = %s",
-                          (tenant_id, normalize_email(email))).fetchone()
+        row = cur.execute(
+            f"SELECT {_MEMBER_COLUMNS} FROM members WHERE tenant_id = %s AND email = %s",
+            (tenant_id, normalize_email(email)),
+        ).fetchone()
     if row is None:
         raise AccountError(f"no member {email} in tenant {tenant_id}")
     return row
@@ -88,8 +90,9 @@ def member_by_id(conn: psycopg.Connection, member_id: uuid.UUID) -> Member | Non
 
 def list_members(conn: psycopg.Connection, tenant_id: uuid.UUID) -> list[Member]:
     with conn.cursor(row_factory=class_row(Member)) as cur:
-        return cur.execute(f"SELECT {_MEMBER_COLUMNS} FROM members WHERE tenant_id = %s ORDER BY email",
-                           (tenant_id,)).fetchall()
+        return cur.execute(
+            f"SELECT {_MEMBER_COLUMNS} FROM members WHERE tenant_id = %s ORDER BY email", (tenant_id,)
+        ).fetchall()
 
 
 def add_member(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, role: str, *, actor: str) -> Member:
@@ -100,12 +103,22 @@ def add_member(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, role:
         member_id = uuid.uuid4()
         inserted = conn.execute(
             "INSERT INTO members (id, tenant_id, email, role) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (tenant_id, email) DO NOTHING", (member_id, tenant_id, email, role)).rowcount
+            " ON CONFLICT (tenant_id, email) DO NOTHING",
+            (member_id, tenant_id, email, role),
+        ).rowcount
         if not inserted:
             raise AccountError(f"{email} is already a member of tenant {tenant_id}")
         member = get_member(conn, tenant_id, email)
-        audit(conn, actor=actor, action="member.add", tenant_id=tenant_id, entity="member", entity_id=email,
-              old=None, new={"email": email, "role": role})
+        audit(
+            conn,
+            actor=actor,
+            action="member.add",
+            tenant_id=tenant_id,
+            entity="member",
+            entity_id=email,
+            old=None,
+            new={"email": email, "role": role},
+        )
     return member
 
 
@@ -115,8 +128,9 @@ def _lock_tenant_members(conn: psycopg.Connection, tenant_id: uuid.UUID) -> None
 
 
 def _ensure_owner_left(conn: psycopg.Connection, tenant_id: uuid.UUID, leaving: uuid.UUID) -> None:
-    row = conn.execute("SELECT count(*) FROM members WHERE tenant_id = %s AND role = 'owner' AND id <> %s",
-                       (tenant_id, leaving)).fetchone()
+    row = conn.execute(
+        "SELECT count(*) FROM members WHERE tenant_id = %s AND role = 'owner' AND id <> %s", (tenant_id, leaving)
+    ).fetchone()
     if not row or row[0] == 0:
         raise AccountError("a tenant must keep at least one owner; make someone else owner first")
 
@@ -131,8 +145,16 @@ def set_role(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, role: s
         if old.role == "owner":
             _ensure_owner_left(conn, tenant_id, old.id)
         conn.execute("UPDATE members SET role = %s WHERE id = %s", (role, old.id))
-        audit(conn, actor=actor, action="member.set-role", tenant_id=tenant_id, entity="member",
-              entity_id=old.email, old={"role": old.role}, new={"role": role})
+        audit(
+            conn,
+            actor=actor,
+            action="member.set-role",
+            tenant_id=tenant_id,
+            entity="member",
+            entity_id=old.email,
+            old={"role": old.role},
+            new={"role": role},
+        )
         return get_member(conn, tenant_id, email)
 
 
@@ -144,17 +166,28 @@ def remove_member(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, *,
         if old.role == "owner":
             _ensure_owner_left(conn, tenant_id, old.id)
         conn.execute("DELETE FROM members WHERE id = %s", (old.id,))
-        audit(conn, actor=actor, action="member.remove", tenant_id=tenant_id, entity="member",
-              entity_id=old.email, old={"email": old.email, "role": old.role}, new=None)
+        audit(
+            conn,
+            actor=actor,
+            action="member.remove",
+            tenant_id=tenant_id,
+            entity="member",
+            entity_id=old.email,
+            old={"email": old.email, "role": old.role},
+            new=None,
+        )
 
 
 # --- API keys ------------------------------------------------------------------------------------
-_KEY_COLUMNS = ("k.id, k.member_id, m.email, k.name, k.prefix, k.created_at, k.revoked_at, k.last_used_at"
-                " FROM api_keys k JOIN members m ON m.id = k.member_id")
+_KEY_COLUMNS = (
+    "k.id, k.member_id, m.email, k.name, k.prefix, k.created_at, k.revoked_at, k.last_used_at"
+    " FROM api_keys k JOIN members m ON m.id = k.member_id"
+)
 
 
-def create_key(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, name: str, *,
-               actor: str) -> tuple[ApiKey, str]:
+def create_key(
+    conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, name: str, *, actor: str
+) -> tuple[ApiKey, str]:
     """Creates a key for the member; returns it and the secret, which is never retrievable again."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with conn.transaction():
@@ -163,10 +196,18 @@ def create_key(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str, name:
         conn.execute(
             "INSERT INTO api_keys (id, member_id, tenant_id, name, prefix, secret_sha256)"
             " VALUES (%s, %s, %s, %s, %s, %s)",
-            (key_id, member.id, tenant_id, name, secret[:_DISPLAY_CHARS], sha256(secret)))
-        audit(conn, actor=actor, action="api-key.create", tenant_id=tenant_id, entity="api_key",
-              entity_id=str(key_id), old=None, new={"member": member.email, "name": name,
-                                                    "prefix": secret[:_DISPLAY_CHARS]})
+            (key_id, member.id, tenant_id, name, secret[:_DISPLAY_CHARS], sha256(secret)),
+        )
+        audit(
+            conn,
+            actor=actor,
+            action="api-key.create",
+            tenant_id=tenant_id,
+            entity="api_key",
+            entity_id=str(key_id),
+            old=None,
+            new={"member": member.email, "name": name, "prefix": secret[:_DISPLAY_CHARS]},
+        )
         with conn.cursor(row_factory=class_row(ApiKey)) as cur:
             key = cur.execute(f"SELECT {_KEY_COLUMNS} WHERE k.id = %s", (key_id,)).fetchone()
     assert key is not None
@@ -177,7 +218,8 @@ def list_keys(conn: psycopg.Connection, tenant_id: uuid.UUID, email: str | None 
     with conn.cursor(row_factory=class_row(ApiKey)) as cur:
         return cur.execute(
             f"SELECT {_KEY_COLUMNS} WHERE k.tenant_id = %s AND (%s::text IS NULL OR m.email = %s)"
-            " ORDER BY k.created_at", (tenant_id, email and normalize_email(email), email and normalize_email(email))
+            " ORDER BY k.created_at",
+            (tenant_id, email and normalize_email(email), email and normalize_email(email)),
         ).fetchall()
 
 
@@ -185,11 +227,20 @@ def revoke_key(conn: psycopg.Connection, tenant_id: uuid.UUID, key_id: uuid.UUID
     with conn.transaction():
         revoked = conn.execute(
             "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND tenant_id = %s AND revoked_at IS NULL",
-            (key_id, tenant_id)).rowcount
+            (key_id, tenant_id),
+        ).rowcount
         if not revoked:
             raise AccountError(f"no active key {key_id} in tenant {tenant_id}")
-        audit(conn, actor=actor, action="api-key.revoke", tenant_id=tenant_id, entity="api_key",
-              entity_id=str(key_id), old={"revoked": False}, new={"revoked": True})
+        audit(
+            conn,
+            actor=actor,
+            action="api-key.revoke",
+            tenant_id=tenant_id,
+            entity="api_key",
+            entity_id=str(key_id),
+            old={"revoked": False},
+            new={"revoked": True},
+        )
 
 
 def member_for_key(conn: psycopg.Connection, secret: str) -> Member | None:
@@ -198,10 +249,12 @@ def member_for_key(conn: psycopg.Connection, secret: str) -> Member | None:
     row = conn.execute(
         "UPDATE api_keys SET last_used_at = now() WHERE secret_sha256 = %s AND revoked_at IS NULL"
         " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') RETURNING member_id",
-        (sha256(secret),)).fetchone()
+        (sha256(secret),),
+    ).fetchone()
     if row is None:
-        row = conn.execute("SELECT member_id FROM api_keys WHERE secret_sha256 = %s AND revoked_at IS NULL",
-                           (sha256(secret),)).fetchone()
+        row = conn.execute(
+            "SELECT member_id FROM api_keys WHERE secret_sha256 = %s AND revoked_at IS NULL", (sha256(secret),)
+        ).fetchone()
     return member_by_id(conn, row[0]) if row else None
 
 
@@ -213,12 +266,20 @@ def create_login_token(conn: psycopg.Connection, tenant_id: uuid.UUID, email: st
         member = get_member(conn, tenant_id, email)
         conn.execute(
             "INSERT INTO login_links (token_sha256, member_id, expires_at)"
-            " VALUES (%s, %s, now() + make_interval(secs => %s))", (sha256(token), member.id, ttl_s))
+            " VALUES (%s, %s, now() + make_interval(secs => %s))",
+            (sha256(token), member.id, ttl_s),
+        )
     return token
 
 
-def login_link(conn: psycopg.Connection, console_origin: str, tenant_id: uuid.UUID, email: str, ttl_s: int,
-               next_path: str | None = None) -> str:
+def login_link(
+    conn: psycopg.Connection,
+    console_origin: str,
+    tenant_id: uuid.UUID,
+    email: str,
+    ttl_s: int,
+    next_path: str | None = None,
+) -> str:
     """A one-time sign-in URL for the console at console_origin; after signing in, the member lands on
     next_path (a path on the console, e.g. "/site-activity") or the default page. ValueError for a next_path
     that is not a local path."""
@@ -235,8 +296,12 @@ def login_link(conn: psycopg.Connection, console_origin: str, tenant_id: uuid.UU
 def is_local_path(path: str) -> bool:
     """A redirect target on this site only: "/x…", never "//host", "/\\host", a scheme or control characters
     (an open redirect would let a phishing link pass through the console's sign-in page)."""
-    return (path.startswith("/") and not path.startswith(("//", "/\\")) and "\\" not in path
-            and all(32 < ord(c) < 127 for c in path))
+    return (
+        path.startswith("/")
+        and not path.startswith(("//", "/\\"))
+        and "\\" not in path
+        and all(32 < ord(c) < 127 for c in path)
+    )
 
 
 def consume_login_token(conn: psycopg.Connection, token: str) -> Member | None:
@@ -245,5 +310,7 @@ def consume_login_token(conn: psycopg.Connection, token: str) -> Member | None:
     with conn.transaction():
         row = conn.execute(
             "UPDATE login_links SET used_at = now() WHERE token_sha256 = %s AND used_at IS NULL"
-            " AND expires_at > now() RETURNING member_id", (sha256(token),)).fetchone()
+            " AND expires_at > now() RETURNING member_id",
+            (sha256(token),),
+        ).fetchone()
     return member_by_id(conn, row[0]) if row else None

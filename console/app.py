@@ -32,10 +32,16 @@ def make_pool(settings: Settings) -> ConnectionPool:
     """The console's Postgres connections: opened once and reused (a new connection per request costs a backend
     fork and authentication, several ms of every dashboard call); a request waits up to 5 s for a free one, then
     gets a 503 (console.errors)."""
-    return ConnectionPool(settings.postgres_dsn, min_size=1, max_size=settings.console_db_pool_size, timeout=5.0,
-                          open=False, name="console", check=ConnectionPool.check_connection,
-                          kwargs={"autocommit": True, "connect_timeout": 5,
-                                  "application_name": "site-activity-console"})
+    return ConnectionPool(
+        settings.postgres_dsn,
+        min_size=1,
+        max_size=settings.console_db_pool_size,
+        timeout=5.0,
+        open=False,
+        name="console",
+        check=ConnectionPool.check_connection,
+        kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "site-activity-console"},
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -49,8 +55,14 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             pool.close()
 
-    app = FastAPI(title="Site Activity console", version="1", docs_url=None, redoc_url=None,
-                  openapi_url="/api/v1/openapi.json", lifespan=lifespan)
+    app = FastAPI(
+        title="Site Activity console",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/v1/openapi.json",
+        lifespan=lifespan,
+    )
     app.state.pool = pool
     app.state.settings = settings
     app.state.signer = Signer(load_secret(settings), settings.console_session_ttl_s)
@@ -75,7 +87,6 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
-
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

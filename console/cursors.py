@@ -27,7 +27,9 @@ class Cursors:
         try:
             data = self._s.loads(cursor)
         except BadSignature:
-            raise ConsoleError(400, "cursor is not a 'next' value returned by this endpoint", error="bad_cursor") from None
+            raise ConsoleError(
+                400, "cursor is not a 'next' value returned by this endpoint", error="bad_cursor"
+            ) from None
         if not isinstance(data, dict) or data.get("k") != kind or not isinstance(data.get("p"), list):
             raise ConsoleError(400, f"cursor belongs to another listing (expected one from {kind})", error="bad_cursor")
         return data["p"]  # type: ignore[no-any-return]
@@ -50,8 +52,9 @@ class RailTokens:
         try:
             data = self._s.loads(token, max_age=self.ttl_s)
         except BadSignature:
-            raise ConsoleError(401, "this panel link is invalid or expired; reload the conversation",
-                               error="rail_token_invalid") from None
+            raise ConsoleError(
+                401, "this panel link is invalid or expired; reload the conversation", error="rail_token_invalid"
+            ) from None
         if not isinstance(data, dict) or "t" not in data:
             raise ConsoleError(401, "this panel link is invalid", error="rail_token_invalid")
         return data

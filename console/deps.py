@@ -90,17 +90,21 @@ class PageAuth:
 
     def check_csrf(self, token: str | None) -> None:
         if not self._signer.csrf_ok(self.session, token):
-            raise ConsoleError(403, "the form's security token is missing or stale; reload the page and try again",
-                               error="csrf_failed")
+            raise ConsoleError(
+                403, "the form's security token is missing or stale; reload the page and try again", error="csrf_failed"
+            )
 
 
 def page_auth(request: Request, conn: ConnDep, signer: SignerDep) -> PageAuth:
     session = signer.session(request.cookies.get(COOKIE))
     member = accounts.member_by_id(conn, session.member_id) if session else None
     if session is None or member is None:
-        raise ConsoleError(401, "You are not signed in (or your session expired). Ask an owner for a sign-in link: "
-                                "site-activity login-link --tenant <tenant id> --email <your email>",
-                           error="not_signed_in")
+        raise ConsoleError(
+            401,
+            "You are not signed in (or your session expired). Ask an owner for a sign-in link: "
+            "site-activity login-link --tenant <tenant id> --email <your email>",
+            error="not_signed_in",
+        )
     return PageAuth(member, session, signer)
 
 

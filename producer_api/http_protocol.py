@@ -20,13 +20,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%s")
+_TIMEOUT_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
 _BODY_408 = b'{"error":"request_timeout","reason":"the request headers did not arrive in time"}'
 
 
-def guarded_protocol(header_timeout_s: float, body_timeout_s: float,
-                     on_timeout: Callable[[str], None] = lambda phase: None) -> type[HttpToolsProtocol]:
+def guarded_protocol(
+    header_timeout_s: float, body_timeout_s: float, on_timeout: Callable[[str], None] = lambda phase: None
+) -> type[HttpToolsProtocol]:
     """An HttpToolsProtocol subclass with the two deadlines, for uvicorn.Config(http=...). `on_timeout` is
     called with "headers" or "body" each time a connection is cut (for metrics)."""
 
@@ -50,8 +53,11 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float,
             if self.transport is None or self.transport.is_closing():
                 return
             on_timeout(phase)
-            log.info("closed a connection whose request %s did not arrive in time", phase,
-                     extra={"client": self.client and self.client[0], "phase": phase})
+            log.info(
+                "closed a connection whose request %s did not arrive in time",
+                phase,
+                extra={"client": self.client and self.client[0], "phase": phase},
+            )
             if phase == "headers":
                 self.transport.write(_TIMEOUT_408 % (len(_BODY_408), _BODY_408))
             self.transport.close()  # connection_lost then tells a running request that its client is gone

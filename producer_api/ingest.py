@@ -75,10 +75,13 @@ class IngestService:
                 # max_body_bytes is set above what kafka_max_message_bytes takes): the client must split the
                 # request. Nothing is written. (How much the processors' output grows does not matter: they
                 # split it by size.)
-                raise ApiError(413, "batch_too_large",
-                               f"these events take {len(value)} bytes once encoded, at most "
-                               f"{self.limits.max_raw_message_bytes} per request; send them in smaller requests",
-                               limit=self.limits.max_raw_message_bytes)
+                raise ApiError(
+                    413,
+                    "batch_too_large",
+                    f"these events take {len(value)} bytes once encoded, at most "
+                    f"{self.limits.max_raw_message_bytes} per request; send them in smaller requests",
+                    limit=self.limits.max_raw_message_bytes,
+                )
             message = (event_key(envelope.widget_id, envelope.visitor_id), value)
             try:
                 await self._producer.send(self._topic, [message], self._timeout)

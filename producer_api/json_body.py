@@ -109,7 +109,7 @@ def prune_deep(text: str, max_depth: int) -> str:
         if char in "[{":
             depth += 1
             if depth == max_depth:
-                out.append(text[kept_until:start + 1])
+                out.append(text[kept_until : start + 1])
                 kept_until = -1  # inside a pruned container
         else:
             if depth == max_depth:
@@ -129,8 +129,7 @@ def _careful(body: bytes, max_depth: int) -> Any:
         try:
             return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
         except RecursionError:
-            return json.loads(prune_deep(text, max_depth), parse_int=_int, parse_float=_float,
-                              parse_constant=_constant)
+            return json.loads(prune_deep(text, max_depth), parse_int=_int, parse_float=_float, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
         raise MalformedJson(str(exc)) from None
 

@@ -24,8 +24,11 @@ def run(settings: Settings) -> int:
         port=settings.http_port,
         loop="uvloop",
         # httptools with header and body read deadlines (slow clients are cut off, see http_protocol.py).
-        http=guarded_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
-                              on_timeout=lambda phase: metrics.slow_clients_closed.labels(phase).inc()),
+        http=guarded_protocol(
+            settings.http_header_timeout_s,
+            settings.http_body_timeout_s,
+            on_timeout=lambda phase: metrics.slow_clients_closed.labels(phase).inc(),
+        ),
         workers=1,
         lifespan="on",
         log_config=None,  # keep our JSON logging

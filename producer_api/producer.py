@@ -119,8 +119,9 @@ class EventProducer:
             self._producer.poll(0.1)
 
     def _on_error(self, err: KafkaError) -> None:
-        _librdkafka_logger().warning("kafka client error: %s", err.str(),
-                                     extra={"kafka_error": err.name(), "fatal": err.fatal()})
+        _librdkafka_logger().warning(
+            "kafka client error: %s", err.str(), extra={"kafka_error": err.name(), "fatal": err.fatal()}
+        )
 
     async def send(self, topic: str, messages: Sequence[tuple[bytes, bytes]], timeout: float) -> None:
         """Produces (key, value) pairs and returns once Kafka confirmed all of them. Raises Unwritable when

@@ -42,8 +42,13 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(settings.max_body_bytes, settings.max_events_per_batch, settings.max_name_chars,
-                   settings.max_properties_bytes, max_event_value_bytes(settings))
+        return cls(
+            settings.max_body_bytes,
+            settings.max_events_per_batch,
+            settings.max_name_chars,
+            settings.max_properties_bytes,
+            max_event_value_bytes(settings),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +79,29 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # user_id values that are a client bug, not a user: an unset variable or an object stringified by JavaScript,
 # a placeholder, a boolean or a number-like default. Compared after stripping whitespace, case-insensitively;
 # empty and whitespace-only ids are refused too. The widget mirrors this list (README, "identify").
-PLACEHOLDER_USER_IDS = frozenset({
-    "undefined", "null", "none", "nil", "nan", "0", "-1", "true", "false", "[object object]",
-    "anonymous", "guest", "unknown", "not_authenticated", "id", "user_id", "userid", "email",
-    "00000000-0000-0000-0000-000000000000",
-})
+PLACEHOLDER_USER_IDS = frozenset(
+    {
+        "undefined",
+        "null",
+        "none",
+        "nil",
+        "nan",
+        "0",
+        "-1",
+        "true",
+        "false",
+        "[object object]",
+        "anonymous",
+        "guest",
+        "unknown",
+        "not_authenticated",
+        "id",
+        "user_id",
+        "userid",
+        "email",
+        "00000000-0000-0000-0000-000000000000",
+    }
+)
 
 
 def is_placeholder_user_id(user_id: str) -> bool:
@@ -173,8 +196,9 @@ def _check_tree(root: dict[str, Any], field: str, limits: Limits) -> None:
         for key, value in pairs:
             if type(key) is str:
                 if len(key) > limits.max_property_key_chars:
-                    raise _Invalid(f"{path} has a key of {len(key)} characters, at most "
-                                   f"{limits.max_property_key_chars} allowed")
+                    raise _Invalid(
+                        f"{path} has a key of {len(key)} characters, at most {limits.max_property_key_chars} allowed"
+                    )
                 if _unstorable(key):
                     _check_string(key, f"{path} keys")
             kind = type(value)
@@ -205,8 +229,15 @@ def _json_object(doc: dict[str, Any], field: str, limits: Limits) -> str:
 
 
 def _json_type(value: Any) -> str:
-    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number", dict: "object",
-            Unfaithful: "number"}.get(type(value), "null")
+    return {
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        dict: "object",
+        Unfaithful: "number",
+    }.get(type(value), "null")
 
 
 def parse_envelope(body: bytes, limits: Limits) -> Envelope:
@@ -229,8 +260,12 @@ def parse_envelope(body: bytes, limits: Limits) -> Envelope:
     if not isinstance(events, list):
         raise ApiError(400, "invalid_request", "events must be an array")
     if len(events) > limits.max_events:
-        raise ApiError(413, "too_many_events", f"at most {limits.max_events} events per request, got {len(events)}",
-                       limit=limits.max_events)
+        raise ApiError(
+            413,
+            "too_many_events",
+            f"at most {limits.max_events} events per request, got {len(events)}",
+            limit=limits.max_events,
+        )
     assert visitor_id is not None
     return Envelope(widget_id, visitor_id, sent_at, events)
 
@@ -272,8 +307,10 @@ def build_event(doc: Any, env: Envelope, tenant_id: str, received_at: datetime, 
         assert user_id is not None
         if is_placeholder_user_id(user_id):
             # A shared placeholder would merge unrelated visitors into one contact.
-            raise _Invalid(f"user_id {user_id[:40]!r} is a placeholder, not a user id (an unset variable?); "
-                           "identify needs the user's real id")
+            raise _Invalid(
+                f"user_id {user_id[:40]!r} is a placeholder, not a user id (an unset variable?); "
+                "identify needs the user's real id"
+            )
         properties = _json_object(doc, "traits", limits)
     return {
         "event_id": _uuid(doc, "event_id"),
@@ -293,8 +330,9 @@ def build_event(doc: Any, env: Envelope, tenant_id: str, received_at: datetime, 
     }
 
 
-def build_events(env: Envelope, tenant_id: str, received_at: datetime,
-                 limits: Limits) -> tuple[list[VisitorEvent], list[Rejection]]:
+def build_events(
+    env: Envelope, tenant_id: str, received_at: datetime, limits: Limits
+) -> tuple[list[VisitorEvent], list[Rejection]]:
     """Server-side fields (tenant, received_at, ids the processors fill in) never come from the body."""
     accepted: list[VisitorEvent] = []
     rejected: list[Rejection] = []

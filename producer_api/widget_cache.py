@@ -33,8 +33,15 @@ _ALL = "SELECT id::text, tenant_id::text, tracking_enabled FROM widget_configs"
 
 
 class WidgetCache:
-    def __init__(self, dsn: str, refresh_s: float, *, min_interval_s: float = 0.5, query_timeout_s: float = 5.0,
-                 on_reload: Callable[[bool], None] = lambda ok: None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        refresh_s: float,
+        *,
+        min_interval_s: float = 0.5,
+        query_timeout_s: float = 5.0,
+        on_reload: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
         self._dsn = dsn
         self._on_reload = on_reload
         self._refresh_s = refresh_s
@@ -79,8 +86,9 @@ class WidgetCache:
     # --- Postgres ---------------------------------------------------------------------------------
     async def _query_all(self) -> list[tuple[str, str, bool]]:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True,
-                                                               connect_timeout=max(2, int(self._timeout)))
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=max(2, int(self._timeout))
+            )
         try:
             cur = await asyncio.wait_for(self._conn.execute(_ALL), self._timeout)
             return await cur.fetchall()
@@ -102,8 +110,10 @@ class WidgetCache:
             rows = await self._query_all()
         except (psycopg.Error, OSError, TimeoutError) as exc:
             if self._healthy or self._loaded_at is None:
-                log.warning("widget cache refresh failed; serving last known configs",
-                            extra={"error": str(exc), "widgets": len(self._configs)})
+                log.warning(
+                    "widget cache refresh failed; serving last known configs",
+                    extra={"error": str(exc), "widgets": len(self._configs)},
+                )
             self._healthy = False
             return False
         self._configs = {row[0]: WidgetConfig(row[1], row[2]) for row in rows}

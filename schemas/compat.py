@@ -66,13 +66,16 @@ def _logical_change(reader: Schema, writer: Schema, path: str) -> Iterator[str]:
     """What the reference checker does not look at: logical types over the same underlying type."""
     r_logical, w_logical = reader.get_prop("logicalType"), writer.get_prop("logicalType")
     if r_logical and w_logical and r_logical != w_logical:
-        yield (f"{path}: logical type changed from {w_logical} to {r_logical}; the bytes resolve but the values "
-               "would change meaning")
+        yield (
+            f"{path}: logical type changed from {w_logical} to {r_logical}; the bytes resolve but the values "
+            "would change meaning"
+        )
     elif r_logical == "decimal" == w_logical:
         for prop in ("precision", "scale"):
             if (reader.get_prop(prop) or 0) != (writer.get_prop(prop) or 0):
-                yield (f"{path}: decimal {prop} changed from {writer.get_prop(prop) or 0} to "
-                       f"{reader.get_prop(prop) or 0}")
+                yield (
+                    f"{path}: decimal {prop} changed from {writer.get_prop(prop) or 0} to {reader.get_prop(prop) or 0}"
+                )
 
 
 @dataclass
@@ -96,8 +99,12 @@ class _Explainer:
             # The branch Avro resolves to: a readable one (same type first, then a promotion); else the branch of
             # the same kind, so the problem is named inside it (VisitorEvent.device.model).
             accepted = [b for b in reader.schemas if self.ok(b, writer)]
-            same = [b for b in reader.schemas if b.type == writer.type
-                    and (not isinstance(b, NamedSchema) or schema_name_equals(b, cast(NamedSchema, writer)))]
+            same = [
+                b
+                for b in reader.schemas
+                if b.type == writer.type
+                and (not isinstance(b, NamedSchema) or schema_name_equals(b, cast(NamedSchema, writer)))
+            ]
             branch = next((b for b in accepted if b in same), accepted[0]) if accepted else next(iter(same), None)
             if branch is None:
                 yield f"{path}: the old type {_describe(writer)} is not accepted by the new union {_describe(reader)}"
@@ -105,17 +112,23 @@ class _Explainer:
                 yield from self.explain(branch, writer, path)
         elif reader.type != writer.type:
             if not self.ok(reader, writer):
-                yield (f"{path}: type changed from {_describe(writer)} to {_describe(reader)}, which is not an Avro "
-                       "promotion")
+                yield (
+                    f"{path}: type changed from {_describe(writer)} to {_describe(reader)}, which is not an Avro "
+                    "promotion"
+                )
         elif isinstance(reader, NamedSchema) and not schema_name_equals(reader, cast(NamedSchema, writer)):
-            yield (f"{path}: {reader.type} renamed from {cast(NamedSchema, writer).name} to {reader.name} without an "
-                   "alias for the old name")
+            yield (
+                f"{path}: {reader.type} renamed from {cast(NamedSchema, writer).name} to {reader.name} without an "
+                "alias for the old name"
+            )
         elif isinstance(reader, RecordSchema):
             yield from self._record(reader, writer, path)  # type: ignore[arg-type]
         elif isinstance(reader, EnumSchema) and not self.ok(reader, writer):
             missing = [s for s in writer.symbols if s not in reader.symbols]  # type: ignore[attr-defined]
-            yield (f"{path}: enum {reader.name} dropped symbol(s) {', '.join(missing)} and has no default symbol, "
-                   "so old data using them cannot be read")
+            yield (
+                f"{path}: enum {reader.name} dropped symbol(s) {', '.join(missing)} and has no default symbol, "
+                "so old data using them cannot be read"
+            )
         elif isinstance(reader, ArraySchema):
             yield from self.explain(reader.items, writer.items, f"{path}[]")  # type: ignore[attr-defined]
         elif isinstance(reader, MapSchema):
@@ -135,8 +148,7 @@ class _Explainer:
             if w_field is not None:
                 yield from self.explain(r_field.type, w_field.type, field_path)
             elif not r_field.has_default:
-                yield (f"{field_path}: field added without a default, so old data (which lacks it) cannot be "
-                       "read")
+                yield (f"{field_path}: field added without a default, so old data (which lacks it) cannot be read")
 
 
 def _qualified_aliases(schema: Any, namespace: str | None = None) -> Any:
@@ -197,8 +209,16 @@ def _sample(schema: Schema, variant: int, depth: int = 0) -> Any:
         return decimal.Decimal(1).scaleb(-scale if isinstance(scale, int) else 0)
     if logical == "uuid":
         return str(uuid.UUID(int=variant + 1))
-    simple = {"null": None, "boolean": True, "int": 1, "long": 1, "float": 1.5, "double": 1.5,
-              "bytes": b"x", "string": "x"}
+    simple = {
+        "null": None,
+        "boolean": True,
+        "int": 1,
+        "long": 1,
+        "float": 1.5,
+        "double": 1.5,
+        "bytes": b"x",
+        "string": "x",
+    }
     if schema.type in simple:
         return simple[schema.type]
     if isinstance(schema, FixedSchema):
@@ -250,8 +270,11 @@ def _load(path: Path, problems: list[str]) -> SchemaFile | None:
 
 def history_versions(schema_dir: Path, name: str) -> list[tuple[int, Path]]:
     """Released versions of one schema as (N, path), oldest first (numeric order: v10 after v9)."""
-    found = [(int(m["version"]), p) for p in (schema_dir / "history").glob(f"{name}.v*.avsc")
-             if (m := HISTORY_FILE.match(p.name)) and m["name"] == name]
+    found = [
+        (int(m["version"]), p)
+        for p in (schema_dir / "history").glob(f"{name}.v*.avsc")
+        if (m := HISTORY_FILE.match(p.name)) and m["name"] == name
+    ]
     return sorted(found)
 
 
@@ -270,17 +293,18 @@ def _release_warning(schema_dir: Path, current: SchemaFile, history: list[Schema
         return None
     name = current.path.stem
     next_version = max((n for n, _ in history_versions(schema_dir, name)), default=0) + 1
-    return (f"{current.path.name} is not released yet (its fingerprint matches no history file): when you "
-            f"release it, copy it to history/{name}.v{next_version}.avsc, or consumers will not decode "
-            "messages written with it after the next schema change")
+    return (
+        f"{current.path.name} is not released yet (its fingerprint matches no history file): when you "
+        f"release it, copy it to history/{name}.v{next_version}.avsc, or consumers will not decode "
+        "messages written with it after the next schema change"
+    )
 
 
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def check_all(schema_dir: Path | None = None,
-              on_warning: Callable[[str], None] = _warn_stderr) -> list[str]:
+def check_all(schema_dir: Path | None = None, on_warning: Callable[[str], None] = _warn_stderr) -> list[str]:
     """Every backward-compatibility problem of the schemas in schema_dir (default: this package).
 
     Unreleased-but-compatible changes are not problems; they are passed to on_warning (stderr by default).

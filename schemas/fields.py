@@ -24,5 +24,7 @@ def check_event_fields(names: Iterable[str], where: str) -> None:
     extra = [n for n in names if n not in EVENT_FIELDS]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if missing or extra or repeated:
-        raise FieldListDrift(f"{where} does not match schemas/visitor_event.avsc: missing {missing}, unknown {extra}, "
-                             f"repeated {repeated}")
+        raise FieldListDrift(
+            f"{where} does not match schemas/visitor_event.avsc: missing {missing}, unknown {extra}, "
+            f"repeated {repeated}"
+        )

@@ -73,5 +73,3 @@ class Batch:
         self.messages = [m for m in self.messages if (m.topic(), m.partition()) not in partitions]
         self.events = sum(events_in(m.value()) for m in self.messages)
         return before - len(self.messages)
-
-

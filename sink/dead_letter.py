@@ -63,16 +63,33 @@ class DeadLetterPublisher:
         if failures or remaining:
             raise DeadLetterError(f"{len(failures)} dead letter(s) failed, {remaining} unconfirmed: {failures[:1]}")
         for letter in letters:
-            log.warning("dead-lettered message", extra={
-                "reason": letter.reason, "topic": letter.source.topic, "partition": letter.source.partition,
-                "offset": letter.source.offset})
+            log.warning(
+                "dead-lettered message",
+                extra={
+                    "reason": letter.reason,
+                    "topic": letter.source.topic,
+                    "partition": letter.source.partition,
+                    "offset": letter.source.offset,
+                },
+            )
 
-    def _produce(self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
-                 delivered: Callable[[KafkaError | None, Message], None]) -> None:
+    def _produce(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        delivered: Callable[[KafkaError | None, Message], None],
+    ) -> None:
         while True:
             try:
-                produce_waiting(self._producer, self._topic, value, key, on_delivery=delivered,
-                                headers=cast("list[tuple[str, str | bytes | None]]", headers))
+                produce_waiting(
+                    self._producer,
+                    self._topic,
+                    value,
+                    key,
+                    on_delivery=delivered,
+                    headers=cast("list[tuple[str, str | bytes | None]]", headers),
+                )
                 return
             except KafkaException as exc:
                 if not is_unwritable(exc.args[0]) or not value:

@@ -83,8 +83,9 @@ class Sink:
     def run(self) -> int:
         """Consumes, writes and commits until `stop()`; returns the exit status (0, or EXIT_DEAD_LETTER_LIMIT
         when the input turned invalid wholesale: nothing of the offending batch is committed)."""
-        self.consumer.subscribe([self.source_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer.subscribe(
+            [self.source_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         log.info("sink started", extra={"topic": self.source_topic, "group": self.settings.sink_group})
         try:
             while not self.stopping.is_set():
@@ -100,8 +101,10 @@ class Sink:
             # Stopping: leaving the group must not write (and count) the held batches again on revoke.
             self.stopping.set()
             self.inflight = None
-            log.critical("dead-letter limit reached; stopping without committing the batch", extra={
-                "error": str(exc), "topic": self.source_topic, "group": self.settings.sink_group})
+            log.critical(
+                "dead-letter limit reached; stopping without committing the batch",
+                extra={"error": str(exc), "topic": self.source_topic, "group": self.settings.sink_group},
+            )
             return EXIT_DEAD_LETTER_LIMIT
         finally:
             self.liveness.running = False
@@ -161,16 +164,25 @@ class Sink:
                 self.dead_letter_limit.add(valid, invalid)
             except _RETRYABLE as exc:
                 if not retry or self.stopping.is_set():
-                    log.warning("batch not written, left uncommitted for redelivery", extra={
-                        "error": str(exc), "messages": len(job.batch.messages)})
+                    log.warning(
+                        "batch not written, left uncommitted for redelivery",
+                        extra={"error": str(exc), "messages": len(job.batch.messages)},
+                    )
                     self.inflight = None
                     settled = False
                     break
                 self.metrics.db_retries.inc()
                 attempt += 1
                 delay = min(self.settings.sink_retry_max_backoff_s, _FIRST_BACKOFF_S * 2 ** (attempt - 1))
-                log.warning("batch not written, retrying", extra={
-                    "error": str(exc), "attempt": attempt, "retry_in_s": delay, "messages": len(job.batch.messages)})
+                log.warning(
+                    "batch not written, retrying",
+                    extra={
+                        "error": str(exc),
+                        "attempt": attempt,
+                        "retry_in_s": delay,
+                        "messages": len(job.batch.messages),
+                    },
+                )
                 self._back_off(delay)  # a revoke meanwhile may shrink or clear self.inflight
                 if self.inflight is not None:
                     self._submit(self.inflight.batch)
@@ -206,8 +218,9 @@ class Sink:
         m.batches.inc()
         m.rows_written.inc(result.inserted)
         # max(0, …): after a lost assignment the batch may be smaller than what its write stored
-        m.rows_skipped.inc(max(0, len(job.batch.rows) - len(result.rejected) - result.inserted - result.expired
-                               - result.erased))
+        m.rows_skipped.inc(
+            max(0, len(job.batch.rows) - len(result.rejected) - result.inserted - result.expired - result.erased)
+        )
         m.rows_expired.inc(result.expired)
         m.rows_erased.inc(result.erased)
         m.customers_upserted.inc(result.customers)

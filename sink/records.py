@@ -22,8 +22,20 @@ from site_activity.kafka import position
 # The event fields a row carries, in this order (the COPY column order, see sink.writer). The first two are
 # the table's primary key.
 FIELDS: tuple[str, ...] = (
-    "widget_id", "event_id", "tenant_id", "visitor_id", "event_type", "name", "url", "referrer", "properties",
-    "user_id", "customer_id", "session_id", "occurred_at", "received_at",
+    "widget_id",
+    "event_id",
+    "tenant_id",
+    "visitor_id",
+    "event_type",
+    "name",
+    "url",
+    "referrer",
+    "properties",
+    "user_id",
+    "customer_id",
+    "session_id",
+    "occurred_at",
+    "received_at",
 )
 check_event_fields(FIELDS, "sink.records.FIELDS")
 EVENT_TYPE = FIELDS.index("event_type")
@@ -125,5 +137,8 @@ class DecodedBatch:
         def kept(msg: Message) -> bool:
             return (msg.topic(), msg.partition()) not in partitions
 
-        return DecodedBatch([m for m in self.messages if kept(m)], [r for r in self.rows if kept(r.message)],
-                            [d for d in self.letters if (d.source.topic, d.source.partition) not in partitions])
+        return DecodedBatch(
+            [m for m in self.messages if kept(m)],
+            [r for r in self.rows if kept(r.message)],
+            [d for d in self.letters if (d.source.topic, d.source.partition) not in partitions],
+        )

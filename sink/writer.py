@@ -211,8 +211,10 @@ def _may_hold_expired(rows: Sequence[Row]) -> bool:
 # one: it is taken in its own statement, so the DELETE below runs on a snapshot that sees every erase that
 # finished before the lock was granted. The `IN (SELECT tenant_id ...)` is one hashed lookup per row, so tenants
 # without erasures pay no hashing.
-_LOCK_TENANTS = (f"SELECT count(pg_advisory_xact_lock_shared({TENANT_LOCK_CLASS}, hashtext(t::text)))"
-                 f" FROM (SELECT DISTINCT tenant_id AS t FROM {_RAW} ORDER BY 1) d")
+_LOCK_TENANTS = (
+    f"SELECT count(pg_advisory_xact_lock_shared({TENANT_LOCK_CLASS}, hashtext(t::text)))"
+    f" FROM (SELECT DISTINCT tenant_id AS t FROM {_RAW} ORDER BY 1) d"
+)
 _DROP_ERASED = f"""
 DELETE FROM {_RAW} r
 WHERE r.tenant_id IN (SELECT tenant_id FROM erased_subjects)
@@ -247,9 +249,15 @@ class WriteResult:
         steps = dict(self.step_seconds)
         for step, seconds in other.step_seconds.items():
             steps[step] = steps.get(step, 0.0) + seconds
-        return WriteResult(self.inserted + other.inserted, self.customers + other.customers,
-                           self.relinked + other.relinked, self.rejected + other.rejected, steps,
-                           self.expired + other.expired, self.erased + other.erased)
+        return WriteResult(
+            self.inserted + other.inserted,
+            self.customers + other.customers,
+            self.relinked + other.relinked,
+            self.rejected + other.rejected,
+            steps,
+            self.expired + other.expired,
+            self.erased + other.erased,
+        )
 
 
 class EventWriter:
@@ -286,11 +294,18 @@ class EventWriter:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             conn = psycopg.connect(
-                self._dsn, autocommit=True, connect_timeout=5, application_name="site-activity-sink",
+                self._dsn,
+                autocommit=True,
+                connect_timeout=5,
+                application_name="site-activity-sink",
                 # A hung server or a dropped network path must surface as an error (then retry), not a hang.
                 options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS} -c temp_buffers={_TEMP_BUFFERS}"
-                        + self._rollups_option,
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+                + self._rollups_option,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
             for statement in _CREATE_TEMP:
                 conn.execute(statement)
             self._conn = conn
@@ -302,11 +317,18 @@ class EventWriter:
             return self._write_once(rows)
         except _POISON as exc:
             if len(rows) == 1:
-                reason = reason_text(Reason.DB_REJECTED,
-                                     f"{exc.sqlstate} {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-                log.warning("row rejected by the database", extra={
-                    "reason": reason, "topic": rows[0].source.topic, "partition": rows[0].source.partition,
-                    "offset": rows[0].source.offset})
+                reason = reason_text(
+                    Reason.DB_REJECTED, f"{exc.sqlstate} {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                )
+                log.warning(
+                    "row rejected by the database",
+                    extra={
+                        "reason": reason,
+                        "topic": rows[0].source.topic,
+                        "partition": rows[0].source.partition,
+                        "offset": rows[0].source.offset,
+                    },
+                )
                 return WriteResult(rejected=[DeadLetter(rows[0].source, reason, rows[0].as_message())])
             # Halves keep the batch order, so an identify is still applied after the events before it.
             mid = len(rows) // 2
@@ -342,5 +364,11 @@ class EventWriter:
                 relinked = max(cur.rowcount, 0)
                 steps["retro_link"], t = clock() - t, clock()
         steps["commit"] = clock() - t
-        return WriteResult(inserted=inserted, customers=customers, relinked=relinked, step_seconds=steps,
-                           expired=expired, erased=erased)
+        return WriteResult(
+            inserted=inserted,
+            customers=customers,
+            relinked=relinked,
+            step_seconds=steps,
+            expired=expired,
+            erased=erased,
+        )

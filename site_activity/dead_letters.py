@@ -47,8 +47,9 @@ class DeadLetterLimit:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeadLetterLimit:
-        return cls(settings.dead_letter_max_consecutive, settings.dead_letter_max_ratio,
-                   settings.dead_letter_ratio_window)
+        return cls(
+            settings.dead_letter_max_consecutive, settings.dead_letter_max_ratio, settings.dead_letter_ratio_window
+        )
 
     def __init__(self, max_consecutive: int, max_ratio: float, window: int) -> None:
         self.max_consecutive = max_consecutive
@@ -69,7 +70,8 @@ class DeadLetterLimit:
         if self.max_ratio and self.window and seen >= self.window and total_invalid / seen > self.max_ratio:
             raise DeadLetterLimitExceeded(
                 f"{total_invalid} of the last {seen} records invalid ({total_invalid / seen:.0%}, limit "
-                f"{self.max_ratio:.0%})")
+                f"{self.max_ratio:.0%})"
+            )
 
     def add(self, valid: int, invalid: int) -> None:
         """Counts a committed batch."""
@@ -100,14 +102,15 @@ class DeadLetterLimit:
 
 
 # Errors about the record itself: retrying the same bytes can never succeed.
-UNWRITABLE = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE,  # bigger than the producer's message.max.bytes or the topic's limit
-    KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.INVALID_RECORD,  # the broker's validation of the record (e.g. a compacted topic without a key)
-})
+UNWRITABLE = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,  # bigger than the producer's message.max.bytes or the topic's limit
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,  # the broker's validation of the record (e.g. a compacted topic without a key)
+    }
+)
 # Room left in a message for the record framing and the dead-letter headers.
 _OVERHEAD_BYTES = 4096
-
 
 
 def dead_letter_headers(stage: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -125,8 +128,9 @@ def is_unwritable(err: KafkaError | None) -> bool:
     return err is not None and err.code() in UNWRITABLE
 
 
-def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
-                    max_message_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+def fit_dead_letter(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], max_message_bytes: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
     """The value to dead-letter: the original, or, when it cannot fit in a message itself, none at all and an
     `x-dropped-bytes` header (the source topic/partition/offset headers still point at the original)."""
     size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
@@ -135,7 +139,9 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[
     return without_payload(value, headers)
 
 
-def without_payload(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> tuple[bytes, list[tuple[str, bytes]]]:
+def without_payload(
+    value: bytes | None, headers: list[tuple[str, bytes]] | None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
     """A dead letter that cannot be written with its payload (too big, refused by the broker): the same headers
     (reason, source) plus `x-dropped-bytes` with the payload's size, and an empty value."""
     return b"", [*(headers or []), ("x-dropped-bytes", str(len(value or b"")).encode())]

@@ -56,9 +56,11 @@ _Target = tuple[bytes, int | None]  # (key, partition or None: by the key)
 
 def _refusals(into: list[tuple[_Target, str]], target: _Target) -> Callable[[KafkaError | None, Message], None]:
     """A delivery callback that records a refused marker in `into`."""
+
     def delivered(err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
             into.append((target, str(err)))
+
     return delivered
 
 
@@ -117,8 +119,12 @@ class Erasure:
     contact_deleted: bool = False
 
     def public(self) -> dict[str, object]:
-        return {"subject_hash": self.subject_hash, "events_deleted": self.events_deleted, "visitors": self.visitors,
-                "contact_deleted": self.contact_deleted}
+        return {
+            "subject_hash": self.subject_hash,
+            "events_deleted": self.events_deleted,
+            "visitors": self.visitors,
+            "contact_deleted": self.contact_deleted,
+        }
 
 
 def _require_idle(conn: psycopg.Connection) -> None:
@@ -130,41 +136,74 @@ def _suppress(conn: psycopg.Connection, tenant_id: uuid.UUID, kind: str, subject
     row = conn.execute(
         "INSERT INTO erased_subjects (tenant_id, subject_hash, kind) VALUES (%s, erasure_hash(%s, %s, %s), %s)"
         " ON CONFLICT (tenant_id, subject_hash) DO UPDATE SET erased_at = erased_subjects.erased_at"
-        " RETURNING subject_hash", (tenant_id, tenant_id, kind, subject, kind)).fetchone()
+        " RETURNING subject_hash",
+        (tenant_id, tenant_id, kind, subject, kind),
+    ).fetchone()
     return bytes(row[0])  # type: ignore[index]
 
 
-def erase_visitor(conn: psycopg.Connection, tenant_id: uuid.UUID, widget_id: uuid.UUID, visitor_id: str, *,
-                  actor: str, notify: Notify, request_id: str | None = None) -> Erasure:
+def erase_visitor(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    widget_id: uuid.UUID,
+    visitor_id: str,
+    *,
+    actor: str,
+    notify: Notify,
+    request_id: str | None = None,
+) -> Erasure:
     """Deletes every event of the widget's visitor and suppresses that visitor id from now on (also before it
     was ever seen). Raises ErasureError when the widget is not the tenant's (nothing erased), NotifyError
     (erased, processors not told yet: repeat the erase) when Kafka cannot take the marker. `conn` must not be
     inside a transaction: the erase commits before the marker is sent."""
     _require_idle(conn)
     with conn.transaction():
-        if conn.execute("SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s",
-                        (widget_id, tenant_id)).fetchone() is None:
+        if (
+            conn.execute(
+                "SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s", (widget_id, tenant_id)
+            ).fetchone()
+            is None
+        ):
             raise ErasureError(f"no widget {widget_id}")
         conn.execute(_LOCK_EXCLUSIVE, (TENANT_LOCK_CLASS, tenant_id))
         digest = _suppress(conn, tenant_id, "visitor", f"{widget_id}:{visitor_id}").hex()
-        deleted = conn.execute("DELETE FROM visitor_events WHERE tenant_id = %s AND visitor_id = %s AND widget_id = %s",
-                               (tenant_id, visitor_id, widget_id)).rowcount
+        deleted = conn.execute(
+            "DELETE FROM visitor_events WHERE tenant_id = %s AND visitor_id = %s AND widget_id = %s",
+            (tenant_id, visitor_id, widget_id),
+        ).rowcount
         result = Erasure(digest, deleted)
-        audit(conn, actor=actor, action="erase.visitor", tenant_id=tenant_id, entity="visitor", entity_id=digest,
-              old=None, new={"events_deleted": deleted}, request_id=request_id)
+        audit(
+            conn,
+            actor=actor,
+            action="erase.visitor",
+            tenant_id=tenant_id,
+            entity="visitor",
+            entity_id=digest,
+            old=None,
+            new={"events_deleted": deleted},
+            request_id=request_id,
+        )
     notify([event_key(str(widget_id), visitor_id)])  # only once committed (module docstring)
     return result
 
 
-def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: uuid.UUID, *, actor: str,
-                  notify: Notify, request_id: str | None = None) -> Erasure:
+def erase_contact(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    customer_id: uuid.UUID,
+    *,
+    actor: str,
+    notify: Notify,
+    request_id: str | None = None,
+) -> Erasure:
     """Deletes the contact, every event of every visitor ever linked to it (and its identify calls), and
     suppresses the contact, its user id and those visitors from now on. Raises ErasureError when the tenant
     has no such contact, NotifyError as erase_visitor."""
     _require_idle(conn)
     with conn.transaction():
-        row = conn.execute("SELECT external_id FROM customers WHERE id = %s AND tenant_id = %s",
-                           (customer_id, tenant_id)).fetchone()
+        row = conn.execute(
+            "SELECT external_id FROM customers WHERE id = %s AND tenant_id = %s", (customer_id, tenant_id)
+        ).fetchone()
         if row is None:
             raise ErasureError(f"no contact {customer_id}")
         user_id = row[0]
@@ -175,18 +214,29 @@ def erase_contact(conn: psycopg.Connection, tenant_id: uuid.UUID, customer_id: u
             "SELECT DISTINCT widget_id, visitor_id FROM visitor_events WHERE customer_id = %s"
             " UNION SELECT DISTINCT widget_id, visitor_id FROM visitor_events"
             " WHERE tenant_id = %s AND event_type = 'identify' AND user_id = %s",
-            (customer_id, tenant_id, user_id)).fetchall()
+            (customer_id, tenant_id, user_id),
+        ).fetchall()
         deleted = 0
         for widget_id, visitor_id in visitors:
             _suppress(conn, tenant_id, "visitor", f"{widget_id}:{visitor_id}")
             deleted += conn.execute(
                 "DELETE FROM visitor_events WHERE tenant_id = %s AND visitor_id = %s AND widget_id = %s",
-                (tenant_id, visitor_id, widget_id)).rowcount
+                (tenant_id, visitor_id, widget_id),
+            ).rowcount
         deleted += conn.execute("DELETE FROM visitor_events WHERE customer_id = %s", (customer_id,)).rowcount
         conn.execute("DELETE FROM customers WHERE id = %s", (customer_id,))
         result = Erasure(digest, deleted, visitors=len(visitors), contact_deleted=True)
-        audit(conn, actor=actor, action="erase.contact", tenant_id=tenant_id, entity="contact", entity_id=digest,
-              old=None, new={"events_deleted": deleted, "visitors": len(visitors)}, request_id=request_id)
+        audit(
+            conn,
+            actor=actor,
+            action="erase.contact",
+            tenant_id=tenant_id,
+            entity="contact",
+            entity_id=digest,
+            old=None,
+            new={"events_deleted": deleted, "visitors": len(visitors)},
+            request_id=request_id,
+        )
     # Only once committed (module docstring). The contact marker stops links to the contact from identify
     # calls still in flight (their visitors are not in the database yet, so not among `visitors`).
     notify([event_key(str(w), v) for w, v in visitors] + [contact_marker_key(customer_id)])

@@ -102,25 +102,36 @@ CONTACT_COLUMNS: tuple[Column, ...] = (
 )
 
 CSV_DIALECT = {
-    "encoding": "utf-8", "delimiter": ",", "quotechar": '"', "escapechar": None, "doublequote": True,
-    "lineterminator": "\n", "header": True, "quoting": "every non-NULL value is quoted",
-    "null": "an empty unquoted field (an empty string is \"\")",
+    "encoding": "utf-8",
+    "delimiter": ",",
+    "quotechar": '"',
+    "escapechar": None,
+    "doublequote": True,
+    "lineterminator": "\n",
+    "header": True,
+    "quoting": "every non-NULL value is quoted",
+    "null": 'an empty unquoted field (an empty string is "")',
 }
 
 
 @dataclass(frozen=True)
 class ExportFilter:
     """Which events: the tenant's, optionally one widget's, with occurred_at in [from_at, to_at)."""
+
     tenant_id: uuid.UUID
     widget_id: uuid.UUID | None = None
     from_at: datetime | None = None
     to_at: datetime | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"tenant_id": str(self.tenant_id), "widget_id": str(self.widget_id) if self.widget_id else None,
-                "from": self.from_at.isoformat() if self.from_at else None,
-                "to": self.to_at.isoformat() if self.to_at else None,
-                "time_field": "occurred_at", "interval": "[from, to)"}
+        return {
+            "tenant_id": str(self.tenant_id),
+            "widget_id": str(self.widget_id) if self.widget_id else None,
+            "from": self.from_at.isoformat() if self.from_at else None,
+            "to": self.to_at.isoformat() if self.to_at else None,
+            "time_field": "occurred_at",
+            "interval": "[from, to)",
+        }
 
 
 @dataclass
@@ -151,8 +162,9 @@ def parse_time(value: str | date | datetime | None, what: str) -> datetime | Non
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def make_filter(tenant_id: uuid.UUID, widget_id: uuid.UUID | None, from_at: str | datetime | None,
-                to_at: str | datetime | None) -> ExportFilter:
+def make_filter(
+    tenant_id: uuid.UUID, widget_id: uuid.UUID | None, from_at: str | datetime | None, to_at: str | datetime | None
+) -> ExportFilter:
     flt = ExportFilter(tenant_id, widget_id, parse_time(from_at, "from"), parse_time(to_at, "to"))
     if flt.from_at and flt.to_at and flt.from_at >= flt.to_at:
         raise ExportError("from must be before to (the range is [from, to))")
@@ -163,9 +175,13 @@ def check_scope(conn: psycopg.Connection, flt: ExportFilter) -> None:
     """Raises ExportError when the tenant does not exist or the widget is not the tenant's."""
     if conn.execute("SELECT 1 FROM tenants WHERE id = %s", (flt.tenant_id,)).fetchone() is None:
         raise ExportError(f"no tenant {flt.tenant_id}")
-    if flt.widget_id is not None and conn.execute(
-            "SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s",
-            (flt.widget_id, flt.tenant_id)).fetchone() is None:
+    if (
+        flt.widget_id is not None
+        and conn.execute(
+            "SELECT 1 FROM widget_configs WHERE id = %s AND tenant_id = %s", (flt.widget_id, flt.tenant_id)
+        ).fetchone()
+        is None
+    ):
         raise ExportError(f"no widget {flt.widget_id}")
 
 
@@ -186,10 +202,16 @@ def _where(flt: ExportFilter, alias: str = "e") -> tuple[sql.Composable, dict[st
     return sql.SQL(" AND ").join(parts), params
 
 
-def _select(columns: tuple[Column, ...], render: Callable[[Column], sql.Composable], source: str,
-            where: sql.Composable, order: str) -> sql.Composed:
+def _select(
+    columns: tuple[Column, ...],
+    render: Callable[[Column], sql.Composable],
+    source: str,
+    where: sql.Composable,
+    order: str,
+) -> sql.Composed:
     return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-        sql.SQL(", ").join(render(c) for c in columns), sql.SQL(source), where, sql.SQL(order))
+        sql.SQL(", ").join(render(c) for c in columns), sql.SQL(source), where, sql.SQL(order)
+    )
 
 
 _EVENTS_SOURCE = "visitor_events e"
@@ -201,8 +223,9 @@ _CONTACTS_ORDER = "e.id"
 def _contacts_where(flt: ExportFilter) -> tuple[sql.Composable, dict[str, Any]]:
     events_where, params = _where(flt, "ev")
     # Contacts in scope: the tenant's contacts that at least one exported event links to.
-    where = sql.SQL("e.tenant_id = %(tenant)s AND EXISTS (SELECT 1 FROM visitor_events ev WHERE"
-                    " ev.customer_id = e.id AND {})").format(events_where)
+    where = sql.SQL(
+        "e.tenant_id = %(tenant)s AND EXISTS (SELECT 1 FROM visitor_events ev WHERE ev.customer_id = e.id AND {})"
+    ).format(events_where)
     return where, params
 
 
@@ -268,8 +291,9 @@ def _progress_of(on_progress: Progress, name: str, total: int) -> Callable[[int]
     return lambda n: on_progress(name, min(n, total), total)
 
 
-def _stream_rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any],
-                 size: int) -> Iterator[list[tuple[Any, ...]]]:
+def _stream_rows(
+    conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any], size: int
+) -> Iterator[list[tuple[Any, ...]]]:
     """Batches of rows from a server-side (named) cursor: Postgres keeps the result, we hold `size` rows."""
     with conn.cursor(name=f"export_{uuid.uuid4().hex[:8]}") as cur:
         cur.itersize = size
@@ -278,11 +302,20 @@ def _stream_rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str
             yield rows
 
 
-def _write_ndjson(conn: psycopg.Connection, out: _HashingWriter, columns: tuple[Column, ...], source: str,
-                  where: sql.Composable, order: str, params: dict[str, Any], tick: Callable[[int], None]) -> int:
+def _write_ndjson(
+    conn: psycopg.Connection,
+    out: _HashingWriter,
+    columns: tuple[Column, ...],
+    source: str,
+    where: sql.Composable,
+    order: str,
+    params: dict[str, Any],
+    tick: Callable[[int], None],
+) -> int:
     rows = 0
     query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-        _json_object(columns), sql.SQL(source), where, sql.SQL(order))
+        _json_object(columns), sql.SQL(source), where, sql.SQL(order)
+    )
     for batch in _stream_rows(conn, query, params, FETCH_ROWS):
         out.write("".join(f"{r[0]}\n" for r in batch).encode())
         rows += len(batch)
@@ -290,11 +323,20 @@ def _write_ndjson(conn: psycopg.Connection, out: _HashingWriter, columns: tuple[
     return rows
 
 
-def _write_csv(conn: psycopg.Connection, out: _HashingWriter, columns: tuple[Column, ...], source: str,
-               where: sql.Composable, order: str, params: dict[str, Any], tick: Callable[[int], None]) -> int:
+def _write_csv(
+    conn: psycopg.Connection,
+    out: _HashingWriter,
+    columns: tuple[Column, ...],
+    source: str,
+    where: sql.Composable,
+    order: str,
+    params: dict[str, Any],
+    tick: Callable[[int], None],
+) -> int:
     query = _select(columns, _text, source, where, order)
     copy_sql = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true, FORCE_QUOTE *, ENCODING 'UTF8')").format(
-        query)
+        query
+    )
     seen = 0
     with conn.cursor() as cur:
         with cur.copy(copy_sql, params) as copy:
@@ -311,12 +353,21 @@ def _arrow_schema(columns: tuple[Column, ...]) -> Any:
 
     types = {"uuid": pa.string(), "string": pa.string(), "json": pa.string(), "timestamp": pa.timestamp("us", tz="UTC")}
     meta = {c.name: c.type for c in columns}
-    return pa.schema([pa.field(c.name, types[c.type], nullable=c.nullable,
-                               metadata={"logical_type": meta[c.name]}) for c in columns])
+    return pa.schema(
+        [pa.field(c.name, types[c.type], nullable=c.nullable, metadata={"logical_type": meta[c.name]}) for c in columns]
+    )
 
 
-def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple[Column, ...], source: str,
-                   where: sql.Composable, order: str, params: dict[str, Any], tick: Callable[[int], None]) -> int:
+def _write_parquet(
+    conn: psycopg.Connection,
+    out: _HashingWriter,
+    columns: tuple[Column, ...],
+    source: str,
+    where: sql.Composable,
+    order: str,
+    params: dict[str, Any],
+    tick: Callable[[int], None],
+) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -334,9 +385,12 @@ def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple
     dictionary = [c.name for c in columns if c.name in _DICTIONARY_COLUMNS]
     with pq.ParquetWriter(out, schema, compression="zstd", memory_pool=pool, use_dictionary=dictionary) as writer:
         for batch in _stream_rows(conn, query, params, FETCH_ROWS):
-            arrays = [pa.array(values, type=pa.int64(), memory_pool=pool).cast(ts_type, memory_pool=pool)
-                      if f.type == ts_type else pa.array(values, type=f.type, memory_pool=pool)
-                      for f, values in zip(schema, zip(*batch, strict=True), strict=True)]
+            arrays = [
+                pa.array(values, type=pa.int64(), memory_pool=pool).cast(ts_type, memory_pool=pool)
+                if f.type == ts_type
+                else pa.array(values, type=f.type, memory_pool=pool)
+                for f, values in zip(schema, zip(*batch, strict=True), strict=True)
+            ]
             pending.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             pending_rows += len(batch)
             rows += len(batch)
@@ -349,26 +403,45 @@ def _write_parquet(conn: psycopg.Connection, out: _HashingWriter, columns: tuple
     return rows
 
 
-_DICTIONARY_COLUMNS = frozenset({"widget_id", "tenant_id", "event_type", "name", "url", "referrer", "customer_id",
-                                 "user_id", "visitor_id"})
+_DICTIONARY_COLUMNS = frozenset(
+    {"widget_id", "tenant_id", "event_type", "name", "url", "referrer", "customer_id", "user_id", "visitor_id"}
+)
 _WRITERS = {"ndjson": _write_ndjson, "csv": _write_csv, "parquet": _write_parquet}
 
 
 def _schema_doc(columns: tuple[Column, ...], fmt: Format) -> list[dict[str, Any]]:
     physical = {
-        "parquet": {"uuid": "string", "string": "string", "json": "string (JSON text)",
-                    "timestamp": "timestamp[us, tz=UTC]"},
-        "csv": {"uuid": "text", "string": "text", "json": "text (JSON)",
-                "timestamp": "text (ISO 8601, YYYY-MM-DD HH:MM:SS[.ffffff]+00)"},
-        "ndjson": {"uuid": "string", "string": "string", "json": "object",
-                   "timestamp": "string (ISO 8601, YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00)"},
+        "parquet": {
+            "uuid": "string",
+            "string": "string",
+            "json": "string (JSON text)",
+            "timestamp": "timestamp[us, tz=UTC]",
+        },
+        "csv": {
+            "uuid": "text",
+            "string": "text",
+            "json": "text (JSON)",
+            "timestamp": "text (ISO 8601, YYYY-MM-DD HH:MM:SS[.ffffff]+00)",
+        },
+        "ndjson": {
+            "uuid": "string",
+            "string": "string",
+            "json": "object",
+            "timestamp": "string (ISO 8601, YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00)",
+        },
     }[fmt]
-    return [{"name": c.name, "type": c.type, "format_type": physical[c.type], "nullable": c.nullable}
-            for c in columns]
+    return [{"name": c.name, "type": c.type, "format_type": physical[c.type], "nullable": c.nullable} for c in columns]
 
 
-def write_bundle(dsn: str, flt: ExportFilter, fmt: Format, out: Path, *, export_id: uuid.UUID | None = None,
-                 on_progress: Progress = lambda name, done, total: None) -> BundleResult:
+def write_bundle(
+    dsn: str,
+    flt: ExportFilter,
+    fmt: Format,
+    out: Path,
+    *,
+    export_id: uuid.UUID | None = None,
+    on_progress: Progress = lambda name, done, total: None,
+) -> BundleResult:
     """Writes the archive to `out` (overwritten) from one REPEATABLE READ snapshot and returns its manifest.
     `on_progress(file name, rows written, rows total)` is called after every batch. Raises ExportError for a
     bad format/scope (before anything is written) and psycopg/OSError on failure (`out` is then incomplete;
@@ -385,12 +458,14 @@ def write_bundle(dsn: str, flt: ExportFilter, fmt: Format, out: Path, *, export_
             conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")
             check_scope(conn, flt)
             snapshot_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-            erasures = int(conn.execute("SELECT count(*) FROM erased_subjects WHERE tenant_id = %s",
-                                        (flt.tenant_id,)).fetchone()[0])  # type: ignore[index]
+            erased = conn.execute("SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", (flt.tenant_id,))
+            erasures = int(erased.fetchone()[0])  # type: ignore[index]
             ev_where, params = _where(flt)
             ct_where, _ = _contacts_where(flt)
-            plan = [(f"events.{fmt}", EVENT_COLUMNS, _EVENTS_SOURCE, ev_where, _EVENTS_ORDER),
-                    (f"contacts.{fmt}", CONTACT_COLUMNS, _CONTACTS_SOURCE, ct_where, _CONTACTS_ORDER)]
+            plan = [
+                (f"events.{fmt}", EVENT_COLUMNS, _EVENTS_SOURCE, ev_where, _EVENTS_ORDER),
+                (f"contacts.{fmt}", CONTACT_COLUMNS, _CONTACTS_SOURCE, ct_where, _CONTACTS_ORDER),
+            ]
             files: list[_FileOut] = []
             with zipfile.ZipFile(out, "w", allowZip64=True) as zf:
                 for name, columns, source, where, order in plan:
@@ -399,16 +474,22 @@ def write_bundle(dsn: str, flt: ExportFilter, fmt: Format, out: Path, *, export_
                     entry = _zip_entry(name, fmt, created_at)
                     with zf.open(entry, "w", force_zip64=True) as raw:
                         hashing = _HashingWriter(raw)
-                        rows = _WRITERS[fmt](conn, hashing, columns, source, where, order, params,
-                                             _progress_of(on_progress, name, total))
+                        rows = _WRITERS[fmt](
+                            conn, hashing, columns, source, where, order, params, _progress_of(on_progress, name, total)
+                        )
                     if rows != total:  # impossible within one snapshot; refuse to hand out a wrong manifest
                         raise RuntimeError(f"{name}: wrote {rows} rows, the snapshot counted {total}")
                     on_progress(name, rows, total)
-                    files.append(_FileOut(name, rows, hashing.size, hashing.sha.hexdigest(),
-                                          {"columns": _schema_doc(columns, fmt)}))
+                    files.append(
+                        _FileOut(
+                            name, rows, hashing.size, hashing.sha.hexdigest(), {"columns": _schema_doc(columns, fmt)}
+                        )
+                    )
                 manifest = _manifest(export_id, flt, fmt, created_at, snapshot_at, files)
-                zf.writestr(_zip_entry("manifest.json", "ndjson", created_at),
-                            orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+                zf.writestr(
+                    _zip_entry("manifest.json", "ndjson", created_at),
+                    orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n",
+                )
     result = BundleResult(manifest, erasures, seconds=time.perf_counter() - started)
     result.bytes, result.sha256 = out.stat().st_size, file_sha256(out)
     return result
@@ -422,8 +503,14 @@ def _zip_entry(name: str, fmt: Format, at: datetime) -> zipfile.ZipInfo:
     return info
 
 
-def _manifest(export_id: uuid.UUID | None, flt: ExportFilter, fmt: Format, created_at: datetime,
-              snapshot_at: datetime, files: list[_FileOut]) -> dict[str, Any]:
+def _manifest(
+    export_id: uuid.UUID | None,
+    flt: ExportFilter,
+    fmt: Format,
+    created_at: datetime,
+    snapshot_at: datetime,
+    files: list[_FileOut],
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "export_id": str(export_id) if export_id else None,

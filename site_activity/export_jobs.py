@@ -85,20 +85,31 @@ class ExportJob:
 
     def public(self) -> dict[str, Any]:
         """The API's view of a job (GET /api/v1/exports/{id})."""
+
         def ts(v: datetime | None) -> str | None:
             return v.isoformat() if v else None
 
         done = self.status == "done"
         return {
-            "id": str(self.id), "status": self.status, "format": self.format,
+            "id": str(self.id),
+            "status": self.status,
+            "format": self.format,
             "filters": {k: v for k, v in self.filter.public().items() if k != "tenant_id"},
             "requested_by": self.requested_by,
-            "row_counts": ({"events": self.events_count, "contacts": self.contacts_count}
-                           if self.events_count is not None else None),
+            "row_counts": (
+                {"events": self.events_count, "contacts": self.contacts_count}
+                if self.events_count is not None
+                else None
+            ),
             "rows_written": self.rows_done if self.status == "running" else None,
-            "size_bytes": self.size_bytes, "sha256": self.sha256, "attempts": self.attempts, "error": self.error,
-            "created_at": ts(self.created_at), "started_at": ts(self.started_at),
-            "finished_at": ts(self.finished_at), "expires_at": ts(self.expires_at),
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "attempts": self.attempts,
+            "error": self.error,
+            "created_at": ts(self.created_at),
+            "started_at": ts(self.started_at),
+            "finished_at": ts(self.finished_at),
+            "expires_at": ts(self.expires_at),
             "download_url": f"/api/v1/exports/{self.id}/download" if done else None,
         }
 
@@ -112,8 +123,9 @@ def _job(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> Expor
 
 
 # --- API side --------------------------------------------------------------------------------------------
-def create_job(conn: psycopg.Connection, flt: ExportFilter, fmt: str, *, actor: str,
-               request_id: str | None = None) -> ExportJob:
+def create_job(
+    conn: psycopg.Connection, flt: ExportFilter, fmt: str, *, actor: str, request_id: str | None = None
+) -> ExportJob:
     """Queues an export (status queued) and audits the request in the same transaction. Raises JobError(404)
     for a widget outside the tenant, JobError(400) for an unknown format."""
     if fmt not in FORMATS:
@@ -124,11 +136,22 @@ def create_job(conn: psycopg.Connection, flt: ExportFilter, fmt: str, *, actor: 
             check_scope(conn, flt)
         except ExportError as exc:
             raise JobError(404, str(exc)) from None
-        conn.execute("INSERT INTO exports (id, tenant_id, requested_by, format, widget_id, from_at, to_at)"
-                     " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                     (job_id, flt.tenant_id, actor, fmt, flt.widget_id, flt.from_at, flt.to_at))
-        audit(conn, actor=actor, action="export.requested", tenant_id=flt.tenant_id, entity="export",
-              entity_id=str(job_id), old=None, new={"format": fmt, **flt.public()}, request_id=request_id)
+        conn.execute(
+            "INSERT INTO exports (id, tenant_id, requested_by, format, widget_id, from_at, to_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (job_id, flt.tenant_id, actor, fmt, flt.widget_id, flt.from_at, flt.to_at),
+        )
+        audit(
+            conn,
+            actor=actor,
+            action="export.requested",
+            tenant_id=flt.tenant_id,
+            entity="export",
+            entity_id=str(job_id),
+            old=None,
+            new={"format": fmt, **flt.public()},
+            request_id=request_id,
+        )
     job = get_job(conn, flt.tenant_id, job_id)
     assert job is not None
     return job
@@ -139,8 +162,15 @@ def get_job(conn: psycopg.Connection, tenant_id: uuid.UUID, job_id: uuid.UUID) -
     return _job(conn, "id = %s AND tenant_id = %s", (job_id, tenant_id))
 
 
-def open_download(conn: psycopg.Connection, settings: Settings, tenant_id: uuid.UUID, job_id: uuid.UUID, *,
-                  actor: str, request_id: str | None = None) -> tuple[ExportJob, Path]:
+def open_download(
+    conn: psycopg.Connection,
+    settings: Settings,
+    tenant_id: uuid.UUID,
+    job_id: uuid.UUID,
+    *,
+    actor: str,
+    request_id: str | None = None,
+) -> tuple[ExportJob, Path]:
     """The archive to stream for a finished job, after auditing the download. JobError: 404 (no such job in the
     tenant), 409 (not finished yet, or failed), 410 (expired or withdrawn after an erasure)."""
     with conn.transaction():
@@ -158,9 +188,17 @@ def open_download(conn: psycopg.Connection, settings: Settings, tenant_id: uuid.
         if reason is not None:
             _withdraw(conn, settings, job, reason)  # committed with the transaction, then refused below
         else:
-            audit(conn, actor=actor, action="export.downloaded", tenant_id=tenant_id, entity="export",
-                  entity_id=str(job_id), old=None, new={"bytes": job.size_bytes, "sha256": job.sha256},
-                  request_id=request_id)
+            audit(
+                conn,
+                actor=actor,
+                action="export.downloaded",
+                tenant_id=tenant_id,
+                entity="export",
+                entity_id=str(job_id),
+                old=None,
+                new={"bytes": job.size_bytes, "sha256": job.sha256},
+                request_id=request_id,
+            )
     if reason is not None:
         raise JobError(410, reason)
     return job, path
@@ -169,8 +207,7 @@ def open_download(conn: psycopg.Connection, settings: Settings, tenant_id: uuid.
 def _withdraw_reason(conn: psycopg.Connection, job: ExportJob) -> str | None:
     if job.expires_at is not None and conn.execute("SELECT %s <= now()", (job.expires_at,)).fetchone()[0]:  # type: ignore[index]
         return EXPIRED
-    erasures = conn.execute("SELECT count(*) FROM erased_subjects WHERE tenant_id = %s",
-                            (job.tenant_id,)).fetchone()[0]  # type: ignore[index]
+    erasures = conn.execute("SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", (job.tenant_id,)).fetchone()[0]  # type: ignore[index]
     if job.erasures_seen is not None and erasures > job.erasures_seen:
         return WITHDRAWN_ERASURE
     return None
@@ -181,9 +218,16 @@ def _withdraw(conn: psycopg.Connection, settings: Settings, job: ExportJob, reas
     if job.file_name:
         (settings.exports_path / job.file_name).unlink(missing_ok=True)
     conn.execute("UPDATE exports SET status = 'expired', error = %s WHERE id = %s", (reason, job.id))
-    audit(conn, actor=SYSTEM_ACTOR, action="export.expired" if reason == EXPIRED else "export.withdrawn",
-          tenant_id=job.tenant_id, entity="export", entity_id=str(job.id), old={"status": job.status},
-          new={"status": "expired", "reason": reason})
+    audit(
+        conn,
+        actor=SYSTEM_ACTOR,
+        action="export.expired" if reason == EXPIRED else "export.withdrawn",
+        tenant_id=job.tenant_id,
+        entity="export",
+        entity_id=str(job.id),
+        old={"status": job.status},
+        new={"status": "expired", "reason": reason},
+    )
 
 
 # --- worker side -----------------------------------------------------------------------------------------
@@ -192,19 +236,30 @@ def claim(conn: psycopg.Connection, owner: str, lease_s: float, max_attempts: in
     that used up their attempts by lapsing are marked failed first."""
     with conn.transaction():
         for row in conn.execute(
-                "UPDATE exports SET status = 'failed', lease_owner = NULL, finished_at = now(),"
-                " error = 'the export worker stopped (crashed or was killed) during every one of '"
-                "         || attempts || ' attempts'"
-                " WHERE status = 'running' AND lease_until < now() AND attempts >= %s RETURNING id, tenant_id",
-                (max_attempts,)).fetchall():
-            audit(conn, actor=SYSTEM_ACTOR, action="export.failed", tenant_id=row[1], entity="export",
-                  entity_id=str(row[0]), old=None, new={"reason": "attempts exhausted"})
+            "UPDATE exports SET status = 'failed', lease_owner = NULL, finished_at = now(),"
+            " error = 'the export worker stopped (crashed or was killed) during every one of '"
+            "         || attempts || ' attempts'"
+            " WHERE status = 'running' AND lease_until < now() AND attempts >= %s RETURNING id, tenant_id",
+            (max_attempts,),
+        ).fetchall():
+            audit(
+                conn,
+                actor=SYSTEM_ACTOR,
+                action="export.failed",
+                tenant_id=row[1],
+                entity="export",
+                entity_id=str(row[0]),
+                old=None,
+                new={"reason": "attempts exhausted"},
+            )
         claimed = conn.execute(
             "UPDATE exports SET status = 'running', attempts = attempts + 1, lease_owner = %s,"
             " lease_until = now() + make_interval(secs => %s), started_at = now(), rows_done = 0, error = NULL"
             " WHERE id = (SELECT id FROM exports WHERE status = 'queued' OR (status = 'running' AND lease_until < now())"
             "             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
-            " RETURNING id", (owner, lease_s)).fetchone()
+            " RETURNING id",
+            (owner, lease_s),
+        ).fetchone()
         if claimed is None:
             return None
         return _job(conn, "id = %s", (claimed[0],))
@@ -237,7 +292,8 @@ class _Heartbeat:
                     renewed = conn.execute(
                         "UPDATE exports SET lease_until = now() + make_interval(secs => %s), rows_done = %s"
                         " WHERE id = %s AND lease_owner = %s AND status = 'running'",
-                        (lease_s, self.rows, job_id, owner)).rowcount
+                        (lease_s, self.rows, job_id, owner),
+                    ).rowcount
                 except psycopg.Error:
                     log.warning("export lease renewal failed; retrying", exc_info=True)
                     continue
@@ -267,6 +323,7 @@ def run_job(settings: Settings, job: ExportJob, owner: str, stop: threading.Even
     log.info("export started", extra={"export_id": str(job.id), "attempt": job.attempts, "format": job.format})
     try:
         with _Heartbeat(settings.postgres_dsn, job.id, owner, settings.export_lease_s) as beat:
+
             def progress(name: str, done: int, total: int) -> None:
                 beat.rows = done if name.startswith("events") else beat.rows
                 if beat.lost.is_set():
@@ -274,8 +331,14 @@ def run_job(settings: Settings, job: ExportJob, owner: str, stop: threading.Even
                 if stop is not None and stop.is_set():
                     raise _Stopping()
 
-            result = write_bundle(settings.postgres_dsn, job.filter, job.format, partial,  # type: ignore[arg-type]
-                                  export_id=job.id, on_progress=progress)
+            result = write_bundle(
+                settings.postgres_dsn,
+                job.filter,
+                job.format,  # type: ignore[arg-type]
+                partial,
+                export_id=job.id,
+                on_progress=progress,
+            )
         partial.rename(final)
     except BaseException as exc:
         partial.unlink(missing_ok=True)
@@ -286,30 +349,69 @@ def run_job(settings: Settings, job: ExportJob, owner: str, stop: threading.Even
 def _record_done(settings: Settings, job: ExportJob, owner: str, final: Path, result: BundleResult) -> str:
     rel = str(final.relative_to(settings.exports_path))
     with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn, conn.transaction():
-        erasures = conn.execute("SELECT count(*) FROM erased_subjects WHERE tenant_id = %s",
-                                (job.tenant_id,)).fetchone()[0]  # type: ignore[index]
+        erasures = conn.execute(
+            "SELECT count(*) FROM erased_subjects WHERE tenant_id = %s", (job.tenant_id,)
+        ).fetchone()[0]  # type: ignore[index]
         if erasures > result.erasures_seen:
             # An erase committed while we wrote: the snapshot may hold the erased subject. Do it again.
-            status, done = "queued", conn.execute(
-                "UPDATE exports SET status = 'queued', lease_owner = NULL, lease_until = NULL"
-                " WHERE id = %s AND lease_owner = %s AND status = 'running'", (job.id, owner)).rowcount
+            status, done = (
+                "queued",
+                conn.execute(
+                    "UPDATE exports SET status = 'queued', lease_owner = NULL, lease_until = NULL"
+                    " WHERE id = %s AND lease_owner = %s AND status = 'running'",
+                    (job.id, owner),
+                ).rowcount,
+            )
         else:
-            status, done = "done", conn.execute(
-                "UPDATE exports SET status = 'done', lease_owner = NULL, lease_until = NULL, finished_at = now(),"
-                " expires_at = now() + make_interval(secs => %s), events_count = %s, contacts_count = %s,"
-                " size_bytes = %s, sha256 = %s, file_name = %s, erasures_seen = %s, rows_done = %s"
-                " WHERE id = %s AND lease_owner = %s AND status = 'running'",
-                (settings.export_ttl_s, result.rows["events"], result.rows["contacts"], result.bytes,
-                 result.sha256, rel, result.erasures_seen, result.rows["events"], job.id, owner)).rowcount
+            status, done = (
+                "done",
+                conn.execute(
+                    "UPDATE exports SET status = 'done', lease_owner = NULL, lease_until = NULL, finished_at = now(),"
+                    " expires_at = now() + make_interval(secs => %s), events_count = %s, contacts_count = %s,"
+                    " size_bytes = %s, sha256 = %s, file_name = %s, erasures_seen = %s, rows_done = %s"
+                    " WHERE id = %s AND lease_owner = %s AND status = 'running'",
+                    (
+                        settings.export_ttl_s,
+                        result.rows["events"],
+                        result.rows["contacts"],
+                        result.bytes,
+                        result.sha256,
+                        rel,
+                        result.erasures_seen,
+                        result.rows["events"],
+                        job.id,
+                        owner,
+                    ),
+                ).rowcount,
+            )
             if done:
-                audit(conn, actor=SYSTEM_ACTOR, action="export.completed", tenant_id=job.tenant_id, entity="export",
-                      entity_id=str(job.id), old=None,
-                      new={"row_counts": result.rows, "bytes": result.bytes, "sha256": result.sha256,
-                           "attempt": job.attempts})
+                audit(
+                    conn,
+                    actor=SYSTEM_ACTOR,
+                    action="export.completed",
+                    tenant_id=job.tenant_id,
+                    entity="export",
+                    entity_id=str(job.id),
+                    old=None,
+                    new={
+                        "row_counts": result.rows,
+                        "bytes": result.bytes,
+                        "sha256": result.sha256,
+                        "attempt": job.attempts,
+                    },
+                )
     if not done or status != "done":  # fenced out (another worker owns the job now) or redone: drop our file
         final.unlink(missing_ok=True)
-    log.info("export finished", extra={"export_id": str(job.id), "status": status if done else "lease lost",
-                                       "rows": result.rows, "bytes": result.bytes, "seconds": round(result.seconds, 3)})
+    log.info(
+        "export finished",
+        extra={
+            "export_id": str(job.id),
+            "status": status if done else "lease lost",
+            "rows": result.rows,
+            "bytes": result.bytes,
+            "seconds": round(result.seconds, 3),
+        },
+    )
     return status if done else "lost"
 
 
@@ -330,10 +432,19 @@ def _record_failure(settings: Settings, job: ExportJob, owner: str, exc: BaseExc
                 "UPDATE exports SET status = %s, error = %s, attempts = attempts - %s, lease_owner = NULL,"
                 " lease_until = NULL, finished_at = CASE WHEN %s = 'failed' THEN now() END"
                 " WHERE id = %s AND lease_owner = %s AND status = 'running'",
-                (status, error, attempts_back, status, job.id, owner)).rowcount
+                (status, error, attempts_back, status, job.id, owner),
+            ).rowcount
             if changed and status == "failed":
-                audit(conn, actor=SYSTEM_ACTOR, action="export.failed", tenant_id=job.tenant_id, entity="export",
-                      entity_id=str(job.id), old=None, new={"error": error})
+                audit(
+                    conn,
+                    actor=SYSTEM_ACTOR,
+                    action="export.failed",
+                    tenant_id=job.tenant_id,
+                    entity="export",
+                    entity_id=str(job.id),
+                    old=None,
+                    new={"error": error},
+                )
     except psycopg.Error:  # the lease lapses and the job is claimed again
         log.warning("could not record the export's outcome", extra={"export_id": str(job.id)}, exc_info=True)
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -349,7 +460,9 @@ def sweep(settings: Settings, limit: int = 100) -> int:
             jobs = cur.execute(
                 f"SELECT {_COLUMNS} FROM exports x WHERE status = 'done' AND (expires_at <= now() OR erasures_seen <"
                 " (SELECT count(*) FROM erased_subjects s WHERE s.tenant_id = x.tenant_id))"
-                " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+                " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (limit,),
+            ).fetchall()
         for job in jobs:
             _withdraw(conn, settings, job, _withdraw_reason(conn, job) or EXPIRED)
     for job in jobs:
@@ -376,8 +489,10 @@ class ExportWorker:
             probe.touch()
             probe.unlink()
         except OSError as exc:
-            log.error("export worker not started: export_dir is not writable; set SITE_ACTIVITY_EXPORT_DIR",
-                      extra={"dir": str(self.settings.exports_path), "error": str(exc)})
+            log.error(
+                "export worker not started: export_dir is not writable; set SITE_ACTIVITY_EXPORT_DIR",
+                extra={"dir": str(self.settings.exports_path), "error": str(exc)},
+            )
             return self
         self._thread.start()
         log.info("export worker started", extra={"owner": self.owner, "dir": str(self.settings.exports_path)})
@@ -406,4 +521,3 @@ class ExportWorker:
             except Exception:
                 log.exception("export worker pass failed; trying again")
             self.stop_event.wait(self.settings.export_poll_s)
-

@@ -40,17 +40,19 @@ def client_config(settings: Settings, **overrides: Any) -> ClientConfig:
 
 def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:
     conf = client_config(settings)
-    conf.update({
-        "enable.idempotence": True,
-        "acks": "all",
-        "compression.type": settings.producer_compression,
-        "linger.ms": settings.producer_linger_ms,
-        "queue.buffering.max.messages": settings.producer_queue_max_messages,
-        # Same key -> same partition as the Java client and faust/aiokafka (murmur2).
-        "partitioner": "murmur2_random",
-        "message.timeout.ms": max(int(settings.produce_timeout_s * 1000) * 6, 30_000),
-        "message.max.bytes": settings.kafka_max_message_bytes,
-    })
+    conf.update(
+        {
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": settings.producer_compression,
+            "linger.ms": settings.producer_linger_ms,
+            "queue.buffering.max.messages": settings.producer_queue_max_messages,
+            # Same key -> same partition as the Java client and faust/aiokafka (murmur2).
+            "partitioner": "murmur2_random",
+            "message.timeout.ms": max(int(settings.produce_timeout_s * 1000) * 6, 30_000),
+            "message.max.bytes": settings.kafka_max_message_bytes,
+        }
+    )
     conf.update(overrides)
     return conf
 
@@ -73,8 +75,9 @@ class DeliveryReports:
             self.failures.append(err)
 
 
-def produce_waiting(producer: Producer, topic: str, value: bytes | None, key: bytes | None = None,
-                    **options: Any) -> None:
+def produce_waiting(
+    producer: Producer, topic: str, value: bytes | None, key: bytes | None = None, **options: Any
+) -> None:
     """`producer.produce(...)`, waiting while librdkafka's bounded local queue is full (back-pressure: serve
     delivery reports, try again) instead of failing with BufferError. A KafkaException (e.g. a record too
     large: `dead_letters.is_unwritable`) is raised to the caller, which decides whether to dead-letter it."""
@@ -92,21 +95,25 @@ def flush_or_raise(producer: Producer, timeout_s: float, reports: DeliveryReport
     left = producer.flush(timeout_s)
     failures = reports.failures if reports is not None else []
     if left or failures:
-        raise DeliveryFailed(f"{left} record(s) unconfirmed after {timeout_s:.0f} s, {len(failures)} failed"
-                             + (f": {failures[0]}" if failures else ""))
+        raise DeliveryFailed(
+            f"{left} record(s) unconfirmed after {timeout_s:.0f} s, {len(failures)} failed"
+            + (f": {failures[0]}" if failures else "")
+        )
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> ClientConfig:
     conf = client_config(settings)
-    conf.update({
-        "group.id": group_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": settings.consumer_session_timeout_ms,
-        "heartbeat.interval.ms": settings.consumer_heartbeat_interval_ms,
-        "fetch.wait.max.ms": settings.consumer_fetch_wait_max_ms,
-        "partition.assignment.strategy": "range,roundrobin",
-    })
+    conf.update(
+        {
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": settings.consumer_session_timeout_ms,
+            "heartbeat.interval.ms": settings.consumer_heartbeat_interval_ms,
+            "fetch.wait.max.ms": settings.consumer_fetch_wait_max_ms,
+            "partition.assignment.strategy": "range,roundrobin",
+        }
+    )
     conf.update(overrides)
     return conf
 

@@ -23,8 +23,13 @@ from site_activity.settings import Settings
 
 MASK = "**********"
 # Keys of a librdkafka config whose value is a secret (masked in repr/str of ClientConfig).
-_SECRET_KEYS = ("sasl.password", "sasl.oauthbearer.client.secret", "ssl.key.password", "ssl.key.pem",
-                "sasl.oauthbearer.config")
+_SECRET_KEYS = (
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "sasl.oauthbearer.config",
+)
 
 
 class KafkaSecurityError(ValueError):
@@ -68,6 +73,7 @@ def uses_sasl(settings: Settings) -> bool:
 
 # --- confluent-kafka (librdkafka) -------------------------------------------------------------------------
 
+
 def confluent_security(settings: Settings) -> dict[str, Any]:
     """librdkafka properties for the configured protocol: `security.protocol`, `sasl.*`, `ssl.*` (and an
     `oauth_cb` callable for MSK IAM). Raises KafkaSecurityError for an incomplete configuration."""
@@ -106,12 +112,14 @@ def _confluent_sasl(settings: Settings) -> dict[str, Any]:
     elif settings.kafka_oauth_provider == "oidc":
         # librdkafka's own OIDC client-credentials flow (token fetch and refresh inside librdkafka).
         _require(settings, "kafka_oauth_token_endpoint_url", "kafka_oauth_client_id")
-        conf.update({
-            "sasl.oauthbearer.method": "oidc",
-            "sasl.oauthbearer.token.endpoint.url": settings.kafka_oauth_token_endpoint_url,
-            "sasl.oauthbearer.client.id": settings.kafka_oauth_client_id,
-            "sasl.oauthbearer.client.secret": secret(settings, "kafka_oauth_client_secret"),
-        })
+        conf.update(
+            {
+                "sasl.oauthbearer.method": "oidc",
+                "sasl.oauthbearer.token.endpoint.url": settings.kafka_oauth_token_endpoint_url,
+                "sasl.oauthbearer.client.id": settings.kafka_oauth_client_id,
+                "sasl.oauthbearer.client.secret": secret(settings, "kafka_oauth_client_secret"),
+            }
+        )
         if settings.kafka_oauth_scope:
             conf["sasl.oauthbearer.scope"] = settings.kafka_oauth_scope
     else:
@@ -126,7 +134,8 @@ def _user_password(settings: Settings) -> tuple[str, str]:
     if not settings.kafka_sasl_username or not password:
         raise KafkaSecurityError(
             f"SASL {settings.kafka_sasl_mechanism} needs kafka_sasl_username and kafka_sasl_password"
-            " (or kafka_sasl_password_file)")
+            " (or kafka_sasl_password_file)"
+        )
     return settings.kafka_sasl_username, password
 
 
@@ -148,8 +157,10 @@ def msk_iam_token_source(settings: Settings) -> TokenSource:
     try:
         from aws_msk_iam_sasl_signer import MSKAuthTokenProvider  # type: ignore[import-not-found]
     except ImportError:
-        raise KafkaSecurityError("kafka_oauth_provider=aws_msk_iam needs the aws-msk-iam-sasl-signer-python"
-                                 " package (pip install aws-msk-iam-sasl-signer-python)") from None
+        raise KafkaSecurityError(
+            "kafka_oauth_provider=aws_msk_iam needs the aws-msk-iam-sasl-signer-python"
+            " package (pip install aws-msk-iam-sasl-signer-python)"
+        ) from None
     region = settings.kafka_oauth_aws_region
 
     def token() -> tuple[str, float]:
@@ -174,9 +185,16 @@ def oidc_token_source(settings: Settings, timeout_s: float = 10.0) -> TokenSourc
 
         form = urllib.parse.urlencode({"grant_type": "client_credentials", **({"scope": scope} if scope else {})})
         basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
-        request = urllib.request.Request(url, data=form.encode(), method="POST", headers={
-            "Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded",
-            "Accept": "application/json"})
+        request = urllib.request.Request(
+            url,
+            data=form.encode(),
+            method="POST",
+            headers={
+                "Authorization": f"Basic {basic}",
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Accept": "application/json",
+            },
+        )
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # raises HTTPError on 4xx/5xx
             body = json.loads(resp.read())
         return body["access_token"], time.time() + float(body.get("expires_in", 300))
@@ -214,14 +232,18 @@ def _token_provider(settings: Settings) -> Any:
 
 # --- faust / aiokafka ------------------------------------------------------------------------------------
 
+
 def ssl_context(settings: Settings) -> ssl.SSLContext:
     """The TLS context for aiokafka: system CAs or kafka_ssl_ca_file, optional client cert/key."""
     ctx = ssl.create_default_context(cafile=str(settings.kafka_ssl_ca_file) if settings.kafka_ssl_ca_file else None)
     if (settings.kafka_ssl_cert_file is None) != (settings.kafka_ssl_key_file is None):
         raise KafkaSecurityError("mutual TLS needs both kafka_ssl_cert_file and kafka_ssl_key_file")
     if settings.kafka_ssl_cert_file is not None:
-        ctx.load_cert_chain(str(settings.kafka_ssl_cert_file), str(settings.kafka_ssl_key_file),
-                            password=secret(settings, "kafka_ssl_key_password") or None)
+        ctx.load_cert_chain(
+            str(settings.kafka_ssl_cert_file),
+            str(settings.kafka_ssl_key_file),
+            password=secret(settings, "kafka_ssl_key_password") or None,
+        )
     if not settings.kafka_ssl_check_hostname:
         ctx.check_hostname = False  # the certificate chain is still verified
     return ctx
@@ -242,5 +264,8 @@ def faust_security(settings: Settings) -> dict[str, Any]:
     if settings.kafka_sasl_mechanism == "OAUTHBEARER":
         return {"broker_credentials": faust.OAuthCredentials(oauth_cb=_token_provider(settings), ssl_context=ctx)}
     username, password = _user_password(settings)
-    return {"broker_credentials": faust.SASLCredentials(
-        username=username, password=password, mechanism=settings.kafka_sasl_mechanism, ssl_context=ctx)}
+    return {
+        "broker_credentials": faust.SASLCredentials(
+            username=username, password=password, mechanism=settings.kafka_sasl_mechanism, ssl_context=ctx
+        )
+    }

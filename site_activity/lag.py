@@ -67,11 +67,15 @@ STATUSES: tuple[Status, ...] = ("OK", "WARN", "STALL", "STOP", "REWIND")
 SEVERITY: dict[str, int] = {"OK": 0, "WARN": 1, "REWIND": 2, "STALL": 3, "STOP": 4}
 _EMPTY_STATES = {"EMPTY", "DEAD", "UNKNOWN"}
 # Group coordinator moving or loading (a fresh cluster creates __consumer_offsets on first use).
-_COORDINATOR_NOT_READY = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                          KafkaError.COORDINATOR_NOT_AVAILABLE)
+_COORDINATOR_NOT_READY = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
 
 
 # --- the status rules (pure) ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -129,6 +133,7 @@ def worst(statuses: Iterable[str]) -> Status:
 
 # --- which groups ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GroupSpec:
     """A consumer group and the topics it consumes (all their partitions are reported, committed or not).
@@ -165,6 +170,7 @@ def pipeline_groups(settings: Settings, extra: Iterable[GroupSpec] = ()) -> list
 
 
 # --- one evaluation ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class PartitionLag:
@@ -213,12 +219,26 @@ class LagReport:
         """JSON shape: {time (epoch s), groups: [{group, state, members, status, sum_lag, max_lag,
         max_lag_seconds, error, partitions: [{topic, partition, committed, earliest, end, lag, lag_seconds,
         owned, status}]}]}."""
-        return {"time": self.time, "groups": [
-            {"group": g.group, "state": g.state, "members": g.members, "status": g.status, "sum_lag": g.sum_lag,
-             "max_lag": g.max_lag, "max_lag_seconds": round(g.max_lag_seconds, 3), "error": g.error,
-             "partitions": [{**asdict(p), "lag_seconds": None if p.lag_seconds is None else round(p.lag_seconds, 3)}
-                            for p in g.partitions]}
-            for g in self.groups]}
+        return {
+            "time": self.time,
+            "groups": [
+                {
+                    "group": g.group,
+                    "state": g.state,
+                    "members": g.members,
+                    "status": g.status,
+                    "sum_lag": g.sum_lag,
+                    "max_lag": g.max_lag,
+                    "max_lag_seconds": round(g.max_lag_seconds, 3),
+                    "error": g.error,
+                    "partitions": [
+                        {**asdict(p), "lag_seconds": None if p.lag_seconds is None else round(p.lag_seconds, 3)}
+                        for p in g.partitions
+                    ],
+                }
+                for g in self.groups
+            ],
+        }
 
 
 class LagMonitor:
@@ -226,8 +246,14 @@ class LagMonitor:
     samples for the status rules. Not thread-safe: one caller evaluates (a timer thread, the CLI loop).
     Errors talking to Kafka are reported per group (GroupLag.error), never raised."""
 
-    def __init__(self, settings: Settings, groups: Sequence[GroupSpec], window: int | None = None,
-                 timeout_s: float = 10.0, read_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        groups: Sequence[GroupSpec],
+        window: int | None = None,
+        timeout_s: float = 10.0,
+        read_timeout_s: float = 3.0,
+    ) -> None:
         self.settings = settings
         self.groups = list(groups)
         self.window = window or settings.lag_window
@@ -244,8 +270,9 @@ class LagMonitor:
             topics = self._topic_partitions()
         except KafkaException as exc:  # the cluster is unreachable: every group says so
             log.warning("lag evaluation failed: cannot list topics", extra={"error": str(exc)})
-            report.groups = [GroupLag(spec.name, "UNKNOWN", 0, error=f"cannot reach Kafka: {exc}")
-                             for spec in self.groups]
+            report.groups = [
+                GroupLag(spec.name, "UNKNOWN", 0, error=f"cannot reach Kafka: {exc}") for spec in self.groups
+            ]
             return report
         for spec in self.groups:
             try:
@@ -288,9 +315,19 @@ class LagMonitor:
             sample = Sample(now, position, end[tp], owned)
             window = self._samples.setdefault((spec.name, *tp), deque(maxlen=self.window))
             window.append(sample)
-            group.partitions.append(PartitionLag(tp[0], tp[1], committed[tp], low, end[tp], sample.lag,
-                                                 0.0 if sample.lag == 0 else None, owned,
-                                                 partition_status(window, self.window)))
+            group.partitions.append(
+                PartitionLag(
+                    tp[0],
+                    tp[1],
+                    committed[tp],
+                    low,
+                    end[tp],
+                    sample.lag,
+                    0.0 if sample.lag == 0 else None,
+                    owned,
+                    partition_status(window, self.window),
+                )
+            )
             if sample.lag > 0:
                 lagging[tp] = max(position, low)
         if lagging:
@@ -319,15 +356,22 @@ class LagMonitor:
         if not parts:
             return {}
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in parts])
-        result = self._result(lambda: self._admin.list_consumer_group_offsets(
-            [request], request_timeout=self.timeout_s)[group])
-        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-                for tp in result.topic_partitions or []}
+        result = self._result(
+            lambda: self._admin.list_consumer_group_offsets([request], request_timeout=self.timeout_s)[group]
+        )
+        return {
+            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result.topic_partitions or []
+        }
 
     def _describe(self, group: str) -> tuple[str, int, set[tuple[str, int]]]:
-        desc = self._result(lambda: self._admin.describe_consumer_groups([group], request_timeout=self.timeout_s)[group])
-        assigned = {(tp.topic, tp.partition) for m in desc.members or []
-                    for tp in (m.assignment.topic_partitions if m.assignment else [])}
+        desc = self._result(
+            lambda: self._admin.describe_consumer_groups([group], request_timeout=self.timeout_s)[group]
+        )
+        assigned = {
+            (tp.topic, tp.partition)
+            for m in desc.members or []
+            for tp in (m.assignment.topic_partitions if m.assignment else [])
+        }
         return desc.state.name, len(desc.members or []), assigned
 
     def _offsets(self, parts: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
@@ -335,15 +379,17 @@ class LagMonitor:
             return {}, {}
         out: list[dict[tuple[str, int], int]] = []
         for spec in (OffsetSpec.earliest(), OffsetSpec.latest()):
-            futures = self._admin.list_offsets({TopicPartition(t, p): spec for t, p in parts},
-                                               request_timeout=self.timeout_s)
+            futures = self._admin.list_offsets(
+                {TopicPartition(t, p): spec for t, p in parts}, request_timeout=self.timeout_s
+            )
             got: dict[tuple[str, int], int] = {}
             for tp, future in futures.items():
                 try:
                     got[(tp.topic, tp.partition)] = future.result().offset
                 except KafkaException as exc:
-                    log.warning("list offsets failed", extra={"topic": tp.topic, "partition": tp.partition,
-                                                              "error": str(exc)})
+                    log.warning(
+                        "list offsets failed", extra={"topic": tp.topic, "partition": tp.partition, "error": str(exc)}
+                    )
             out.append(got)
         return out[0], out[1]
 
@@ -376,12 +422,21 @@ class LagMonitor:
         if self._reader is None:
             # Group-less use (assign, never subscribe or commit). Small fetches: one message per partition is
             # all that is read, so do not let librdkafka prefetch megabytes per partition.
-            self._reader = Consumer(consumer_config(
-                self.settings, "site-activity-lag-reader", **{
-                    "enable.auto.commit": False, "enable.auto.offset.store": False,
-                    "queued.min.messages": 1, "queued.max.messages.kbytes": 1024,
-                    "fetch.max.bytes": 1 << 20, "max.partition.fetch.bytes": 64 << 10,
-                    "fetch.wait.max.ms": 100}))
+            self._reader = Consumer(
+                consumer_config(
+                    self.settings,
+                    "site-activity-lag-reader",
+                    **{
+                        "enable.auto.commit": False,
+                        "enable.auto.offset.store": False,
+                        "queued.min.messages": 1,
+                        "queued.max.messages.kbytes": 1024,
+                        "fetch.max.bytes": 1 << 20,
+                        "max.partition.fetch.bytes": 64 << 10,
+                        "fetch.wait.max.ms": 100,
+                    },
+                )
+            )
         return self._reader
 
 
@@ -409,24 +464,38 @@ def metric_families(report: LagReport | None) -> list[GaugeMetricFamily]:
     gl, gtp, tp = ["group"], ["group", "topic", "partition"], ["topic", "partition"]
     f = {
         "offset": GaugeMetricFamily("kafka_consumergroup_group_offset", "Committed offset of the group", labels=gtp),
-        "lag": GaugeMetricFamily("kafka_consumergroup_group_lag", "End offset minus committed offset (messages)",
-                                 labels=gtp),
-        "lag_s": GaugeMetricFamily("kafka_consumergroup_group_lag_seconds",
-                                   "Age of the oldest unconsumed message (seconds)", labels=gtp),
-        "max_lag": GaugeMetricFamily("kafka_consumergroup_group_max_lag", "Largest partition lag (messages)",
-                                     labels=gl),
-        "max_lag_s": GaugeMetricFamily("kafka_consumergroup_group_max_lag_seconds",
-                                       "Largest partition lag (seconds)", labels=gl),
-        "sum_lag": GaugeMetricFamily("kafka_consumergroup_group_sum_lag", "Lag summed over partitions (messages)",
-                                     labels=gl),
+        "lag": GaugeMetricFamily(
+            "kafka_consumergroup_group_lag", "End offset minus committed offset (messages)", labels=gtp
+        ),
+        "lag_s": GaugeMetricFamily(
+            "kafka_consumergroup_group_lag_seconds", "Age of the oldest unconsumed message (seconds)", labels=gtp
+        ),
+        "max_lag": GaugeMetricFamily(
+            "kafka_consumergroup_group_max_lag", "Largest partition lag (messages)", labels=gl
+        ),
+        "max_lag_s": GaugeMetricFamily(
+            "kafka_consumergroup_group_max_lag_seconds", "Largest partition lag (seconds)", labels=gl
+        ),
+        "sum_lag": GaugeMetricFamily(
+            "kafka_consumergroup_group_sum_lag", "Lag summed over partitions (messages)", labels=gl
+        ),
         "latest": GaugeMetricFamily("kafka_partition_latest_offset", "End offset (high watermark)", labels=tp),
         "earliest": GaugeMetricFamily("kafka_partition_earliest_offset", "Earliest offset", labels=tp),
-        "pstatus": GaugeMetricFamily("kafka_consumergroup_partition_status",
-                                     "Burrow-style status of the partition (1 = current)", labels=[*gtp, "status"]),
-        "gstatus": GaugeMetricFamily("kafka_consumergroup_group_status",
-                                     "Worst partition status of the group (1 = current)", labels=["group", "status"]),
-        "ts": GaugeMetricFamily("kafka_consumergroup_lag_evaluation_timestamp_seconds",
-                                "When the lag was last evaluated (epoch seconds)", labels=[]),
+        "pstatus": GaugeMetricFamily(
+            "kafka_consumergroup_partition_status",
+            "Burrow-style status of the partition (1 = current)",
+            labels=[*gtp, "status"],
+        ),
+        "gstatus": GaugeMetricFamily(
+            "kafka_consumergroup_group_status",
+            "Worst partition status of the group (1 = current)",
+            labels=["group", "status"],
+        ),
+        "ts": GaugeMetricFamily(
+            "kafka_consumergroup_lag_evaluation_timestamp_seconds",
+            "When the lag was last evaluated (epoch seconds)",
+            labels=[],
+        ),
     }
     if report is not None:
         f["ts"].add_metric([], report.time)
@@ -492,8 +561,9 @@ class LagMetrics(Collector):
         yield from metric_families(None)
 
 
-def start_lag_metrics(registry: CollectorRegistry, settings: Settings, groups: Sequence[GroupSpec],
-                      interval_s: float | None = None) -> LagMetrics:
+def start_lag_metrics(
+    registry: CollectorRegistry, settings: Settings, groups: Sequence[GroupSpec], interval_s: float | None = None
+) -> LagMetrics:
     """Registers the kafka_consumergroup_* / kafka_partition_* gauges of `groups` on `registry` and starts
     evaluating them every `interval_s` (default settings.lag_interval_s) in a daemon thread. A consumer
     stage calls this once with its own group (e.g. `[sink_group(settings)]`); `stop()` ends the thread."""
@@ -503,6 +573,7 @@ def start_lag_metrics(registry: CollectorRegistry, settings: Settings, groups: S
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
+
 
 def render_table(report: LagReport) -> Any:
     """A rich Table: one row per group and partition."""
@@ -516,18 +587,44 @@ def render_table(report: LagReport) -> Any:
         if g.error is not None:
             table.add_row(g.group, "[red]ERROR", "(below)", "", "", "", "", "", "")
             continue
-        table.add_row(f"[bold]{g.group}", f"[{colour[g.status]}]{g.status}", f"{g.state}, {g.members} member(s)",
-                      "", "", "", str(g.sum_lag), f"{g.max_lag_seconds:.1f}", "")
+        table.add_row(
+            f"[bold]{g.group}",
+            f"[{colour[g.status]}]{g.status}",
+            f"{g.state}, {g.members} member(s)",
+            "",
+            "",
+            "",
+            str(g.sum_lag),
+            f"{g.max_lag_seconds:.1f}",
+            "",
+        )
         for p in g.partitions:
-            table.add_row("", f"[{colour[p.status]}]{p.status}", p.topic, str(p.partition),
-                          "-" if p.committed is None else str(p.committed), str(p.end), str(p.lag),
-                          "?" if p.lag_seconds is None else f"{p.lag_seconds:.1f}", "yes" if p.owned else "no")
+            table.add_row(
+                "",
+                f"[{colour[p.status]}]{p.status}",
+                p.topic,
+                str(p.partition),
+                "-" if p.committed is None else str(p.committed),
+                str(p.end),
+                str(p.lag),
+                "?" if p.lag_seconds is None else f"{p.lag_seconds:.1f}",
+                "yes" if p.owned else "no",
+            )
     return table
 
 
-def run_cli(settings: Settings, *, as_json: bool, watch: bool, serve: bool, groups: Sequence[str] = (),
-            interval_s: float | None = None, samples: int = 3, port: int | None = None,
-            max_rounds: int | None = None) -> int:
+def run_cli(
+    settings: Settings,
+    *,
+    as_json: bool,
+    watch: bool,
+    serve: bool,
+    groups: Sequence[str] = (),
+    interval_s: float | None = None,
+    samples: int = 3,
+    port: int | None = None,
+    max_rounds: int | None = None,
+) -> int:
     """`site-activity lag`. One-shot: `samples` evaluations `interval_s` apart (default 1 s; enough for
     STOP and REWIND, STALL/WARN need a full window: use --watch); --watch: every interval_s (default
     lag_interval_s) until Ctrl-C; --serve: a Prometheus exporter on `port` (default lag_exporter_port).
@@ -580,8 +677,7 @@ def _serve(settings: Settings, specs: Sequence[GroupSpec], interval_s: float, po
     registry = CollectorRegistry()
     metrics = start_lag_metrics(registry, settings, specs, interval_s)
     server, _thread = start_http_server(port, addr=settings.http_host, registry=registry)
-    log.info("lag exporter started", extra={"port": port, "groups": [g.name for g in specs],
-                                            "interval_s": interval_s})
+    log.info("lag exporter started", extra={"port": port, "groups": [g.name for g in specs], "interval_s": interval_s})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

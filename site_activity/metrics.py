@@ -45,8 +45,9 @@ def serve_http(host: str, port: int, metrics: RendersMetrics, liveness: Alive) -
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 ok = liveness.alive()
-                self._send(200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}',
-                           "application/json")
+                self._send(
+                    200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}', "application/json"
+                )
             elif self.path == "/metrics":
                 self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
             else:

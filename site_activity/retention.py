@@ -37,8 +37,10 @@ DELETE FROM visitor_events WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM visitor_events WHERE widget_id = %(w)s AND occurred_at < %(cutoff)s LIMIT %(n)s))
 """
 _COUNT = "SELECT count(*) FROM visitor_events WHERE widget_id = %(w)s AND occurred_at < %(cutoff)s"
-_WIDGETS = ("SELECT id, tenant_id, name, event_retention_days, now() - make_interval(days => event_retention_days)"
-            " FROM widget_configs ORDER BY id")
+_WIDGETS = (
+    "SELECT id, tenant_id, name, event_retention_days, now() - make_interval(days => event_retention_days)"
+    " FROM widget_configs ORDER BY id"
+)
 
 
 @dataclass
@@ -64,15 +66,25 @@ class PurgeReport:
         return sum(w.rows for w in self.widgets)
 
     def summary(self) -> dict[str, object]:
-        return {"dry_run": self.dry_run, "widgets": len(self.widgets), "rows": self.rows,
-                "widgets_with_rows": sum(1 for w in self.widgets if w.rows),
-                "seconds": round(self.seconds, 3),
-                "rows_per_s": round(self.rows / self.seconds) if self.seconds > 0 else None}
+        return {
+            "dry_run": self.dry_run,
+            "widgets": len(self.widgets),
+            "rows": self.rows,
+            "widgets_with_rows": sum(1 for w in self.widgets if w.rows),
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows / self.seconds) if self.seconds > 0 else None,
+        }
 
 
-def purge(dsn: str, *, batch_rows: int = 10_000, dry_run: bool = False, duty_cycle: float = 1.0,
-          on_progress: Callable[[WidgetPurge, bool], None] = lambda w, done: None,
-          stop: threading.Event | None = None) -> PurgeReport:
+def purge(
+    dsn: str,
+    *,
+    batch_rows: int = 10_000,
+    dry_run: bool = False,
+    duty_cycle: float = 1.0,
+    on_progress: Callable[[WidgetPurge, bool], None] = lambda w, done: None,
+    stop: threading.Event | None = None,
+) -> PurgeReport:
     """Runs one purge over every widget. `duty_cycle` (0 < d <= 1) is the largest fraction of wall time spent
     deleting (1.0: no pauses). `on_progress(widget, done)` is called after every batch and once when a widget
     is finished. A set `stop` ends the run after the current batch (what was deleted stays deleted; the next
@@ -91,10 +103,17 @@ def purge(dsn: str, *, batch_rows: int = 10_000, dry_run: bool = False, duty_cyc
             report.widgets.append(widget)
             _purge_widget(conn, widget, batch_rows, dry_run, on_progress, pace)
             on_progress(widget, True)
-            log.info("purged widget" if not dry_run else "purge dry run: widget", extra={
-                "widget_id": str(widget.widget_id), "retention_days": widget.retention_days,
-                "cutoff": widget.cutoff.isoformat(), "rows": widget.rows, "batches": widget.batches,
-                "seconds": round(widget.seconds, 3)})
+            log.info(
+                "purged widget" if not dry_run else "purge dry run: widget",
+                extra={
+                    "widget_id": str(widget.widget_id),
+                    "retention_days": widget.retention_days,
+                    "cutoff": widget.cutoff.isoformat(),
+                    "rows": widget.rows,
+                    "batches": widget.batches,
+                    "seconds": round(widget.seconds, 3),
+                },
+            )
     report.seconds = time.perf_counter() - started
     log.info("purge finished" if not dry_run else "purge dry run finished", extra=report.summary())
     return report
@@ -115,8 +134,14 @@ class _Pace:
         return not self.stop.is_set()
 
 
-def _purge_widget(conn: psycopg.Connection, widget: WidgetPurge, batch_rows: int, dry_run: bool,
-                  on_progress: Callable[[WidgetPurge, bool], None], pace: _Pace) -> None:
+def _purge_widget(
+    conn: psycopg.Connection,
+    widget: WidgetPurge,
+    batch_rows: int,
+    dry_run: bool,
+    on_progress: Callable[[WidgetPurge, bool], None],
+    pace: _Pace,
+) -> None:
     started = time.perf_counter()
     params = {"w": widget.widget_id, "cutoff": widget.cutoff, "n": batch_rows}
     if dry_run:
@@ -127,8 +152,10 @@ def _purge_widget(conn: psycopg.Connection, widget: WidgetPurge, batch_rows: int
             try:
                 deleted = conn.execute(_DELETE_BATCH, params).rowcount
             except _RETRYABLE as exc:
-                log.warning("purge batch conflicted; retrying", extra={"widget_id": str(widget.widget_id),
-                                                                        "error": type(exc).__name__})
+                log.warning(
+                    "purge batch conflicted; retrying",
+                    extra={"widget_id": str(widget.widget_id), "error": type(exc).__name__},
+                )
                 continue
             widget.rows += max(deleted, 0)
             widget.batches += 1
@@ -145,8 +172,14 @@ def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool, duty_cycle: f
     from rich.table import Table
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("widgets", total=None)
 
         def on_progress(widget: WidgetPurge, done: bool) -> None:
@@ -157,23 +190,39 @@ def run_with_progress(dsn: str, *, batch_rows: int, dry_run: bool, duty_cycle: f
 
         report = purge(dsn, batch_rows=batch_rows, dry_run=dry_run, duty_cycle=duty_cycle, on_progress=on_progress)
     table = Table(title=("Retention purge (dry run: nothing deleted)" if dry_run else "Retention purge"))
-    for column in ("widget id", "name", "retention", "cutoff (UTC)", "would remove" if dry_run else "removed",
-                   "seconds"):
-        table.add_column(column, no_wrap=True,
-                         justify="right" if column in ("removed", "would remove", "seconds") else "left")
+    for column in (
+        "widget id",
+        "name",
+        "retention",
+        "cutoff (UTC)",
+        "would remove" if dry_run else "removed",
+        "seconds",
+    ):
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("removed", "would remove", "seconds") else "left"
+        )
     for w in report.widgets:
         if w.rows:
-            table.add_row(str(w.widget_id), w.name[:40], f"{w.retention_days} d", f"{w.cutoff:%Y-%m-%d %H:%M}",
-                          f"{w.rows:,}", f"{w.seconds:.2f}")
+            table.add_row(
+                str(w.widget_id),
+                w.name[:40],
+                f"{w.retention_days} d",
+                f"{w.cutoff:%Y-%m-%d %H:%M}",
+                f"{w.rows:,}",
+                f"{w.seconds:.2f}",
+            )
     out = Console() if sys.stdout.isatty() else Console(width=200)  # piped: keep each widget on one line
     out.print(table)
-    out.print(f"{report.rows:,} rows {'to remove' if dry_run else 'removed'} across {len(report.widgets)} "
-                    f"widget(s) in {report.seconds:.2f} s")
+    out.print(
+        f"{report.rows:,} rows {'to remove' if dry_run else 'removed'} across {len(report.widgets)} "
+        f"widget(s) in {report.seconds:.2f} s"
+    )
     return report
 
 
-def purge_every(dsn: str, interval_s: float, stop: threading.Event, *, batch_rows: int,
-                duty_cycle: float = 1.0) -> None:
+def purge_every(
+    dsn: str, interval_s: float, stop: threading.Event, *, batch_rows: int, duty_cycle: float = 1.0
+) -> None:
     """Runs the purge now and then every interval_s until `stop` is set (which also ends a run in progress after
     its current batch); a failed run is logged and the next one tries again (how `dev` and the compose `purge`
     service schedule it)."""

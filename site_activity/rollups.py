@@ -20,31 +20,38 @@ _CHECKS: dict[str, tuple[str, str]] = {
         "SELECT date_trunc('hour', occurred_at, 'UTC'), count(*), count(*) FILTER (WHERE event_type = 'pageview'),"
         " count(*) FILTER (WHERE event_type = 'session_start'), count(*) FILTER (WHERE event_type = 'custom'),"
         " count(*) FILTER (WHERE event_type = 'identify'), count(DISTINCT visitor_id)"
-        " FROM visitor_events WHERE widget_id = %(w)s GROUP BY 1 ORDER BY 1"),
+        " FROM visitor_events WHERE widget_id = %(w)s GROUP BY 1 ORDER BY 1",
+    ),
     "rollup_daily": (
         "SELECT day, visitors FROM rollup_daily WHERE widget_id = %(w)s ORDER BY 1",
         "SELECT (occurred_at AT TIME ZONE 'UTC')::date, count(DISTINCT visitor_id) FROM visitor_events"
-        " WHERE widget_id = %(w)s GROUP BY 1 ORDER BY 1"),
+        " WHERE widget_id = %(w)s GROUP BY 1 ORDER BY 1",
+    ),
     "rollup_visitor_hours": (
         "SELECT hour, visitor_id, events FROM rollup_visitor_hours WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT date_trunc('hour', occurred_at, 'UTC'), visitor_id, count(*) FROM visitor_events"
-        " WHERE widget_id = %(w)s GROUP BY 1, 2 ORDER BY 1, 2"),
+        " WHERE widget_id = %(w)s GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
     "rollup_visitor_days": (
         "SELECT day, visitor_id, events FROM rollup_visitor_days WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT (occurred_at AT TIME ZONE 'UTC')::date, visitor_id, count(*) FROM visitor_events"
-        " WHERE widget_id = %(w)s GROUP BY 1, 2 ORDER BY 1, 2"),
+        " WHERE widget_id = %(w)s GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
     "rollup_pages": (
         "SELECT hour, page, pageviews FROM rollup_pages WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT date_trunc('hour', occurred_at, 'UTC'), rollup_page(url), count(*) FROM visitor_events"
-        " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2"),
+        " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
     "rollup_pages_daily": (
         "SELECT day, page, pageviews FROM rollup_pages_daily WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT (occurred_at AT TIME ZONE 'UTC')::date, rollup_page(url), count(*) FROM visitor_events"
-        " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2"),
+        " WHERE widget_id = %(w)s AND event_type = 'pageview' GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
     "rollup_event_names": (
         "SELECT hour, name, events FROM rollup_event_names WHERE widget_id = %(w)s ORDER BY 1, 2",
         "SELECT date_trunc('hour', occurred_at, 'UTC'), coalesce(name, ''), count(*) FROM visitor_events"
-        " WHERE widget_id = %(w)s AND event_type = 'custom' GROUP BY 1, 2 ORDER BY 1, 2"),
+        " WHERE widget_id = %(w)s AND event_type = 'custom' GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
 }
 
 
@@ -70,6 +77,10 @@ def mismatches(conn: psycopg.Connection, widget_id: uuid.UUID) -> list[str]:
 
 
 def widgets_with_rows(conn: psycopg.Connection) -> list[uuid.UUID]:
-    return [r[0] for r in conn.execute(
-        "SELECT id FROM widget_configs w WHERE EXISTS (SELECT 1 FROM visitor_events e WHERE e.widget_id = w.id)"
-        " OR EXISTS (SELECT 1 FROM rollup_hourly r WHERE r.widget_id = w.id) ORDER BY id")]
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM widget_configs w WHERE EXISTS (SELECT 1 FROM visitor_events e WHERE e.widget_id = w.id)"
+            " OR EXISTS (SELECT 1 FROM rollup_hourly r WHERE r.widget_id = w.id) ORDER BY id"
+        )
+    ]

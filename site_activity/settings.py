@@ -13,8 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # --- structure (issue 10) ---------------------------------------------------------------------------------
 Stage = Literal["api", "processors", "sink", "webhooks", "console"]
 # The setting naming the port each long-running stage serves /healthz (and /metrics, /readyz) on, at http_host.
-STAGE_HTTP_PORT: dict[str, str] = {"api": "http_port", "processors": "processors_web_port", "sink": "sink_http_port",
-                                   "webhooks": "webhooks_http_port", "console": "console_port"}
+STAGE_HTTP_PORT: dict[str, str] = {
+    "api": "http_port",
+    "processors": "processors_web_port",
+    "sink": "sink_http_port",
+    "webhooks": "webhooks_http_port",
+    "console": "console_port",
+}
 
 
 class Settings(BaseSettings):
@@ -229,7 +234,8 @@ class Settings(BaseSettings):
     webhooks_timeout_s: float = 15.0  # one attempt, connect to last byte
     # Delay before attempt 1, 2, ... (seconds); after the last one fails the delivery is `failed`.
     webhooks_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 36000])
+        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+    )
     # An endpoint whose attempts have all failed for this long is disabled (reason visible to its admins).
     webhooks_disable_after_s: float = 5 * 24 * 3600
     webhooks_endpoint_concurrency: int = 50  # requests in flight per endpoint and process (1 while failing)

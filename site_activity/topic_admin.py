@@ -52,14 +52,18 @@ class TopicReport:
 def desired_topics(settings: Settings) -> list[DesiredTopic]:
     rf = settings.topic_replication_factor
     isr = {"min.insync.replicas": str(settings.topic_min_insync_replicas)} if rf > 1 else {}
-    changelog = TopicSpec(f"{settings.processors_app_id}-{CHANGELOG_TABLE}-changelog", settings.topic_partitions,
-                          {"cleanup.policy": "compact"})
+    changelog = TopicSpec(
+        f"{settings.processors_app_id}-{CHANGELOG_TABLE}-changelog",
+        settings.topic_partitions,
+        {"cleanup.policy": "compact"},
+    )
     specs = [*Topics.from_settings(settings).specs(settings), changelog]
     return [DesiredTopic(s.name, s.partitions, rf, {**s.config, **isr}) for s in specs]
 
 
-def apply_topics(settings: Settings, dry_run: bool = False, timeout: float = 30.0,
-                 client: AdminClient | None = None) -> list[TopicReport]:
+def apply_topics(
+    settings: Settings, dry_run: bool = False, timeout: float = 30.0, client: AdminClient | None = None
+) -> list[TopicReport]:
     """Makes the cluster match desired_topics(settings) as far as it safely can (module docstring); returns
     one report per topic. dry_run: changes nothing, reports what would change. Raises KafkaException when
     the cluster cannot be reached or refuses a change."""
@@ -71,11 +75,17 @@ def apply_topics(settings: Settings, dry_run: bool = False, timeout: float = 30.
     existing = [t for t in wanted if t.name in meta]
     current = _configs(client, [t.name for t in existing], timeout)
     for t in missing:
-        reports.append(TopicReport(t.name, "would create" if dry_run else "created",
-                                   {k: (None, v) for k, v in t.config.items()}))
+        reports.append(
+            TopicReport(t.name, "would create" if dry_run else "created", {k: (None, v) for k, v in t.config.items()})
+        )
     if missing and not dry_run:
-        futures = client.create_topics([NewTopic(t.name, num_partitions=t.partitions, replication_factor=t.replication_factor,
-                                                 config=t.config) for t in missing], operation_timeout=timeout)
+        futures = client.create_topics(
+            [
+                NewTopic(t.name, num_partitions=t.partitions, replication_factor=t.replication_factor, config=t.config)
+                for t in missing
+            ],
+            operation_timeout=timeout,
+        )
         for future in futures.values():
             try:
                 future.result()
@@ -87,25 +97,43 @@ def apply_topics(settings: Settings, dry_run: bool = False, timeout: float = 30.
         report = TopicReport(t.name, "exists")
         parts = meta[t.name].partitions
         if len(parts) != t.partitions:
-            report.problems.append(f"has {len(parts)} partitions, settings say {t.partitions}: not changed "
-                                   "(changing it remaps keys; create a new topic and migrate instead)")
+            report.problems.append(
+                f"has {len(parts)} partitions, settings say {t.partitions}: not changed "
+                "(changing it remaps keys; create a new topic and migrate instead)"
+            )
         rf = min((len(p.replicas) for p in parts.values()), default=0)
         if rf != t.replication_factor:
-            report.problems.append(f"replication factor {rf}, settings say {t.replication_factor}: not changed "
-                                   "(use kafka-reassign-partitions)")
+            report.problems.append(
+                f"replication factor {rf}, settings say {t.replication_factor}: not changed "
+                "(use kafka-reassign-partitions)"
+            )
         have = current.get(t.name, {})
         report.changed = {k: (have.get(k), v) for k, v in t.config.items() if have.get(k) != v}
         if report.changed:
             report.action = "would alter" if dry_run else "altered"
-            alters.append(ConfigResource(ResourceType.TOPIC, t.name, incremental_configs=[
-                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in t.config.items()
-                if k in report.changed]))
+            alters.append(
+                ConfigResource(
+                    ResourceType.TOPIC,
+                    t.name,
+                    incremental_configs=[
+                        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                        for k, v in t.config.items()
+                        if k in report.changed
+                    ],
+                )
+            )
         reports.append(report)
     if alters and not dry_run:
         for future in client.incremental_alter_configs(alters, request_timeout=timeout).values():
             future.result()
-    log.info("topics applied", extra={"dry_run": dry_run, "topics": {
-        r.name: r.action for r in reports}, "problems": sum(len(r.problems) for r in reports)})
+    log.info(
+        "topics applied",
+        extra={
+            "dry_run": dry_run,
+            "topics": {r.name: r.action for r in reports},
+            "problems": sum(len(r.problems) for r in reports),
+        },
+    )
     return reports
 
 
@@ -119,8 +147,10 @@ def _configs(client: AdminClient, names: list[str], timeout: float) -> dict[str,
 def print_reports(reports: list[TopicReport]) -> int:
     """Human-readable report; returns 1 when a difference was left unfixed (partitions, RF), else 0."""
     for r in reports:
-        changes = ", ".join(f"{k}: {before if before is not None else '-'} -> {after}"
-                            for k, (before, after) in sorted(r.changed.items()))
+        changes = ", ".join(
+            f"{k}: {before if before is not None else '-'} -> {after}"
+            for k, (before, after) in sorted(r.changed.items())
+        )
         print(f"{r.name:55} {r.action:12} {changes}")
         for problem in r.problems:
             print(f"{'':55} DIFFERS      {problem}")

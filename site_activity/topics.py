@@ -46,8 +46,11 @@ class Topics:
             TopicSpec(self.raw_events, n, {"cleanup.policy": "delete", "retention.ms": events_ms}),
             TopicSpec(self.enriched_events, n, {"cleanup.policy": "delete", "retention.ms": events_ms}),
             TopicSpec(self.identity_links, n, {"cleanup.policy": "compact"}),
-            TopicSpec(self.dead_letter, 1, {"cleanup.policy": "delete",
-                                            "retention.ms": str(settings.topic_dead_letter_retention_ms)}),
+            TopicSpec(
+                self.dead_letter,
+                1,
+                {"cleanup.policy": "delete", "retention.ms": str(settings.topic_dead_letter_retention_ms)},
+            ),
             TopicSpec(self.erasures, n, {"cleanup.policy": "compact"}),
         ]
 

@@ -34,10 +34,27 @@ class Widget(JsonFields):
 _COLUMNS = "id, tenant_id, name, tracking_enabled, event_retention_days, created_at, updated_at"
 
 
-def _audit(conn: psycopg.Connection, actor: str, action: str, old: dict[str, Any] | None, new: dict[str, Any] | None,
-           widget_id: uuid.UUID, tenant_id: uuid.UUID | None, request_id: str | None = None) -> None:
-    audit(conn, actor=actor, action=action, tenant_id=tenant_id, entity="widget_config", entity_id=str(widget_id),
-          old=old, new=new, request_id=request_id)
+def _audit(
+    conn: psycopg.Connection,
+    actor: str,
+    action: str,
+    old: dict[str, Any] | None,
+    new: dict[str, Any] | None,
+    widget_id: uuid.UUID,
+    tenant_id: uuid.UUID | None,
+    request_id: str | None = None,
+) -> None:
+    audit(
+        conn,
+        actor=actor,
+        action=action,
+        tenant_id=tenant_id,
+        entity="widget_config",
+        entity_id=str(widget_id),
+        old=old,
+        new=new,
+        request_id=request_id,
+    )
 
 
 def get_widget(conn: psycopg.Connection, widget_id: uuid.UUID) -> Widget:
@@ -57,8 +74,15 @@ def list_widgets(conn: psycopg.Connection, tenant_id: uuid.UUID | None = None) -
         ).fetchall()
 
 
-def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id: uuid.UUID | None = None,
-                  tenant_name: str | None = None, tracking_enabled: bool = False) -> Widget:
+def create_widget(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    actor: str,
+    tenant_id: uuid.UUID | None = None,
+    tenant_name: str | None = None,
+    tracking_enabled: bool = False,
+) -> Widget:
     """Creates a widget (90-day retention); a new tenant too when none is given.
 
     Tracking is off unless `tracking_enabled`; when on, the enable is audited and committed in the SAME
@@ -83,8 +107,15 @@ def create_widget(conn: psycopg.Connection, *, name: str, actor: str, tenant_id:
     return widget
 
 
-def _update(conn: psycopg.Connection, widget_id: uuid.UUID, column: str, value: Any, actor: str, action: str,
-            request_id: str | None = None) -> Widget:
+def _update(
+    conn: psycopg.Connection,
+    widget_id: uuid.UUID,
+    column: str,
+    value: Any,
+    actor: str,
+    action: str,
+    request_id: str | None = None,
+) -> Widget:
     with conn.transaction():
         old = get_widget(conn, widget_id)
         if getattr(old, column) == value:
@@ -94,15 +125,23 @@ def _update(conn: psycopg.Connection, widget_id: uuid.UUID, column: str, value: 
             (value, widget_id),
         )
         new = get_widget(conn, widget_id)
-        _audit(conn, actor, action, {column: getattr(old, column)}, {column: getattr(new, column)},
-               widget_id, new.tenant_id, request_id)
+        _audit(
+            conn,
+            actor,
+            action,
+            {column: getattr(old, column)},
+            {column: getattr(new, column)},
+            widget_id,
+            new.tenant_id,
+            request_id,
+        )
     return new
 
 
-def set_tracking(conn: psycopg.Connection, widget_id: uuid.UUID, enabled: bool, *, actor: str,
-                 request_id: str | None = None) -> Widget:
-    return _update(conn, widget_id, "tracking_enabled", enabled, actor, "enable" if enabled else "disable",
-                   request_id)
+def set_tracking(
+    conn: psycopg.Connection, widget_id: uuid.UUID, enabled: bool, *, actor: str, request_id: str | None = None
+) -> Widget:
+    return _update(conn, widget_id, "tracking_enabled", enabled, actor, "enable" if enabled else "disable", request_id)
 
 
 def check_retention(days: int) -> None:
@@ -110,8 +149,9 @@ def check_retention(days: int) -> None:
         raise WidgetError(f"retention must be between {MIN_RETENTION_DAYS} and {MAX_RETENTION_DAYS} days, got {days}")
 
 
-def set_retention(conn: psycopg.Connection, widget_id: uuid.UUID, days: int, *, actor: str,
-                  request_id: str | None = None) -> Widget:
+def set_retention(
+    conn: psycopg.Connection, widget_id: uuid.UUID, days: int, *, actor: str, request_id: str | None = None
+) -> Widget:
     check_retention(days)
     return _update(conn, widget_id, "event_retention_days", days, actor, "set-retention", request_id)
 

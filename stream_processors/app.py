@@ -69,11 +69,22 @@ def create_app(settings: Settings) -> App:
         # TLS / SASL for faust's aiokafka clients: the same settings as every confluent client (kafka_security.py).
         **faust_security(settings),
     )
-    raw = app.topic(topics.raw_events, key_type=bytes, value_type=bytes, key_serializer="raw",
-                    value_serializer="raw", partitions=settings.topic_partitions)
+    raw = app.topic(
+        topics.raw_events,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+    )
     # Keys: the raw message key bytes; values: JSON documents (state.py). faust compacts table changelogs.
-    table = app.Table(STATE_TABLE, default=None, partitions=settings.topic_partitions, key_type=bytes,
-                      options=table_options(settings.processors_store_url))
+    table = app.Table(
+        STATE_TABLE,
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=bytes,
+        options=table_options(settings.processors_store_url),
+    )
 
     outputs = Outputs(settings)
     store = TableStore(table, outputs, rocksdb=is_rocksdb(settings.processors_store_url))
@@ -82,15 +93,17 @@ def create_app(settings: Settings) -> App:
     app.commit_barriers.append(Checkpoint(outputs, store).flush)
     # Same code paths as the agents below: a skipped erasure marker must not be committed past either.
     app.skipped_offsets_handler = SkippedReader(
-        settings, {topics.raw_events: processor.process,
-                   topics.erasures: lambda msgs: apply_erasures(processor.store, msgs)},
-        settings.processors_repair_timeout_s)
+        settings,
+        {topics.raw_events: processor.process, topics.erasures: lambda msgs: apply_erasures(processor.store, msgs)},
+        settings.processors_repair_timeout_s,
+    )
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:
         batches = cast(faust.Stream, stream)  # faust's StreamT leaves take_events out; the Stream it passes has it
-        async for events in batches.take_events(settings.processors_batch_max_messages,
-                                                within=settings.processors_batch_max_s):
+        async for events in batches.take_events(
+            settings.processors_batch_max_messages, within=settings.processors_batch_max_s
+        ):
             processor.process([event.message for event in events])
 
     add_erasure_agent(app, topics.erasures, settings.topic_partitions, processor.store)
@@ -99,8 +112,9 @@ def create_app(settings: Settings) -> App:
     async def expire_idle_visitors() -> None:
         # Same event loop as the agent: a scan never runs in the middle of a batch.
         if _recovered(app):
-            store.expire(store.active_partitions(app), settings.processors_state_horizon_s,
-                         settings.processors_expiry_scan_keys)
+            store.expire(
+                store.active_partitions(app), settings.processors_state_horizon_s, settings.processors_expiry_scan_keys
+            )
             outputs.check()
 
     _add_pages(app)

@@ -24,15 +24,20 @@ from stream_processors import metrics
 ERASED_DOC: dict[str, Any] = {"erased": True}
 
 
-
 def is_erased(doc: dict[str, Any] | None) -> bool:
     return doc is not None and doc.get("erased") is True
 
 
 def add_erasure_agent(app: faust.App, topic_name: str, partitions: int, store: Any) -> None:
     """`store` is the processors' TableStore: put(key, partition, doc) writes table and changelog."""
-    topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                      partitions=partitions)
+    topic = app.topic(
+        topic_name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
 
     @app.agent(topic, name="erasures")
     async def erase(stream: faust.StreamT) -> None:
@@ -48,7 +53,7 @@ def apply_erasures(store: Any, messages: Iterable[Any]) -> None:
         if not message.key:
             continue
         if message.key.startswith(CONTACT_MARKER_PREFIX):
-            customer_id = message.key[len(CONTACT_MARKER_PREFIX):].decode(errors="replace")
+            customer_id = message.key[len(CONTACT_MARKER_PREFIX) :].decode(errors="replace")
             store.put(erased_contact_key(message.partition, customer_id), message.partition, ERASED_DOC)
         else:
             store.put(message.key, message.partition, ERASED_DOC)

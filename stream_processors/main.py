@@ -26,8 +26,9 @@ def run(settings: Settings) -> int:
         override_logging=False,  # keep our JSON logging (site_activity.logs)
         redirect_stdouts=False,
     )
-    log.info("starting processors", extra={"app_id": settings.processors_app_id,
-                                           "web_port": settings.processors_web_port})
+    log.info(
+        "starting processors", extra={"app_id": settings.processors_app_id, "web_port": settings.processors_web_port}
+    )
     try:
         worker.execute_from_commandline()  # returns by SystemExit after a clean stop (SIGTERM/SIGINT)
     except SystemExit as exc:

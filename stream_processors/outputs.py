@@ -50,22 +50,40 @@ class Outputs:
         self._refused: list[tuple[str, int, bytes | None, bytes | None, list[tuple[str, bytes]] | None, str]] = []
         self.dead_letter_topic = Topics.from_settings(settings).dead_letter
         self.max_message_bytes = settings.kafka_max_message_bytes
-        self.producer = Producer(producer_config(
-            settings,
-            **{"delivery.report.only.error": True, "on_delivery": self._on_delivery,
-               "linger.ms": 2, "batch.size": settings.processors_producer_batch_bytes},
-        ))
+        self.producer = Producer(
+            producer_config(
+                settings,
+                **{
+                    "delivery.report.only.error": True,
+                    "on_delivery": self._on_delivery,
+                    "linger.ms": 2,
+                    "batch.size": settings.processors_producer_batch_bytes,
+                },
+            )
+        )
         # The table changelog has its own producer, with a report per record: the offsets delivered tell the
         # RocksDB store where recovery may start (store.py). Records of both are flushed by deliver().
         self._state_offsets: dict[tuple[str, int], int] = {}
-        self.state_producer = Producer(producer_config(
-            settings,
-            **{"on_delivery": self._on_state_delivery,
-               "linger.ms": 2, "batch.size": settings.processors_producer_batch_bytes},
-        ))
+        self.state_producer = Producer(
+            producer_config(
+                settings,
+                **{
+                    "on_delivery": self._on_state_delivery,
+                    "linger.ms": 2,
+                    "batch.size": settings.processors_producer_batch_bytes,
+                },
+            )
+        )
 
-    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
-             headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None:
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        source: Source | None = None,
+    ) -> None:
         """Hands a record to the producer. One that can never be written is dead-lettered instead, with
         `source` (else the record's own topic and partition, offset -1) in the dead-letter headers."""
         if partition is None and not headers:  # the hot path (enriched events): no options to build
@@ -96,8 +114,10 @@ class Outputs:
     def _dead_letter(self, key: bytes | None, value: bytes | None, detail: str, source: Source) -> None:
         """Dead-letters a record the broker can never take (`detail`: its topic and the error)."""
         reason = reason_text(Reason.UNWRITABLE_OUTPUT, detail)
-        log.warning("dead-lettered an output record", extra={
-            "reason": reason, "topic": source[0], "partition": source[1], "offset": source[2]})
+        log.warning(
+            "dead-lettered an output record",
+            extra={"reason": reason, "topic": source[0], "partition": source[1], "offset": source[2]},
+        )
         headers = dead_letter_headers("processors", reason, *source)
         value, headers = fit_dead_letter(key, value, headers, self.max_message_bytes)
         self.send(self.dead_letter_topic, key or b"", value or b"", headers=headers)
@@ -155,15 +175,20 @@ class Outputs:
         if err is None:
             return
         if is_unwritable(err) and not _dropped(msg.headers()):
-            self._refused.append((msg.topic(), msg.partition(), msg.key(), msg.value(), msg.headers(),
-                                  f"{err.name()} {err.str()}"))
+            self._refused.append(
+                (msg.topic(), msg.partition(), msg.key(), msg.value(), msg.headers(), f"{err.name()} {err.str()}")
+            )
         else:
             self._failed.append(str(err))
 
     def _exit_if_failed(self) -> None:
         if self._failed:
-            exit_without_committing(EXIT_DELIVERY_FAILED, "records not delivered; exiting before their offsets are "
-                                    "committed", errors=self._failed[:5], failed=len(self._failed))
+            exit_without_committing(
+                EXIT_DELIVERY_FAILED,
+                "records not delivered; exiting before their offsets are committed",
+                errors=self._failed[:5],
+                failed=len(self._failed),
+            )
 
 
 def _dropped(headers: list[tuple[str, bytes]] | None) -> bool:

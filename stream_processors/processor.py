@@ -104,8 +104,15 @@ class RawMessage(Protocol):
 class RecordSink(Protocol):
     """Where the processor hands its records (`outputs.Outputs`): sent without waiting, delivered before the commit."""
 
-    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None,
-             headers: list[tuple[str, bytes]] | None = None, source: Source | None = None) -> None: ...
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        source: Source | None = None,
+    ) -> None: ...
 
     def check(self) -> None: ...
 
@@ -240,9 +247,15 @@ class BatchProcessor:
         except DeadLetterLimitExceeded as exc:
             first = messages[0]
             exit_without_committing(
-                EXIT_DEAD_LETTER_LIMIT, "dead-letter limit reached; exiting without committing the batch",
-                error=str(exc), topic=first.topic, partition=first.partition, offset=first.offset,
-                messages=len(messages), invalid=invalid)
+                EXIT_DEAD_LETTER_LIMIT,
+                "dead-letter limit reached; exiting without committing the batch",
+                error=str(exc),
+                topic=first.topic,
+                partition=first.partition,
+                offset=first.offset,
+                messages=len(messages),
+                invalid=invalid,
+            )
 
     def _group(self, messages: Iterable[RawMessage]) -> tuple[list[VisitorBatch], list[Letter]]:
         """The valid events per visitor, and what to dead-letter (not sent yet: the limit is checked first)."""
@@ -283,7 +296,11 @@ class BatchProcessor:
         tenant_id = visitor.messages[0][0][0]["tenant_id"]
         if state.links:  # links learned before their contact was erased are forgotten
             state.links = [x for x in state.links if not self._contact_erased(visitor.partition, tenant_id, x[1])]
-        header, datum_of, start_datum = self.codec.batch.header, self.codec.event.encode_datum, self.session_starts.datum
+        header, datum_of, start_datum = (
+            self.codec.batch.header,
+            self.codec.event.encode_datum,
+            self.session_starts.datum,
+        )
         produced = starts = 0
         max_value = self.max_value_bytes - len(key)
         # The hot loop below inlines VisitorState.seen/remember (entries [event_id, t, session start]) and keeps
@@ -304,9 +321,12 @@ class BatchProcessor:
             # updated by the sink's retro-link. Per message, so the output never depends on how messages were
             # grouped into batches. A copy of an identify already seen links nothing.
             for record, _ in events:
-                if (record["event_type"] == IDENTIFY and state.seen(record["event_id"]) is None
-                        and not self._refuse_link(visitor.partition, record)
-                        and state.link(record["occurred_at"], record["user_id"], s.processors_max_links)):
+                if (
+                    record["event_type"] == IDENTIFY
+                    and state.seen(record["event_id"]) is None
+                    and not self._refuse_link(visitor.partition, record)
+                    and state.link(record["occurred_at"], record["user_id"], s.processors_max_links)
+                ):
                     self._publish_link(key, record)
             out: list[bytes] = []
             for record, datum in events:
@@ -322,9 +342,14 @@ class BatchProcessor:
                     t, start_us = first[1], first[2]
                     if record["occurred_at"] != t:  # a re-send whose clock correction differed: the first time
                         record["occurred_at"], datum = t, None
-                if record["event_type"] == IDENTIFY:  # an identify of an erased contact names nobody (nor its session_start)
-                    user = None if self._contact_erased(visitor.partition, record["tenant_id"],
-                                                        record["user_id"]) else record["user_id"]
+                if (
+                    record["event_type"] == IDENTIFY
+                ):  # an identify of an erased contact names nobody (nor its session_start)
+                    user = (
+                        None
+                        if self._contact_erased(visitor.partition, record["tenant_id"], record["user_id"])
+                        else record["user_id"]
+                    )
                 elif links and t >= links[-1][0]:  # the usual case: after the latest link (state.user_at)
                     user = links[-1][1]
                 else:
@@ -378,11 +403,12 @@ class BatchProcessor:
     def _dead_letter(self, letter: Letter) -> None:
         """Dead-letters a raw message, or with `letter.value` just one bad event out of a batch message."""
         msg, reason = letter.msg, reason_text(letter.reason, letter.detail)
-        log.warning("dead-lettered a raw message", extra={
-            "reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
+        log.warning(
+            "dead-lettered a raw message",
+            extra={"reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+        )
         headers = dead_letter_headers("processors", reason, msg.topic, msg.partition, msg.offset)
         key, payload = msg.key or b"", letter.value if letter.value is not None else msg.value or b""
         value, headers = fit_dead_letter(key, payload, headers, self.settings.kafka_max_message_bytes)
         self.outputs.send(self.topics.dead_letter, key, value or b"", headers=headers)
         metrics.DEAD_LETTERS.labels(letter.reason).inc()
-

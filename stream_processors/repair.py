@@ -45,8 +45,13 @@ class SkippedReader:
     process exits without committing (`on_give_up`, 75), so a restarted worker redoes those messages: never a
     commit past an unprocessed offset."""
 
-    def __init__(self, settings: Settings, processes: dict[str, Callable[[list[FetchedMessage]], None]],
-                 timeout_s: float, on_give_up: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        processes: dict[str, Callable[[list[FetchedMessage]], None]],
+        timeout_s: float,
+        on_give_up: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.processes = processes
         self.timeout_s = timeout_s
@@ -58,14 +63,29 @@ class SkippedReader:
             return False
         messages = self.read(topic, partition, offsets)
         if messages is None:
-            log.critical("could not read the messages faust skipped; exiting without committing past them",
-                         extra={"topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
-                                "timeout_s": self.timeout_s})
+            log.critical(
+                "could not read the messages faust skipped; exiting without committing past them",
+                extra={
+                    "topic": topic,
+                    "partition": partition,
+                    "first": offsets[0],
+                    "last": offsets[-1],
+                    "timeout_s": self.timeout_s,
+                },
+            )
             self.on_give_up()
             raise RuntimeError("skipped messages not processed")  # on_give_up must not return
-        log.warning("processed skipped messages", extra={
-            "topic": topic, "partition": partition, "first": offsets[0], "last": offsets[-1],
-            "offsets": len(offsets), "messages": len(messages)})
+        log.warning(
+            "processed skipped messages",
+            extra={
+                "topic": topic,
+                "partition": partition,
+                "first": offsets[0],
+                "last": offsets[-1],
+                "offsets": len(offsets),
+                "messages": len(messages),
+            },
+        )
         if messages:
             process(messages)
         return True
@@ -87,12 +107,11 @@ class SkippedReader:
                     continue
                 _, _, offset = position(msg)
                 if offset in wanted:
-                    messages.append(FetchedMessage(topic, partition, offset, msg.timestamp()[1] / 1000,
-                                                   msg.key(), msg.value()))
+                    messages.append(
+                        FetchedMessage(topic, partition, offset, msg.timestamp()[1] / 1000, msg.key(), msg.value())
+                    )
                 if offset >= last:
                     return messages
             return None
         finally:
             consumer.close()
-
-

@@ -79,6 +79,8 @@ Session = list[int]  # [start, lo, hi]
 
 def _lo(session: Session) -> int:
     return session[1]
+
+
 Link = list[Any]  # [at, user_id]
 
 
@@ -119,12 +121,15 @@ class VisitorState:
         if not copy:
             return cls(sessions=doc.get("s", []), links=doc.get("l", []), events=doc.get("e", []))
         # The event entries are never changed in place, so the outer list is all that needs copying.
-        return cls(sessions=[list(s) for s in doc.get("s", [])], links=[list(x) for x in doc.get("l", [])],
-                   events=list(doc.get("e", ())))
+        return cls(
+            sessions=[list(s) for s in doc.get("s", [])],
+            links=[list(x) for x in doc.get("l", [])],
+            events=list(doc.get("e", ())),
+        )
 
     def to_doc(self) -> dict[str, Any]:
         if self.max_events is not None and len(self.events) > self.max_events:
-            self.events = self.events[len(self.events) - self.max_events:]
+            self.events = self.events[len(self.events) - self.max_events :]
             self._index = None
         return {"s": self.sessions, "l": self.links, "e": self.events}
 

@@ -75,8 +75,11 @@ _FAUST_THREAD_METHODS = ("_create_worker_consumer",)
 def check_internals() -> None:
     """Fails fast, with a clear message, if the installed faust/aiokafka lack what this module overrides."""
     missing = [f"faust Consumer.{name}" for name in _FAUST_CONSUMER_METHODS if not hasattr(driver.Consumer, name)]
-    missing += [f"faust AIOKafkaConsumerThread.{name}" for name in _FAUST_THREAD_METHODS
-                if not hasattr(driver.AIOKafkaConsumerThread, name)]
+    missing += [
+        f"faust AIOKafkaConsumerThread.{name}"
+        for name in _FAUST_THREAD_METHODS
+        if not hasattr(driver.AIOKafkaConsumerThread, name)
+    ]
     init_source = _source(faust.transport.consumer.Consumer.__init__)
     missing += [f"faust Consumer().{name}" for name in _FAUST_CONSUMER_STATE if f"self.{name} =" not in init_source]
     if "self.suspend_flow.wait()" not in _source(faust.transport.consumer.Consumer._drain_messages):
@@ -89,7 +92,8 @@ def check_internals() -> None:
         raise RuntimeError(
             "stream_processors.transport overrides private parts of faust-streaming/aiokafka that the installed "
             f"versions (faust-streaming {_version('faust-streaming')}, aiokafka {_version('aiokafka')}) lack: "
-            f"{', '.join(missing)}. Install the versions pinned in pyproject.toml, or port transport.py.")
+            f"{', '.join(missing)}. Install the versions pinned in pyproject.toml, or port transport.py."
+        )
 
 
 def _source(obj: Any) -> str:
@@ -121,8 +125,15 @@ class Consumer(driver.Consumer):
     async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
         """faust's `wait_first`, with a fast path for the fetch loop's call (see the module docstring)."""
         flow = self.suspend_flow
-        if (timeout is None and len(coros) == 2 and inspect.iscoroutine(coros[0]) and _waits_on(coros[1], flow)
-                and not flow.is_set() and not self._stopped.is_set() and not self._crashed.is_set()):
+        if (
+            timeout is None
+            and len(coros) == 2
+            and inspect.iscoroutine(coros[0])
+            and _waits_on(coros[1], flow)
+            and not flow.is_set()
+            and not self._stopped.is_set()
+            and not self._crashed.is_set()
+        ):
             callback, suspended = coros
             try:
                 yielded = callback.send(None)
@@ -146,11 +157,19 @@ class Consumer(driver.Consumer):
             missing = unacked_offsets(acked, committed)
             handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
             if missing and handler is not None:
-                log.warning("faust would commit past messages that were never processed; processing them now",
-                            extra={"topic": tp.topic, "partition": tp.partition, "first": missing[0],
-                                   "last": missing[-1], "offsets": len(missing), "committed": committed,
-                                   "first_acked": min(acked), "recorded_as_gap": sum(
-                                       1 for offset in missing if self._gap[tp].overlaps(offset))})
+                log.warning(
+                    "faust would commit past messages that were never processed; processing them now",
+                    extra={
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "first": missing[0],
+                        "last": missing[-1],
+                        "offsets": len(missing),
+                        "committed": committed,
+                        "first_acked": min(acked),
+                        "recorded_as_gap": sum(1 for offset in missing if self._gap[tp].overlaps(offset)),
+                    },
+                )
                 if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
                     acked.extend(missing)
                     acked.sort()
@@ -164,8 +183,7 @@ class Consumer(driver.Consumer):
 def _waits_on(coro: Any, event: Any) -> bool:
     """Whether `coro` is `event.wait()`, not started yet."""
     frame = getattr(coro, "cr_frame", None)
-    return (frame is not None and coro.cr_code is type(event).wait.__code__
-            and frame.f_locals.get("self") is event)
+    return frame is not None and coro.cr_code is type(event).wait.__code__ and frame.f_locals.get("self") is event
 
 
 async def _continue(coro: Any, yielded: Any) -> Any:

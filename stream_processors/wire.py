@@ -42,8 +42,16 @@ def _long(n: int) -> bytes:
 
 def _spread_seven_bit_groups(z: int) -> int:
     """z < 2**56 as eight 7-bit groups, one per byte (little-endian), continuation bits not set yet."""
-    return ((z & 0x7F) | (z & 0x3F80) << 1 | (z & 0x1FC000) << 2 | (z & 0xFE00000) << 3 | (z & 0x7F0000000) << 4
-            | (z & 0x3F800000000) << 5 | (z & 0x1FC0000000000) << 6 | (z & 0xFE000000000000) << 7)
+    return (
+        (z & 0x7F)
+        | (z & 0x3F80) << 1
+        | (z & 0x1FC000) << 2
+        | (z & 0xFE00000) << 3
+        | (z & 0x7F0000000) << 4
+        | (z & 0x3F800000000) << 5
+        | (z & 0x1FC0000000000) << 6
+        | (z & 0xFE000000000000) << 7
+    )
 
 
 @lru_cache(maxsize=16_384)  # session and contact ids repeat across a visitor's events
@@ -73,8 +81,22 @@ class SessionStartWriter:
     site). Checked against fastavro in tests/test_processors_state.py; the layout below is checked against the
     schema at start-up."""
 
-    LAYOUT = ["event_id", "event_type", "tenant_id", "widget_id", "visitor_id", "name", "url", "referrer",
-              "properties", "user_id", "occurred_at", "received_at", "session_id", "customer_id"]
+    LAYOUT = [
+        "event_id",
+        "event_type",
+        "tenant_id",
+        "widget_id",
+        "visitor_id",
+        "name",
+        "url",
+        "referrer",
+        "properties",
+        "user_id",
+        "occurred_at",
+        "received_at",
+        "session_id",
+        "customer_id",
+    ]
 
     def __init__(self, codec: EventCodec) -> None:
         fields = codec.event.schema["fields"]
@@ -86,11 +108,22 @@ class SessionStartWriter:
 
     def datum(self, opener: dict[str, Any], event_id: str, session_id: str, customer_id: str | None) -> bytes:
         o, null = opener, b"\x00"
-        return b"".join((
-            _string(event_id), self._type, _strings(o["tenant_id"], o["widget_id"], o["visitor_id"]),
-            null, _optional_string(o["url"]), _optional_string(o["referrer"]), self._properties, null,
-            _long(o["occurred_at"]), _long(o["received_at"]), _optional_string(session_id),
-            _optional_string(customer_id)))
+        return b"".join(
+            (
+                _string(event_id),
+                self._type,
+                _strings(o["tenant_id"], o["widget_id"], o["visitor_id"]),
+                null,
+                _optional_string(o["url"]),
+                _optional_string(o["referrer"]),
+                self._properties,
+                null,
+                _long(o["occurred_at"]),
+                _long(o["received_at"]),
+                _optional_string(session_id),
+                _optional_string(customer_id),
+            )
+        )
 
 
 class EventReader:
@@ -101,7 +134,7 @@ class EventReader:
     def __init__(self, codec: EventCodec) -> None:
         self.codec = codec
         event_schema = codec.event.schema
-        if [f["name"] for f in event_schema["fields"][-len(STAMPED):]] != STAMPED:
+        if [f["name"] for f in event_schema["fields"][-len(STAMPED) :]] != STAMPED:
             raise RuntimeError(f"visitor_event.avsc must end with {STAMPED}: the restamp shortcut depends on it")
         self._event_fp = codec.event.header[2:]
         self._reader = codec.event.parsed
@@ -146,7 +179,7 @@ class EventReader:
                 start = buf.tell()
                 if current:
                     record = cast(dict[str, Any], fastavro.schemaless_reader(buf, reader, None))  # a record schema
-                    out.append((record, self._restampable(record, data[start:buf.tell()])))
+                    out.append((record, self._restampable(record, data[start : buf.tell()])))
                 else:
                     out.append((cast(dict[str, Any], fastavro.schemaless_reader(buf, writer, reader)), None))
         return out
@@ -236,8 +269,16 @@ _EIGHT_BYTES = 0x0080808080808080  # a varint of exactly 8 bytes: the first seve
 
 def _seven_bit_groups(n: int) -> int:
     """The value of an 8-byte varint given as a little-endian int (its seven-bit groups joined)."""
-    return ((n & 0x7F) | (n >> 1 & 0x3F80) | (n >> 2 & 0x1FC000) | (n >> 3 & 0xFE00000) | (n >> 4 & 0x7F0000000)
-            | (n >> 5 & 0x3F800000000) | (n >> 6 & 0x1FC0000000000) | (n >> 7 & 0xFE000000000000))
+    return (
+        (n & 0x7F)
+        | (n >> 1 & 0x3F80)
+        | (n >> 2 & 0x1FC000)
+        | (n >> 3 & 0xFE00000)
+        | (n >> 4 & 0x7F0000000)
+        | (n >> 5 & 0x3F800000000)
+        | (n >> 6 & 0x1FC0000000000)
+        | (n >> 7 & 0xFE000000000000)
+    )
 
 
 def read_current_items(data: bytes) -> list[RawEvent]:
@@ -262,7 +303,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
-            event_id = data[pos:pos + (n >> 1)].decode()
+            event_id = data[pos : pos + (n >> 1)].decode()
             pos += n >> 1
             event_type = types[data[pos]]
             pos += 1
@@ -272,7 +313,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
-            tenant_id = data[pos:pos + (n >> 1)].decode()
+            tenant_id = data[pos : pos + (n >> 1)].decode()
             pos += n >> 1
             n = data[pos]
             pos += 1
@@ -280,7 +321,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
-            widget_id = data[pos:pos + (n >> 1)].decode()
+            widget_id = data[pos : pos + (n >> 1)].decode()
             pos += n >> 1
             n = data[pos]
             pos += 1
@@ -288,7 +329,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
-            visitor_id = data[pos:pos + (n >> 1)].decode()
+            visitor_id = data[pos : pos + (n >> 1)].decode()
             pos += n >> 1
             # name, url, referrer: ["null", "string"]
             optional: list[str | None] = []
@@ -306,7 +347,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                     n, pos = _varint(data, pos - 1)
                 if n & 1:
                     raise _NotLean("negative length")
-                optional.append(data[pos:pos + (n >> 1)].decode())
+                optional.append(data[pos : pos + (n >> 1)].decode())
                 pos += n >> 1
             # properties
             n = data[pos]
@@ -315,7 +356,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 n, pos = _varint(data, pos - 1)
             if n & 1:
                 raise _NotLean("negative length")
-            properties = data[pos:pos + (n >> 1)].decode()
+            properties = data[pos : pos + (n >> 1)].decode()
             pos += n >> 1
             # user_id: ["null", "string"]
             branch = data[pos]
@@ -329,18 +370,18 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                     n, pos = _varint(data, pos - 1)
                 if n & 1:
                     raise _NotLean("negative length")
-                user_id = data[pos:pos + (n >> 1)].decode()
+                user_id = data[pos : pos + (n >> 1)].decode()
                 pos += n >> 1
             else:
                 raise _NotLean("union index")
             # occurred_at, received_at: zigzag longs, 8 bytes each for today's times (51 bits): read as one int
-            n = int.from_bytes(data[pos:pos + 8], "little")
+            n = int.from_bytes(data[pos : pos + 8], "little")
             if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
                 n, pos = _seven_bit_groups(n), pos + 8
             else:
                 n, pos = _varint(data, pos)
             occurred_at = (n >> 1) ^ -(n & 1)
-            n = int.from_bytes(data[pos:pos + 8], "little")
+            n = int.from_bytes(data[pos : pos + 8], "little")
             if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
                 n, pos = _seven_bit_groups(n), pos + 8
             else:
@@ -351,11 +392,27 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 pos += 2
                 if pos > end:
                     raise _NotLean("truncated")
-                out.append(({"event_id": event_id, "event_type": event_type, "tenant_id": tenant_id,
-                             "widget_id": widget_id, "visitor_id": visitor_id, "name": optional[0],
-                             "url": optional[1], "referrer": optional[2], "properties": properties,
-                             "user_id": user_id, "occurred_at": occurred_at, "received_at": received_at,
-                             "session_id": None, "customer_id": None}, data[start:pos]))
+                out.append(
+                    (
+                        {
+                            "event_id": event_id,
+                            "event_type": event_type,
+                            "tenant_id": tenant_id,
+                            "widget_id": widget_id,
+                            "visitor_id": visitor_id,
+                            "name": optional[0],
+                            "url": optional[1],
+                            "referrer": optional[2],
+                            "properties": properties,
+                            "user_id": user_id,
+                            "occurred_at": occurred_at,
+                            "received_at": received_at,
+                            "session_id": None,
+                            "customer_id": None,
+                        },
+                        data[start:pos],
+                    )
+                )
             else:
                 raise _NotLean("ids already set")  # not from the API: the general path handles it
     if pos > end:

@@ -42,8 +42,7 @@ def parsing_canonical_form(schema: Any, namespace: str | None = None) -> str:
     if isinstance(schema, list):
         return "[" + ",".join(parsing_canonical_form(b, namespace) for b in schema) + "]"
     kind = schema["type"]
-    if kind in primitives or not isinstance(kind, str) or kind not in ("record", "enum", "fixed", "array",
-                                                                       "map"):
+    if kind in primitives or not isinstance(kind, str) or kind not in ("record", "enum", "fixed", "array", "map"):
         return parsing_canonical_form(kind, namespace)
     parts: list[str] = []
     if kind in ("record", "enum", "fixed"):
@@ -54,8 +53,10 @@ def parsing_canonical_form(schema: Any, namespace: str | None = None) -> str:
         parts.append(f'"name":{json.dumps(name)}')
     parts.append(f'"type":{json.dumps(kind)}')
     if kind == "record":
-        fields = ",".join(f'{{"name":{json.dumps(f["name"])},"type":{parsing_canonical_form(f["type"], namespace)}}}'
-                          for f in schema["fields"])
+        fields = ",".join(
+            f'{{"name":{json.dumps(f["name"])},"type":{parsing_canonical_form(f["type"], namespace)}}}'
+            for f in schema["fields"]
+        )
         parts.append(f'"fields":[{fields}]')
     if kind == "enum":
         parts.append(f'"symbols":[{",".join(json.dumps(s) for s in schema["symbols"])}]')

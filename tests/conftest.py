@@ -90,7 +90,9 @@ def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: P
     """Unique topics, groups and ports on the session's broker and database (dev_stack.isolated); topics created.
     Module-scoped fixtures use this directly (the `settings` fixture is per test)."""
     s = isolated_settings(
-        kafka.bootstrap, postgres.dsn, data_dir,
+        kafka.bootstrap,
+        postgres.dsn,
+        data_dir,
         topic_partitions=3,
         consumer_session_timeout_ms=3000,
         consumer_heartbeat_interval_ms=500,
@@ -153,6 +155,7 @@ def http_ok(url: str) -> Callable[[], bool]:
             return httpx.get(url, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
+
     return check
 
 
@@ -199,7 +202,9 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def wait_for_rows(conn: psycopg.Connection, sql: str, params: tuple | dict, expected: int, timeout: float = 30.0) -> list[tuple]:
+def wait_for_rows(
+    conn: psycopg.Connection, sql: str, params: tuple | dict, expected: int, timeout: float = 30.0
+) -> list[tuple]:
     """Polls `sql` until it returns `expected` rows (then returns them) or fails with what it saw."""
     deadline = time.monotonic() + timeout
     rows: list[tuple] = []
@@ -211,8 +216,9 @@ def wait_for_rows(conn: psycopg.Connection, sql: str, params: tuple | dict, expe
     raise AssertionError(f"expected {expected} rows, got {len(rows)}: {rows[:5]}")
 
 
-def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0,
-               weight: Callable[[Message], int] = lambda _: 1) -> list[Message]:
+def read_topic(
+    settings: Settings, topic: str, expected: int, timeout: float = 20.0, weight: Callable[[Message], int] = lambda _: 1
+) -> list[Message]:
     """Reads messages from the start of `topic` with a throwaway consumer group until their total `weight`
     (default: one per message) reaches `expected`, or the timeout passes."""
     consumer = Consumer(consumer_config(settings, f"reader-{uuid.uuid4().hex[:8]}"))
@@ -234,15 +240,18 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 2
 _EVENTS = EventCodec()
 
 
-def read_events(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[tuple[bytes | None, dict]]:
+def read_events(
+    settings: Settings, topic: str, expected: int, timeout: float = 20.0
+) -> list[tuple[bytes | None, dict]]:
     """(key, event) pairs from the start of `topic`: a raw-topic message holds a whole request's events."""
     msgs = read_topic(settings, topic, expected, timeout, weight=lambda m: len(_EVENTS.decode_events(m.value())))
     return [(m.key(), event) for m in msgs for event in _EVENTS.decode_events(m.value())]
 
 
 @pytest.fixture(scope="module")
-def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
-                     tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def console_settings(
+    kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
     """Settings for one test module's console (its own topics, groups and ports)."""
     return make_settings(kafka, postgres, tmp_path_factory.mktemp("console") / "data", console_port=free_port())
 
@@ -260,8 +269,15 @@ def console(console_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 
 # --- headless Chromium for the page tests (Debian's chromium; scripts/test installs it) ----------------------
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,13 @@ from site_activity.settings import Settings
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "command_line", *args],
-                          env={**settings.to_env(), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "command_line", *args],
+        env={**settings.to_env(), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @dataclass

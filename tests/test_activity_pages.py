@@ -61,8 +61,9 @@ def api_events(timeline: dict[str, Any]) -> list[str]:
     return [e["event_id"] for s in timeline["sessions"] for e in s["events"]]
 
 
-def test_visitor_browser_and_timelines_show_the_api_data(browser: Browser, console_settings: Settings,
-                                                         tenant: dict[str, Any]) -> None:
+def test_visitor_browser_and_timelines_show_the_api_data(
+    browser: Browser, console_settings: Settings, tenant: dict[str, Any]
+) -> None:
     t: Tenant = tenant["t"]
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = signed_in(browser, console_settings, t)
@@ -103,17 +104,27 @@ def test_visitor_browser_and_timelines_show_the_api_data(browser: Browser, conso
     page.context.close()
 
 
-def test_rail_panel_shows_only_its_contacts_activity(browser: Browser, console_settings: Settings,
-                                                     tenant: dict[str, Any], postgres: EmbeddedPostgres) -> None:
+def test_rail_panel_shows_only_its_contacts_activity(
+    browser: Browser, console_settings: Settings, tenant: dict[str, Any], postgres: EmbeddedPostgres
+) -> None:
     t: Tenant = tenant["t"]
-    resp = httpx.post(f"{console_settings.console_origin}/api/v1/rail-tokens", json={"contact_id": str(tenant["ada"])},
-                      headers=t.auth("member"), timeout=30)
+    resp = httpx.post(
+        f"{console_settings.console_origin}/api/v1/rail-tokens",
+        json={"contact_id": str(tenant["ada"])},
+        headers=t.auth("member"),
+        timeout=30,
+    )
     assert resp.status_code == 200, resp.text
     url = resp.json()["url"]
     with psycopg.connect(postgres.dsn) as conn:
-        expected = [str(r[0]) for r in conn.execute(
-            "SELECT event_id FROM visitor_events WHERE customer_id = %s AND event_type IN ('pageview', 'custom')"
-            " ORDER BY occurred_at DESC, widget_id DESC, event_id DESC LIMIT 50", (tenant["ada"],))]
+        expected = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT event_id FROM visitor_events WHERE customer_id = %s AND event_type IN ('pageview', 'custom')"
+                " ORDER BY occurred_at DESC, widget_id DESC, event_id DESC LIMIT 50",
+                (tenant["ada"],),
+            )
+        ]
     assert expected
     context = browser.new_context(viewport={"width": 320, "height": 640})
     page = context.new_page()

@@ -36,18 +36,36 @@ def now() -> datetime:
 
 
 def pageview(**fields: Any) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "type": "pageview", "occurred_at": iso(now()),
-            "url": "https://shop.example/pricing", "referrer": "https://search.example/", **fields}
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "pageview",
+        "occurred_at": iso(now()),
+        "url": "https://shop.example/pricing",
+        "referrer": "https://search.example/",
+        **fields,
+    }
 
 
 def custom(name: str = "clicked_upgrade", **fields: Any) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "type": "custom", "name": name, "occurred_at": iso(now()),
-            "url": "https://shop.example/pricing", **fields}
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "custom",
+        "name": name,
+        "occurred_at": iso(now()),
+        "url": "https://shop.example/pricing",
+        **fields,
+    }
 
 
 def identify(user_id: str = "u_88291", **fields: Any) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "type": "identify", "user_id": user_id, "occurred_at": iso(now()),
-            "url": "https://shop.example/account", **fields}
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "identify",
+        "user_id": user_id,
+        "occurred_at": iso(now()),
+        "url": "https://shop.example/account",
+        **fields,
+    }
 
 
 def batch(widget_id: uuid.UUID | str, events: list[Any], visitor_id: str = "v-1", **fields: Any) -> dict[str, Any]:
@@ -84,20 +102,28 @@ def api(start_service: Callable[..., Any], api_url: str) -> Iterator[httpx.Clien
 
 
 # --- the happy path ---------------------------------------------------------------------------------
-def test_valid_batch_lands_on_raw_topic_with_server_fields(api: httpx.Client, settings: Settings,
-                                                            make_widget: Callable[..., widgets.Widget]) -> None:
+def test_valid_batch_lands_on_raw_topic_with_server_fields(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget()
     sent = now()
     hour = timedelta(hours=1)
     # The client clock runs an hour fast: its sent_at and occurred_at are both an hour ahead.
     events = [
         pageview(occurred_at=iso(sent + hour - timedelta(seconds=30))),
-        custom("clicked_upgrade", properties={"plan": "growth", "seats": 5, "nested": {"a": [1, "é"]}},
-               occurred_at=iso(sent + hour - timedelta(seconds=10))),
+        custom(
+            "clicked_upgrade",
+            properties={"plan": "growth", "seats": 5, "nested": {"a": [1, "é"]}},
+            occurred_at=iso(sent + hour - timedelta(seconds=10)),
+        ),
         identify("u_88291", traits={"email": "ada@example.com", "plan": "pro"}, occurred_at=iso(sent + hour + hour)),
     ]
-    spoofed = {"tenant_id": str(uuid.uuid4()), "customer_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()),
-               "received_at": "2000-01-01T00:00:00Z"}
+    spoofed = {
+        "tenant_id": str(uuid.uuid4()),
+        "customer_id": str(uuid.uuid4()),
+        "session_id": str(uuid.uuid4()),
+        "received_at": "2000-01-01T00:00:00Z",
+    }
     for e in events:
         e.update(spoofed)
     payload = batch(widget.id, events, visitor_id="visitor-42", sent_at=iso(sent + hour), **spoofed)
@@ -173,14 +199,20 @@ REJECTED_EVENTS: list[tuple[str, Callable[[], Any], str]] = [
     ("event_id missing", lambda: {k: v for k, v in pageview().items() if k != "event_id"}, "event_id is required"),
     ("event_id not a UUID", lambda: pageview(event_id="not-a-uuid"), "event_id must be a UUID"),
     ("event_id a number", lambda: pageview(event_id=12345), "event_id must be a UUID"),
-    ("identify without user_id", lambda: {k: v for k, v in identify().items() if k != "user_id"},
-     "user_id is required"),
+    (
+        "identify without user_id",
+        lambda: {k: v for k, v in identify().items() if k != "user_id"},
+        "user_id is required",
+    ),
     ("user_id a number", lambda: identify(42), "user_id must be a string"),  # type: ignore[arg-type]
     ("user_id too long", lambda: identify("u" * 256), "user_id must be at most 255"),
     ("occurred_at not ISO-8601", lambda: pageview(occurred_at="yesterday"), "occurred_at must be an ISO-8601"),
     ("occurred_at a number", lambda: pageview(occurred_at=1732435200000), "occurred_at must be an ISO-8601"),
-    ("occurred_at missing", lambda: {k: v for k, v in pageview().items() if k != "occurred_at"},
-     "occurred_at is required"),
+    (
+        "occurred_at missing",
+        lambda: {k: v for k, v in pageview().items() if k != "occurred_at"},
+        "occurred_at is required",
+    ),
     ("url a number", lambda: pageview(url=7), "url must be a string"),
     ("url too long", lambda: pageview(url="https://x.example/" + "a" * 2100), "url must be at most 2048"),
     ("referrer an object", lambda: pageview(referrer={}), "referrer must be a string"),
@@ -190,8 +222,9 @@ REJECTED_EVENTS: list[tuple[str, Callable[[], Any], str]] = [
 ]
 
 
-def test_each_event_rule_at_its_boundary(api: httpx.Client, settings: Settings,
-                                         make_widget: Callable[..., widgets.Widget]) -> None:
+def test_each_event_rule_at_its_boundary(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget()
     published: set[str] = set()
     for label, make in ACCEPTED_EVENTS:
@@ -217,29 +250,66 @@ ENVELOPE_ERRORS: list[tuple[str, Callable[[str], bytes], str, str]] = [
     ("truncated JSON", lambda w: b'{"widget_id": "' + w.encode() + b'", "events": [', "malformed_json", "valid JSON"),
     ("not JSON at all", lambda w: b"hello", "malformed_json", "valid JSON"),
     ("JSON array body", lambda w: b"[]", "invalid_request", "body must be a JSON object"),
-    ("widget_id missing", lambda w: json.dumps({"visitor_id": "v", "sent_at": iso(now()), "events": []}).encode(),
-     "invalid_request", "widget_id is required"),
-    ("widget_id not a UUID", lambda w: json.dumps(batch("widget-7", [])).encode(), "invalid_request",
-     "widget_id must be a UUID"),
-    ("visitor_id empty", lambda w: json.dumps(batch(w, [], visitor_id="")).encode(), "invalid_request",
-     "visitor_id must not be empty"),
-    ("visitor_id a number", lambda w: json.dumps({**batch(w, []), "visitor_id": 5}).encode(), "invalid_request",
-     "visitor_id must be a string"),
-    ("visitor_id too long", lambda w: json.dumps(batch(w, [], visitor_id="v" * 129)).encode(), "invalid_request",
-     "visitor_id must be at most 128"),
-    ("sent_at missing", lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "sent_at"}).encode(),
-     "invalid_request", "sent_at is required"),
-    ("sent_at garbage", lambda w: json.dumps(batch(w, [], sent_at="soon")).encode(), "invalid_request",
-     "sent_at must be an ISO-8601"),
-    ("events an object", lambda w: json.dumps({**batch(w, []), "events": {"0": pageview()}}).encode(),
-     "invalid_request", "events must be an array"),
-    ("events missing", lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "events"}).encode(),
-     "invalid_request", "events must be an array"),
+    (
+        "widget_id missing",
+        lambda w: json.dumps({"visitor_id": "v", "sent_at": iso(now()), "events": []}).encode(),
+        "invalid_request",
+        "widget_id is required",
+    ),
+    (
+        "widget_id not a UUID",
+        lambda w: json.dumps(batch("widget-7", [])).encode(),
+        "invalid_request",
+        "widget_id must be a UUID",
+    ),
+    (
+        "visitor_id empty",
+        lambda w: json.dumps(batch(w, [], visitor_id="")).encode(),
+        "invalid_request",
+        "visitor_id must not be empty",
+    ),
+    (
+        "visitor_id a number",
+        lambda w: json.dumps({**batch(w, []), "visitor_id": 5}).encode(),
+        "invalid_request",
+        "visitor_id must be a string",
+    ),
+    (
+        "visitor_id too long",
+        lambda w: json.dumps(batch(w, [], visitor_id="v" * 129)).encode(),
+        "invalid_request",
+        "visitor_id must be at most 128",
+    ),
+    (
+        "sent_at missing",
+        lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "sent_at"}).encode(),
+        "invalid_request",
+        "sent_at is required",
+    ),
+    (
+        "sent_at garbage",
+        lambda w: json.dumps(batch(w, [], sent_at="soon")).encode(),
+        "invalid_request",
+        "sent_at must be an ISO-8601",
+    ),
+    (
+        "events an object",
+        lambda w: json.dumps({**batch(w, []), "events": {"0": pageview()}}).encode(),
+        "invalid_request",
+        "events must be an array",
+    ),
+    (
+        "events missing",
+        lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "events"}).encode(),
+        "invalid_request",
+        "events must be an array",
+    ),
 ]
 
 
-def test_envelope_errors_are_400_and_publish_nothing(api: httpx.Client, settings: Settings,
-                                                     make_widget: Callable[..., widgets.Widget]) -> None:
+def test_envelope_errors_are_400_and_publish_nothing(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget()
     for label, make, error, reason in ENVELOPE_ERRORS:
         resp = api.post(TRACK, content=make(str(widget.id)), headers={"content-type": "application/json"})
@@ -252,10 +322,17 @@ def test_envelope_errors_are_400_and_publish_nothing(api: httpx.Client, settings
 
 
 def test_mixed_batch_publishes_the_valid_events_and_names_the_bad_ones(
-        api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]) -> None:
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget()
-    events = [pageview(), custom("a" * 101), identify(), pageview(type="session_start"), custom(properties=[1]),
-              custom("ok")]
+    events = [
+        pageview(),
+        custom("a" * 101),
+        identify(),
+        pageview(type="session_start"),
+        custom(properties=[1]),
+        custom("ok"),
+    ]
     resp = api.post(TRACK, json=batch(widget.id, events))
     body = assert_error(resp, 400, "invalid_events")
     assert body["accepted"] == 3
@@ -273,8 +350,9 @@ def padded(payload: dict[str, Any], size: int) -> bytes:
     return raw + b" " * (size - len(raw))
 
 
-def test_limits_encodings_and_content_types(api: httpx.Client, settings: Settings,
-                                            make_widget: Callable[..., widgets.Widget]) -> None:
+def test_limits_encodings_and_content_types(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget()
     limit = settings.max_body_bytes
     json_type = {"content-type": "application/json"}
@@ -287,34 +365,53 @@ def test_limits_encodings_and_content_types(api: httpx.Client, settings: Setting
 
     events = [pageview() for _ in range(settings.max_events_per_batch)]
     ok(api.post(TRACK, json=batch(widget.id, events)), events)
-    body = assert_error(api.post(TRACK, json=batch(widget.id, [pageview() for _ in range(101)])), 413,
-                        "too_many_events")
+    body = assert_error(
+        api.post(TRACK, json=batch(widget.id, [pageview() for _ in range(101)])), 413, "too_many_events"
+    )
     assert "101" in body["reason"]
 
     # Body size: exactly the limit is fine, one byte more is not (declared or streamed, plain or gzipped).
     events = [pageview()]
     ok(api.post(TRACK, content=padded(batch(widget.id, events), limit), headers=json_type), events)
-    assert_error(api.post(TRACK, content=padded(batch(widget.id, [pageview()]), limit + 1), headers=json_type),
-                 413, "body_too_large")
+    assert_error(
+        api.post(TRACK, content=padded(batch(widget.id, [pageview()]), limit + 1), headers=json_type),
+        413,
+        "body_too_large",
+    )
     big = padded(batch(widget.id, [pageview()]), 600 * 1024)
-    assert_error(api.post(TRACK, content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
-                          headers=json_type), 413, "body_too_large")  # chunked: no Content-Length to trust
+    assert_error(
+        api.post(TRACK, content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]), headers=json_type),
+        413,
+        "body_too_large",
+    )  # chunked: no Content-Length to trust
     events = [pageview()]
     ok(api.post(TRACK, content=gzip.compress(padded(batch(widget.id, events), limit)), headers=gzip_json), events)
-    assert_error(api.post(TRACK, content=gzip.compress(padded(batch(widget.id, [pageview()]), limit + 1)),
-                          headers=gzip_json), 413, "body_too_large")
+    assert_error(
+        api.post(TRACK, content=gzip.compress(padded(batch(widget.id, [pageview()]), limit + 1)), headers=gzip_json),
+        413,
+        "body_too_large",
+    )
 
     # gzip and text/plain (what the widget sends to avoid a preflight) work.
     events = [pageview(), custom()]
-    ok(api.post(TRACK, content=gzip.compress(json.dumps(batch(widget.id, events)).encode()), headers=gzip_json),
-       events)
+    ok(api.post(TRACK, content=gzip.compress(json.dumps(batch(widget.id, events)).encode()), headers=gzip_json), events)
     events = [identify()]
-    ok(api.post(TRACK, content=json.dumps(batch(widget.id, events)),
-                headers={"content-type": "text/plain;charset=UTF-8"}), events)
+    ok(
+        api.post(
+            TRACK, content=json.dumps(batch(widget.id, events)), headers={"content-type": "text/plain;charset=UTF-8"}
+        ),
+        events,
+    )
     assert_error(api.post(TRACK, content=b"\x1f\x8b\x08\x00garbage", headers=gzip_json), 400, "malformed_body")
     assert_error(api.post(TRACK, content=gzip.compress(b'{"a": 1}')[:-6], headers=gzip_json), 400, "malformed_body")
-    assert_error(api.post(TRACK, content=json.dumps(batch(widget.id, [pageview()])),
-                          headers={"content-type": "application/x-www-form-urlencoded"}), 415)
+    assert_error(
+        api.post(
+            TRACK,
+            content=json.dumps(batch(widget.id, [pageview()])),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+    )
     assert_error(api.post(TRACK, content=b"{}", headers={**json_type, "content-encoding": "br"}), 415)
 
     records = decoded(settings, len(published) + 1, timeout=3)
@@ -328,8 +425,9 @@ def rss_peak_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_gzip_bomb_is_refused_quickly_without_inflating_it(start_service: Callable[..., Any], api_url: str,
-                                                           make_widget: Callable[..., widgets.Widget]) -> None:
+def test_gzip_bomb_is_refused_quickly_without_inflating_it(
+    start_service: Callable[..., Any], api_url: str, make_widget: Callable[..., widgets.Widget]
+) -> None:
     service = start_service("api")
     widget = make_widget()
     head = json.dumps(batch(widget.id, [pageview()]))[:-1].encode() + b', "pad": "'
@@ -342,8 +440,12 @@ def test_gzip_bomb_is_refused_quickly_without_inflating_it(start_service: Callab
 
     peak_before = rss_peak_kb(service.pid)
     started = time.monotonic()
-    resp = httpx.post(api_url + TRACK, content=bomb, timeout=15,
-                      headers={"content-type": "application/json", "content-encoding": "gzip"})
+    resp = httpx.post(
+        api_url + TRACK,
+        content=bomb,
+        timeout=15,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
     elapsed = time.monotonic() - started
     assert_error(resp, 413, "body_too_large")
     assert elapsed < 2, elapsed
@@ -352,8 +454,18 @@ def test_gzip_bomb_is_refused_quickly_without_inflating_it(start_service: Callab
 
 def test_no_422_for_any_garbage(api: httpx.Client, make_widget: Callable[..., widgets.Widget]) -> None:
     widget = make_widget()
-    bodies = [b"", b"null", b"0", b'"x"', b"{}", b'{"events": null}', json.dumps(batch(widget.id, [None])).encode(),
-              json.dumps(batch(widget.id, [[]])).encode(), b"\xff\xfe", b'{"widget_id": "\\ud800"}']
+    bodies = [
+        b"",
+        b"null",
+        b"0",
+        b'"x"',
+        b"{}",
+        b'{"events": null}',
+        json.dumps(batch(widget.id, [None])).encode(),
+        json.dumps(batch(widget.id, [[]])).encode(),
+        b"\xff\xfe",
+        b'{"widget_id": "\\ud800"}',
+    ]
     for raw in bodies:
         resp = api.post(TRACK, content=raw, headers={"content-type": "application/json"})
         assert resp.status_code == 400, (raw, resp.status_code, resp.text)
@@ -362,8 +474,9 @@ def test_no_422_for_any_garbage(api: httpx.Client, make_widget: Callable[..., wi
 
 
 # --- widget configs -----------------------------------------------------------------------------------
-def test_disabled_widget_drops_silently_until_enabled(api: httpx.Client, settings: Settings, db: psycopg.Connection,
-                                                      make_widget: Callable[..., widgets.Widget]) -> None:
+def test_disabled_widget_drops_silently_until_enabled(
+    api: httpx.Client, settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     widget = make_widget(enabled=False)
     dropped = pageview()
     assert api.post(TRACK, json=batch(widget.id, [dropped, custom()])).status_code == 204
@@ -402,7 +515,8 @@ def reloads(api: httpx.Client) -> float:
 
 
 def test_unknown_widgets_are_404_without_hammering_postgres(
-        start_service: Callable[..., Any], settings: Settings, make_widget: Callable[..., widgets.Widget]) -> None:
+    start_service: Callable[..., Any], settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     # A long periodic refresh, so that every reload seen here was pulled forward by a cache miss.
     slow = settings.model_copy(update={"widget_cache_refresh_s": 30.0})
     start_service("api", settings_override=slow)
@@ -413,8 +527,9 @@ def test_unknown_widgets_are_404_without_hammering_postgres(
 
         async def flood() -> list[int]:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{slow.http_port}", timeout=10) as client:
-                resps = await asyncio.gather(*(client.post(TRACK, json=batch(uuid.uuid4(), [pageview()]))
-                                               for _ in range(50)))
+                resps = await asyncio.gather(
+                    *(client.post(TRACK, json=batch(uuid.uuid4(), [pageview()])) for _ in range(50))
+                )
             return [r.status_code for r in resps]
 
         started = time.monotonic()
@@ -433,10 +548,12 @@ def test_unknown_widgets_are_404_without_hammering_postgres(
 
 
 # --- dependencies down ----------------------------------------------------------------------------------
-def test_broker_unreachable_is_503_with_retry_after(start_service: Callable[..., Any], settings: Settings,
-                                                    make_widget: Callable[..., widgets.Widget]) -> None:
-    dead = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "produce_timeout_s": 1.0,
-                                       "retry_after_s": 7})
+def test_broker_unreachable_is_503_with_retry_after(
+    start_service: Callable[..., Any], settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
+    dead = settings.model_copy(
+        update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "produce_timeout_s": 1.0, "retry_after_s": 7}
+    )
     start_service("api", settings_override=dead)
     widget = make_widget()
     url = f"http://127.0.0.1:{dead.http_port}"
@@ -510,11 +627,15 @@ class TcpProxy:
 
 
 def test_postgres_outage_keeps_serving_cached_configs(
-        start_service: Callable[..., Any], settings: Settings, postgres: EmbeddedPostgres,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    start_service: Callable[..., Any],
+    settings: Settings,
+    postgres: EmbeddedPostgres,
+    make_widget: Callable[..., widgets.Widget],
+) -> None:
     proxy = TcpProxy(postgres.port).start()
-    via_proxy = settings.model_copy(update={"postgres_dsn": postgres.dsn.replace(f":{postgres.port}/",
-                                                                                 f":{proxy.port}/")})
+    via_proxy = settings.model_copy(
+        update={"postgres_dsn": postgres.dsn.replace(f":{postgres.port}/", f":{proxy.port}/")}
+    )
     assert via_proxy.postgres_dsn != settings.postgres_dsn
     widget = make_widget()
     start_service("api", settings_override=via_proxy)
@@ -551,8 +672,14 @@ def test_postgres_outage_keeps_serving_cached_configs(
 # --- CORS, probes, script ----------------------------------------------------------------------------
 def test_cors_preflight_and_error_responses(api: httpx.Client, make_widget: Callable[..., widgets.Widget]) -> None:
     origin = {"origin": "https://customer-site.example"}
-    pre = api.options(TRACK, headers={**origin, "access-control-request-method": "POST",
-                                      "access-control-request-headers": "content-type, content-encoding"})
+    pre = api.options(
+        TRACK,
+        headers={
+            **origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type, content-encoding",
+        },
+    )
     assert pre.status_code == 200, pre.text
     assert pre.headers["access-control-allow-origin"] == "*"
     assert "POST" in pre.headers["access-control-allow-methods"]
@@ -618,19 +745,23 @@ def test_widget_script_is_served_with_etag_and_gzip(api: httpx.Client) -> None:
     assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == script.etag
 
 
-def test_a_shuffled_batch_is_published_in_event_time_order(api: httpx.Client, settings: Settings,
-                                                            make_widget: Callable[..., widgets.Widget]) -> None:
+def test_a_shuffled_batch_is_published_in_event_time_order(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     base = now() - timedelta(minutes=10)
-    events = [pageview(occurred_at=iso(base + timedelta(seconds=s)), url=f"https://shop.example/{s}")
-              for s in (40, 5, 300, 0, 61)]
+    events = [
+        pageview(occurred_at=iso(base + timedelta(seconds=s)), url=f"https://shop.example/{s}")
+        for s in (40, 5, 300, 0, 61)
+    ]
     assert api.post("/api/widget/track", json=batch(w.id, events)).status_code == 204
     urls = [record["url"] for _, record in decoded(settings, len(events))]
     assert urls == [f"https://shop.example/{s}" for s in (0, 5, 40, 61, 300)]
 
 
-def test_unpaired_surrogates_cost_only_their_event(api: httpx.Client, settings: Settings,
-                                                   make_widget: Callable[..., widgets.Widget]) -> None:
+def test_unpaired_surrogates_cost_only_their_event(
+    api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """JSON.stringify turns a broken JS string into a lone "\\ud800" escape: valid JSON, invalid Unicode."""
     w = make_widget()
     good = custom(properties={"plan": "growth"})

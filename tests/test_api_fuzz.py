@@ -31,13 +31,45 @@ TRACK = "/api/widget/track"
 _SPLICE = re.compile(r'"\\u0001(NUM|DEEP):([^\\"]*)\\u0001"')
 NEW_ID, NOW = "\u0001ID\u0001", "\u0001NOW\u0001"
 
-NUMBER_TEXTS = ["1e400", "-1e400", "1e-400", "123456789012345678901234567890", "9007199254740993",
-                "0.30000000000000001", "1E2", "-0", "5e-324", "12345678901234567000", "1.7976931348623157e308",
-                "1" + "0" * 400, "0." + "0" * 30 + "1"]
-SPECIAL_STRINGS = ["\x00", "a\x00b", "\ud800", "x\udfff", "\ud83d\ude00", "😀", "é", "", " ", "undefined",
-                   "null", "[object Object]", "NaN", "0", "true", "\u2028", "\\", '"', "\ufeff"]
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.just([]), st.just({}),
-                 st.sampled_from(SPECIAL_STRINGS))
+NUMBER_TEXTS = [
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "123456789012345678901234567890",
+    "9007199254740993",
+    "0.30000000000000001",
+    "1E2",
+    "-0",
+    "5e-324",
+    "12345678901234567000",
+    "1.7976931348623157e308",
+    "1" + "0" * 400,
+    "0." + "0" * 30 + "1",
+]
+SPECIAL_STRINGS = [
+    "\x00",
+    "a\x00b",
+    "\ud800",
+    "x\udfff",
+    "\ud83d\ude00",
+    "😀",
+    "é",
+    "",
+    " ",
+    "undefined",
+    "null",
+    "[object Object]",
+    "NaN",
+    "0",
+    "true",
+    "\u2028",
+    "\\",
+    '"',
+    "\ufeff",
+]
+JUNK = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.just([]), st.just({}), st.sampled_from(SPECIAL_STRINGS)
+)
 
 
 def deep(n: int) -> str:
@@ -50,13 +82,17 @@ texts = st.one_of(
     st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "😀", "\u0800"]), st.integers(0, 2100)),
 )
 leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    texts, st.sampled_from(NUMBER_TEXTS).map(lambda t: f"\u0001NUM:{t}\u0001"),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    texts,
+    st.sampled_from(NUMBER_TEXTS).map(lambda t: f"\u0001NUM:{t}\u0001"),
     st.integers(0, 3000).map(deep),
 )
-json_values = st.recursive(leaves, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                          st.dictionaries(texts, kids, max_size=4)),
-                           max_leaves=12)
+json_values = st.recursive(
+    leaves, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(texts, kids, max_size=4)), max_leaves=12
+)
 objects = st.dictionaries(texts, json_values, max_size=5)
 
 FIELDS = ["event_id", "type", "occurred_at", "name", "url", "referrer", "user_id", "properties", "traits", "extra"]
@@ -91,9 +127,17 @@ def events(draw: st.DrawFn) -> Any:
         if sometimes(draw, 2):
             e.pop(field, None)
         else:
-            e[field] = draw(st.one_of(JUNK, json_values, st.just("session_start"), st.just("not-a-uuid"),
-                                      st.just("2026-13-45T99:00:00Z"), st.just("0001-01-01T00:00:00Z"),
-                                      st.just("9999-12-31T23:59:59+14:00")))
+            e[field] = draw(
+                st.one_of(
+                    JUNK,
+                    json_values,
+                    st.just("session_start"),
+                    st.just("not-a-uuid"),
+                    st.just("2026-13-45T99:00:00Z"),
+                    st.just("0001-01-01T00:00:00Z"),
+                    st.just("9999-12-31T23:59:59+14:00"),
+                )
+            )
     return e
 
 
@@ -101,7 +145,9 @@ def events(draw: st.DrawFn) -> Any:
 def requests(draw: st.DrawFn) -> dict[str, Any]:
     """An envelope (mostly valid; the widget id is filled in at send time) and how to encode it."""
     envelope: dict[str, Any] = {
-        "widget_id": "\u0001WIDGET\u0001" if sometimes(draw, 9) else draw(st.one_of(JUNK, st.just(str(uuid.UUID(int=7))))),
+        "widget_id": "\u0001WIDGET\u0001"
+        if sometimes(draw, 9)
+        else draw(st.one_of(JUNK, st.just(str(uuid.UUID(int=7))))),
         "visitor_id": "v-fuzz" if sometimes(draw, 7) else draw(st.one_of(texts, JUNK)),
         "sent_at": NOW if sometimes(draw, 9) else draw(st.one_of(JUNK, st.just("1970-01-01T00:00:00Z"))),
         "events": draw(st.lists(events(), max_size=8)) if sometimes(draw, 9) else draw(JUNK),
@@ -114,8 +160,9 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
 
 def splice(text: str, now: str) -> str:
     text = text.replace(json.dumps(NOW), json.dumps(now))
-    return _SPLICE.sub(lambda m: m.group(2) if m.group(1) == "NUM" else "[" * int(m.group(2)) + "]" * int(m.group(2)),
-                       text)
+    return _SPLICE.sub(
+        lambda m: m.group(2) if m.group(1) == "NUM" else "[" * int(m.group(2)) + "]" * int(m.group(2)), text
+    )
 
 
 def exact(text: str) -> Any:
@@ -123,8 +170,12 @@ def exact(text: str) -> Any:
 
 
 def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
-        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings,
+    full_pipeline: None,
+    api_url: str,
+    db: psycopg.Connection,
+    make_widget: Callable[..., widgets.Widget],
+) -> None:
     w = make_widget()
     expected: dict[str, Any] = {}  # event id -> exact properties/traits it must be stored with
     statuses: dict[int, int] = {}
@@ -132,8 +183,13 @@ def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
 
     # derandomize: a fixed seed, so a failure found here is found again on the next run; widen the search by
     # changing max_examples.
-    @hsettings(max_examples=500, deadline=None, database=None, derandomize=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @hsettings(
+        max_examples=500,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
     @given(requests())
     def check(request: dict[str, Any]) -> None:
         envelope = request["envelope"]
@@ -179,10 +235,18 @@ def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
     assert statuses.get(204, 0) >= 40 and len(expected) >= 50, (statuses, len(expected))
     if not expected:
         return
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE event_id = ANY(%s)",
-                  ([uuid.UUID(i) for i in expected],), len(expected), timeout=60)
-    rows = db.execute("SELECT event_id::text, properties::text FROM visitor_events WHERE event_id = ANY(%s) "
-                      "AND event_type <> 'session_start'", ([uuid.UUID(i) for i in expected],)).fetchall()
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE event_id = ANY(%s)",
+        ([uuid.UUID(i) for i in expected],),
+        len(expected),
+        timeout=60,
+    )
+    rows = db.execute(
+        "SELECT event_id::text, properties::text FROM visitor_events WHERE event_id = ANY(%s) "
+        "AND event_type <> 'session_start'",
+        ([uuid.UUID(i) for i in expected],),
+    ).fetchall()
     assert len(rows) == len(expected)
     for event_id, properties in rows:
         assert exact(properties) == expected[event_id], event_id
@@ -195,12 +259,14 @@ def faithful(text: str) -> bool:
 
 
 @hsettings(max_examples=2000, deadline=None, database=None)
-@given(st.one_of(
-    st.integers(-(10**40), 10**40).map(str),
-    st.floats(allow_nan=False, allow_infinity=False).map(repr),
-    st.decimals(allow_nan=False, allow_infinity=False).map(str),
-    st.builds(lambda digits, exp: f"{digits}e{exp}", st.integers(-(10**20), 10**20), st.integers(-400, 400)),
-))
+@given(
+    st.one_of(
+        st.integers(-(10**40), 10**40).map(str),
+        st.floats(allow_nan=False, allow_infinity=False).map(repr),
+        st.decimals(allow_nan=False, allow_infinity=False).map(str),
+        st.builds(lambda digits, exp: f"{digits}e{exp}", st.integers(-(10**20), 10**20), st.integers(-400, 400)),
+    )
+)
 def test_a_parsed_number_is_the_number_sent_or_marked_unfaithful(text: str) -> None:
     """Both parsers (orjson for short numbers, the careful one for long ones) keep every number exactly or
     mark it, whatever surrounds it."""

@@ -41,8 +41,12 @@ def now() -> datetime:
 
 
 def event(kind: str = "custom", **fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"event_id": str(uuid.uuid4()), "type": kind, "occurred_at": iso(now()),
-                            "url": "https://shop.example/pricing"}
+    base: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "type": kind,
+        "occurred_at": iso(now()),
+        "url": "https://shop.example/pricing",
+    }
     if kind == "custom":
         base["name"] = "clicked"
     if kind == "identify":
@@ -72,8 +76,10 @@ def exact(text: str) -> Any:
 
 
 def stored(db: psycopg.Connection, event_ids: list[str]) -> dict[str, Any]:
-    rows = db.execute("SELECT event_id::text, properties::text FROM visitor_events WHERE event_id = ANY(%s)",
-                      ([uuid.UUID(e) for e in event_ids],)).fetchall()
+    rows = db.execute(
+        "SELECT event_id::text, properties::text FROM visitor_events WHERE event_id = ANY(%s)",
+        ([uuid.UUID(e) for e in event_ids],),
+    ).fetchall()
     return {event_id: exact(props) for event_id, props in rows}
 
 
@@ -83,19 +89,38 @@ def post(api_url: str, payload: str | bytes) -> httpx.Response:
 
 # --- case 1: numbers a double would change, values jsonb refuses -------------------------------------------
 def test_numbers_that_would_change_are_refused_per_event_and_the_rest_land_unchanged(
-        raw_pipeline: Settings, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    raw_pipeline: Settings, api_url: str, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     # (number text, accepted?) — the text goes into the body verbatim, as Python's json.dumps or a hand-written
     # client would send it. Accepted: whatever a double reads back as the same value.
     numbers = [
-        ("NaN", False), ("Infinity", False), ("-Infinity", False), ("1e400", False), ("-1e400", False),
-        ("1e-400", False), ("9007199254740993", False), ("123456789012345678901234567890", False),
-        ("0.30000000000000001", False), ("18446744073709551616", False), ("1" + "0" * 5000, False),
-        ("0", True), ("-0", True), ("-0.0", True), ("1.5", True), ("0.1", True), ("1E2", True),
-        ("9007199254740991", True), ("9007199254740992", True), ("9007199254740994", True),
-        ("12345678901234567000", True), ("1e20", True), ("1.7976931348623157e308", True),
-        ("5e-324", True), ("2.2250738585072014e-308", True), ("0.30000000000000004", True),
+        ("NaN", False),
+        ("Infinity", False),
+        ("-Infinity", False),
+        ("1e400", False),
+        ("-1e400", False),
+        ("1e-400", False),
+        ("9007199254740993", False),
+        ("123456789012345678901234567890", False),
+        ("0.30000000000000001", False),
+        ("18446744073709551616", False),
+        ("1" + "0" * 5000, False),
+        ("0", True),
+        ("-0", True),
+        ("-0.0", True),
+        ("1.5", True),
+        ("0.1", True),
+        ("1E2", True),
+        ("9007199254740991", True),
+        ("9007199254740992", True),
+        ("9007199254740994", True),
+        ("12345678901234567000", True),
+        ("1e20", True),
+        ("1.7976931348623157e308", True),
+        ("5e-324", True),
+        ("2.2250738585072014e-308", True),
+        ("0.30000000000000004", True),
     ]
     clean = event(properties={"plan": "growth"})
     events: list[dict[str, Any]] = [clean]
@@ -136,16 +161,16 @@ def test_numbers_that_would_change_are_refused_per_event_and_the_rest_land_uncha
 
 
 def test_strings_jsonb_cannot_hold_are_refused_wherever_they_are(
-        raw_pipeline: Settings, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    raw_pipeline: Settings, api_url: str, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     good = event(properties={"k": "é😀", "list": ["a", {"b": "c"}]})
     events = [
         good,
-        event(properties={"a\u0000b": 1}),                      # NUL in a key
-        event(properties={"deep": {"x": ["ok", "a\u0000"]}}),   # NUL nested in an array
-        event("identify", traits={"t": {"PLACEHOLDER": 1}}),    # lone surrogate in a nested key
-        event(properties={"s": ["PLACEHOLDER"]}),               # lone surrogate nested in an array
+        event(properties={"a\u0000b": 1}),  # NUL in a key
+        event(properties={"deep": {"x": ["ok", "a\u0000"]}}),  # NUL nested in an array
+        event("identify", traits={"t": {"PLACEHOLDER": 1}}),  # lone surrogate in a nested key
+        event(properties={"s": ["PLACEHOLDER"]}),  # lone surrogate nested in an array
         event("pageview", url="https://x.example/PLACEHOLDER"),  # lone surrogate in a text field
         event(name="a\u0000"),
     ]
@@ -166,15 +191,22 @@ def test_strings_jsonb_cannot_hold_are_refused_wherever_they_are(
 
 # --- case 2: deep nesting ---------------------------------------------------------------------------------
 def test_deep_nesting_costs_only_its_event_never_a_500(
-        raw_pipeline: Settings, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    raw_pipeline: Settings, api_url: str, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     depth = LIMITS.max_depth
     valid = event(properties={"plan": "growth"})
     at_limit = event(properties={"tree": nested(depth - 1)})  # properties itself is level 1
-    events = [valid, event(properties={"tree": "@2000@"}), event(properties={"tree": "@990@"}),
-              event("identify", traits={"tree": "@1023@"}), event(properties={"tree": nested(depth)}),
-              at_limit, "@5000@", event("pageview", extra="@3000@")]
+    events = [
+        valid,
+        event(properties={"tree": "@2000@"}),
+        event(properties={"tree": "@990@"}),
+        event("identify", traits={"tree": "@1023@"}),
+        event(properties={"tree": nested(depth)}),
+        at_limit,
+        "@5000@",
+        event("pageview", extra="@3000@"),
+    ]
     text = json.dumps(body(w.id, events), separators=(",", ":"))
     for n in (2000, 990, 1023, 5000, 3000):
         text = text.replace(f'"@{n}@"', nested_json(n))
@@ -193,16 +225,21 @@ def test_deep_nesting_costs_only_its_event_never_a_500(
     assert set(stored(db, [e["event_id"] for e in landed])) == {e["event_id"] for e in landed}
 
     # A whole body nested too deep, or deep and broken, is one 400 for the body; the server stays up.
-    for raw in (nested_json(200_000), "[" * 200_000, '{"events":' + "[" * 100_000 + "1,]" + "]" * 99_999 + "}",
-                json.dumps(body(w.id, [])).replace("[]", nested_json(100_000))):
+    for raw in (
+        nested_json(200_000),
+        "[" * 200_000,
+        '{"events":' + "[" * 100_000 + "1,]" + "]" * 99_999 + "}",
+        json.dumps(body(w.id, [])).replace("[]", nested_json(100_000)),
+    ):
         resp = post(api_url, raw)
         assert resp.status_code == 400, (raw[:30], resp.status_code, resp.text)
     assert httpx.get(api_url + "/healthz").status_code == 200
 
 
 # --- case 3: field lengths and the derived message --------------------------------------------------------
-def test_every_text_field_has_a_limit_in_characters(raw_pipeline: Settings, api_url: str,
-                                                    make_widget: Callable[..., widgets.Widget]) -> None:
+def test_every_text_field_has_a_limit_in_characters(
+    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     lim = LIMITS.max_url_chars, LIMITS.max_referrer_chars, LIMITS.max_property_key_chars
     accepted = [
@@ -224,22 +261,30 @@ def test_every_text_field_has_a_limit_in_characters(raw_pipeline: Settings, api_
     assert resp.status_code == 400
     reasons = [r["reason"] for r in resp.json()["rejected"]]
     assert len(reasons) == len(refused), reasons
-    for reason, field in zip(reasons, ["url", "referrer", "properties", "properties.a", "user_id", "name"],
-                             strict=True):
+    for reason, field in zip(
+        reasons, ["url", "referrer", "properties", "properties.a", "user_id", "name"], strict=True
+    ):
         assert reason.startswith(field) and ("at most" in reason), reason
-    resp = httpx.post(api_url + TRACK, json=body(w.id, [event("pageview")],
-                                                 visitor="😀" * (LIMITS.max_visitor_id_chars + 1)))
+    resp = httpx.post(
+        api_url + TRACK, json=body(w.id, [event("pageview")], visitor="😀" * (LIMITS.max_visitor_id_chars + 1))
+    )
     assert resp.status_code == 400 and "visitor_id must be at most 128" in resp.json()["reason"]
 
 
-def issue_request(widget_id: uuid.UUID, visitor: str, start: datetime, count: int = 62,
-                  char: str = "é") -> dict[str, Any]:
+def issue_request(
+    widget_id: uuid.UUID, visitor: str, start: datetime, count: int = 62, char: str = "é"
+) -> dict[str, Any]:
     """Issue 8, case 3: `count` page views 31 minutes apart (so each opens a session, and its session_start
     repeats the url, referrer and visitor id), each with a 2048-character non-ASCII url and referrer."""
-    events = [event("pageview", occurred_at=iso(start + timedelta(minutes=31 * i)),
-                    url="https://shop.example/" + char * (LIMITS.max_url_chars - 21),
-                    referrer="https://ref.example/" + char * (LIMITS.max_referrer_chars - 20))
-              for i in range(count)]
+    events = [
+        event(
+            "pageview",
+            occurred_at=iso(start + timedelta(minutes=31 * i)),
+            url="https://shop.example/" + char * (LIMITS.max_url_chars - 21),
+            referrer="https://ref.example/" + char * (LIMITS.max_referrer_chars - 20),
+        )
+        for i in range(count)
+    ]
     return body(widget_id, events, visitor=visitor)
 
 
@@ -248,8 +293,12 @@ def as_text(payload: dict[str, Any]) -> bytes:
 
 
 def test_the_issue_request_lands_whole_with_every_session_start(
-        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings,
+    full_pipeline: None,
+    api_url: str,
+    db: psycopg.Connection,
+    make_widget: Callable[..., widgets.Widget],
+) -> None:
     """Issue 8, case 3, exactly: a 128-emoji visitor id and 62 page views 31 minutes apart, each with a
     2048-character non-ASCII url and referrer (~515 KB of JSON, under the 512 KiB body limit), then small
     requests from other visitors. Its raw message (~545 KB) fits one Kafka message; its enriched output
@@ -268,11 +317,19 @@ def test_the_issue_request_lands_whole_with_every_session_start(
         assert resp.status_code == 204, resp.text
 
     ids = [e["event_id"] for e in big["events"]] + [e["event_id"] for b in small for e in b["events"]]
-    rows = wait_for_rows(db, "SELECT event_id::text FROM visitor_events WHERE event_id = ANY(%s)",
-                         ([uuid.UUID(i) for i in ids],), len(ids), timeout=90)
+    rows = wait_for_rows(
+        db,
+        "SELECT event_id::text FROM visitor_events WHERE event_id = ANY(%s)",
+        ([uuid.UUID(i) for i in ids],),
+        len(ids),
+        timeout=90,
+    )
     assert sorted(r[0] for r in rows) == sorted(ids)
-    starts = db.execute("SELECT visitor_id, count(*) FROM visitor_events WHERE widget_id = %s "
-                        "AND event_type = 'session_start' GROUP BY visitor_id", (w.id,)).fetchall()
+    starts = db.execute(
+        "SELECT visitor_id, count(*) FROM visitor_events WHERE widget_id = %s "
+        "AND event_type = 'session_start' GROUP BY visitor_id",
+        (w.id,),
+    ).fetchall()
     assert dict(starts) == {visitor: 62, **{f"other-{i}": 1 for i in range(5)}}
 
     topics = Topics.from_settings(settings)
@@ -298,10 +355,15 @@ def test_the_default_body_limit_cannot_reach_the_raw_message_limit() -> None:
     assert LIMITS.max_raw_message_bytes == Settings().kafka_max_message_bytes - KEY_AND_FRAMING_BYTES
     shapes: dict[str, Callable[[int], dict[str, Any]]] = {
         "pageview": lambda n: event("pageview", url="😀" * n, referrer="😀" * n),
-        "identify": lambda n: event("identify", user_id="😀" * LIMITS.max_user_id_chars, url="😀" * n,
-                                    traits={f"k{i}": "😀" * 200 for i in range(5)}),
-        "custom": lambda n: event(name="😀" * LIMITS.max_name_chars, url="😀" * n,
-                                  properties={f"k{i}": "😀" * 200 for i in range(5)}),
+        "identify": lambda n: event(
+            "identify",
+            user_id="😀" * LIMITS.max_user_id_chars,
+            url="😀" * n,
+            traits={f"k{i}": "😀" * 200 for i in range(5)},
+        ),
+        "custom": lambda n: event(
+            name="😀" * LIMITS.max_name_chars, url="😀" * n, properties={f"k{i}": "😀" * 200 for i in range(5)}
+        ),
     }
     for shape, make in shapes.items():
         largest = 0
@@ -316,8 +378,8 @@ def test_the_default_body_limit_cannot_reach_the_raw_message_limit() -> None:
 
 
 def test_a_raw_message_over_what_kafka_takes_is_refused_up_front(
-        settings: Settings, start_service: Callable[..., Service], api_url: str,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, start_service: Callable[..., Service], api_url: str, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """Inconsistent settings: the body limit raised to 2 MiB while Kafka still takes 1 MB messages. A request
     whose raw message would be over what one message carries is refused whole (413 batch_too_large, its limit
     kafka_max_message_bytes minus key and framing), nothing is written, never a 5xx; below it, 204."""
@@ -338,7 +400,8 @@ def test_a_raw_message_over_what_kafka_takes_is_refused_up_front(
 
 
 def test_a_message_kafka_refuses_at_produce_time_is_a_4xx_not_a_503(
-        settings: Settings, make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """If librdkafka still refuses a request's message for its size (here the producer's message.max.bytes
     is 300 KB while the API's budget follows the default 1 MB), that is permanent: 413 batch_too_large with
     Kafka's reason, never a 503 that tells the client to retry forever; the producer keeps serving."""
@@ -356,8 +419,9 @@ def test_a_message_kafka_refuses_at_produce_time_is_a_4xx_not_a_503(
             with pytest.raises(ApiError) as refused:
                 await ingest.ingest(as_text(issue_request(w.id, "v-refused", now() - timedelta(days=3))))
             after = await ingest.ingest(as_text(body(w.id, [event("pageview")], visitor="v-after")))
-            unwritable = metrics.registry.get_sample_value("site_activity_api_produce_failures_total",
-                                                           {"reason": "unwritable"})
+            unwritable = metrics.registry.get_sample_value(
+                "site_activity_api_produce_failures_total", {"reason": "unwritable"}
+            )
             return refused.value, after.accepted, unwritable or 0.0
         finally:
             await cache.stop()
@@ -384,16 +448,23 @@ def test_placeholder_list_is_matched_case_insensitively_after_trimming() -> None
 
 
 def test_placeholder_user_ids_create_no_contact(
-        settings: Settings, full_pipeline: None, api_url: str, db: psycopg.Connection,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings,
+    full_pipeline: None,
+    api_url: str,
+    db: psycopg.Connection,
+    make_widget: Callable[..., widgets.Widget],
+) -> None:
     w = make_widget()
     ids = ["undefined", "undefined", "null", "[object Object]", "NULL", " None ", "   ", "NaN", "0", "false"]
     pageviews = []
     for i, user_id in enumerate(ids):
         pv = event("pageview", occurred_at=iso(now() - timedelta(seconds=5)))
         pageviews.append(pv)
-        resp = httpx.post(api_url + TRACK, json=body(w.id, [pv, event("identify", user_id=user_id)],
-                                                       visitor=f"visitor-{i}"), timeout=15)
+        resp = httpx.post(
+            api_url + TRACK,
+            json=body(w.id, [pv, event("identify", user_id=user_id)], visitor=f"visitor-{i}"),
+            timeout=15,
+        )
         assert resp.status_code == 400, (user_id, resp.text)
         assert resp.json()["accepted"] == 1
         [rejected] = resp.json()["rejected"]
@@ -402,15 +473,23 @@ def test_placeholder_user_ids_create_no_contact(
     real = event("identify", user_id="u_real")
     assert httpx.post(api_url + TRACK, json=body(w.id, [real], visitor="visitor-real")).status_code == 204
 
-    rows = wait_for_rows(db, "SELECT event_id::text, customer_id FROM visitor_events WHERE widget_id = %s AND "
-                             "event_type = 'pageview'", (w.id,), len(ids))
+    rows = wait_for_rows(
+        db,
+        "SELECT event_id::text, customer_id FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'",
+        (w.id,),
+        len(ids),
+    )
     assert sorted(event_id for event_id, _ in rows) == sorted(pv["event_id"] for pv in pageviews)
     assert all(customer is None for _, customer in rows), rows  # no contact, so none shared either
     wait_for_rows(db, "SELECT 1 FROM customers WHERE tenant_id = %s", (w.tenant_id,), 1)
     contacts = db.execute("SELECT external_id FROM customers WHERE tenant_id = %s", (w.tenant_id,)).fetchall()
     assert contacts == [("u_real",)]
-    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type = 'identify'",
-                      (w.id,)).fetchone()[0] == 1
+    assert (
+        db.execute(
+            "SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type = 'identify'", (w.id,)
+        ).fetchone()[0]
+        == 1
+    )
 
 
 # --- case 12: slow clients --------------------------------------------------------------------------------------
@@ -418,14 +497,16 @@ SLOW_CONNECTIONS = 300
 
 
 def test_slow_clients_are_cut_off_while_others_are_served(
-        settings: Settings, start_service: Callable[..., Service], make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, start_service: Callable[..., Service], make_widget: Callable[..., widgets.Widget]
+) -> None:
     short = settings.model_copy(update={"http_header_timeout_s": 3.0, "http_body_timeout_s": 3.0})
     start_service("api", settings_override=short)
     url = f"http://127.0.0.1:{short.http_port}"
     w = make_widget()
     payload = json.dumps(body(w.id, [event("pageview")])).encode()
-    partial_body = (f"POST {TRACK} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
-                    f"content-length: {len(payload)}\r\n\r\n").encode() + payload[:20]
+    partial_body = (
+        f"POST {TRACK} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: {len(payload)}\r\n\r\n"
+    ).encode() + payload[:20]
     # A third each: half a request line; complete headers minus the blank line; headers and part of a body.
     openers = [b"POST /api/widget/tr", b"GET /healthz HTTP/1.1\r\nhost: x\r\n", partial_body]
     slow: list[socket.socket] = []
@@ -458,8 +539,9 @@ def test_slow_clients_are_cut_off_while_others_are_served(
         assert all(a.startswith(b"HTTP/1.1 408 ") for a in header_answers), {a[:40] for a in header_answers}
         assert all(a == b"" for i, a in enumerate(answers) if i % 3 == 2)  # body too slow: closed, no answer
         metrics = httpx.get(url + "/metrics").text
-        assert f'site_activity_api_slow_clients_closed_total{{phase="headers"}} {2 * SLOW_CONNECTIONS // 3}.0' \
-            in metrics
+        assert (
+            f'site_activity_api_slow_clients_closed_total{{phase="headers"}} {2 * SLOW_CONNECTIONS // 3}.0' in metrics
+        )
         assert f'site_activity_api_slow_clients_closed_total{{phase="body"}} {SLOW_CONNECTIONS // 3}.0' in metrics
     finally:
         for sock in slow:
@@ -467,14 +549,19 @@ def test_slow_clients_are_cut_off_while_others_are_served(
 
 
 def test_a_trickled_body_is_cut_at_the_deadline_not_kept_alive_by_each_byte(
-        settings: Settings, start_service: Callable[..., Service], make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, start_service: Callable[..., Service], make_widget: Callable[..., widgets.Widget]
+) -> None:
     short = settings.model_copy(update={"http_header_timeout_s": 2.0, "http_body_timeout_s": 2.0})
     start_service("api", settings_override=short)
     w = make_widget()
     payload = json.dumps(body(w.id, [event("pageview")])).encode()
     with socket.create_connection(("127.0.0.1", short.http_port), timeout=10) as sock:
-        sock.sendall((f"POST {TRACK} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
-                      f"content-length: {len(payload)}\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST {TRACK} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+                f"content-length: {len(payload)}\r\n\r\n"
+            ).encode()
+        )
         started = time.monotonic()
         closed_after = None
         for byte in payload:

@@ -16,7 +16,10 @@ from site_activity.settings import Settings
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "command_line", *args],
-        env={**settings.to_env(), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+        env={**settings.to_env(), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -40,8 +43,11 @@ def test_widget_lifecycle_is_audited(settings: Settings, db: psycopg.Connection)
         "SELECT actor, action, old_value, new_value FROM audit_log WHERE entity_id = %s ORDER BY id", (str(widget_id),)
     ).fetchall()
     assert [(a, act) for a, act, _, _ in audit] == [
-        ("ops@hydra", "create"), ("ops@hydra", "enable"), ("ops@hydra", "set-retention"),
-        ("ops@hydra", "set-retention"), ("alice", "disable"),
+        ("ops@hydra", "create"),
+        ("ops@hydra", "enable"),
+        ("ops@hydra", "set-retention"),
+        ("ops@hydra", "set-retention"),
+        ("alice", "disable"),
     ]
     assert audit[1][2:] == ({"tracking_enabled": False}, {"tracking_enabled": True})
     assert audit[2][2:] == ({"event_retention_days": 90}, {"event_retention_days": 365})
@@ -50,7 +56,8 @@ def test_widget_lifecycle_is_audited(settings: Settings, db: psycopg.Connection)
     assert deleted.returncode == 0 and "deleted widget" in deleted.stdout
     assert db.execute("SELECT count(*) FROM widget_configs WHERE id = %s", (widget_id,)).fetchone() == (0,)
     assert db.execute(
-        "SELECT action, old_value->>'name' FROM audit_log WHERE entity_id = %s ORDER BY id DESC LIMIT 1", (str(widget_id),)
+        "SELECT action, old_value->>'name' FROM audit_log WHERE entity_id = %s ORDER BY id DESC LIMIT 1",
+        (str(widget_id),),
     ).fetchone() == ("delete", "Marketing site")
 
 

@@ -44,16 +44,25 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, bool]] = [  # method, pat
 def new_contact(dsn: str, tenant: Tenant) -> uuid.UUID:
     contact = uuid.uuid4()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO customers (id, tenant_id, external_id) VALUES (%s, %s, %s)",
-                     (contact, tenant.id, f"user-{contact.hex[:8]}"))
+        conn.execute(
+            "INSERT INTO customers (id, tenant_id, external_id) VALUES (%s, %s, %s)",
+            (contact, tenant.id, f"user-{contact.hex[:8]}"),
+        )
     return contact
 
 
 @pytest.mark.parametrize(("method", "path", "body", "_admin"), ENDPOINTS)
 @pytest.mark.parametrize("auth", [None, "Basic abc", "Bearer", "Bearer sak_not-a-key", "revoked"])
-def test_missing_invalid_or_revoked_key_is_401(console: httpx.Client, acme: Tenant, postgres: EmbeddedPostgres,
-                                               method: str, path: str, body: dict[str, Any] | None, _admin: bool,
-                                               auth: str | None) -> None:
+def test_missing_invalid_or_revoked_key_is_401(
+    console: httpx.Client,
+    acme: Tenant,
+    postgres: EmbeddedPostgres,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    _admin: bool,
+    auth: str | None,
+) -> None:
     headers = {}
     if auth == "revoked":
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
@@ -62,16 +71,25 @@ def test_missing_invalid_or_revoked_key_is_401(console: httpx.Client, acme: Tena
         headers["Authorization"] = f"Bearer {secret}"
     elif auth is not None:
         headers["Authorization"] = auth
-    resp = console.request(method, path.format(w=acme.widget.id, c=new_contact(postgres.dsn, acme)), json=body,
-                           headers=headers)
+    resp = console.request(
+        method, path.format(w=acme.widget.id, c=new_contact(postgres.dsn, acme)), json=body, headers=headers
+    )
     error_of(resp, 401)
     assert resp.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(("method", "path", "body", "admin_only"), ENDPOINTS)
 @pytest.mark.parametrize("role", ["owner", "admin", "member"])
-def test_roles(console: httpx.Client, acme: Tenant, postgres: EmbeddedPostgres, method: str, path: str,
-               body: dict[str, Any] | None, admin_only: bool, role: str) -> None:
+def test_roles(
+    console: httpx.Client,
+    acme: Tenant,
+    postgres: EmbeddedPostgres,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    admin_only: bool,
+    role: str,
+) -> None:
     contact = new_contact(postgres.dsn, acme)
     resp = console.request(method, path.format(w=acme.widget.id, c=contact), json=body, headers=acme.auth(role))
     if admin_only and role == "member":
@@ -80,12 +98,21 @@ def test_roles(console: httpx.Client, acme: Tenant, postgres: EmbeddedPostgres, 
         assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.parametrize(("method", "path", "body", "admin_only"),
-                         [e for e in ENDPOINTS if "{w}" in e[1] or "{c}" in e[1]])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "admin_only"), [e for e in ENDPOINTS if "{w}" in e[1] or "{c}" in e[1]]
+)
 @pytest.mark.parametrize("role", ["owner", "admin"])
-def test_other_tenants_and_unknown_objects_are_404(console: httpx.Client, acme: Tenant, globex: Tenant,
-                                                   postgres: EmbeddedPostgres, method: str, path: str,
-                                                   body: dict[str, Any] | None, admin_only: bool, role: str) -> None:
+def test_other_tenants_and_unknown_objects_are_404(
+    console: httpx.Client,
+    acme: Tenant,
+    globex: Tenant,
+    postgres: EmbeddedPostgres,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    admin_only: bool,
+    role: str,
+) -> None:
     theirs = new_contact(postgres.dsn, globex)
     for widget_id, contact in ((globex.widget.id, theirs), (uuid.uuid4(), uuid.uuid4()), ("not-a-uuid", "nope")):
         resp = console.request(method, path.format(w=widget_id, c=contact), json=body, headers=acme.auth(role))
@@ -120,38 +147,56 @@ def test_metrics_count_requests_by_route_template_and_show_the_pool(console: htt
 def test_patch_changes_and_audits_in_one_go(console: httpx.Client, postgres: EmbeddedPostgres) -> None:
     t = make_tenant(postgres.dsn, "Initech")
     request_id = f"req-{uuid.uuid4().hex}"
-    resp = console.patch(f"/api/v1/widgets/{t.widget.id}", json={"tracking_enabled": False, "event_retention_days": 30},
-                         headers={**t.auth("admin"), "X-Request-ID": request_id})
+    resp = console.patch(
+        f"/api/v1/widgets/{t.widget.id}",
+        json={"tracking_enabled": False, "event_retention_days": 30},
+        headers={**t.auth("admin"), "X-Request-ID": request_id},
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["tracking_enabled"] is False and resp.json()["event_retention_days"] == 30
     assert resp.headers["x-request-id"] == request_id
     with psycopg.connect(postgres.dsn) as conn:
-        rows = conn.execute("SELECT actor, action, old_value, new_value, request_id, tenant_id FROM audit_log"
-                            " WHERE entity_id = %s AND request_id IS NOT NULL ORDER BY id", (str(t.widget.id),)).fetchall()
+        rows = conn.execute(
+            "SELECT actor, action, old_value, new_value, request_id, tenant_id FROM audit_log"
+            " WHERE entity_id = %s AND request_id IS NOT NULL ORDER BY id",
+            (str(t.widget.id),),
+        ).fetchall()
     assert rows == [
         (t.emails["admin"], "disable", {"tracking_enabled": True}, {"tracking_enabled": False}, request_id, t.id),
-        (t.emails["admin"], "set-retention", {"event_retention_days": 90}, {"event_retention_days": 30}, request_id, t.id),
+        (
+            t.emails["admin"],
+            "set-retention",
+            {"event_retention_days": 90},
+            {"event_retention_days": 30},
+            request_id,
+            t.id,
+        ),
     ]
     audit = console.get("/api/v1/audit-log", params={"limit": 2}, headers=t.auth("owner")).json()["data"]
     assert [(a["actor"], a["action"], a["before"], a["after"], a["request_id"]) for a in audit] == [
         (t.emails["admin"], "set-retention", {"event_retention_days": 90}, {"event_retention_days": 30}, request_id),
-        (t.emails["admin"], "disable", {"tracking_enabled": True}, {"tracking_enabled": False}, request_id)]
+        (t.emails["admin"], "disable", {"tracking_enabled": True}, {"tracking_enabled": False}, request_id),
+    ]
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    ({"event_retention_days": 0}, "between 1 and 365"),
-    ({"event_retention_days": 366}, "between 1 and 365"),
-    ({"event_retention_days": -5, "tracking_enabled": False}, "between 1 and 365"),
-    ({"event_retention_days": "30"}, "event_retention_days"),
-    ({"event_retention_days": 30.5}, "event_retention_days"),
-    ({"tracking_enabled": "yes"}, "tracking_enabled"),
-    ({"tracking_enabled": None}, "give tracking_enabled"),
-    ({}, "give tracking_enabled"),
-    ({"retention": 30}, "retention"),
-    ([1, 2], "body"),
-])
-def test_bad_patch_is_400_with_reason_and_changes_nothing(console: httpx.Client, acme: Tenant, body: Any,
-                                                          reason: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"event_retention_days": 0}, "between 1 and 365"),
+        ({"event_retention_days": 366}, "between 1 and 365"),
+        ({"event_retention_days": -5, "tracking_enabled": False}, "between 1 and 365"),
+        ({"event_retention_days": "30"}, "event_retention_days"),
+        ({"event_retention_days": 30.5}, "event_retention_days"),
+        ({"tracking_enabled": "yes"}, "tracking_enabled"),
+        ({"tracking_enabled": None}, "give tracking_enabled"),
+        ({}, "give tracking_enabled"),
+        ({"retention": 30}, "retention"),
+        ([1, 2], "body"),
+    ],
+)
+def test_bad_patch_is_400_with_reason_and_changes_nothing(
+    console: httpx.Client, acme: Tenant, body: Any, reason: str
+) -> None:
     before = console.get(f"/api/v1/widgets/{acme.widget.id}", headers=acme.auth("admin")).json()
     resp = console.patch(f"/api/v1/widgets/{acme.widget.id}", json=body, headers=acme.auth("admin"))
     assert reason in error_of(resp, 400)["reason"]
@@ -159,20 +204,29 @@ def test_bad_patch_is_400_with_reason_and_changes_nothing(console: httpx.Client,
 
 
 def test_malformed_json_is_400(console: httpx.Client, acme: Tenant) -> None:
-    resp = console.patch(f"/api/v1/widgets/{acme.widget.id}", content=b"{nope", headers={
-        **acme.auth("admin"), "content-type": "application/json"})
+    resp = console.patch(
+        f"/api/v1/widgets/{acme.widget.id}",
+        content=b"{nope",
+        headers={**acme.auth("admin"), "content-type": "application/json"},
+    )
     error_of(resp, 400)
 
 
-def test_audit_log_keyset_pages_are_complete_and_tenant_scoped(console: httpx.Client,
-                                                               postgres: EmbeddedPostgres, globex: Tenant) -> None:
+def test_audit_log_keyset_pages_are_complete_and_tenant_scoped(
+    console: httpx.Client, postgres: EmbeddedPostgres, globex: Tenant
+) -> None:
     t = make_tenant(postgres.dsn, "Umbrella")
     for days in range(10, 17):
-        assert console.patch(f"/api/v1/widgets/{t.widget.id}", json={"event_retention_days": days},
-                             headers=t.auth("owner")).status_code == 200
+        assert (
+            console.patch(
+                f"/api/v1/widgets/{t.widget.id}", json={"event_retention_days": days}, headers=t.auth("owner")
+            ).status_code
+            == 200
+        )
     with psycopg.connect(postgres.dsn) as conn:
-        expected = [str(r[0]) for r in conn.execute(
-            "SELECT id FROM audit_log WHERE tenant_id = %s ORDER BY id DESC", (t.id,))]
+        expected = [
+            str(r[0]) for r in conn.execute("SELECT id FROM audit_log WHERE tenant_id = %s ORDER BY id DESC", (t.id,))
+        ]
     seen: list[str] = []
     cursor = None
     while True:
@@ -189,26 +243,46 @@ def test_audit_log_keyset_pages_are_complete_and_tenant_scoped(console: httpx.Cl
 
 def test_audit_log_is_append_only(postgres: EmbeddedPostgres, acme: Tenant) -> None:
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-        for sql in ("UPDATE audit_log SET actor = 'someone else' WHERE tenant_id = %s",
-                    "DELETE FROM audit_log WHERE tenant_id = %s", "TRUNCATE audit_log"):
+        for sql in (
+            "UPDATE audit_log SET actor = 'someone else' WHERE tenant_id = %s",
+            "DELETE FROM audit_log WHERE tenant_id = %s",
+            "TRUNCATE audit_log",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(sql, (acme.id,) if "%s" in sql else None)
         assert conn.execute("SELECT count(*) FROM audit_log WHERE tenant_id = %s", (acme.id,)).fetchone()[0] > 0
 
 
-def test_keys_are_stored_hashed(console_settings: Settings, postgres: EmbeddedPostgres, acme: Tenant,
-                                console: httpx.Client) -> None:
-    made = cli(console_settings, "keys", "create", "--tenant", str(acme.id), "--email", acme.emails["member"],
-               "--name", "laptop")
+def test_keys_are_stored_hashed(
+    console_settings: Settings, postgres: EmbeddedPostgres, acme: Tenant, console: httpx.Client
+) -> None:
+    made = cli(
+        console_settings,
+        "keys",
+        "create",
+        "--tenant",
+        str(acme.id),
+        "--email",
+        acme.emails["member"],
+        "--name",
+        "laptop",
+    )
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip()
     assert secret.startswith("sak_") and len(secret) > 40 and "shown only now" in made.stderr
-    assert console.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).json()["email"] == acme.emails["member"]
+    assert (
+        console.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).json()["email"]
+        == acme.emails["member"]
+    )
     with psycopg.connect(postgres.dsn) as conn:
-        dump = "\n".join(str(r) for r in conn.execute("SELECT k.*, m.* FROM api_keys k JOIN members m ON m.id = k.member_id"))
+        dump = "\n".join(
+            str(r) for r in conn.execute("SELECT k.*, m.* FROM api_keys k JOIN members m ON m.id = k.member_id")
+        )
         audit = "\n".join(str(r) for r in conn.execute("SELECT * FROM audit_log"))
-        row = conn.execute("SELECT prefix, secret_sha256, last_used_at FROM api_keys WHERE secret_sha256 = %s",
-                           (hashlib.sha256(secret.encode()).digest(),)).fetchone()
+        row = conn.execute(
+            "SELECT prefix, secret_sha256, last_used_at FROM api_keys WHERE secret_sha256 = %s",
+            (hashlib.sha256(secret.encode()).digest(),),
+        ).fetchone()
     assert secret not in dump and secret[12:] not in dump and secret[12:] not in audit
     assert row is not None and row[0] == secret[:12] and row[2] is not None  # prefix for display; last use recorded
     listed = cli(console_settings, "keys", "list", "--tenant", str(acme.id), "--email", acme.emails["member"])
@@ -218,39 +292,108 @@ def test_keys_are_stored_hashed(console_settings: Settings, postgres: EmbeddedPo
 def test_members_cli(console_settings: Settings, postgres: EmbeddedPostgres, console: httpx.Client) -> None:
     t = make_tenant(postgres.dsn, "Hooli")
     tid = str(t.id)
-    add = cli(console_settings, "members", "add", "--tenant", tid, "--email", "Gavin@Hooli.example", "--role", "member",
-              "--actor", "ops@hydra")
+    add = cli(
+        console_settings,
+        "members",
+        "add",
+        "--tenant",
+        tid,
+        "--email",
+        "Gavin@Hooli.example",
+        "--role",
+        "member",
+        "--actor",
+        "ops@hydra",
+    )
     assert add.returncode == 0, add.stderr
-    again = cli(console_settings, "members", "add", "--tenant", tid, "--email", "gavin@hooli.example", "--role",
-                "admin", "--actor", "ops@hydra")
+    again = cli(
+        console_settings,
+        "members",
+        "add",
+        "--tenant",
+        tid,
+        "--email",
+        "gavin@hooli.example",
+        "--role",
+        "admin",
+        "--actor",
+        "ops@hydra",
+    )
     assert again.returncode == 2 and "already a member" in again.stderr
-    assert cli(console_settings, "members", "set-role", "--tenant", tid, "--email", "gavin@hooli.example", "--role",
-               "admin", "--actor", "ops@hydra").returncode == 0
+    assert (
+        cli(
+            console_settings,
+            "members",
+            "set-role",
+            "--tenant",
+            tid,
+            "--email",
+            "gavin@hooli.example",
+            "--role",
+            "admin",
+            "--actor",
+            "ops@hydra",
+        ).returncode
+        == 0
+    )
     listed = cli(console_settings, "members", "list", "--tenant", tid).stdout
     assert re.search(r"gavin@hooli\.example\s+admin", listed)
     # The last owner cannot leave or be demoted: the tenant would be unmanageable.
-    demote = cli(console_settings, "members", "set-role", "--tenant", tid, "--email", t.emails["owner"], "--role",
-                 "member", "--actor", "ops@hydra")
+    demote = cli(
+        console_settings,
+        "members",
+        "set-role",
+        "--tenant",
+        tid,
+        "--email",
+        t.emails["owner"],
+        "--role",
+        "member",
+        "--actor",
+        "ops@hydra",
+    )
     assert demote.returncode == 2 and "at least one owner" in demote.stderr
     # Removing a member revokes their keys with them.
     key = cli(console_settings, "keys", "create", "--tenant", tid, "--email", "gavin@hooli.example").stdout.strip()
     assert console.get("/api/v1/widgets", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    assert cli(console_settings, "members", "remove", "--tenant", tid, "--email", "gavin@hooli.example", "--actor",
-               "ops@hydra").returncode == 0
+    assert (
+        cli(
+            console_settings,
+            "members",
+            "remove",
+            "--tenant",
+            tid,
+            "--email",
+            "gavin@hooli.example",
+            "--actor",
+            "ops@hydra",
+        ).returncode
+        == 0
+    )
     assert console.get("/api/v1/widgets", headers={"Authorization": f"Bearer {key}"}).status_code == 401
-    bad_role = cli(console_settings, "members", "add", "--tenant", tid, "--email", "x@y.z", "--role", "god",
-                   "--actor", "ops")
+    bad_role = cli(
+        console_settings, "members", "add", "--tenant", tid, "--email", "x@y.z", "--role", "god", "--actor", "ops"
+    )
     assert bad_role.returncode == 2
     with psycopg.connect(postgres.dsn) as conn:
-        actions = [r[0] for r in conn.execute("SELECT action FROM audit_log WHERE tenant_id = %s AND actor = 'ops@hydra'"
-                                              " ORDER BY id", (t.id,))]
+        actions = [
+            r[0]
+            for r in conn.execute(
+                "SELECT action FROM audit_log WHERE tenant_id = %s AND actor = 'ops@hydra' ORDER BY id", (t.id,)
+            )
+        ]
     assert actions == ["member.add", "member.set-role", "member.remove"]
 
 
 def test_keys_revoke_cli(console_settings: Settings, acme: Tenant, console: httpx.Client) -> None:
-    secret = cli(console_settings, "keys", "create", "--tenant", str(acme.id), "--email", acme.emails["admin"]).stdout.strip()
-    key_id = next(line.split()[0] for line in cli(console_settings, "keys", "list", "--tenant", str(acme.id)).stdout.splitlines()
-                  if secret[:12] in line)
+    secret = cli(
+        console_settings, "keys", "create", "--tenant", str(acme.id), "--email", acme.emails["admin"]
+    ).stdout.strip()
+    key_id = next(
+        line.split()[0]
+        for line in cli(console_settings, "keys", "list", "--tenant", str(acme.id)).stdout.splitlines()
+        if secret[:12] in line
+    )
     assert console.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     revoked = cli(console_settings, "keys", "revoke", key_id, "--tenant", str(acme.id), "--actor", "ops")
     assert revoked.returncode == 0, revoked.stderr
@@ -274,9 +417,12 @@ def sign_in(console: httpx.Client, settings: Settings, tenant: Tenant, role: str
     return client
 
 
-def test_sign_in_link_is_single_use_and_sets_a_safe_cookie(console: httpx.Client, console_settings: Settings,
-                                                           acme: Tenant) -> None:
-    link = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"]).stdout.strip()
+def test_sign_in_link_is_single_use_and_sets_a_safe_cookie(
+    console: httpx.Client, console_settings: Settings, acme: Tenant
+) -> None:
+    link = cli(
+        console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"]
+    ).stdout.strip()
     token = link.split("token=", 1)[1]
     first = httpx.post(f"{console.base_url}/login", data={"token": token})
     assert first.status_code == 303
@@ -291,9 +437,18 @@ def test_sign_in_link_is_single_use_and_sets_a_safe_cookie(console: httpx.Client
 
 
 def test_sign_in_link_opens_the_page_it_names_and_only_pages_of_the_console(
-        console: httpx.Client, console_settings: Settings, acme: Tenant) -> None:
-    link = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"],
-               "--next", "/settings/audit-log?limit=5").stdout.strip()
+    console: httpx.Client, console_settings: Settings, acme: Tenant
+) -> None:
+    link = cli(
+        console_settings,
+        "login-link",
+        "--tenant",
+        str(acme.id),
+        "--email",
+        acme.emails["member"],
+        "--next",
+        "/settings/audit-log?limit=5",
+    ).stdout.strip()
     assert link.endswith("&next=/settings/audit-log?limit=5")
     shown = httpx.get(link.replace(console_settings.console_origin, str(console.base_url)))
     assert 'name="next" value="/settings/audit-log?limit=5"' in shown.text
@@ -301,37 +456,58 @@ def test_sign_in_link_opens_the_page_it_names_and_only_pages_of_the_console(
     resp = httpx.post(f"{console.base_url}/login", data={"token": token, "next": "/settings/audit-log?limit=5"})
     assert resp.status_code == 303 and resp.headers["location"] == "/settings/audit-log?limit=5"
     # Anywhere else (another site, scheme-relative, backslash tricks, header injection) lands on the default page.
-    for hostile in ("https://evil.example/", "//evil.example/", "/\\evil.example", "/\\/evil.example",
-                    "javascript:alert(1)", "/ok\r\nSet-Cookie: x=1", "settings/widgets"):
+    for hostile in (
+        "https://evil.example/",
+        "//evil.example/",
+        "/\\evil.example",
+        "/\\/evil.example",
+        "javascript:alert(1)",
+        "/ok\r\nSet-Cookie: x=1",
+        "settings/widgets",
+    ):
         made = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"])
         token = made.stdout.strip().split("token=", 1)[1]
-        assert f'value="{hostile}"' not in httpx.get(f"{console.base_url}/login", params={
-            "token": token, "next": hostile}).text
+        assert (
+            f'value="{hostile}"'
+            not in httpx.get(f"{console.base_url}/login", params={"token": token, "next": hostile}).text
+        )
         resp = httpx.post(f"{console.base_url}/login", data={"token": token, "next": hostile})
         assert resp.status_code == 303 and resp.headers["location"] == "/settings/widgets", hostile
-        refused = cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["member"],
-                      "--next", hostile)
+        refused = cli(
+            console_settings,
+            "login-link",
+            "--tenant",
+            str(acme.id),
+            "--email",
+            acme.emails["member"],
+            "--next",
+            hostile,
+        )
         assert refused.returncode == 2 and "--next must be a path" in refused.stderr
 
 
 def test_sign_in_link_expires(console: httpx.Client, postgres: EmbeddedPostgres, acme: Tenant) -> None:
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         token = accounts.create_login_token(conn, acme.id, acme.emails["owner"], ttl_s=60)
-        conn.execute("UPDATE login_links SET expires_at = now() - interval '1 second' WHERE token_sha256 = %s",
-                     (accounts.sha256(token),))
+        conn.execute(
+            "UPDATE login_links SET expires_at = now() - interval '1 second' WHERE token_sha256 = %s",
+            (accounts.sha256(token),),
+        )
         stored = conn.execute("SELECT count(*) FROM login_links WHERE token_sha256 = %s", (token.encode(),)).fetchone()
     assert stored == (0,)  # only the hash is stored
     assert httpx.post(f"{console.base_url}/login", data={"token": token}).status_code == 401
     assert httpx.post(f"{console.base_url}/login", data={"token": "made-up"}).status_code == 401
 
 
-def test_default_link_lifetime_is_15_minutes(postgres: EmbeddedPostgres, acme: Tenant,
-                                             console_settings: Settings) -> None:
+def test_default_link_lifetime_is_15_minutes(
+    postgres: EmbeddedPostgres, acme: Tenant, console_settings: Settings
+) -> None:
     assert console_settings.console_login_link_ttl_s == 15 * 60
     cli(console_settings, "login-link", "--tenant", str(acme.id), "--email", acme.emails["admin"])
     with psycopg.connect(postgres.dsn) as conn:
-        lifetime = conn.execute("SELECT extract(epoch FROM expires_at - created_at) FROM login_links"
-                                " ORDER BY created_at DESC LIMIT 1").fetchone()[0]
+        lifetime = conn.execute(
+            "SELECT extract(epoch FROM expires_at - created_at) FROM login_links ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()[0]
     assert float(lifetime) == 900
 
 
@@ -342,8 +518,9 @@ def test_pages_need_a_valid_session(console: httpx.Client, acme: Tenant) -> None
             assert forged.get(path).status_code == 401
 
 
-def test_csrf_token_is_required_and_bound_to_the_session(console: httpx.Client, console_settings: Settings,
-                                                         acme: Tenant, postgres: EmbeddedPostgres) -> None:
+def test_csrf_token_is_required_and_bound_to_the_session(
+    console: httpx.Client, console_settings: Settings, acme: Tenant, postgres: EmbeddedPostgres
+) -> None:
     admin = sign_in(console, console_settings, acme, "admin")
     other = sign_in(console, console_settings, acme, "owner")
     page = other.get(f"/settings/widgets/{acme.widget.id}/tracking").text
@@ -373,18 +550,25 @@ def test_member_cannot_post_the_form(console: httpx.Client, console_settings: Se
     member.close()
 
 
-def test_ingest_honours_a_console_flip_within_5_s(console: httpx.Client, postgres: EmbeddedPostgres,
-                                                  start_service: Callable[..., Service], settings: Settings) -> None:
+def test_ingest_honours_a_console_flip_within_5_s(
+    console: httpx.Client, postgres: EmbeddedPostgres, start_service: Callable[..., Service], settings: Settings
+) -> None:
     t = make_tenant(postgres.dsn, "Vandelay")
     start_service("api")
     api = httpx.Client(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10)
 
     def post() -> None:
         at = iso(datetime.now(UTC))
-        event = {"event_id": str(uuid.uuid4()), "type": "pageview", "url": "https://vandelay.example/",
-                 "occurred_at": at}
-        resp = api.post("/api/widget/track", json={"widget_id": str(t.widget.id), "visitor_id": "v-1",
-                                                   "sent_at": at, "events": [event]})
+        event = {
+            "event_id": str(uuid.uuid4()),
+            "type": "pageview",
+            "url": "https://vandelay.example/",
+            "occurred_at": at,
+        }
+        resp = api.post(
+            "/api/widget/track",
+            json={"widget_id": str(t.widget.id), "visitor_id": "v-1", "sent_at": at, "events": [event]},
+        )
         assert resp.status_code == 204, resp.text
 
     def dropped() -> float:
@@ -395,8 +579,12 @@ def test_ingest_honours_a_console_flip_within_5_s(console: httpx.Client, postgre
 
     post()
     assert dropped() == 0
-    assert console.patch(f"/api/v1/widgets/{t.widget.id}", json={"tracking_enabled": False},
-                         headers=t.auth("admin")).status_code == 200
+    assert (
+        console.patch(
+            f"/api/v1/widgets/{t.widget.id}", json={"tracking_enabled": False}, headers=t.auth("admin")
+        ).status_code
+        == 200
+    )
     flipped = time.monotonic()
     while dropped() == 0:  # every post answers 204 either way; the counter shows when the switch took effect
         assert time.monotonic() - flipped < 5, "disabling tracking in the console took more than 5 s at ingest"
@@ -405,8 +593,9 @@ def test_ingest_honours_a_console_flip_within_5_s(console: httpx.Client, postgre
     api.close()
 
 
-def test_sign_out_needs_the_form_token_and_ends_the_page_session(console: httpx.Client, console_settings: Settings,
-                                                                 acme: Tenant) -> None:
+def test_sign_out_needs_the_form_token_and_ends_the_page_session(
+    console: httpx.Client, console_settings: Settings, acme: Tenant
+) -> None:
     client = sign_in(console, console_settings, acme, "member")
     page = client.get("/settings/widgets").text
     token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
@@ -417,8 +606,9 @@ def test_sign_out_needs_the_form_token_and_ends_the_page_session(console: httpx.
     client.close()
 
 
-def test_removed_member_loses_page_access_at_once(console: httpx.Client, console_settings: Settings,
-                                                  postgres: EmbeddedPostgres) -> None:
+def test_removed_member_loses_page_access_at_once(
+    console: httpx.Client, console_settings: Settings, postgres: EmbeddedPostgres
+) -> None:
     t = make_tenant(postgres.dsn, "Leaver")
     client = sign_in(console, console_settings, t, "admin")
     assert client.get("/settings/widgets").status_code == 200
@@ -431,6 +621,7 @@ def test_removed_member_loses_page_access_at_once(console: httpx.Client, console
 # --- signing key --------------------------------------------------------------------------------------
 def _secret_in(data_dir: str, _: int) -> str:
     from console.security import load_secret
+
     return load_secret(Settings(data_dir=Path(data_dir)))
 
 
@@ -458,18 +649,24 @@ def test_console_refuses_an_empty_or_placeholder_key(tmp_path, key: str) -> None
         load_secret(Settings(data_dir=tmp_path))
 
 
-def test_console_without_its_database_answers_503_with_retry_after(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
-                                                                   tmp_path: Path) -> None:
+def test_console_without_its_database_answers_503_with_retry_after(
+    kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
     """Postgres unreachable: /healthz still answers (the process is alive), and a request that needs the database
     gets a 503 a client may retry, not a 500 or a hang."""
-    s = make_settings(kafka, postgres, tmp_path / "data",
-                      postgres_dsn=f"postgresql://127.0.0.1:{free_port()}/nowhere?connect_timeout=1")
+    s = make_settings(
+        kafka,
+        postgres,
+        tmp_path / "data",
+        postgres_dsn=f"postgresql://127.0.0.1:{free_port()}/nowhere?connect_timeout=1",
+    )
     svc = Service("console", s, tmp_path / "logs")
     svc.ready = http_ok(s.health_url("console"))
     svc.start()
     try:
-        resp = httpx.get(f"http://127.0.0.1:{s.console_port}/api/v1/me",
-                         headers={"Authorization": "Bearer sak_made_up"}, timeout=30)
+        resp = httpx.get(
+            f"http://127.0.0.1:{s.console_port}/api/v1/me", headers={"Authorization": "Bearer sak_made_up"}, timeout=30
+        )
         assert resp.status_code == 503, resp.text
         assert resp.headers["retry-after"] == "5" and resp.json()["error"] == "unavailable"
     finally:

@@ -18,15 +18,15 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def console_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def console_settings(
+    kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
     s = make_settings(kafka, postgres, tmp_path_factory.mktemp("console-pages") / "data", console_port=free_port())
     svc = Service("console", s, tmp_path_factory.mktemp("console-pages-logs"))
     svc.ready = http_ok(s.health_url("console"))
     svc.start()
     yield s
     svc.stop()
-
 
 
 @pytest.fixture
@@ -54,8 +54,9 @@ def test_member_sees_tracking_read_only(browser: Browser, console_settings: Sett
     page.context.close()
 
 
-def test_admin_changes_tracking_and_it_is_audited(browser: Browser, console_settings: Settings, tenant: Tenant,
-                                                  postgres: EmbeddedPostgres) -> None:
+def test_admin_changes_tracking_and_it_is_audited(
+    browser: Browser, console_settings: Settings, tenant: Tenant, postgres: EmbeddedPostgres
+) -> None:
     page = signed_in_page(browser, console_settings, tenant, "admin")
     page.uncheck("#tracking_enabled")
     page.fill("#event_retention_days", "30")
@@ -64,15 +65,19 @@ def test_admin_changes_tracking_and_it_is_audited(browser: Browser, console_sett
     expect(page.locator("#event_retention_days")).to_have_value("30")
     assert not page.is_checked("#tracking_enabled")
     with psycopg.connect(postgres.dsn) as conn:
-        stored = conn.execute("SELECT tracking_enabled, event_retention_days FROM widget_configs WHERE id = %s",
-                              (tenant.widget.id,)).fetchone()
-        audit = conn.execute("SELECT actor, action, old_value, new_value, request_id FROM audit_log"
-                             " WHERE entity_id = %s AND actor = %s ORDER BY id",
-                             (str(tenant.widget.id), tenant.emails["admin"])).fetchall()
+        stored = conn.execute(
+            "SELECT tracking_enabled, event_retention_days FROM widget_configs WHERE id = %s", (tenant.widget.id,)
+        ).fetchone()
+        audit = conn.execute(
+            "SELECT actor, action, old_value, new_value, request_id FROM audit_log"
+            " WHERE entity_id = %s AND actor = %s ORDER BY id",
+            (str(tenant.widget.id), tenant.emails["admin"]),
+        ).fetchall()
     assert stored == (False, 30)
     assert [a[:4] for a in audit] == [
         (tenant.emails["admin"], "disable", {"tracking_enabled": True}, {"tracking_enabled": False}),
-        (tenant.emails["admin"], "set-retention", {"event_retention_days": 90}, {"event_retention_days": 30})]
+        (tenant.emails["admin"], "set-retention", {"event_retention_days": 90}, {"event_retention_days": 30}),
+    ]
     assert audit[0][4] and audit[0][4] == audit[1][4]  # one request id for the one form post
     # A value the browser would accept but the product refuses comes back as a page with the reason.
     page.goto(page.url.split("?")[0])

@@ -125,7 +125,10 @@ def test_compose_postgres_dsn_matches_the_postgres_service(services: dict[str, d
     for name in ("migrate", *STAGES):
         dsn = urlparse(env_of(services[name])["SITE_ACTIVITY_POSTGRES_DSN"])
         assert (dsn.hostname, dsn.username, dsn.path.lstrip("/")) == (
-            "postgres", pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
+            "postgres",
+            pg_env["POSTGRES_USER"],
+            pg_env["POSTGRES_DB"],
+        )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -189,7 +192,10 @@ def test_the_image_carries_no_embedded_postgres_or_broker() -> None:
     installs = re.findall(r"pip (?:install|wheel)[^\n]*(?:\\\n[^\n]*)*", text)
     assert installs and not any("dev]" in line or "dev," in line for line in installs), installs
     assert not any(name in text for name in dev_only)
-    assert "[dev]" in (REPO / "scripts" / "bootstrap").read_text() or ",dev]" in (REPO / "scripts" / "bootstrap").read_text()
+    assert (
+        "[dev]" in (REPO / "scripts" / "bootstrap").read_text()
+        or ",dev]" in (REPO / "scripts" / "bootstrap").read_text()
+    )
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------------
@@ -281,8 +287,9 @@ def test_k8s_env_sources_exist(objects: dict[tuple[str, str], dict[str, Any]]) -
                     assert ("ConfigMap", source["configMapRef"]["name"]) in objects
                 else:
                     assert ("Secret", source["secretRef"]["name"]) in objects  # the placeholder's name
-                    assert "SITE_ACTIVITY_POSTGRES_DSN" in objects[("Secret", source["secretRef"]["name"])][
-                        "stringData"]
+                    assert (
+                        "SITE_ACTIVITY_POSTGRES_DSN" in objects[("Secret", source["secretRef"]["name"])]["stringData"]
+                    )
 
 
 def test_k8s_commands_are_real_subcommands(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -293,12 +300,21 @@ def test_k8s_commands_are_real_subcommands(objects: dict[tuple[str, str], dict[s
                 assert "command" not in container, "the image's ENTRYPOINT is site-activity"
                 assert_real_command(container["args"], f"{kind}/{name} {container['name']}")
                 run[container["args"][0]] = kind
-    assert run == {"migrate": "Job", "topics": "Job", "api": "Deployment", "processors": "Deployment",
-                   "sink": "Deployment", "webhooks": "Deployment", "console": "Deployment", "purge": "CronJob"}
+    assert run == {
+        "migrate": "Job",
+        "topics": "Job",
+        "api": "Deployment",
+        "processors": "Deployment",
+        "sink": "Deployment",
+        "webhooks": "Deployment",
+        "console": "Deployment",
+        "purge": "CronJob",
+    }
 
 
 def test_migrate_job_runs_migrations_before_topics_with_replication_3(
-        objects: dict[tuple[str, str], dict[str, Any]], settings_env: dict[str, str]) -> None:
+    objects: dict[tuple[str, str], dict[str, Any]], settings_env: dict[str, str]
+) -> None:
     pod = objects[("Job", "site-activity-migrate")]["spec"]["template"]["spec"]
     assert [c["args"] for c in pod["initContainers"]] == [["migrate"]]
     assert [c["args"] for c in pod["containers"]] == [["topics"]]
@@ -308,7 +324,8 @@ def test_migrate_job_runs_migrations_before_topics_with_replication_3(
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_k8s_deployment_ports_probes_and_labels_agree(
-        objects: dict[tuple[str, str], dict[str, Any]], settings_env: dict[str, str], stage: str) -> None:
+    objects: dict[tuple[str, str], dict[str, Any]], settings_env: dict[str, str], stage: str
+) -> None:
     dep = deployment(objects, stage)
     template = dep["spec"]["template"]
     assert selects(dep["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
@@ -330,7 +347,8 @@ def test_k8s_deployment_ports_probes_and_labels_agree(
 
 @pytest.mark.parametrize("kind", ["Deployment", "Job", "CronJob"])
 def test_k8s_containers_have_resources_and_run_non_root(
-        objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> None:
+    objects: dict[tuple[str, str], dict[str, Any]], kind: str
+) -> None:
     assert of_kind(objects, kind), f"no {kind}"
     for name, workload in of_kind(objects, kind).items():
         assert pod_template(workload)["spec"]["securityContext"]["runAsNonRoot"] is True, name
@@ -359,13 +377,17 @@ def test_api_hpa_targets_the_api_deployment(objects: dict[tuple[str, str], dict[
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
-def test_each_deployment_has_a_pdb_selecting_exactly_its_pods(
-        objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+def test_each_deployment_has_a_pdb_selecting_exactly_its_pods(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     pdbs = of_kind(objects, "PodDisruptionBudget")
     for stage in STAGES:
-        matching = [name for name, pdb in pdbs.items()
-                    if selects(pdb["spec"]["selector"]["matchLabels"],
-                               deployment(objects, stage)["spec"]["template"]["metadata"]["labels"])]
+        matching = [
+            name
+            for name, pdb in pdbs.items()
+            if selects(
+                pdb["spec"]["selector"]["matchLabels"],
+                deployment(objects, stage)["spec"]["template"]["metadata"]["labels"],
+            )
+        ]
         assert matching == [f"site-activity-{stage}"], stage
         replicas = deployment(objects, stage)["spec"]["replicas"]
         assert pdbs[matching[0]]["spec"]["minAvailable"] < replicas, "a node drain must be able to proceed"
@@ -383,8 +405,9 @@ def test_compose_console_serves_its_port_and_signs_with_a_configured_key(service
     assert console["ports"] == [f"{port}:{port}"]
     assert env["SITE_ACTIVITY_HTTP_HOST"] == "0.0.0.0"
     # Required from the operator: a default key would be public, and anyone knowing it can forge a session.
-    assert re.fullmatch(r"\$\{CONSOLE_SECRET_KEY:\?[^}]+\}", env["SITE_ACTIVITY_CONSOLE_SECRET_KEY"]), \
+    assert re.fullmatch(r"\$\{CONSOLE_SECRET_KEY:\?[^}]+\}", env["SITE_ACTIVITY_CONSOLE_SECRET_KEY"]), (
         "the console's signing key must be required, with no default"
+    )
     assert urlparse(env["SITE_ACTIVITY_CONSOLE_PUBLIC_URL"]).port == int(port)
 
 
@@ -406,8 +429,9 @@ def test_k8s_purge_cronjob_runs_daily_without_overlap(objects: dict[tuple[str, s
     assert pod_template(cron)["spec"]["restartPolicy"] in ("OnFailure", "Never")
 
 
-def test_k8s_console_ports_probes_and_secret_agree(objects: dict[tuple[str, str], dict[str, Any]],
-                                                  settings_env: dict[str, str]) -> None:
+def test_k8s_console_ports_probes_and_secret_agree(
+    objects: dict[tuple[str, str], dict[str, Any]], settings_env: dict[str, str]
+) -> None:
     dep = deployment(objects, "console")
     template = dep["spec"]["template"]
     assert selects(dep["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])

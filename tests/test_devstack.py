@@ -26,19 +26,42 @@ from tests.conftest import broker_settings
 @pytest.mark.integration  # starts the whole dev stack (its own broker and Postgres)
 def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    ports = {name: free_port() for name in ("HTTP", "DEMO", "SINK_HTTP", "PROCESSORS_WEB", "EMBEDDED_KAFKA",
-                                            "EMBEDDED_KAFKA_CONTROLLER", "EMBEDDED_POSTGRES", "CONSOLE",
-                                            "WEBHOOKS_HTTP")}
+    ports = {
+        name: free_port()
+        for name in (
+            "HTTP",
+            "DEMO",
+            "SINK_HTTP",
+            "PROCESSORS_WEB",
+            "EMBEDDED_KAFKA",
+            "EMBEDDED_KAFKA_CONTROLLER",
+            "EMBEDDED_POSTGRES",
+            "CONSOLE",
+            "WEBHOOKS_HTTP",
+        )
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITE_ACTIVITY_")}
     # The suite's broker choice, and Kafka's already-fetched jars instead of a fresh copy in the data dir.
     chosen = broker_settings()
-    env |= {"SITE_ACTIVITY_EMBEDDED_BROKER": broker_kind(chosen), "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist)}
+    env |= {
+        "SITE_ACTIVITY_EMBEDDED_BROKER": broker_kind(chosen),
+        "SITE_ACTIVITY_KAFKA_DIST_DIR": str(chosen.kafka_dist),
+    }
     env |= {f"SITE_ACTIVITY_{name}_PORT": str(port) for name, port in ports.items()}
-    env |= {"SITE_ACTIVITY_DATA_DIR": str(data_dir), "SITE_ACTIVITY_TOPIC_PARTITIONS": "2",
-            "SITE_ACTIVITY_CONSUMER_SESSION_TIMEOUT_MS": "3000", "SITE_ACTIVITY_CONSUMER_HEARTBEAT_INTERVAL_MS": "500"}
+    env |= {
+        "SITE_ACTIVITY_DATA_DIR": str(data_dir),
+        "SITE_ACTIVITY_TOPIC_PARTITIONS": "2",
+        "SITE_ACTIVITY_CONSUMER_SESSION_TIMEOUT_MS": "3000",
+        "SITE_ACTIVITY_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
+    }
     log = open(tmp_path / "dev.log", "wb")  # written by the child until it is stopped below  # noqa: SIM115
-    dev = subprocess.Popen([sys.executable, "-m", "command_line", "dev"], env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "command_line", "dev"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         stack_file = data_dir / "stack.json"
         wait_until(lambda: stack_file.exists() or dev.poll() is not None, 120, "stack.json")
@@ -54,15 +77,22 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
 
         event_id = str(uuid.uuid4())
         now = datetime.now(UTC).isoformat()
-        body = {"widget_id": stack["demo_widget_id"], "visitor_id": "newcomer", "sent_at": now,
-                "events": [{"event_id": event_id, "type": "pageview", "occurred_at": now, "url": "https://demo.example/"}]}
+        body = {
+            "widget_id": stack["demo_widget_id"],
+            "visitor_id": "newcomer",
+            "sent_at": now,
+            "events": [{"event_id": event_id, "type": "pageview", "occurred_at": now, "url": "https://demo.example/"}],
+        }
 
         def landed() -> bool:
             resp = httpx.post(f"{stack['api_url']}/api/widget/track", json=body, timeout=5)
             assert resp.status_code in (204, 503), resp.text  # 503 only while the broker warms up
             with psycopg.connect(stack["postgres_dsn"]) as conn:
-                rows = conn.execute("SELECT event_type FROM visitor_events WHERE event_id = %s OR (visitor_id = 'newcomer'"
-                                    " AND event_type = 'session_start')", (uuid.UUID(event_id),)).fetchall()
+                rows = conn.execute(
+                    "SELECT event_type FROM visitor_events WHERE event_id = %s OR (visitor_id = 'newcomer'"
+                    " AND event_type = 'session_start')",
+                    (uuid.UUID(event_id),),
+                ).fetchall()
             return sorted(r[0] for r in rows) == ["pageview", "session_start"]
 
         wait_until(landed, 90, "event through api -> processors -> sink", interval=1)

@@ -50,46 +50,106 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=site-activity-test-ca")
-    openssl("req", "-newkey", "rsa:2048", "-keyout", "client.key", "-passout", f"pass:{KEY_PASSWORD}",
-            "-out", "client.csr", "-subj", "/CN=client")
-    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "client.pem", "-days", "2")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=site-activity-test-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-keyout",
+        "client.key",
+        "-passout",
+        f"pass:{KEY_PASSWORD}",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=client",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+    )
     return {"ca": d / "ca.pem", "cert": d / "client.pem", "key": d / "client.key"}
 
 
 def secure_settings(protocol: str, mechanism: str | None, certs: dict[str, Path], **more: Any) -> Settings:
     s: dict[str, Any] = {"kafka_bootstrap": "127.0.0.1:1", "kafka_security_protocol": protocol}
     if protocol in ("SSL", "SASL_SSL"):
-        s.update(kafka_ssl_ca_file=certs["ca"], kafka_ssl_cert_file=certs["cert"], kafka_ssl_key_file=certs["key"],
-                 kafka_ssl_key_password=KEY_PASSWORD)
+        s.update(
+            kafka_ssl_ca_file=certs["ca"],
+            kafka_ssl_cert_file=certs["cert"],
+            kafka_ssl_key_file=certs["key"],
+            kafka_ssl_key_password=KEY_PASSWORD,
+        )
     if mechanism is not None:
-        s.update(kafka_sasl_mechanism=mechanism, kafka_sasl_username="alice", kafka_sasl_password=PASSWORD,
-                 kafka_oauth_token_endpoint_url="https://idp.example/oauth2/token", kafka_oauth_client_id="cid",
-                 kafka_oauth_client_secret=CLIENT_SECRET, kafka_oauth_scope="kafka")
+        s.update(
+            kafka_sasl_mechanism=mechanism,
+            kafka_sasl_username="alice",
+            kafka_sasl_password=PASSWORD,
+            kafka_oauth_token_endpoint_url="https://idp.example/oauth2/token",
+            kafka_oauth_client_id="cid",
+            kafka_oauth_client_secret=CLIENT_SECRET,
+            kafka_oauth_scope="kafka",
+        )
     return Settings(**{**s, **more})
 
 
 def expected_confluent(protocol: str, mechanism: str | None, certs: dict[str, Path]) -> dict[str, Any]:
     want: dict[str, Any] = {"security.protocol": protocol}
     if protocol in ("SSL", "SASL_SSL"):
-        want.update({"ssl.ca.location": str(certs["ca"]), "ssl.certificate.location": str(certs["cert"]),
-                     "ssl.key.location": str(certs["key"]), "ssl.key.password": KEY_PASSWORD,
-                     "ssl.endpoint.identification.algorithm": "https"})
+        want.update(
+            {
+                "ssl.ca.location": str(certs["ca"]),
+                "ssl.certificate.location": str(certs["cert"]),
+                "ssl.key.location": str(certs["key"]),
+                "ssl.key.password": KEY_PASSWORD,
+                "ssl.endpoint.identification.algorithm": "https",
+            }
+        )
     if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
         want.update({"sasl.mechanism": mechanism, "sasl.username": "alice", "sasl.password": PASSWORD})
     elif mechanism == "OAUTHBEARER":
-        want.update({"sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
-                     "sasl.oauthbearer.token.endpoint.url": "https://idp.example/oauth2/token",
-                     "sasl.oauthbearer.client.id": "cid", "sasl.oauthbearer.client.secret": CLIENT_SECRET,
-                     "sasl.oauthbearer.scope": "kafka"})
+        want.update(
+            {
+                "sasl.mechanism": "OAUTHBEARER",
+                "sasl.oauthbearer.method": "oidc",
+                "sasl.oauthbearer.token.endpoint.url": "https://idp.example/oauth2/token",
+                "sasl.oauthbearer.client.id": "cid",
+                "sasl.oauthbearer.client.secret": CLIENT_SECRET,
+                "sasl.oauthbearer.scope": "kafka",
+            }
+        )
     return want
 
 
 @pytest.mark.parametrize(("protocol", "mechanism"), CASES)
-def test_confluent_mapping_for_every_protocol_and_mechanism(protocol: str, mechanism: str | None,
-                                                            certs: dict[str, Path]) -> None:
+def test_confluent_mapping_for_every_protocol_and_mechanism(
+    protocol: str, mechanism: str | None, certs: dict[str, Path]
+) -> None:
     s = secure_settings(protocol, mechanism, certs)
     want = expected_confluent(protocol, mechanism, certs)
     security_keys = {k for k in client_config(s) if k.startswith(("security.", "sasl.", "ssl."))}
@@ -109,8 +169,9 @@ def test_a_wrong_key_password_is_refused_by_librdkafka(certs: dict[str, Path]) -
 
 
 @pytest.mark.parametrize(("protocol", "mechanism"), CASES)
-def test_faust_mapping_for_every_protocol_and_mechanism(protocol: str, mechanism: str | None,
-                                                        certs: dict[str, Path]) -> None:
+def test_faust_mapping_for_every_protocol_and_mechanism(
+    protocol: str, mechanism: str | None, certs: dict[str, Path]
+) -> None:
     s = secure_settings(protocol, mechanism, certs)
     kwargs = faust_security(s)
     if protocol == "PLAINTEXT":
@@ -139,11 +200,16 @@ def test_faust_mapping_for_every_protocol_and_mechanism(protocol: str, mechanism
 def test_the_processors_app_gets_the_mapping(certs: dict[str, Path], tmp_path: Path) -> None:
     from stream_processors.app import create_app
 
-    s = secure_settings("SASL_SSL", "SCRAM-SHA-512", certs, data_dir=tmp_path, processors_app_id=f"p-{uuid.uuid4().hex[:6]}")
+    s = secure_settings(
+        "SASL_SSL", "SCRAM-SHA-512", certs, data_dir=tmp_path, processors_app_id=f"p-{uuid.uuid4().hex[:6]}"
+    )
     app = create_app(s)
     auth = credentials_to_aiokafka_auth(app.conf.broker_credentials, app.conf.ssl_context)
     assert (auth["security_protocol"], auth["sasl_mechanism"], auth["sasl_plain_username"]) == (
-        "SASL_SSL", "SCRAM-SHA-512", "alice")
+        "SASL_SSL",
+        "SCRAM-SHA-512",
+        "alice",
+    )
 
 
 # --- every stage builds its clients through the mapping ----------------------------------------------------
@@ -275,6 +341,7 @@ def test_oidc_tokens_for_aiokafka_come_from_the_token_endpoint_and_are_reused(ce
 
 # --- secrets -----------------------------------------------------------------------------------------------
 
+
 def test_secrets_from_files_win_over_inline_values(tmp_path: Path, certs: dict[str, Path]) -> None:
     (tmp_path / "pw").write_text("from-file-pw\n")
     s = secure_settings("SASL_SSL", "SCRAM-SHA-256", certs, kafka_sasl_password_file=tmp_path / "pw")
@@ -295,8 +362,12 @@ def test_incomplete_settings_are_refused_with_a_reason(certs: dict[str, Path]) -
 
 
 def test_msk_iam_without_its_signer_package_fails_with_what_to_install() -> None:
-    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="OAUTHBEARER",
-                 kafka_oauth_provider="aws_msk_iam", kafka_oauth_aws_region="eu-west-1")
+    s = Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="OAUTHBEARER",
+        kafka_oauth_provider="aws_msk_iam",
+        kafka_oauth_aws_region="eu-west-1",
+    )
     import importlib.util
 
     assert importlib.util.find_spec("aws_msk_iam_sasl_signer") is None  # not a default dependency
@@ -353,8 +424,9 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
     cluster.start()
     try:
         plain = AdminClient({"bootstrap.servers": cluster.bootstrap})
-        upsert = UserScramCredentialUpsertion(SCRAM_USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096),
-                                              SCRAM_PASSWORD.encode())
+        upsert = UserScramCredentialUpsertion(
+            SCRAM_USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), SCRAM_PASSWORD.encode()
+        )
         for future in plain.alter_user_scram_credentials([upsert]).values():
             future.result(timeout=30)
         yield cluster
@@ -363,9 +435,14 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedApa
 
 
 def sasl_settings(cluster: EmbeddedApacheKafka, mechanism: str, user: str, password: str, **more: Any) -> Settings:
-    return Settings(kafka_bootstrap=cluster.sasl_bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
-                    kafka_sasl_mechanism=mechanism, kafka_sasl_username=user,  # type: ignore[arg-type]
-                    kafka_sasl_password=SecretStr(password), **more)
+    return Settings(
+        kafka_bootstrap=cluster.sasl_bootstrap,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism=mechanism,  # type: ignore[arg-type]
+        kafka_sasl_username=user,
+        kafka_sasl_password=SecretStr(password),
+        **more,
+    )
 
 
 def test_a_wrong_password_is_refused_by_the_broker(sasl_kafka: EmbeddedApacheKafka) -> None:
@@ -381,23 +458,31 @@ def test_a_wrong_password_is_refused_by_the_broker(sasl_kafka: EmbeddedApacheKaf
 
 
 def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
-        sasl_kafka: EmbeddedApacheKafka, postgres: EmbeddedPostgres, make_widget: Callable[..., Any],
-        tmp_path: Path) -> None:
+    sasl_kafka: EmbeddedApacheKafka, postgres: EmbeddedPostgres, make_widget: Callable[..., Any], tmp_path: Path
+) -> None:
     """API (confluent producer), processors (faust/aiokafka consumer and producers) and sink (confluent
     consumer) all log in with SCRAM-SHA-512 on the SASL listener: a POSTed event becomes a row."""
 
     class Broker:  # make_settings wants the broker's bootstrap
         bootstrap = sasl_kafka.sasl_bootstrap
 
-    s = make_settings(Broker(), postgres, tmp_path / "data", kafka_security_protocol="SASL_PLAINTEXT",  # type: ignore[arg-type]
-                      kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username=SCRAM_USER,
-                      kafka_sasl_password=SecretStr(SCRAM_PASSWORD))
+    s = make_settings(
+        Broker(),  # type: ignore[arg-type]
+        postgres,
+        tmp_path / "data",
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username=SCRAM_USER,
+        kafka_sasl_password=SecretStr(SCRAM_PASSWORD),
+    )
     ensure_topics(s)  # the topics are created through the SASL listener as well (make_settings did it first)
     services = []
     try:
-        for stage, health in (("api", s.health_url("api")),
-                              ("processors", s.health_url("processors")),
-                              ("sink", s.health_url("sink"))):
+        for stage, health in (
+            ("api", s.health_url("api")),
+            ("processors", s.health_url("processors")),
+            ("sink", s.health_url("sink")),
+        ):
             svc = Service(stage, s, tmp_path)
             svc.ready = lambda url=health: _ok(url)
             services.append(svc)
@@ -409,15 +494,20 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
         import psycopg
 
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-            rows = wait_for_rows(conn, "SELECT event_type, session_id FROM visitor_events WHERE widget_id = %s",
-                                 (w.id,), 2, timeout=60)  # the pageview and the processors' session_start
+            rows = wait_for_rows(
+                conn, "SELECT event_type, session_id FROM visitor_events WHERE widget_id = %s", (w.id,), 2, timeout=60
+            )  # the pageview and the processors' session_start
         assert sorted(r[0] for r in rows) == ["pageview", "session_start"]
         assert all(r[1] is not None for r in rows)  # sessions come from the processors: faust got through
+
         # and the processors' lag collector reads its group through the same listener
         def processors_lag() -> float | None:
             text = httpx.get(f"http://127.0.0.1:{s.processors_web_port}/metrics", timeout=5).text
-            got = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("kafka_consumergroup_group_sum_lag{") and f'group="{s.processors_app_id}"' in line]
+            got = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("kafka_consumergroup_group_sum_lag{") and f'group="{s.processors_app_id}"' in line
+            ]
             return got[0] if got else None
 
         wait_until(lambda: processors_lag() == 0, 60, "processors lag gauge at 0")
@@ -431,4 +521,3 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-

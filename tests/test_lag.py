@@ -53,6 +53,7 @@ def run(samples: Sequence[tuple[float, int, int, bool]], window: int = W) -> str
 
 # --- the rules ---------------------------------------------------------------------------------------------
 
+
 def test_no_lag_is_ok_whatever_came_before() -> None:
     assert run([(0, 0, 10, False), (1, 0, 20, False), (2, 20, 20, False)]) == "OK"
 
@@ -63,8 +64,10 @@ def test_stop_when_nobody_owns_the_partition_and_offsets_froze_longer_than_they_
     # frozen for 2 s after 4 s of movement: not yet
     assert run([*moving[2:], (5, 40, 60, False), (6, 40, 70, False)]) != "STOP"
     # window slid: frozen since t=4, first sample t=4 -> (t - 4) > 0 once the window is all frozen
-    assert run([(4, 40, 45, True), (5, 40, 60, False), (6, 40, 70, False), (7, 40, 80, False),
-                (8, 40, 90, False)]) == "STOP"
+    assert (
+        run([(4, 40, 45, True), (5, 40, 60, False), (6, 40, 70, False), (7, 40, 80, False), (8, 40, 90, False)])
+        == "STOP"
+    )
     # frozen 3 s, moved for 2 s before it: STOP
     assert run([(2, 20, 25, True), (3, 30, 35, True), (4, 40, 45, False), (7, 40, 80, False)]) == "STOP"
 
@@ -116,12 +119,16 @@ def test_properties_of_the_rules(raw: list[tuple[int, int, bool]]) -> None:
 
 
 def test_pipeline_groups_take_names_from_settings() -> None:
-    s = Settings(processors_app_id="p", sink_group="s", webhooks_group="w", lag_extra_groups=["x"],
-                 topic_prefix="pre")
+    s = Settings(processors_app_id="p", sink_group="s", webhooks_group="w", lag_extra_groups=["x"], topic_prefix="pre")
     t = Topics.from_settings(s)
     groups = pipeline_groups(s, [GroupSpec("y", ("other",)), GroupSpec("s")])
-    assert groups == [GroupSpec("p", (t.raw_events, t.erasures)), GroupSpec("s", (t.enriched_events,)),
-                      GroupSpec("w", (t.enriched_events,)), GroupSpec("x"), GroupSpec("y", ("other",))]
+    assert groups == [
+        GroupSpec("p", (t.raw_events, t.erasures)),
+        GroupSpec("s", (t.enriched_events,)),
+        GroupSpec("w", (t.enriched_events,)),
+        GroupSpec("x"),
+        GroupSpec("y", ("other",)),
+    ]
 
 
 def test_the_webhooks_group_reads_what_the_sink_reads() -> None:
@@ -143,8 +150,11 @@ def produce_raw(settings: Settings, topic: str, n: int, timestamp_ms: int | None
     assert producer.flush(30) == 0
 
 
-COORDINATOR_NOT_READY = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                         KafkaError.COORDINATOR_NOT_AVAILABLE)
+COORDINATOR_NOT_READY = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
 
 
 def commit(settings: Settings, group: str, topic: str, partition: int, offset: int) -> None:
@@ -232,8 +242,9 @@ class EventFlow:
         i = 0
         while not self.stop.wait(self.period_s):
             rec = make_event(self.widget, f"v-{i % 7}", at=datetime.now(UTC))
-            self.producer.produce(self.topic, key=event_key(str(rec["widget_id"]), rec["visitor_id"]),
-                                  value=CODEC.encode(rec))
+            self.producer.produce(
+                self.topic, key=event_key(str(rec["widget_id"]), rec["visitor_id"]), value=CODEC.encode(rec)
+            )
             self.producer.poll(0)
             i += 1
         self.producer.flush(30)
@@ -249,14 +260,21 @@ class EventFlow:
 
 def lag_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.to_env(), "SITE_ACTIVITY_LOG_JSON": "True"}
-    return subprocess.run([sys.executable, "-m", "command_line", "lag", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "command_line", "lag", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
 def raw_sink_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"sink_from_enriched": False, "sink_group": f"sink-{uuid.uuid4().hex[:8]}",
-                                       "lag_interval_s": 1.0})
+    return settings.model_copy(
+        update={"sink_from_enriched": False, "sink_group": f"sink-{uuid.uuid4().hex[:8]}", "lag_interval_s": 1.0}
+    )
 
 
 def sink_owns_its_partitions(settings: Settings) -> None:
@@ -264,17 +282,21 @@ def sink_owns_its_partitions(settings: Settings) -> None:
     first join on a fresh broker waits for the offsets topic to be created)."""
     probe = LagMonitor(settings, [sink_group(settings)], window=1)
     try:
-        wait_until(lambda: all(p.owned for g in probe.evaluate().groups for p in g.partitions), 60,
-                   "sink owns its partitions")
+        wait_until(
+            lambda: all(p.owned for g in probe.evaluate().groups for p in g.partitions), 60, "sink owns its partitions"
+        )
     finally:
         probe.close()
 
 
-@pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
-                    reason="Tansu describes no group members or state, so an owned partition cannot be told from an"
-                           " abandoned one (STOP needs that); the rules are unit-tested above")
+@pytest.mark.skipif(
+    broker_kind(broker_settings()) != "kafka",
+    reason="Tansu describes no group members or state, so an owned partition cannot be told from an"
+    " abandoned one (STOP needs that); the rules are unit-tested above",
+)
 def test_sink_stopped_while_events_flow_shows_growing_lag_and_stop_then_ok_after_restart(
-        raw_sink_settings: Settings, make_widget: Any, start_service: Any) -> None:
+    raw_sink_settings: Settings, make_widget: Any, start_service: Any
+) -> None:
     s = raw_sink_settings
     topic = Topics.from_settings(s).raw_events
     spec = sink_group(s)
@@ -323,14 +345,18 @@ def test_sink_stopped_while_events_flow_shows_growing_lag_and_stop_then_ok_after
         monitor.close()
 
 
-@pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
-                    reason="Tansu describes no group members or state: STALL (owned but not moving) is unobservable")
-def test_a_sink_that_cannot_write_is_stall_not_stop(raw_sink_settings: Settings, make_widget: Any,
-                                                    start_service: Any) -> None:
+@pytest.mark.skipif(
+    broker_kind(broker_settings()) != "kafka",
+    reason="Tansu describes no group members or state: STALL (owned but not moving) is unobservable",
+)
+def test_a_sink_that_cannot_write_is_stall_not_stop(
+    raw_sink_settings: Settings, make_widget: Any, start_service: Any
+) -> None:
     """The sink is up and owns its partitions but Postgres is unreachable: it retries with its partitions
     paused and commits nothing, so the offsets stay put while a live member holds them: STALL."""
-    s = raw_sink_settings.model_copy(update={"postgres_dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
-                                             "sink_retry_max_backoff_s": 1.0})
+    s = raw_sink_settings.model_copy(
+        update={"postgres_dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none", "sink_retry_max_backoff_s": 1.0}
+    )
     topic = Topics.from_settings(s).raw_events
     w = make_widget()
     producer = Producer(producer_config(s, **ONE_PER_BATCH))
@@ -358,8 +384,14 @@ def test_watch_prints_one_json_document_per_evaluation(settings: Settings) -> No
     topic = Topics.from_settings(settings).raw_events
     produce_raw(settings, topic, 3)
     env = {**os.environ, **settings.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "command_line", "lag", "--watch", "--json", "--interval", "0.3"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "command_line", "lag", "--watch", "--json", "--interval", "0.3"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         docs = [json.loads(proc.stdout.readline()) for _ in range(3)]
     finally:
@@ -368,7 +400,9 @@ def test_watch_prints_one_json_document_per_evaluation(settings: Settings) -> No
     assert [d["time"] for d in docs] == sorted(d["time"] for d in docs) and docs[0]["time"] < docs[-1]["time"]
     sink = next(g for g in docs[-1]["groups"] if g["group"] == settings.sink_group)
     assert sink["sum_lag"] == 0 and [g["group"] for g in docs[-1]["groups"]][:2] == [
-        settings.processors_app_id, settings.sink_group]
+        settings.processors_app_id,
+        settings.sink_group,
+    ]
     processors = next(g for g in docs[-1]["groups"] if g["group"] == settings.processors_app_id)
     # nobody consumes the raw topic here: 3 messages of lag on it, and the group is STOP (no member, frozen)
     assert processors["sum_lag"] == 3 and processors["status"] == "STOP"
@@ -379,8 +413,9 @@ def scrape(port: int) -> dict[str, list[Any]]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
-def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings, make_widget: Any,
-                                                     start_service: Any) -> None:
+def test_exporter_and_the_sink_serve_the_lag_metrics(
+    raw_sink_settings: Settings, make_widget: Any, start_service: Any
+) -> None:
     s = raw_sink_settings
     topic = Topics.from_settings(s).raw_events
     w = make_widget()
@@ -392,10 +427,15 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
     start_service("sink", settings_override=s)
     port = free_port()
     env = {**os.environ, **s.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "command_line", "lag", "--serve", "--port", str(port),
-                             "--interval", "0.5"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "command_line", "lag", "--serve", "--port", str(port), "--interval", "0.5"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def exported() -> bool:
             try:
                 return bool(scrape(port).get("kafka_consumergroup_group_lag"))
@@ -411,11 +451,19 @@ def test_exporter_and_the_sink_serve_the_lag_metrics(raw_sink_settings: Settings
         status = [x for x in families["kafka_consumergroup_group_status"] if x.labels["group"] == s.sink_group]
         assert sorted(x.labels["status"] for x in status) == sorted(["OK", "WARN", "STALL", "STOP", "REWIND"])
         # The sink's own /metrics: the same gauges for its own group (evaluated every lag_interval_s)
-        wait_until(lambda: any(x.labels["group"] == s.sink_group
-                               for x in scrape(s.sink_http_port).get("kafka_consumergroup_group_lag", [])),
-                   30, "sink lag metrics")
-        wait_until(lambda: sum(x.value for x in scrape(s.sink_http_port)["kafka_consumergroup_group_lag"]) == 0,
-                   30, "sink caught up per its own lag gauge")
+        wait_until(
+            lambda: any(
+                x.labels["group"] == s.sink_group
+                for x in scrape(s.sink_http_port).get("kafka_consumergroup_group_lag", [])
+            ),
+            30,
+            "sink lag metrics",
+        )
+        wait_until(
+            lambda: sum(x.value for x in scrape(s.sink_http_port)["kafka_consumergroup_group_lag"]) == 0,
+            30,
+            "sink caught up per its own lag gauge",
+        )
     finally:
         proc.terminate()
         proc.wait(15)

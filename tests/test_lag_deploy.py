@@ -54,8 +54,10 @@ def test_alerts_say_what_the_issue_asks() -> None:
 def rendered_annotations(alert: str, value: str) -> dict[str, str]:
     """The alert's annotations as Prometheus renders them for group "sink" and the given $value."""
     rule = next(r for r in rules() if r["alert"] == alert)
-    return {k: v.replace("{{ $labels.group }}", "sink").replace("{{ $value | humanizeDuration }}", value).strip()
-            for k, v in rule["annotations"].items()}
+    return {
+        k: v.replace("{{ $labels.group }}", "sink").replace("{{ $value | humanizeDuration }}", value).strip()
+        for k, v in rule["annotations"].items()
+    }
 
 
 def test_promtool_checks_and_unit_tests_the_rules(tmp_path: Path) -> None:
@@ -68,25 +70,41 @@ def test_promtool_checks_and_unit_tests_the_rules(tmp_path: Path) -> None:
     tests = {
         "rule_files": [str(ALERTS)],
         "evaluation_interval": "30s",
-        "tests": [{
-            "interval": "30s",
-            "input_series": [
-                {"series": 'kafka_consumergroup_group_status{group="sink",status="STOP"}', "values": "0 0 1x8"},
-                {"series": 'kafka_consumergroup_group_status{group="sink",status="STALL"}', "values": "0x10"},
-                {"series": 'kafka_consumergroup_group_max_lag_seconds{group="sink"}', "values": "5 5 90x8"},
-                {"series": "kafka_consumergroup_lag_evaluation_timestamp_seconds", "values": "0+30x10"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "1m30s", "alertname": "SiteActivityConsumerStopped", "exp_alerts": []},
-                {"eval_time": "3m30s", "alertname": "SiteActivityConsumerStopped",
-                 "exp_alerts": [{"exp_labels": {"severity": "critical", "group": "sink"},
-                                 "exp_annotations": rendered_annotations("SiteActivityConsumerStopped", "")}]},
-                {"eval_time": "3m30s", "alertname": "SiteActivityConsumerStalled", "exp_alerts": []},
-                {"eval_time": "2m30s", "alertname": "SiteActivityConsumerLagHigh",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "group": "sink"},
-                                 "exp_annotations": rendered_annotations("SiteActivityConsumerLagHigh", "1m 30s")}]},
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "30s",
+                "input_series": [
+                    {"series": 'kafka_consumergroup_group_status{group="sink",status="STOP"}', "values": "0 0 1x8"},
+                    {"series": 'kafka_consumergroup_group_status{group="sink",status="STALL"}', "values": "0x10"},
+                    {"series": 'kafka_consumergroup_group_max_lag_seconds{group="sink"}', "values": "5 5 90x8"},
+                    {"series": "kafka_consumergroup_lag_evaluation_timestamp_seconds", "values": "0+30x10"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "1m30s", "alertname": "SiteActivityConsumerStopped", "exp_alerts": []},
+                    {
+                        "eval_time": "3m30s",
+                        "alertname": "SiteActivityConsumerStopped",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "group": "sink"},
+                                "exp_annotations": rendered_annotations("SiteActivityConsumerStopped", ""),
+                            }
+                        ],
+                    },
+                    {"eval_time": "3m30s", "alertname": "SiteActivityConsumerStalled", "exp_alerts": []},
+                    {
+                        "eval_time": "2m30s",
+                        "alertname": "SiteActivityConsumerLagHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "group": "sink"},
+                                "exp_annotations": rendered_annotations("SiteActivityConsumerLagHigh", "1m 30s"),
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
     }
     path = tmp_path / "alerts_test.yaml"
     path.write_text(yaml.safe_dump(tests))
@@ -103,7 +121,10 @@ def test_grafana_dashboard_parses_and_queries_exported_metrics() -> None:
     for expr in exprs:
         used = set(METRIC.findall(expr))
         assert used and used <= set(METRIC_NAMES), (expr, used - set(METRIC_NAMES))
-    assert {"kafka_consumergroup_group_max_lag_seconds", "kafka_consumergroup_group_lag",
-            "kafka_consumergroup_group_status"} <= {m for e in exprs for m in METRIC.findall(e)}
+    assert {
+        "kafka_consumergroup_group_max_lag_seconds",
+        "kafka_consumergroup_group_lag",
+        "kafka_consumergroup_group_status",
+    } <= {m for e in exprs for m in METRIC.findall(e)}
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

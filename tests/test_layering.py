@@ -46,8 +46,9 @@ def imported_packages(path: Path) -> Iterator[tuple[int, str]]:
                 yield node.lineno, top
 
 
-def violations(packages: tuple[str, ...], allowed: set[str] | None = None,
-               known: dict[tuple[str, str], str] | None = None) -> list[str]:
+def violations(
+    packages: tuple[str, ...], allowed: set[str] | None = None, known: dict[tuple[str, str], str] | None = None
+) -> list[str]:
     found = []
     for package in packages:
         for path in modules(package):

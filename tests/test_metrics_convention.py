@@ -25,8 +25,19 @@ from sink.metrics import SinkMetrics
 from stream_processors import metrics as processors_metrics
 from webhooks.metrics import WebhookMetrics
 
-UNITS = ("seconds", "bytes", "messages", "events", "rows", "connections", "requests", "configs", "deliveries",
-         "ratio", "info")
+UNITS = (
+    "seconds",
+    "bytes",
+    "messages",
+    "events",
+    "rows",
+    "connections",
+    "requests",
+    "configs",
+    "deliveries",
+    "ratio",
+    "info",
+)
 
 
 def registries() -> Iterator[tuple[str, CollectorRegistry]]:

@@ -30,8 +30,12 @@ ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, u
 
 
 def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None) -> dict:
-    return {"widget_id": str(widget_id), "visitor_id": visitor, "sent_at": iso(sent_at or datetime.now(UTC)),
-            "events": events}
+    return {
+        "widget_id": str(widget_id),
+        "visitor_id": visitor,
+        "sent_at": iso(sent_at or datetime.now(UTC)),
+        "events": events,
+    }
 
 
 def pageview(at: datetime, url: str = "https://shop.example/", **extra: object) -> dict:
@@ -45,10 +49,22 @@ def test_posted_events_become_rows_with_every_column(
     now = datetime.now(UTC)
     events = [
         pageview(now - timedelta(seconds=4), "https://shop.example/pricing", referrer="https://google.example/"),
-        {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked_upgrade", "occurred_at": iso(now - timedelta(seconds=3)),
-         "url": "https://shop.example/pricing", "properties": {"plan": "growth", "rows": 120, "nested": {"ok": True}}},
-        {"event_id": str(uuid.uuid4()), "type": "identify", "user_id": "u_88291", "occurred_at": iso(now - timedelta(seconds=2)),
-         "url": "https://shop.example/app", "traits": {"email": "paul@arrakis.example", "name": "Paul Atreides"}},
+        {
+            "event_id": str(uuid.uuid4()),
+            "type": "custom",
+            "name": "clicked_upgrade",
+            "occurred_at": iso(now - timedelta(seconds=3)),
+            "url": "https://shop.example/pricing",
+            "properties": {"plan": "growth", "rows": 120, "nested": {"ok": True}},
+        },
+        {
+            "event_id": str(uuid.uuid4()),
+            "type": "identify",
+            "user_id": "u_88291",
+            "occurred_at": iso(now - timedelta(seconds=2)),
+            "url": "https://shop.example/app",
+            "traits": {"email": "paul@arrakis.example", "name": "Paul Atreides"},
+        },
     ]
     # Server-side fields in the body are ignored, never trusted.
     body = batch(w.id, events) | {"tenant_id": str(uuid.uuid4())}
@@ -78,12 +94,19 @@ def test_client_clock_skew_is_corrected(
 ) -> None:
     w = make_widget()
     client_now = datetime.now(UTC) + timedelta(hours=2)  # the visitor's clock runs two hours fast
-    resp = httpx.post(f"{api_url}/api/widget/track", timeout=10, json=batch(
-        w.id, [pageview(client_now - timedelta(seconds=30)), pageview(client_now + timedelta(minutes=5))],
-        sent_at=client_now))
+    resp = httpx.post(
+        f"{api_url}/api/widget/track",
+        timeout=10,
+        json=batch(
+            w.id,
+            [pageview(client_now - timedelta(seconds=30)), pageview(client_now + timedelta(minutes=5))],
+            sent_at=client_now,
+        ),
+    )
     assert resp.status_code == 204, resp.text
-    rows = wait_for_rows(db, "SELECT occurred_at, received_at FROM visitor_events WHERE widget_id = %s ORDER BY occurred_at",
-                         (w.id,), 2)
+    rows = wait_for_rows(
+        db, "SELECT occurred_at, received_at FROM visitor_events WHERE widget_id = %s ORDER BY occurred_at", (w.id,), 2
+    )
     (first_at, first_rx), (second_at, second_rx) = rows
     assert abs((first_rx - first_at) - timedelta(seconds=30)) < timedelta(seconds=1)
     assert second_at == second_rx  # an event "from the future" is clamped to the moment it was received
@@ -99,11 +122,16 @@ def test_retried_batch_never_duplicates_rows(
         assert httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10).status_code == 204
     marker = batch(w.id, [pageview(now, "https://shop.example/last")])
     assert httpx.post(f"{api_url}/api/widget/track", json=marker, timeout=10).status_code == 204
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url = 'https://shop.example/last'", (w.id,), 1)
+    wait_for_rows(
+        db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url = 'https://shop.example/last'", (w.id,), 1
+    )
     # one row per event sent: the rows counted per event id, against the ids the client sent (three times)
     sent = Counter(uuid.UUID(e["event_id"]) for e in body["events"] + marker["events"])
-    stored: dict[Any, int] = dict(db.execute("SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id",
-                             (w.id,)).fetchall())
+    stored: dict[Any, int] = dict(
+        db.execute(
+            "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id", (w.id,)
+        ).fetchall()
+    )
     assert stored == dict(sent) and sum(stored.values()) == 26
 
 
@@ -116,19 +144,39 @@ def test_no_stored_url_or_referrer_contains_a_fragment(
     w = make_widget()
     now = datetime.now(UTC)
     long_secret = "#access_token=" + "s" * 3000
-    cases = [("https://shop.example/a#access_token=abc", "https://idp.example/cb#id_token=xyz", "https://shop.example/a",
-              "https://idp.example/cb"),
-             ("https://shop.example/b#", "https://shop.example/#x#y", "https://shop.example/b", "https://shop.example/"),
-             ("https://shop.example/c?q=1" + long_secret, None, "https://shop.example/c?q=1", None),
-             ("#only-a-fragment", "https://shop.example/d", "", "https://shop.example/d")]
-    events = [pageview(now - timedelta(seconds=i), url, **({"referrer": ref} if ref else {}))
-              for i, (url, ref, _, _) in enumerate(cases)]
-    events.append({"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked", "occurred_at": iso(now),
-                   "url": "https://shop.example/e#secret", "referrer": "https://shop.example/f#other"})
+    cases = [
+        (
+            "https://shop.example/a#access_token=abc",
+            "https://idp.example/cb#id_token=xyz",
+            "https://shop.example/a",
+            "https://idp.example/cb",
+        ),
+        ("https://shop.example/b#", "https://shop.example/#x#y", "https://shop.example/b", "https://shop.example/"),
+        ("https://shop.example/c?q=1" + long_secret, None, "https://shop.example/c?q=1", None),
+        ("#only-a-fragment", "https://shop.example/d", "", "https://shop.example/d"),
+    ]
+    events = [
+        pageview(now - timedelta(seconds=i), url, **({"referrer": ref} if ref else {}))
+        for i, (url, ref, _, _) in enumerate(cases)
+    ]
+    events.append(
+        {
+            "event_id": str(uuid.uuid4()),
+            "type": "custom",
+            "name": "clicked",
+            "occurred_at": iso(now),
+            "url": "https://shop.example/e#secret",
+            "referrer": "https://shop.example/f#other",
+        }
+    )
     resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, events), timeout=10)
     assert resp.status_code == 204, resp.text
-    rows = {str(e): (u, r) for e, u, r in wait_for_rows(
-        db, "SELECT event_id, url, referrer FROM visitor_events WHERE widget_id = %s", (w.id,), len(events))}
+    rows = {
+        str(e): (u, r)
+        for e, u, r in wait_for_rows(
+            db, "SELECT event_id, url, referrer FROM visitor_events WHERE widget_id = %s", (w.id,), len(events)
+        )
+    }
     expected = {e["event_id"]: (url, ref) for e, (_, _, url, ref) in zip(events, cases, strict=False)}
     expected[events[-1]["event_id"]] = ("https://shop.example/e", "https://shop.example/f")
     assert rows == expected
@@ -136,24 +184,33 @@ def test_no_stored_url_or_referrer_contains_a_fragment(
 
 
 def test_disabled_widget_drops_silently_until_enabled(
-    raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection,
+    raw_pipeline: Settings,
+    api_url: str,
+    make_widget: Callable[..., widgets.Widget],
+    db: psycopg.Connection,
     postgres,
 ) -> None:
     w = make_widget(enabled=False)
     now = datetime.now(UTC)
-    dropped = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now, "https://x.example/off")]), timeout=10)
+    dropped = httpx.post(
+        f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now, "https://x.example/off")]), timeout=10
+    )
     assert dropped.status_code == 204
     with psycopg.connect(postgres.dsn) as conn:
         widgets.set_tracking(conn, w.id, True, actor="tests")
     # The API's widget cache picks the flip up within its refresh interval (< 5 s).
     deadline = datetime.now(UTC) + timedelta(seconds=15)
     while datetime.now(UTC) < deadline:
-        resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(datetime.now(UTC), "https://x.example/on")]),
-                          timeout=10)
+        resp = httpx.post(
+            f"{api_url}/api/widget/track",
+            json=batch(w.id, [pageview(datetime.now(UTC), "https://x.example/on")]),
+            timeout=10,
+        )
         assert resp.status_code == 204
         if db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (w.id,)).fetchone()[0]:
             break
         import time
+
         time.sleep(1)
     rows = wait_for_rows(db, "SELECT DISTINCT url FROM visitor_events WHERE widget_id = %s", (w.id,), 1)
     assert rows == [("https://x.example/on",)]
@@ -179,7 +236,9 @@ def test_deleting_a_widget_removes_its_events(
     keep, doomed = make_widget(), make_widget()
     now = datetime.now(UTC)
     for w in (keep, doomed):
-        assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now)]), timeout=10).status_code == 204
+        assert (
+            httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now)]), timeout=10).status_code == 204
+        )
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = ANY(%s)", ([keep.id, doomed.id],), 2)
     with psycopg.connect(postgres.dsn) as conn:
         assert widgets.delete_widget(conn, doomed.id, actor="tests") == 1
@@ -191,8 +250,9 @@ def test_deleting_a_widget_removes_its_events(
     answers: list[int] = []
 
     def refused() -> bool:
-        answers.append(httpx.post(f"{api_url}/api/widget/track", json=batch(doomed.id, [pageview(now)]),
-                                  timeout=10).status_code)
+        answers.append(
+            httpx.post(f"{api_url}/api/widget/track", json=batch(doomed.id, [pageview(now)]), timeout=10).status_code
+        )
         return answers[-1] == 404
 
     wait_until(refused, 10 * raw_pipeline.widget_cache_refresh_s + 5, "404 for the deleted widget", interval=0.2)
@@ -209,9 +269,16 @@ def test_topic_messages_decode_with_the_reference_avro_library(
     """Any consumer with the .avsc file alone can read the raw topic: single-object encoding, Apache `avro`."""
     w = make_widget()
     now = datetime.now(UTC)
-    sent = [pageview(now - timedelta(seconds=1), "https://shop.example/interop"),
-            {"event_id": str(uuid.uuid4()), "type": "custom", "name": "clicked", "occurred_at": iso(now),
-             "properties": {"plan": "growth"}}]
+    sent = [
+        pageview(now - timedelta(seconds=1), "https://shop.example/interop"),
+        {
+            "event_id": str(uuid.uuid4()),
+            "type": "custom",
+            "name": "clicked",
+            "occurred_at": iso(now),
+            "properties": {"plan": "growth"},
+        },
+    ]
     assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, sent), timeout=10).status_code == 204
     [msg] = read_topic(raw_pipeline, Topics.from_settings(raw_pipeline).raw_events, 1)
     value = msg.value()

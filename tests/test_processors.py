@@ -45,12 +45,25 @@ SEC = timedelta(seconds=1)
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def ev(widget: widgets.Widget, visitor: str, at: datetime, event_type: str = "pageview", **fields: Any) -> dict[str, Any]:
+
+def ev(
+    widget: widgets.Widget, visitor: str, at: datetime, event_type: str = "pageview", **fields: Any
+) -> dict[str, Any]:
     """A raw event as the API publishes it: session_id and customer_id empty."""
     record = {
-        "event_id": uuid.uuid4(), "event_type": event_type, "tenant_id": widget.tenant_id, "widget_id": widget.id,
-        "visitor_id": visitor, "name": None, "url": f"https://shop.example/p/{at.minute}", "referrer": None,
-        "properties": "{}", "user_id": None, "occurred_at": at, "received_at": at + SEC, "session_id": None,
+        "event_id": uuid.uuid4(),
+        "event_type": event_type,
+        "tenant_id": widget.tenant_id,
+        "widget_id": widget.id,
+        "visitor_id": visitor,
+        "name": None,
+        "url": f"https://shop.example/p/{at.minute}",
+        "referrer": None,
+        "properties": "{}",
+        "user_id": None,
+        "occurred_at": at,
+        "received_at": at + SEC,
+        "session_id": None,
         "customer_id": None,
     }
     record.update(fields)
@@ -113,8 +126,10 @@ def enriched(settings: Settings, expected: int) -> list[dict[str, Any]]:
 
 def rows(db: psycopg.Connection, widget: widgets.Widget, expected: int, timeout: float = 30.0) -> list[tuple]:
     """(event_type, visitor_id, occurred_at, session_id, customer_id, event_id) of a widget, by time."""
-    sql = ("SELECT event_type, visitor_id, occurred_at, session_id, customer_id, event_id FROM visitor_events "
-           "WHERE widget_id = %s ORDER BY visitor_id, occurred_at, event_type <> 'session_start'")
+    sql = (
+        "SELECT event_type, visitor_id, occurred_at, session_id, customer_id, event_id FROM visitor_events "
+        "WHERE widget_id = %s ORDER BY visitor_id, occurred_at, event_type <> 'session_start'"
+    )
     return wait_for_rows(db, sql, (widget.id,), expected, timeout)
 
 
@@ -134,9 +149,10 @@ def sid(widget: widgets.Widget, visitor: str, started: datetime) -> uuid.UUID:
 
 # --- sessions -----------------------------------------------------------------------------------------
 
-def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                       make_widget: Callable[..., widgets.Widget],
-                                                       db: psycopg.Connection) -> None:
+
+def test_sessions_gap_edges_out_of_order_and_duplicates(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     w = make_widget()
     # v-edge: silences of 10 s, 29:59, 30:00 (same session), then 30:01 (new session).
     edge_times = [T0, T0 + 10 * SEC]
@@ -158,8 +174,9 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipe
     records = enriched(settings, 5 + 2 + 6 + 2)
     assert all(r["session_id"] is not None for r in records)
     starts = sorted((r["visitor_id"], r["occurred_at"]) for r in records if r["event_type"] == "session_start")
-    assert starts == sorted([("v-edge", edge_times[0]), ("v-edge", edge_times[4]),
-                             ("v-late", T0), ("v-late", T0 + 3 * 60 * MIN)])
+    assert starts == sorted(
+        [("v-edge", edge_times[0]), ("v-edge", edge_times[4]), ("v-late", T0), ("v-late", T0 + 3 * 60 * MIN)]
+    )
     for r in records:
         if r["event_type"] == "session_start":
             assert r["event_id"] == uuid.UUID(session_start_event_id_text(str(r["session_id"])))
@@ -171,20 +188,28 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(settings: Settings, pipe
         by_visitor.setdefault(row[1], []).append(row)
     edge_session1, edge_session2 = sid(w, "v-edge", edge_times[0]), sid(w, "v-edge", edge_times[4])
     assert [(r[0], r[3]) for r in by_visitor["v-edge"]] == (
-        [("session_start", edge_session1)] + [("pageview", edge_session1)] * 4
-        + [("session_start", edge_session2), ("pageview", edge_session2)])
+        [("session_start", edge_session1)]
+        + [("pageview", edge_session1)] * 4
+        + [("session_start", edge_session2), ("pageview", edge_session2)]
+    )
     late1, late2 = sid(w, "v-late", T0), sid(w, "v-late", T0 + 3 * 60 * MIN)
     assert [(r[0], r[2], r[3]) for r in by_visitor["v-late"]] == [
-        ("session_start", T0, late1), ("pageview", T0, late1), ("pageview", T0 + 2 * MIN, late1),
-        ("pageview", T0 + 5 * MIN, late1), ("pageview", T0 + 25 * MIN, late1),
-        ("session_start", T0 + 3 * 60 * MIN, late2), ("pageview", T0 + 3 * 60 * MIN, late2)]
-    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND session_id IS NULL",
-                      (w.id,)).fetchone() == (0,)
+        ("session_start", T0, late1),
+        ("pageview", T0, late1),
+        ("pageview", T0 + 2 * MIN, late1),
+        ("pageview", T0 + 5 * MIN, late1),
+        ("pageview", T0 + 25 * MIN, late1),
+        ("session_start", T0 + 3 * 60 * MIN, late2),
+        ("pageview", T0 + 3 * 60 * MIN, late2),
+    ]
+    assert db.execute(
+        "SELECT count(*) FROM visitor_events WHERE widget_id = %s AND session_id IS NULL", (w.id,)
+    ).fetchone() == (0,)
 
 
-def test_batch_messages_are_processed_like_single_event_messages(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                             make_widget: Callable[..., widgets.Widget],
-                                                             db: psycopg.Connection) -> None:
+def test_batch_messages_are_processed_like_single_event_messages(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     """The same visitor timeline (sessions, identify, a late batch) on two widgets of one tenant: one as a
     message per event, the other as batch messages. The enriched records must be the same, up to the widget
     and the widget-derived session ids."""
@@ -192,8 +217,10 @@ def test_batch_messages_are_processed_like_single_event_messages(settings: Setti
     w_batch = make_widget(tenant_id=w_single.tenant_id)
     timeline = [
         [ev(w_single, "v", T0), ev(w_single, "v", T0 + 29 * MIN), ev(w_single, "v", T0 + 60 * MIN)],
-        [identify(w_single, "v", T0 + 61 * MIN, "u-batch", plan="pro"), ev(w_single, "v", T0 + 62 * MIN, "custom",
-                                                                           name="clicked")],
+        [
+            identify(w_single, "v", T0 + 61 * MIN, "u-batch", plan="pro"),
+            ev(w_single, "v", T0 + 62 * MIN, "custom", name="clicked"),
+        ],
         [ev(w_single, "v", T0 + 3 * 60 * MIN)],
         [ev(w_single, "v", T0 + 10 * MIN), ev(w_single, "v", T0 + 100 * MIN)],  # late: joins, then opens
     ]
@@ -228,30 +255,42 @@ def test_batch_messages_are_processed_like_single_event_messages(settings: Setti
 
 # --- identity -----------------------------------------------------------------------------------------
 
+
 def contact(db: psycopg.Connection, tenant_id: uuid.UUID, user_id: str) -> tuple | None:
-    return db.execute("SELECT id, email, name, traits FROM customers WHERE tenant_id = %s AND external_id = %s",
-                      (tenant_id, user_id)).fetchone()
+    return db.execute(
+        "SELECT id, email, name, traits FROM customers WHERE tenant_id = %s AND external_id = %s", (tenant_id, user_id)
+    ).fetchone()
 
 
 def customers_of(db: psycopg.Connection, widget: widgets.Widget, visitor: str) -> list[tuple]:
-    return db.execute("SELECT event_type, occurred_at, customer_id FROM visitor_events WHERE widget_id = %s "
-                      "AND visitor_id = %s ORDER BY occurred_at, event_type <> 'session_start'",
-                      (widget.id, visitor)).fetchall()
+    return db.execute(
+        "SELECT event_type, occurred_at, customer_id FROM visitor_events WHERE widget_id = %s "
+        "AND visitor_id = %s ORDER BY occurred_at, event_type <> 'session_start'",
+        (widget.id, visitor),
+    ).fetchall()
 
 
-def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                                make_widget: Callable[..., widgets.Widget],
-                                                                db: psycopg.Connection) -> None:
+def test_identify_retro_link_traits_tenants_and_shared_computer(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     w = make_widget()
     other_tenant = make_widget()
 
     # Retro-link: anonymous history lands first, then the identify, then a later and a late event.
     anon = [ev(w, "v-anon", T0), ev(w, "v-anon", T0 + 10 * MIN)]
     feed.send(anon)
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' "
-                      "AND customer_id IS NULL", (w.id,), 3)
-    feed.send([identify(w, "v-anon", T0 + 20 * MIN, "u-paul", email="paul@arrakis.example", plan="free"),
-               ev(w, "v-anon", T0 + 21 * MIN)])
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' AND customer_id IS NULL",
+        (w.id,),
+        3,
+    )
+    feed.send(
+        [
+            identify(w, "v-anon", T0 + 20 * MIN, "u-paul", email="paul@arrakis.example", plan="free"),
+            ev(w, "v-anon", T0 + 21 * MIN),
+        ]
+    )
     feed.send([ev(w, "v-anon", T0 + 15 * MIN)])  # flushed late: before the identify, after it arrived
     # Traits: a later identify overwrites plan; an older one arriving last only adds what is missing.
     feed.send([identify(w, "v-anon", T0 + 22 * MIN, "u-paul", plan="growth")])
@@ -262,8 +301,15 @@ def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settin
         feed.send([ev(widget, "v-same", T0), identify(widget, "v-same", T0 + MIN, "u-same", plan="t")])
 
     # Shared computer: A, then B on the same browser.
-    feed.send([ev(w, "v-shared", T0), identify(w, "v-shared", T0 + MIN, "u-a"), ev(w, "v-shared", T0 + 2 * MIN),
-               identify(w, "v-shared", T0 + 3 * MIN, "u-b"), ev(w, "v-shared", T0 + 4 * MIN)])
+    feed.send(
+        [
+            ev(w, "v-shared", T0),
+            identify(w, "v-shared", T0 + MIN, "u-a"),
+            ev(w, "v-shared", T0 + 2 * MIN),
+            identify(w, "v-shared", T0 + 3 * MIN, "u-b"),
+            ev(w, "v-shared", T0 + 4 * MIN),
+        ]
+    )
 
     # Several browsers, one user: one contact.
     feed.send([ev(w, "v-laptop", T0), identify(w, "v-laptop", T0 + MIN, "u-multi")])
@@ -274,8 +320,12 @@ def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settin
     rows(db, other_tenant, 3)
 
     paul = customer_id_for(w.tenant_id, "u-paul")
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' "
-                      "AND customer_id = %s", (w.id, paul), 8)
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-anon' AND customer_id = %s",
+        (w.id, paul),
+        8,
+    )
     assert {c for _, _, c in customers_of(db, w, "v-anon")} == {paul}
     pid, email, name, traits = contact(db, w.tenant_id, "u-paul")  # type: ignore[misc]
     assert (pid, email, name) == (paul, "paul@arrakis.example", "Paul Atreides")
@@ -302,12 +352,16 @@ def test_identify_retro_link_traits_tenants_and_shared_computer(settings: Settin
 
 def erasures_applied(settings: Settings) -> float:
     text = httpx.get(f"http://127.0.0.1:{settings.processors_web_port}/metrics", timeout=2).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("site_activity_processors_erasures_total "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("site_activity_processors_erasures_total ")
+    )
 
 
 def test_no_link_to_an_erased_contact_even_from_identify_calls_in_flight(
-        settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """A contact erase finds the visitors already in the database; an identify still in flight would link
     another one (processor state, identity.links). The contact marker makes every partition refuse such links
     and forget ones a visitor's state already holds."""
@@ -328,17 +382,20 @@ def test_no_link_to_an_erased_contact_even_from_identify_calls_in_flight(
     assert [c for v, _, c in out if v == "v-after"] == [None, None, None]  # its identify names nobody
     assert [c for v, _, c in out if v == "v-kept"] == [kept] * 3
     links = read_topic(settings, topics.identity_links, 3, timeout=5)
-    assert sorted(m.key() or b"" for m in links) == sorted([event_key(str(w.id), "v-before"), event_key(str(w.id), "v-kept")])
+    assert sorted(m.key() or b"" for m in links) == sorted(
+        [event_key(str(w.id), "v-before"), event_key(str(w.id), "v-kept")]
+    )
 
 
 # --- robustness ---------------------------------------------------------------------------------------
+
 
 def visitor_stream(w: widgets.Widget, visitors: int, per_visitor: int, start: datetime) -> list[list[dict[str, Any]]]:
     """Per visitor, events one minute apart (one session each), cut into batches of 5, batches interleaved."""
     batches = []
     for v in range(visitors):
         events = [ev(w, f"r{v}", start + i * MIN) for i in range(per_visitor)]
-        batches += [events[i:i + 5] for i in range(0, per_visitor, 5)]
+        batches += [events[i : i + 5] for i in range(0, per_visitor, 5)]
     random.Random(7).shuffle(batches)
     # keep each visitor's batches in time order after the shuffle
     order: dict[str, list[list[dict[str, Any]]]] = {}
@@ -350,10 +407,9 @@ def visitor_stream(w: widgets.Widget, visitors: int, per_visitor: int, start: da
     return [next(cursors[b[0]["visitor_id"]]) for b in batches]
 
 
-def test_events_before_the_login_in_one_request_carry_the_contact(settings: Settings, pipeline: Any,
-                                                                   feed: RawFeed,
-                                                                   make_widget: Callable[..., widgets.Widget],
-                                                                   db: psycopg.Connection) -> None:
+def test_events_before_the_login_in_one_request_carry_the_contact(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     """A request with page views and then the identify: the processors stamp all of them with the contact, so
     the sink inserts them linked (no retro-link update needed)."""
     w = make_widget()
@@ -366,9 +422,13 @@ def test_events_before_the_login_in_one_request_carry_the_contact(settings: Sett
     assert {r[4] for r in got} == {contact}
 
 
-def test_restart_recovery_sigterm_and_sigkill(settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
-                                             make_widget: Callable[..., widgets.Widget],
-                                             db: psycopg.Connection) -> None:
+def test_restart_recovery_sigterm_and_sigkill(
+    settings: Settings,
+    start_service: Callable[..., Any],
+    feed: RawFeed,
+    make_widget: Callable[..., widgets.Widget],
+    db: psycopg.Connection,
+) -> None:
     # Default producer batching: the table changelog is recovered exactly after a SIGKILL (real Kafka).
     s = settings
     w = make_widget()
@@ -379,8 +439,9 @@ def test_restart_recovery_sigterm_and_sigkill(settings: Settings, start_service:
         _restart_scenario(s, proc, feed, w, db, visitors)
 
 
-def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, db: psycopg.Connection,
-                      visitors: int) -> None:
+def _restart_scenario(
+    s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, db: psycopg.Connection, visitors: int
+) -> None:
 
     part1 = visitor_stream(w, visitors, 10, T0)  # minutes 0..9
     for b in part1:
@@ -396,6 +457,7 @@ def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, 
 
     # SIGKILL mid-stream: events keep coming while the worker dies and comes back.
     part2 = visitor_stream(w, visitors, 20, T0 + 15 * MIN)
+
     def send_part2() -> None:
         for b in part2:
             feed.send(b)
@@ -403,8 +465,9 @@ def _restart_scenario(s: Settings, proc: Any, feed: RawFeed, w: widgets.Widget, 
 
     sender = threading.Thread(target=send_part2)
     sender.start()
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND occurred_at >= %s",
-                  (w.id, T0 + 15 * MIN), 50)
+    wait_for_rows(
+        db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND occurred_at >= %s", (w.id, T0 + 15 * MIN), 50
+    )
     proc.kill()  # SIGKILL
     sender.join()
     proc.start()  # waits for /healthz
@@ -421,8 +484,9 @@ class GaveUp(Exception):
     pass
 
 
-def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Settings, feed: RawFeed,
-                                                                make_widget: Callable[..., widgets.Widget]) -> None:
+def test_offsets_faust_skipped_are_processed_before_the_commit(
+    settings: Settings, feed: RawFeed, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """faust would commit past messages that never reached the agent: one at the committed offset (its
     off-by-one check of the first acked offset), and ones it recorded as "gaps" (offsets its fetch loop did
     not see delivered, which include messages faust itself dropped around a rebalance: the loss of issue 8,
@@ -435,7 +499,8 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     app = create_app(settings)
     processed: list[tuple[int, int]] = []
     app.skipped_offsets_handler = SkippedReader(
-        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0)
+        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0
+    )
     partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-skip"))
     tp = TP(topics.raw_events, partition)
     consumer = cast(transport.Consumer, app.consumer)  # the private state the repair works on
@@ -459,9 +524,13 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     # Offsets that cannot be read (here: past the end of the log) within the time limit: no commit past them.
     def give_up() -> None:
         raise GaveUp
+
     app.skipped_offsets_handler = SkippedReader(
-        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 1.0,
-        on_give_up=give_up)
+        settings,
+        {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)},
+        1.0,
+        on_give_up=give_up,
+    )
     consumer._committed_offset[tp] = 12
     consumer._acked[tp].extend([20])  # 12..19 are not in the log: the read never reaches offset 19
     with pytest.raises(GaveUp):
@@ -469,8 +538,9 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(settings: Setting
     assert processed == [] and consumer._acked[tp] == [20]
 
 
-def test_a_skipped_erasure_marker_is_applied_before_the_commit(settings: Settings,
-                                                                make_widget: Callable[..., widgets.Widget]) -> None:
+def test_a_skipped_erasure_marker_is_applied_before_the_commit(
+    settings: Settings, make_widget: Callable[..., widgets.Widget]
+) -> None:
     """faust's off-by-one may commit past a marker on the erasures topic too; the repair applies it the way the
     erasures agent does (tombstone state), so the erased visitor is not tracked again."""
     w = make_widget()
@@ -494,9 +564,9 @@ def partition_of(settings: Settings, topic: str, key: bytes) -> int:
     return position(msg)[1]
 
 
-def test_undecodable_and_invalid_messages_go_to_dead_letter(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                           make_widget: Callable[..., widgets.Widget],
-                                                           db: psycopg.Connection) -> None:
+def test_undecodable_and_invalid_messages_go_to_dead_letter(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     w = make_widget()
     feed.send_bytes(event_key(str(w.id), "v-x"), b"not avro at all")
     feed.send([ev(w, "v-x", T0, "session_start")])  # clients cannot send derived events
@@ -544,8 +614,12 @@ def committed_total(settings: Settings, topic: str) -> int:
 
 
 def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
-        settings: Settings, start_service: Callable[..., Any], feed: RawFeed, tmp_path: Path,
-        make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings,
+    start_service: Callable[..., Any],
+    feed: RawFeed,
+    tmp_path: Path,
+    make_widget: Callable[..., widgets.Widget],
+) -> None:
     """A producer deployed with a broken encoder: every raw message is undecodable. Past the dead-letter limit
     the processors stop (exit 65) instead of moving the stream to the dead-letter topic, and commit none of the
     batch that crossed it, so a restart reads those messages again; with the limit off they are dead-lettered
@@ -609,7 +683,7 @@ def reference_workload(w: widgets.Widget, visitors: int, rng: random.Random) -> 
         i, batches = 0, []
         while i < len(events):
             n = rng.randint(1, 25)
-            batches.append(events[i:i + n])
+            batches.append(events[i : i + n])
             i += n
         per_visitor[f"ref{v}"] = batches
     order = [v for v, bs in per_visitor.items() for _ in bs]
@@ -627,9 +701,9 @@ WHERE prev IS NULL OR occurred_at - prev > interval '30 minutes'
 """
 
 
-def test_reference_check_session_starts_equal_batch_computation(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                                make_widget: Callable[..., widgets.Widget],
-                                                                db: psycopg.Connection) -> None:
+def test_reference_check_session_starts_equal_batch_computation(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     w = make_widget()
     batches = reference_workload(w, 520, random.Random(2026))
     n_events = sum(len(b) for b in batches)
@@ -639,26 +713,40 @@ def test_reference_check_session_starts_equal_batch_computation(settings: Settin
         feed.producer.poll(0)
     assert feed.producer.flush(30) == 0
 
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
-                  (w.id,), n_events, timeout=90)
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
+        (w.id,),
+        n_events,
+        timeout=90,
+    )
     expected = {(v, t) for v, t in db.execute(REFERENCE_SQL, (w.id,)).fetchall()}
-    got = wait_for_rows(db, "SELECT visitor_id, occurred_at FROM visitor_events WHERE widget_id = %s "
-                            "AND event_type = 'session_start'", (w.id,), len(expected), timeout=30)
+    got = wait_for_rows(
+        db,
+        "SELECT visitor_id, occurred_at FROM visitor_events WHERE widget_id = %s AND event_type = 'session_start'",
+        (w.id,),
+        len(expected),
+        timeout=30,
+    )
     assert {(v, t) for v, t in got} == expected
     assert len(got) == len(expected)
     # and every event carries the id of the session its start defines
-    assert db.execute("""
+    assert db.execute(
+        """
         SELECT count(*) FROM visitor_events e WHERE widget_id = %s AND session_id IS DISTINCT FROM (
             SELECT s.session_id FROM visitor_events s WHERE s.widget_id = e.widget_id
               AND s.visitor_id = e.visitor_id AND s.event_type = 'session_start' AND s.occurred_at <= e.occurred_at
-            ORDER BY s.occurred_at DESC LIMIT 1)""", (w.id,)).fetchone() == (0,)
+            ORDER BY s.occurred_at DESC LIMIT 1)""",
+        (w.id,),
+    ).fetchone() == (0,)
 
 
 # --- issue 8: duplicates, late links, oversized output, bind address ----------------------------------------
 
-def test_resent_event_with_another_corrected_time_opens_no_session(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                                   make_widget: Callable[..., widgets.Widget],
-                                                                   db: psycopg.Connection) -> None:
+
+def test_resent_event_with_another_corrected_time_opens_no_session(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     """Issue 8, case 6: E, then a copy of E (same event_id) whose clock-corrected time is 45 min earlier (the
     device clock changed), then F 5 min after E. The kind: a copy of an event changes no state and derives
     nothing — one session_start, no session without events, the copy of an identify links nothing."""
@@ -678,25 +766,34 @@ def test_resent_event_with_another_corrected_time_opens_no_session(settings: Set
 
     got = rows(db, w, 4 + 4)
     mine = [r for r in got if r[1] == "v-copy"]
-    assert [(r[0], r[2]) for r in mine] == [("session_start", T0), ("pageview", T0), ("pageview", T0 + 5 * MIN),
-                                           ("pageview", T0 + 6 * MIN)]
+    assert [(r[0], r[2]) for r in mine] == [
+        ("session_start", T0),
+        ("pageview", T0),
+        ("pageview", T0 + 5 * MIN),
+        ("pageview", T0 + 6 * MIN),
+    ]
     assert {r[3] for r in mine} == {sid(w, "v-copy", T0)}
     # no session without events, for any visitor
-    assert db.execute("""SELECT count(*) FROM visitor_events s WHERE s.widget_id = %s AND s.event_type = 'session_start'
+    assert db.execute(
+        """SELECT count(*) FROM visitor_events s WHERE s.widget_id = %s AND s.event_type = 'session_start'
                          AND NOT EXISTS (SELECT 1 FROM visitor_events e WHERE e.widget_id = s.widget_id
                                          AND e.session_id = s.session_id AND e.event_type <> 'session_start')""",
-                      (w.id,)).fetchone() == (0,)
+        (w.id,),
+    ).fetchone() == (0,)
     contact_id = customer_id_for(w.tenant_id, "u-copy")
     assert [(r[0], r[2], r[4]) for r in got if r[1] == "v-copy-id"] == [
-        ("session_start", T0 - 60 * MIN, contact_id), ("pageview", T0 - 60 * MIN, contact_id),
-        ("session_start", T0, contact_id), ("identify", T0, contact_id)]
+        ("session_start", T0 - 60 * MIN, contact_id),
+        ("pageview", T0 - 60 * MIN, contact_id),
+        ("session_start", T0, contact_id),
+        ("identify", T0, contact_id),
+    ]
     links = read_topic(settings, Topics.from_settings(settings).identity_links, 2, timeout=5)
     assert len(links) == 1  # the copy published no second link
 
 
-def test_identify_arriving_after_later_events_links_them(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                         make_widget: Callable[..., widgets.Widget],
-                                                         db: psycopg.Connection) -> None:
+def test_identify_arriving_after_later_events_links_them(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     """Issue 8, case 5, both orders: a page view at T0+100 s, and an identify at T0-100 s that arrives after
     the page view's row was written (or before it). The rule: an event carries the contact of the link in
     force at its time (the first link's before any), so a newly learned link claims the events from its time
@@ -713,23 +810,49 @@ def test_identify_arriving_after_later_events_links_them(settings: Settings, pip
     # a link learned late between two links: claims the rows up to the next link, not after it
     a, b = customer_id_for(w.tenant_id, "u-a"), customer_id_for(w.tenant_id, "u-b")
     c = customer_id_for(w.tenant_id, "u-c")
-    feed.send([identify(w, "v-mid", T0, "u-a"), ev(w, "v-mid", T0 + 5 * MIN), ev(w, "v-mid", T0 + 15 * MIN),
-               identify(w, "v-mid", T0 + 20 * MIN, "u-c"), ev(w, "v-mid", T0 + 25 * MIN)])
+    feed.send(
+        [
+            identify(w, "v-mid", T0, "u-a"),
+            ev(w, "v-mid", T0 + 5 * MIN),
+            ev(w, "v-mid", T0 + 15 * MIN),
+            identify(w, "v-mid", T0 + 20 * MIN, "u-c"),
+            ev(w, "v-mid", T0 + 25 * MIN),
+        ]
+    )
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-mid'", (w.id,), 6)
     feed.send([identify(w, "v-mid", T0 + 10 * MIN, "u-b")])
     feed.send([ev(w, "v-mid", T0 + 12 * MIN)])  # arrives after: the processors apply the same rule
 
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-after' "
-                      "AND customer_id = %s", (w.id, x), 3, timeout=30)
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-after' AND customer_id = %s",
+        (w.id, x),
+        3,
+        timeout=30,
+    )
     for visitor in ("v-after", "v-before"):
         assert sorted((t, c_) for t, _, c_ in customers_of(db, w, visitor)) == [
-            ("identify", x), ("pageview", x), ("session_start", x)], visitor
-    wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-mid' "
-                      "AND customer_id = %s", (w.id, b), 3, timeout=30)
+            ("identify", x),
+            ("pageview", x),
+            ("session_start", x),
+        ], visitor
+    wait_for_rows(
+        db,
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND visitor_id = 'v-mid' AND customer_id = %s",
+        (w.id, b),
+        3,
+        timeout=30,
+    )
     assert [(t, at - T0, c_) for t, at, c_ in customers_of(db, w, "v-mid")] == [
-        ("session_start", 0 * MIN, a), ("identify", 0 * MIN, a), ("pageview", 5 * MIN, a),
-        ("identify", 10 * MIN, b), ("pageview", 12 * MIN, b), ("pageview", 15 * MIN, b),
-        ("identify", 20 * MIN, c), ("pageview", 25 * MIN, c)]
+        ("session_start", 0 * MIN, a),
+        ("identify", 0 * MIN, a),
+        ("pageview", 5 * MIN, a),
+        ("identify", 10 * MIN, b),
+        ("pageview", 12 * MIN, b),
+        ("pageview", 15 * MIN, b),
+        ("identify", 20 * MIN, c),
+        ("pageview", 25 * MIN, c),
+    ]
 
 
 KAFKA_MESSAGE_LIMIT = 1_000_000  # Kafka's default max.message.bytes, and the producers' message.max.bytes
@@ -739,13 +862,21 @@ def oversized_visitor(w: widgets.Widget) -> list[dict[str, Any]]:
     """Issue 8, case 3: a visitor id of 128 emoji, 62 page views 31 min apart (each opens a session, whose
     session_start repeats the url and referrer), each with a 2048-character non-ASCII url and referrer."""
     visitor = "😀" * 128
-    return [ev(w, visitor, T0 + i * 31 * MIN, url="https://shop.example/" + "✓" * 2027,
-               referrer="https://ref.example/" + "é" * 2028) for i in range(62)]
+    return [
+        ev(
+            w,
+            visitor,
+            T0 + i * 31 * MIN,
+            url="https://shop.example/" + "✓" * 2027,
+            referrer="https://ref.example/" + "é" * 2028,
+        )
+        for i in range(62)
+    ]
 
 
-def test_oversized_enriched_output_is_split_and_everything_lands(settings: Settings, pipeline: Any, feed: RawFeed,
-                                                                 make_widget: Callable[..., widgets.Widget],
-                                                                 db: psycopg.Connection) -> None:
+def test_oversized_enriched_output_is_split_and_everything_lands(
+    settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
+) -> None:
     """The enriched output of one request can be about twice the request: it is split into several messages
     (same key, in order) within the message size limit; nothing stalls and every event lands."""
     w = make_widget()
@@ -760,17 +891,26 @@ def test_oversized_enriched_output_is_split_and_everything_lands(settings: Setti
     got = rows(db, w, 62 * 2 + 5 * 3, timeout=60)
     assert len(got) == 62 * 2 + 5 * 3
     assert sum(1 for r in got if r[0] == "session_start" and r[1] == big[0]["visitor_id"]) == 62
-    msgs = [m for m in read_topic(settings, Topics.from_settings(settings).enriched_events, 7, timeout=10)
-            if m.key() == event_key(str(w.id), big[0]["visitor_id"])]
-    assert len(msgs) >= 2 and all(len(cast(bytes, m.value())) + len(cast(bytes, m.key())) <= KAFKA_MESSAGE_LIMIT for m in msgs)
+    msgs = [
+        m
+        for m in read_topic(settings, Topics.from_settings(settings).enriched_events, 7, timeout=10)
+        if m.key() == event_key(str(w.id), big[0]["visitor_id"])
+    ]
+    assert len(msgs) >= 2 and all(
+        len(cast(bytes, m.value())) + len(cast(bytes, m.key())) <= KAFKA_MESSAGE_LIMIT for m in msgs
+    )
     records = [r for m in msgs for r in EVENTS.decode_events(m.value())]
     assert [r["event_type"] for r in records] == ["session_start", "pageview"] * 62  # in order across messages
     assert read_topic(settings, Topics.from_settings(settings).dead_letter, 1, timeout=2) == []
 
 
 def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
-        settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
-        make_widget: Callable[..., widgets.Widget], db: psycopg.Connection) -> None:
+    settings: Settings,
+    start_service: Callable[..., Any],
+    feed: RawFeed,
+    make_widget: Callable[..., widgets.Widget],
+    db: psycopg.Connection,
+) -> None:
     """A record over the message size limit on its own (here the limit is lowered to 200 KB and one event
     carries a 300 KB url) cannot be split: it goes to the dead-letter topic with its reason, and neither the
     processors nor anyone behind them stall."""
@@ -786,7 +926,8 @@ def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
     with logs_on_failure(proc):
         got = rows(db, w, 1 + 3 * 2, timeout=60)
         assert sorted((r[0], r[1]) for r in got) == sorted(
-            [("pageview", "v-huge")] + [(t, f"after-{v}") for v in range(3) for t in ("session_start", "pageview")])
+            [("pageview", "v-huge")] + [(t, f"after-{v}") for v in range(3) for t in ("session_start", "pageview")]
+        )
         dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 2, timeout=20)
         assert len(dead) == 2  # the session_start it opened (it repeats the url) and the event
         for m in dead:
@@ -799,8 +940,9 @@ def test_output_that_can_never_be_written_is_dead_lettered_and_the_rest_flows(
 
 
 @pytest.mark.parametrize("stage", ["processors", "sink"])
-def test_health_and_metrics_bind_to_the_configured_host(stage: str, settings: Settings,
-                                                        start_service: Callable[..., Any]) -> None:
+def test_health_and_metrics_bind_to_the_configured_host(
+    stage: str, settings: Settings, start_service: Callable[..., Any]
+) -> None:
     """Issue 8, case 13: Kubernetes probes reach the pod's address, so each stage serves /healthz and
     /metrics on `http_host` (0.0.0.0 in the image), not on 127.0.0.1 only."""
     import psutil
@@ -808,6 +950,9 @@ def test_health_and_metrics_bind_to_the_configured_host(stage: str, settings: Se
     s = settings.model_copy(update={"http_host": "0.0.0.0"})
     svc = start_service(stage, settings_override=s)
     port = s.processors_web_port if stage == "processors" else s.sink_http_port
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(svc.pid).net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN}
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(svc.pid).net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
     assert ("0.0.0.0", port) in listening, listening

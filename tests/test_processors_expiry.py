@@ -40,8 +40,11 @@ def changelog_config(settings: Settings, topic: str) -> dict[str, str]:
 
 
 def starts(db: psycopg.Connection, w: widgets.Widget, visitor: str) -> list[tuple[Any, Any]]:
-    return db.execute("SELECT occurred_at, session_id FROM visitor_events WHERE widget_id = %s AND visitor_id = %s "
-                      "AND event_type = 'session_start' ORDER BY occurred_at", (w.id, visitor)).fetchall()
+    return db.execute(
+        "SELECT occurred_at, session_id FROM visitor_events WHERE widget_id = %s AND visitor_id = %s "
+        "AND event_type = 'session_start' ORDER BY occurred_at",
+        (w.id, visitor),
+    ).fetchall()
 
 
 def test_expirable_rule() -> None:
@@ -52,8 +55,12 @@ def test_expirable_rule() -> None:
 
 
 def test_expiry_then_late_events_within_and_beyond_the_horizon(
-        settings: Settings, start_service: Callable[..., Any], feed: RawFeed,
-        make_widget: Callable[..., widgets.Widget], db: psycopg.Connection) -> None:
+    settings: Settings,
+    start_service: Callable[..., Any],
+    feed: RawFeed,
+    make_widget: Callable[..., widgets.Widget],
+    db: psycopg.Connection,
+) -> None:
     w = make_widget()
     long = settings.model_copy(update={"processors_state_horizon_s": LONG})
     short = settings.model_copy(update={"processors_state_horizon_s": 1.0, "processors_expiry_interval_s": 0.2})
@@ -73,8 +80,11 @@ def test_expiry_then_late_events_within_and_beyond_the_horizon(
         proc.stop()
         proc = start_service("processors", settings_override=short)
         port = short.processors_web_port
-        wait_until(lambda: expired_count(port, "deleted") >= 2 and expired_count(port, "links_kept") >= 1, 30,
-                   "expiry of the idle visitors")
+        wait_until(
+            lambda: expired_count(port, "deleted") >= 2 and expired_count(port, "links_kept") >= 1,
+            30,
+            "expiry of the idle visitors",
+        )
         # B's late event 45 min before its first event, within the gap of the forgotten session's start
         # (T0 - 20 min): placed as if that session was never seen (rule 4), a session of its own.
         feed.send([ev(w, "b", T0 - 45 * MIN)])
@@ -103,8 +113,12 @@ def test_expiry_then_late_events_within_and_beyond_the_horizon(
 
 def test_store_url_standby_replicas_and_data_dir_reach_faust(tmp_path: Path) -> None:
     # No broker is contacted: a closed port, so the producers the app creates reach nobody else's broker.
-    s = Settings(data_dir=tmp_path, processors_standby_replicas=2, processors_web_port=6123,
-                 kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    s = Settings(
+        data_dir=tmp_path,
+        processors_standby_replicas=2,
+        processors_web_port=6123,
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+    )
     app = create_app(s)
     assert app.conf.table_standby_replicas == 2
     assert str(app.conf.store).startswith("rocksdb:")  # the default: state on disk

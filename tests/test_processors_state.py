@@ -45,7 +45,12 @@ def place_all(state: VisitorState, *times: int) -> list[tuple[int, bool]]:
 
 def test_in_order_events_follow_the_batch_definition() -> None:
     s = VisitorState()
-    assert place_all(s, 0, 10 * MIN, 40 * MIN, 70 * MIN + 1) == [(0, True), (0, False), (0, False), (70 * MIN + 1, True)]
+    assert place_all(s, 0, 10 * MIN, 40 * MIN, 70 * MIN + 1) == [
+        (0, True),
+        (0, False),
+        (0, False),
+        (70 * MIN + 1, True),
+    ]
 
 
 def test_late_event_inside_or_just_after_a_session_joins_it() -> None:
@@ -102,15 +107,24 @@ def test_links_in_force_and_retro_link_for_earlier_events() -> None:
 
 # --- the processors' raw-values fast path (stream_processors/wire.py, processor.py) -----------------------
 
+
 def raw_event(i: int, **fields: Any) -> dict[str, Any]:
     """A raw event in raw values (uuid text, int µs), as EventCodec(logical_types=False) decodes it."""
     record = {
-        "event_id": str(uuid.UUID(int=i * 7919 + 1, version=4)), "event_type": ["pageview", "custom", "identify"][i % 3],
-        "tenant_id": str(TENANT), "widget_id": str(WIDGET), "visitor_id": f"v-{i % 4}",
-        "name": "clicked" if i % 3 == 1 else None, "url": None if i % 5 == 0 else f"https://ex.example/p/{i}?q=é✓",
-        "referrer": "https://r.example/" + "x" * (i * 13), "properties": json.dumps({"i": i, "s": "ü" * i}),
-        "user_id": f"u-{i}" if i % 3 == 2 else None, "occurred_at": 1_795_513_650_000_000 + i * 977_001,
-        "received_at": 1_795_513_651_000_000 + i, "session_id": None, "customer_id": None,
+        "event_id": str(uuid.UUID(int=i * 7919 + 1, version=4)),
+        "event_type": ["pageview", "custom", "identify"][i % 3],
+        "tenant_id": str(TENANT),
+        "widget_id": str(WIDGET),
+        "visitor_id": f"v-{i % 4}",
+        "name": "clicked" if i % 3 == 1 else None,
+        "url": None if i % 5 == 0 else f"https://ex.example/p/{i}?q=é✓",
+        "referrer": "https://r.example/" + "x" * (i * 13),
+        "properties": json.dumps({"i": i, "s": "ü" * i}),
+        "user_id": f"u-{i}" if i % 3 == 2 else None,
+        "occurred_at": 1_795_513_650_000_000 + i * 977_001,
+        "received_at": 1_795_513_651_000_000 + i,
+        "session_id": None,
+        "customer_id": None,
     }
     record.update(fields)
     return record
@@ -128,8 +142,9 @@ def test_id_text_functions_are_rfc_4122_uuid5() -> None:
         assert sid == str(uuid.uuid5(ns, f"{WIDGET}|{visitor}|{us}"))
         assert session_id_for(WIDGET, visitor, from_us(us)) == uuid.UUID(sid)
         assert session_start_event_id_text(sid) == str(uuid.uuid5(ns, f"start|{sid}"))
-    assert customer_id_text(str(TENANT), "u-ü") == str(uuid.uuid5(uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e02"),
-                                                               f"{TENANT}|u-ü"))
+    assert customer_id_text(str(TENANT), "u-ü") == str(
+        uuid.uuid5(uuid.UUID("6f1c1d1e-5a3b-4b7e-9a51-0c2f6c1f5e02"), f"{TENANT}|u-ü")
+    )
 
 
 TENANT, WIDGET = uuid.UUID("0b6f2f3c-5f0e-4a53-9d2e-1f6c3b0a9e11"), uuid.UUID("7d1e0c55-2a4b-4c7e-8f10-3a2b1c0d9e8f")
@@ -151,8 +166,14 @@ def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
     # a single-event message (older producers) works the same way
     [(record, datum)] = reader.read(RAW.encode_event(events[3]))
     assert record == events[3]
-    assert RAW.event.header + restamp(datum, "s", "c") == RAW.encode_event({**events[3], "session_id": "s",  # type: ignore[arg-type]
-                                                                              "customer_id": "c"})
+    assert datum is not None
+    assert RAW.event.header + restamp(datum, "s", "c") == RAW.encode_event(
+        {
+            **events[3],
+            "session_id": "s",
+            "customer_id": "c",
+        }
+    )
     # events whose ids are already set are not restampable (their datum does not end with two nulls)
     [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
     assert datum is None
@@ -227,8 +248,14 @@ def test_lean_reader_on_corrupted_batches_gives_what_fastavro_gives(data: st.Dat
 
 def session_start_for(opener: dict[str, Any], event_id: str) -> dict[str, Any]:
     """The derived event that marks a session: the opener's who, where and when, with a deterministic id."""
-    return {**opener, "event_id": event_id, "event_type": "session_start", "name": None, "properties": "{}",
-            "user_id": None}
+    return {
+        **opener,
+        "event_id": event_id,
+        "event_type": "session_start",
+        "name": None,
+        "properties": "{}",
+        "user_id": None,
+    }
 
 
 def test_session_start_writer_equals_fastavro() -> None:
@@ -289,6 +316,7 @@ def test_cached_ids_are_the_documented_deterministic_ids() -> None:
 
 # --- duplicates (issue 8, case 6) ---------------------------------------------------------------------------
 
+
 def test_a_copy_is_placed_like_its_first_copy_and_changes_nothing() -> None:
     s = VisitorState()
     assert s.seen("e") is None
@@ -318,8 +346,15 @@ class _Outputs:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
 
-    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None, headers: Any = None,
-             source: Any = None) -> None:
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        partition: int | None = None,
+        headers: Any = None,
+        source: Any = None,
+    ) -> None:
         self.sent.append((topic, key, value))
 
     def check(self) -> None:
@@ -369,6 +404,7 @@ def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None
 
 # --- oversized output (issue 8, case 3) ---------------------------------------------------------------------
 
+
 def test_frame_batches_splits_by_size_deterministically_and_in_order() -> None:
     datums = [RAW.event.encode_datum(raw_event(i, referrer="r" * (i * 997 % 5000))) for i in range(60)]
     whole = frame_batch(RAW.batch.header, datums)
@@ -380,8 +416,9 @@ def test_frame_batches_splits_by_size_deterministically_and_in_order() -> None:
         decoded = [r for p in parts for r in RAW.decode_events(p)]
         assert decoded == RAW.decode_events(whole)
     alone = frame_batches(RAW.batch.header, [b"x" * 100, b"y" * 10_000, b"z" * 100], 1_000)
-    assert [len(p) for p in alone] == [len(frame_batch(RAW.batch.header, [d])) for d in
-                                       (b"x" * 100, b"y" * 10_000, b"z" * 100)]
+    assert [len(p) for p in alone] == [
+        len(frame_batch(RAW.batch.header, [d])) for d in (b"x" * 100, b"y" * 10_000, b"z" * 100)
+    ]
 
 
 def test_dead_letters_keep_the_payload_when_it_fits() -> None:
@@ -392,6 +429,7 @@ def test_dead_letters_keep_the_payload_when_it_fits() -> None:
 
 
 # --- the faust repair (issue 8, cases 15 and 16) ------------------------------------------------------------
+
 
 def test_unacked_offsets_cover_the_head_and_every_hole() -> None:
     assert unacked_offsets([4, 5], 2) == [2, 3]
@@ -409,6 +447,7 @@ def test_start_up_checks_the_faust_and_aiokafka_internals_it_overrides(monkeypat
 def test_a_callback_run_to_its_first_suspension_continues_in_a_task() -> None:
     """transport.Consumer.wait_first runs faust's per-message callback directly; one that suspends (a full stream
     buffer) continues in a task (`_continue`), with its result, its exceptions and its cancellation intact."""
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[int] = loop.create_future()

@@ -17,8 +17,9 @@ from site_activity.settings import Settings
 from tests.conftest import broker_settings
 from tests.test_sink import count_rows, make_event, metric, produce, wait_count
 
-pytestmark = pytest.mark.skipif(broker_kind(broker_settings()) != "kafka",
-                                reason="needs Apache Kafka (Java 17+): Tansu's end offsets are wrong")
+pytestmark = pytest.mark.skipif(
+    broker_kind(broker_settings()) != "kafka", reason="needs Apache Kafka (Java 17+): Tansu's end offsets are wrong"
+)
 
 LAG = "site_activity_sink_consumer_lag_messages"
 
@@ -39,7 +40,8 @@ def group_lag(settings: Settings, topic: str) -> int:
 
 
 def test_sink_lag_grows_by_the_messages_produced_while_it_is_stopped(
-        raw_settings: Settings, topics: Any, db: Any, make_widget: Any, start_service: Any) -> None:
+    raw_settings: Settings, topics: Any, db: Any, make_widget: Any, start_service: Any
+) -> None:
     s = raw_settings
     w = make_widget()
     sink = start_service("sink", settings_override=s)

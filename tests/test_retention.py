@@ -28,15 +28,29 @@ from tests.conftest import Service, iso, wait_for_rows
 from tests.console_helpers import cli
 
 
-def seed(conn: psycopg.Connection, widget: widgets.Widget, n: int, age: timedelta, visitor: str = "v") -> list[uuid.UUID]:
+def seed(
+    conn: psycopg.Connection, widget: widgets.Widget, n: int, age: timedelta, visitor: str = "v"
+) -> list[uuid.UUID]:
     """n events of the widget, `age` ago (a second apart), written straight into the table."""
     ids = [uuid.uuid4() for _ in range(n)]
     at = datetime.now(UTC) - age
-    with conn.cursor().copy("COPY visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, url,"
-                            " occurred_at, received_at) FROM STDIN") as copy:
+    with conn.cursor().copy(
+        "COPY visitor_events (widget_id, event_id, tenant_id, visitor_id, event_type, url,"
+        " occurred_at, received_at) FROM STDIN"
+    ) as copy:
         for i, event_id in enumerate(ids):
-            copy.write_row((widget.id, event_id, widget.tenant_id, f"{visitor}-{i % 3}", "pageview",
-                            "https://shop.example/", at - timedelta(seconds=i), at))
+            copy.write_row(
+                (
+                    widget.id,
+                    event_id,
+                    widget.tenant_id,
+                    f"{visitor}-{i % 3}",
+                    "pageview",
+                    "https://shop.example/",
+                    at - timedelta(seconds=i),
+                    at,
+                )
+            )
     return ids
 
 
@@ -44,8 +58,9 @@ def stored(conn: psycopg.Connection, widget: widgets.Widget) -> set[uuid.UUID]:
     return {r[0] for r in conn.execute("SELECT event_id FROM visitor_events WHERE widget_id = %s", (widget.id,))}
 
 
-def test_purge_removes_exactly_the_expired_events(settings: Settings, db: psycopg.Connection,
-                                                  make_widget: Callable[..., widgets.Widget]) -> None:
+def test_purge_removes_exactly_the_expired_events(
+    settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     short, default, year = make_widget(name="short"), make_widget(name="default"), make_widget(name="year")
     widgets.set_retention(db, short.id, 7, actor="tests")
     widgets.set_retention(db, year.id, 365, actor="tests")
@@ -82,11 +97,15 @@ def test_purge_removes_exactly_the_expired_events(settings: Settings, db: psycop
     # A second run finds nothing more to remove.
     again = purge(settings.postgres_dsn, batch_rows=3)
     assert {w.widget_id: w.rows for w in again.widgets if w.widget_id in (short.id, default.id, year.id)} == {
-        short.id: 0, default.id: 0, year.id: 0}
+        short.id: 0,
+        default.id: 0,
+        year.id: 0,
+    }
 
 
-def test_shortening_retention_takes_effect_at_the_next_purge(settings: Settings, db: psycopg.Connection,
-                                                             make_widget: Callable[..., widgets.Widget]) -> None:
+def test_shortening_retention_takes_effect_at_the_next_purge(
+    settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     month_old = seed(db, w, 4, timedelta(days=30))
     recent = seed(db, w, 2, timedelta(days=1, hours=1))
@@ -100,9 +119,13 @@ def test_shortening_retention_takes_effect_at_the_next_purge(settings: Settings,
     assert stored(db, w) == set()
 
 
-def test_events_already_past_retention_are_not_stored(settings: Settings, db: psycopg.Connection,
-                                                      make_widget: Callable[..., widgets.Widget],
-                                                      start_service: Callable[..., Service], api_url: str) -> None:
+def test_events_already_past_retention_are_not_stored(
+    settings: Settings,
+    db: psycopg.Connection,
+    make_widget: Callable[..., widgets.Widget],
+    start_service: Callable[..., Service],
+    api_url: str,
+) -> None:
     w = make_widget()
     widgets.set_retention(db, w.id, 7, actor="tests")
     start_service("sink")
@@ -111,23 +134,31 @@ def test_events_already_past_retention_are_not_stored(settings: Settings, db: ps
     now = datetime.now(UTC)
 
     def event(age: timedelta) -> dict[str, str]:
-        return {"event_id": str(uuid.uuid4()), "type": "pageview", "url": "https://shop.example/",
-                "occurred_at": iso(now - age)}
+        return {
+            "event_id": str(uuid.uuid4()),
+            "type": "pageview",
+            "url": "https://shop.example/",
+            "occurred_at": iso(now - age),
+        }
 
     old = [event(timedelta(days=30)), event(timedelta(days=8))]
     fresh = [event(timedelta(days=6)), event(timedelta(seconds=1))]
     # The late one arrives after a purge has run: the purge cannot help; the sink must not store it.
     purge(settings.postgres_dsn)
     with httpx.Client(base_url=api_url, timeout=10) as api:
-        resp = api.post("/api/widget/track", json={"widget_id": str(w.id), "visitor_id": "late-visitor",
-                                                   "sent_at": iso(now), "events": [*old, *fresh]})
+        resp = api.post(
+            "/api/widget/track",
+            json={"widget_id": str(w.id), "visitor_id": "late-visitor", "sent_at": iso(now), "events": [*old, *fresh]},
+        )
         assert resp.status_code == 204, resp.text  # accepted: the API does not know retention; nothing to retry
-    rows = wait_for_rows(db, "SELECT event_id FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'",
-                         (w.id,), 2)
+    rows = wait_for_rows(
+        db, "SELECT event_id FROM visitor_events WHERE widget_id = %s AND event_type = 'pageview'", (w.id,), 2
+    )
     assert {str(r[0]) for r in rows} == {e["event_id"] for e in fresh}
     # The session_start the processors derived for the 30-day-old event is just as old: not stored either.
-    assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND occurred_at < now() - interval '7 days'",
-                      (w.id,)).fetchone() == (0,)
+    assert db.execute(
+        "SELECT count(*) FROM visitor_events WHERE widget_id = %s AND occurred_at < now() - interval '7 days'", (w.id,)
+    ).fetchone() == (0,)
 
     def expired_metric() -> float:
         text = httpx.get(f"http://127.0.0.1:{settings.sink_http_port}/metrics").text
@@ -173,7 +204,8 @@ def test_purge_rests_between_batches_in_proportion_to_its_duty_cycle() -> None:
 
 
 def test_a_stopped_purge_ends_after_its_current_batch_and_the_next_run_finishes(
-        settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]) -> None:
+    settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
+) -> None:
     w = make_widget()
     widgets.set_retention(db, w.id, 7, actor="tests")
     old = seed(db, w, 9, timedelta(days=30))
@@ -191,16 +223,20 @@ def test_a_stopped_purge_ends_after_its_current_batch_and_the_next_run_finishes(
     assert stored(db, w) == set(fresh)
 
 
-def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(settings: Settings, db: psycopg.Connection,
-                                                          make_widget: Callable[..., widgets.Widget],
-                                                          tmp_path: Path) -> None:
+def test_purge_loop_runs_on_schedule_and_stops_on_sigterm(
+    settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget], tmp_path: Path
+) -> None:
     """`purge --loop` (the compose service): purges at start and again every interval; SIGTERM ends it cleanly."""
     w = make_widget()
     widgets.set_retention(db, w.id, 7, actor="tests")
     s = settings.model_copy(update={"purge_interval_s": 1.0})
     log = open(tmp_path / "purge.log", "wb")  # written by the child until it is stopped below  # noqa: SIM115
-    loop = subprocess.Popen([sys.executable, "-m", "command_line", "purge", "--loop"],
-                            env={**os.environ, **s.to_env()}, stdout=log, stderr=log)
+    loop = subprocess.Popen(
+        [sys.executable, "-m", "command_line", "purge", "--loop"],
+        env={**os.environ, **s.to_env()},
+        stdout=log,
+        stderr=log,
+    )
     try:
         seed(db, w, 3, timedelta(days=30))
         wait_until(lambda: not stored(db, w), 20, "first purge")

@@ -29,8 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "command_line", "schemas", "check", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "command_line", "schemas", "check", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -62,8 +67,7 @@ def test_repo_schemas_pass_the_cli_check() -> None:
 
 
 def test_adding_a_field_with_a_default_is_compatible_but_asks_for_a_history_file(schema_dir: Path) -> None:
-    evolve(schema_dir, lambda s: s["fields"].append({"name": "locale", "type": ["null", "string"],
-                                                     "default": None}))
+    evolve(schema_dir, lambda s: s["fields"].append({"name": "locale", "type": ["null", "string"], "default": None}))
     warnings: list[str] = []
     assert check_all(schema_dir, on_warning=warnings.append) == []
     assert len(warnings) == 1 and "history/visitor_event.v2.avsc" in warnings[0]
@@ -103,8 +107,9 @@ def test_promotions_and_dropped_fields_are_compatible(schema_dir: Path) -> None:
     released = json.loads(link.read_text())
     released["fields"].append({"name": "hops", "type": "int", "default": 0})
     (schema_dir / "history" / "identity_link.v2.avsc").write_text(json.dumps(released))
-    evolve(schema_dir, lambda s: s["fields"].append({"name": "hops", "type": "long", "default": 0}),
-           name="identity_link")
+    evolve(
+        schema_dir, lambda s: s["fields"].append({"name": "hops", "type": "long", "default": 0}), name="identity_link"
+    )
     assert check_all(schema_dir, on_warning=lambda _: None) == []
 
 
@@ -192,8 +197,7 @@ EVOLUTIONS: dict[str, tuple[Callable[[dict[str, Any]], object], bool]] = {
     "long to double": (lambda s: field(s, "received_at").update(type="double"), True),
     "long to int": (lambda s: field(s, "received_at").update(type="int"), False),
     "drop last enum symbol": (lambda s: field(s, "event_type")["type"]["symbols"].pop(), False),
-    "nullable to required": (lambda s: (field(s, "url").update(type="string"), field(s, "url").pop("default")),
-                             False),
+    "nullable to required": (lambda s: (field(s, "url").update(type="string"), field(s, "url").pop("default")), False),
     "rename record with alias": (lambda s: s.update(name="Event", aliases=["VisitorEvent"]), True),
     "rename record": (lambda s: s.update(name="Event"), False),
 }
@@ -226,6 +230,7 @@ def test_cli_warns_about_an_unreleased_compatible_change(schema_dir: Path) -> No
 
 
 # --- wire interoperability with the Apache avro reference library -----------------------------------------
+
 
 def test_crc64_avro_matches_the_spec_test_vectors() -> None:
     # From the Avro spec's test suite (share/test/data/schema-tests.txt): fingerprints of primitive schemas.
@@ -273,13 +278,22 @@ def test_single_object_encoding_is_readable_by_the_reference_library() -> None:
 
 def test_identity_link_is_readable_by_the_reference_library() -> None:
     codec = AvroCodec("identity_link")
-    link = {"tenant_id": str(uuid.uuid4()), "widget_id": str(uuid.uuid4()), "visitor_id": "v1",
-            "user_id": "u_88291", "customer_id": str(uuid.uuid4()),
-            "linked_at": datetime(2026, 11, 24, 8, 0, 5, 1, tzinfo=UTC)}
+    link = {
+        "tenant_id": str(uuid.uuid4()),
+        "widget_id": str(uuid.uuid4()),
+        "visitor_id": "v1",
+        "user_id": "u_88291",
+        "customer_id": str(uuid.uuid4()),
+        "linked_at": datetime(2026, 11, 24, 8, 0, 5, 1, tzinfo=UTC),
+    }
     data = codec.encode(link)
     assert data[2:10] == crc64_avro(parsing_canonical_form(codec.schema).encode()).to_bytes(8, "little")
-    decoded = cast(dict[str, Any], avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema))).read(
-        avro.io.BinaryDecoder(io.BytesIO(data[10:]))))
+    decoded = cast(
+        dict[str, Any],
+        avro.io.DatumReader(avro.schema.parse(json.dumps(codec.schema))).read(
+            avro.io.BinaryDecoder(io.BytesIO(data[10:]))
+        ),
+    )
     assert {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in decoded.items()} == link
 
 
@@ -310,6 +324,8 @@ def test_a_field_list_that_drifted_from_the_schema_is_refused() -> None:
 
 
 def test_the_event_table_has_a_column_per_schema_field(db: psycopg.Connection) -> None:
-    columns = {r[0] for r in db.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'visitor_events'")}
+    columns = {
+        r[0]
+        for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'visitor_events'")
+    }
     assert set(EVENT_FIELDS) <= columns, set(EVENT_FIELDS) - columns

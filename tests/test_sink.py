@@ -31,30 +31,46 @@ CODEC = AvroCodec(VISITOR_EVENT)
 # Relative to today: the sink does not store events older than their widget's retention (90 days here).
 T0 = (datetime.now(UTC) - timedelta(days=2)).replace(hour=8, minute=0, second=0, microsecond=123456)
 
-EVENT_COLUMNS = ("widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,"
-                 " customer_id, session_id, occurred_at, received_at")
+EVENT_COLUMNS = (
+    "widget_id, event_id, tenant_id, visitor_id, event_type, name, url, referrer, properties, user_id,"
+    " customer_id, session_id, occurred_at, received_at"
+)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def make_event(widget: widgets.Widget, visitor: str = "v-1", event_type: str = "pageview",
-               at: datetime = T0, **fields: Any) -> dict[str, Any]:
+
+def make_event(
+    widget: widgets.Widget, visitor: str = "v-1", event_type: str = "pageview", at: datetime = T0, **fields: Any
+) -> dict[str, Any]:
     record = {
-        "event_id": uuid.uuid4(), "event_type": event_type, "tenant_id": widget.tenant_id, "widget_id": widget.id,
-        "visitor_id": visitor, "name": None, "url": "https://shop.example/", "referrer": None, "properties": "{}",
-        "user_id": None, "occurred_at": at, "received_at": at + timedelta(seconds=1), "session_id": None,
+        "event_id": uuid.uuid4(),
+        "event_type": event_type,
+        "tenant_id": widget.tenant_id,
+        "widget_id": widget.id,
+        "visitor_id": visitor,
+        "name": None,
+        "url": "https://shop.example/",
+        "referrer": None,
+        "properties": "{}",
+        "user_id": None,
+        "occurred_at": at,
+        "received_at": at + timedelta(seconds=1),
+        "session_id": None,
         "customer_id": None,
     }
     record.update(fields)
     return record
 
 
-def identify(widget: widgets.Widget, visitor: str, user_id: str, traits: dict[str, Any], at: datetime,
-             **fields: Any) -> dict[str, Any]:
+def identify(
+    widget: widgets.Widget, visitor: str, user_id: str, traits: dict[str, Any], at: datetime, **fields: Any
+) -> dict[str, Any]:
     """An identify as the processors put it on the enriched stream: customer_id derived from (tenant, user)."""
     cid = customer_id_for(widget.tenant_id, user_id)
-    return make_event(widget, visitor, "identify", at, user_id=user_id, properties=json.dumps(traits),
-                      customer_id=cid, **fields)
+    return make_event(
+        widget, visitor, "identify", at, user_id=user_id, properties=json.dumps(traits), customer_id=cid, **fields
+    )
 
 
 def produce(settings: Settings, topic: str, records: Sequence[dict[str, Any] | bytes]) -> None:
@@ -118,26 +134,55 @@ def raw_settings(settings: Settings) -> Settings:
 
 # --- writing rows -----------------------------------------------------------------------------------
 
+
 def test_rows_land_with_every_column(raw_settings, topics, db, make_widget, start_service) -> None:
     w = make_widget()
     session = uuid.uuid4()
-    custom = make_event(w, "v-abc", "custom", T0, name="clicked_upgrade", url="https://shop.example/pricing",
-                        referrer="https://search.example/?q=x", session_id=session,
-                        properties=json.dumps({"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}}))
+    custom = make_event(
+        w,
+        "v-abc",
+        "custom",
+        T0,
+        name="clicked_upgrade",
+        url="https://shop.example/pricing",
+        referrer="https://search.example/?q=x",
+        session_id=session,
+        properties=json.dumps({"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}}),
+    )
     page = make_event(w, "v-abc", "pageview", T0 + timedelta(seconds=5))
     produce(raw_settings, topics.raw_events, [custom, page])
 
     svc = start_service("sink", settings_override=raw_settings)
     wait_count(db, w.id, 2)
-    rows = {r[1]: r for r in db.execute(f"SELECT {EVENT_COLUMNS} FROM visitor_events WHERE widget_id = %s",
-                                        (w.id,))}
+    rows = {r[1]: r for r in db.execute(f"SELECT {EVENT_COLUMNS} FROM visitor_events WHERE widget_id = %s", (w.id,))}
     assert rows[custom["event_id"]] == (
-        w.id, custom["event_id"], w.tenant_id, "v-abc", "custom", "clicked_upgrade", "https://shop.example/pricing",
-        "https://search.example/?q=x", {"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}}, None, None, session,
-        T0, T0 + timedelta(seconds=1))
+        w.id,
+        custom["event_id"],
+        w.tenant_id,
+        "v-abc",
+        "custom",
+        "clicked_upgrade",
+        "https://shop.example/pricing",
+        "https://search.example/?q=x",
+        {"plan": "growth", "n": 3, "nested": {"ü": [1, 2]}},
+        None,
+        None,
+        session,
+        T0,
+        T0 + timedelta(seconds=1),
+    )
     assert rows[page["event_id"]][4:] == (
-        "pageview", None, "https://shop.example/", None, {}, None, None, None, T0 + timedelta(seconds=5),
-        T0 + timedelta(seconds=6))
+        "pageview",
+        None,
+        "https://shop.example/",
+        None,
+        {},
+        None,
+        None,
+        None,
+        T0 + timedelta(seconds=5),
+        T0 + timedelta(seconds=6),
+    )
     port = raw_settings.sink_http_port
     wait_until(lambda: metric(port, "site_activity_sink_rows_written_total") == 2, 5, "rows metric")
     assert metric(port, "site_activity_sink_batches_total") >= 1
@@ -146,8 +191,15 @@ def test_rows_land_with_every_column(raw_settings, topics, db, make_widget, star
     assert svc.proc is not None and svc.proc.returncode == 0, svc.log_tail()
 
 
-NASTY = ["back\\slash \\N \\.", "tab\there", "new\nline\r\nand cr\r", "ünïcødé 🚀 日本語", "\\N", "",
-         "trailing backslash \\"]
+NASTY = [
+    "back\\slash \\N \\.",
+    "tab\there",
+    "new\nline\r\nand cr\r",
+    "ünïcødé 🚀 日本語",
+    "\\N",
+    "",
+    "trailing backslash \\",
+]
 
 
 def test_strings_and_timestamps_round_trip_exactly(raw_settings, topics, db, make_widget, start_service) -> None:
@@ -155,22 +207,49 @@ def test_strings_and_timestamps_round_trip_exactly(raw_settings, topics, db, mak
     timestamps (sent as µs since the epoch) exactly, before 1970 too."""
     w = make_widget()
     props = json.dumps({"quote": 'say "hi"\\', "esc": "\\n\\t", "raw": "a\tb\nc", "ü": "🚀"}, ensure_ascii=False)
-    times = [T0, datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC),
-             datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC)]
+    times = [
+        T0,
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC),
+    ]
     # occurred_at must be within the widget's retention (older events are not stored); received_at is not bound.
     occurred = [T0, T0 - timedelta(microseconds=1), datetime(9999, 12, 31, 23, 59, 58, 999999, tzinfo=UTC)]
-    events = [make_event(w, f"v{text}", "custom", occurred[i % len(occurred)], name=text, url=text, referrer=text,
-                         properties=props, received_at=times[(i + 1) % len(times)])
-              for i, text in enumerate(NASTY)]
+    events = [
+        make_event(
+            w,
+            f"v{text}",
+            "custom",
+            occurred[i % len(occurred)],
+            name=text,
+            url=text,
+            referrer=text,
+            properties=props,
+            received_at=times[(i + 1) % len(times)],
+        )
+        for i, text in enumerate(NASTY)
+    ]
     produce(raw_settings, topics.raw_events, events)
     start_service("sink", settings_override=raw_settings)
     wait_count(db, w.id, len(events))
-    got = {r[0]: r[1:] for r in db.execute(
-        "SELECT event_id, visitor_id, name, url, referrer, properties, occurred_at, received_at"
-        " FROM visitor_events WHERE widget_id = %s", (w.id,))}
+    got = {
+        r[0]: r[1:]
+        for r in db.execute(
+            "SELECT event_id, visitor_id, name, url, referrer, properties, occurred_at, received_at"
+            " FROM visitor_events WHERE widget_id = %s",
+            (w.id,),
+        )
+    }
     for e in events:
-        assert got[e["event_id"]] == (e["visitor_id"], e["name"], e["url"], e["referrer"],
-                                      json.loads(props), e["occurred_at"], e["received_at"])
+        assert got[e["event_id"]] == (
+            e["visitor_id"],
+            e["name"],
+            e["url"],
+            e["referrer"],
+            json.loads(props),
+            e["occurred_at"],
+            e["received_at"],
+        )
 
 
 def test_same_event_twice_is_one_row(raw_settings, topics, db, make_widget, start_service) -> None:
@@ -183,13 +262,15 @@ def test_same_event_twice_is_one_row(raw_settings, topics, db, make_widget, star
     produce(raw_settings, topics.raw_events, events[:2] + [late := make_event(w, "v-late")])
     wait_count(db, w.id, 6)
     assert sorted(event_ids(db, w.id)) == sorted([e["event_id"] for e in events] + [late["event_id"]])
-    wait_until(lambda: metric(raw_settings.sink_http_port, "site_activity_sink_rows_skipped_total") >= 2, 5,
-               "skipped metric")
+    wait_until(
+        lambda: metric(raw_settings.sink_http_port, "site_activity_sink_rows_skipped_total") >= 2, 5, "skipped metric"
+    )
     svc.stop()
 
 
 def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
-        raw_settings, topics, db, make_widget, start_service) -> None:
+    raw_settings, topics, db, make_widget, start_service
+) -> None:
     s = raw_settings.model_copy(update={"sink_batch_max_events": 500})
     w = make_widget()
     total = 20_000
@@ -205,13 +286,17 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
     svc.start()  # waits for /healthz again
     wait_count(db, w.id, total, timeout=60)
     # rows per event id, against what was sent: each sent event exactly once, nothing else
-    per_event = dict(db.execute("SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id",
-                                (w.id,)).fetchall())
+    per_event = dict(
+        db.execute(
+            "SELECT event_id, count(*) FROM visitor_events WHERE widget_id = %s GROUP BY event_id", (w.id,)
+        ).fetchall()
+    )
     assert per_event == {e["event_id"]: 1 for e in events}
 
 
 def test_postgres_outage_retries_then_writes_everything_once(
-        raw_settings, topics, make_widget, start_service, tmp_path: Path) -> None:
+    raw_settings, topics, make_widget, start_service, tmp_path: Path
+) -> None:
     pg = EmbeddedPostgres(tmp_path / "own-pg" / "data", free_port())
     pg.start()
     try:
@@ -260,7 +345,8 @@ def test_postgres_outage_retries_then_writes_everything_once(
 
 
 def test_second_member_joining_mid_stream_rebalances_without_loss(
-        raw_settings, topics, db, make_widget, start_service, tmp_path: Path) -> None:
+    raw_settings, topics, db, make_widget, start_service, tmp_path: Path
+) -> None:
     s = raw_settings.model_copy(update={"sink_batch_max_events": 200})
     w = make_widget()
     events = [make_event(w, f"v-{i % 50}", at=T0 + timedelta(milliseconds=i)) for i in range(6000)]
@@ -278,8 +364,10 @@ def test_second_member_joining_mid_stream_rebalances_without_loss(
 
 # --- what can never be written ----------------------------------------------------------------------
 
+
 def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
-        raw_settings, topics, db, make_widget, start_service) -> None:
+    raw_settings, topics, db, make_widget, start_service
+) -> None:
     w = make_widget()
     good = [make_event(w, "v-1", at=T0 + timedelta(seconds=i)) for i in range(3)]
     bad_json = make_event(w, "v-1", "custom", T0, name="bad", properties="{not json")
@@ -322,7 +410,8 @@ def committed_total(settings: Settings, topic: str) -> int:
 
 
 def test_a_stream_gone_bad_stops_the_sink_without_committing_it(
-        raw_settings, topics, db, make_widget, start_service) -> None:
+    raw_settings, topics, db, make_widget, start_service
+) -> None:
     """A producer deployed with a broken encoder: every message is undecodable. Past the dead-letter limit the
     sink stops (exit 65) instead of moving the stream to the dead-letter topic, and commits none of the batch
     that crossed it, so a restart reads those messages again; with the limit off they are dead-lettered."""
@@ -351,9 +440,15 @@ def test_a_stream_gone_bad_stops_the_sink_without_committing_it(
 def test_events_of_a_deleted_widget_are_dropped(raw_settings, topics, db, make_widget, start_service) -> None:
     gone, kept = make_widget(), make_widget()
     widgets.delete_widget(db, gone.id, actor="tests")
-    produce(raw_settings, topics.raw_events,
-            [make_event(gone, "v-1"), make_event(kept, "v-1"), make_event(gone, "v-2", "identify", user_id="u",
-                                                                          customer_id=customer_id_for(gone.tenant_id, "u"))])
+    produce(
+        raw_settings,
+        topics.raw_events,
+        [
+            make_event(gone, "v-1"),
+            make_event(kept, "v-1"),
+            make_event(gone, "v-2", "identify", user_id="u", customer_id=customer_id_for(gone.tenant_id, "u")),
+        ],
+    )
     start_service("sink", settings_override=raw_settings)
     wait_count(db, kept.id, 1)
     produce(raw_settings, topics.raw_events, [make_event(kept, "v-2")])
@@ -364,14 +459,18 @@ def test_events_of_a_deleted_widget_are_dropped(raw_settings, topics, db, make_w
 
 # --- identity -----------------------------------------------------------------------------------------
 
+
 def customer(conn: psycopg.Connection, tenant_id: uuid.UUID, user_id: str) -> tuple | None:
     return conn.execute(
         "SELECT id, external_id, email, name, traits, trait_times FROM customers"
-        " WHERE tenant_id = %s AND external_id = %s", (tenant_id, user_id)).fetchone()
+        " WHERE tenant_id = %s AND external_id = %s",
+        (tenant_id, user_id),
+    ).fetchone()
 
 
-def wait_customer(conn: psycopg.Connection, tenant_id: uuid.UUID, user_id: str,
-                  check: Callable[[tuple], bool]) -> tuple:
+def wait_customer(
+    conn: psycopg.Connection, tenant_id: uuid.UUID, user_id: str, check: Callable[[tuple], bool]
+) -> tuple:
     row: tuple | None = None
 
     def ready() -> bool:
@@ -402,18 +501,26 @@ def test_identify_merges_traits_by_event_time(settings, topics, db, make_widget,
     assert row[2:5] == ("b@x.example", "Paul", {"email": "b@x.example", "name": "Paul", "plan": "pro"})
 
     # Arrives late but happened in between: only fills keys nobody set, overwrites nothing newer.
-    late = identify(w, "v-2", "u_1", {"email": "c@x.example", "company": "Acme", "plan": "basic"},
-                    t + timedelta(minutes=5))
+    late = identify(
+        w, "v-2", "u_1", {"email": "c@x.example", "company": "Acme", "plan": "basic"}, t + timedelta(minutes=5)
+    )
     # Out of order inside one batch too: the newer identify of another contact first.
     other_new = identify(w, "v-3", "u_2", {"name": "Jessica", "email": "j2@x.example"}, t + timedelta(hours=1))
     other_old = identify(w, "v-3", "u_2", {"name": "Jess", "email": "j1@x.example", "tz": "UTC"}, t)
     produce(settings, topics.enriched_events, [late, other_new, other_old])
     row = wait_customer(db, w.tenant_id, "u_1", lambda r: "company" in r[4])
-    assert row[2:5] == ("b@x.example", "Paul",
-                        {"email": "b@x.example", "name": "Paul", "plan": "pro", "company": "Acme"})
+    assert row[2:5] == (
+        "b@x.example",
+        "Paul",
+        {"email": "b@x.example", "name": "Paul", "plan": "pro", "company": "Acme"},
+    )
     times = {k: datetime.fromisoformat(v) for k, v in row[5].items()}
-    assert times == {"email": t + timedelta(minutes=10), "plan": t + timedelta(minutes=10), "name": t,
-                     "company": t + timedelta(minutes=5)}
+    assert times == {
+        "email": t + timedelta(minutes=10),
+        "plan": t + timedelta(minutes=10),
+        "name": t,
+        "company": t + timedelta(minutes=5),
+    }
     row2 = wait_customer(db, w.tenant_id, "u_2", lambda r: True)
     assert row2[2:5] == ("j2@x.example", "Jessica", {"name": "Jessica", "email": "j2@x.example", "tz": "UTC"})
 
@@ -425,8 +532,9 @@ def test_identify_merges_traits_by_event_time(settings, topics, db, make_widget,
     assert after == before
 
 
-def test_repeated_identifies_skip_only_what_an_older_link_already_covers(settings, topics, db, make_widget,
-                                                                        start_service) -> None:
+def test_repeated_identifies_skip_only_what_an_older_link_already_covers(
+    settings, topics, db, make_widget, start_service
+) -> None:
     """Two identifies of the same user in one batch, both new: the first still claims the anonymous history
     (its neighbour is new too, so it justifies no skip); a later repeat of that user changes nothing; another
     user's identify after them takes over the rows from its time on."""
@@ -493,7 +601,8 @@ def test_identify_retro_links_anonymous_history(settings, topics, db, make_widge
 
 @pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "separate-batches"])
 def test_shared_computer_keeps_earlier_events_with_first_contact(
-        settings, topics, db, make_widget, start_service, one_batch: bool) -> None:
+    settings, topics, db, make_widget, start_service, one_batch: bool
+) -> None:
     w = make_widget()
     t = T0
     a = customer_id_for(w.tenant_id, "alice")
@@ -512,14 +621,20 @@ def test_shared_computer_keeps_earlier_events_with_first_contact(
             produce(settings, topics.enriched_events, [rec])
             wait_until(lambda rec=rec: rec["event_id"] in linked(db, w.id), 20, "row")
     wait_count(db, w.id, 5)
-    assert linked(db, w.id) == {anon["event_id"]: a, ident_a["event_id"]: a, between["event_id"]: a,
-                                ident_b["event_id"]: b, after_b["event_id"]: b}
+    assert linked(db, w.id) == {
+        anon["event_id"]: a,
+        ident_a["event_id"]: a,
+        between["event_id"]: a,
+        ident_b["event_id"]: b,
+        after_b["event_id"]: b,
+    }
     assert customer(db, w.tenant_id, "alice")[3] == "Alice" and customer(db, w.tenant_id, "bob")[3] == "Bob"
 
 
 @pytest.mark.parametrize("identify_first", [False, True], ids=["identify-after", "identify-before"])
 def test_a_newly_learned_link_claims_rows_up_to_the_next_link(
-        settings, topics, db, make_widget, start_service, identify_first: bool) -> None:
+    settings, topics, db, make_widget, start_service, identify_first: bool
+) -> None:
     """Issue 8, case 5 (the sink's half): rows carry the contact of the link in force at their time, the first
     link's before any. An identify at T0-100 s for a page view at T0+100 s links it in either order; an identify
     learned late between two links re-links the rows from its time up to the next link, and no others."""
@@ -529,17 +644,24 @@ def test_a_newly_learned_link_claims_rows_up_to_the_next_link(
     # processed before the identify: anonymous; after it: stamped by the processors with the link in force
     view = make_event(w, "v-1", at=T0 + timedelta(seconds=100), customer_id=x if identify_first else None)
     start_service("sink", settings_override=settings)
-    for rec in ([ident, view] if identify_first else [view, ident]):
+    for rec in [ident, view] if identify_first else [view, ident]:
         produce(settings, topics.enriched_events, [rec])
         wait_until(lambda rec=rec: rec["event_id"] in linked(db, w.id), 20, "row")
     wait_until(lambda: linked(db, w.id).get(view["event_id"]) == x, 20, "page view linked")
 
     # v-2: links A at T0 and C at T0+20 min, rows stamped by them; then B at T0+10 min arrives late.
     minute = timedelta(minutes=1)
-    early, mid1, mid2, late = (make_event(w, "v-2", at=T0 + m * minute, customer_id=cid)
-                               for m, cid in ((5, a), (12, a), (15, a), (25, c)))
-    stream = [identify(w, "v-2", "u-a", {}, T0), early, mid1, mid2, identify(w, "v-2", "u-c", {}, T0 + 20 * minute),
-              late]
+    early, mid1, mid2, late = (
+        make_event(w, "v-2", at=T0 + m * minute, customer_id=cid) for m, cid in ((5, a), (12, a), (15, a), (25, c))
+    )
+    stream = [
+        identify(w, "v-2", "u-a", {}, T0),
+        early,
+        mid1,
+        mid2,
+        identify(w, "v-2", "u-c", {}, T0 + 20 * minute),
+        late,
+    ]
     produce(settings, topics.enriched_events, stream)
     wait_until(lambda: late["event_id"] in linked(db, w.id), 20, "rows")
     produce(settings, topics.enriched_events, [identify(w, "v-2", "u-b", {}, T0 + 10 * minute)])
@@ -550,7 +672,8 @@ def test_a_newly_learned_link_claims_rows_up_to_the_next_link(
 
 @pytest.mark.parametrize("w1_first", [True, False], ids=["widget-1-first", "widget-2-first"])
 def test_two_widgets_same_visitor_id_different_users_never_flip(
-        settings, topics, db, make_widget, start_service, w1_first: bool) -> None:
+    settings, topics, db, make_widget, start_service, w1_first: bool
+) -> None:
     """The processors link a visitor per widget; the sink must not move one widget's rows to the contact of
     another widget's identify (they would flip with every identify). Another widget's rows are only claimed
     while anonymous, and the widget's own link then takes them, in either order."""
@@ -573,12 +696,17 @@ def test_two_widgets_same_visitor_id_different_users_never_flip(
     again = identify(w1, "v", "u-one", {}, T0 + 4 * minute)  # a later identify on widget 1 claims nothing of 2
     produce(settings, topics.enriched_events, [again])
     wait_until(lambda: again["event_id"] in linked(db, w1.id), 20, "row")
-    assert linked(db, w1.id) == {anon1["event_id"]: u1, id1["event_id"]: u1, after1["event_id"]: u1,
-                                 again["event_id"]: u1}
+    assert linked(db, w1.id) == {
+        anon1["event_id"]: u1,
+        id1["event_id"]: u1,
+        after1["event_id"]: u1,
+        again["event_id"]: u1,
+    }
     assert linked(db, w2.id) == {anon2["event_id"]: u2, id2["event_id"]: u2, after2["event_id"]: u2}
 
 
 # --- batching -----------------------------------------------------------------------------------------
+
 
 class _Message:
     """What sink.batch reads of a consumed message."""
@@ -598,11 +726,25 @@ class _Message:
 
 def test_sink_batches_are_bounded_by_events_not_messages() -> None:
     raw = EventCodec(logical_types=False)
-    event = {"event_id": str(uuid.uuid4()), "event_type": "pageview", "tenant_id": str(uuid.uuid4()),
-             "widget_id": str(uuid.uuid4()), "visitor_id": "v", "name": None, "url": None, "referrer": None,
-             "properties": "{}", "user_id": None, "occurred_at": 1, "received_at": 2, "session_id": None,
-             "customer_id": None}
-    request = cast(Message, _Message(raw.encode_batch([event] * 25)))  # one request's 25 events, as both event topics carry them
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "pageview",
+        "tenant_id": str(uuid.uuid4()),
+        "widget_id": str(uuid.uuid4()),
+        "visitor_id": "v",
+        "name": None,
+        "url": None,
+        "referrer": None,
+        "properties": "{}",
+        "user_id": None,
+        "occurred_at": 1,
+        "received_at": 2,
+        "session_id": None,
+        "customer_id": None,
+    }
+    request = cast(
+        Message, _Message(raw.encode_batch([event] * 25))
+    )  # one request's 25 events, as both event topics carry them
     batch = Batch(max_events=1000, max_ms=60_000)
     assert batch.room() == 10  # nothing seen yet: as if every message held 100 events
     batch.max_events = 100

@@ -30,14 +30,24 @@ PREFETCH = 4
 
 
 @pytest.fixture(scope="module")
-def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[Stack]:
+def stack(
+    kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("webhooks-pipeline")
-    s = make_settings(kafka, postgres, base / "data", console_port=free_port(), webhooks_http_port=free_port(),
-                      webhooks_group=f"whp-{uuid.uuid4().hex[:8]}", webhooks_allow_private_urls=True,
-                      webhooks_retry_schedule_s=[0, 0.5, 0.5], webhooks_timeout_s=3.0,
-                      webhooks_poll_interval_s=POLL_S, webhooks_endpoint_concurrency=CONCURRENCY,
-                      webhooks_endpoint_prefetch=PREFETCH)
+    s = make_settings(
+        kafka,
+        postgres,
+        base / "data",
+        console_port=free_port(),
+        webhooks_http_port=free_port(),
+        webhooks_group=f"whp-{uuid.uuid4().hex[:8]}",
+        webhooks_allow_private_urls=True,
+        webhooks_retry_schedule_s=[0, 0.5, 0.5],
+        webhooks_timeout_s=3.0,
+        webhooks_poll_interval_s=POLL_S,
+        webhooks_endpoint_concurrency=CONCURRENCY,
+        webhooks_endpoint_prefetch=PREFETCH,
+    )
     yield from running_stack(s, base)
 
 
@@ -131,8 +141,17 @@ def test_one_outcome_decides_each_delivery_in_a_batch() -> None:
     now = datetime.now(UTC)
 
     def outcome(delivery: int, ok: bool, seconds: float) -> Outcome:
-        return Outcome(delivery, uuid.uuid4(), 1, now + timedelta(seconds=seconds), ok, 200 if ok else 500, 1.0,
-                       None if ok else "HTTP 500", None if ok else now)
+        return Outcome(
+            delivery,
+            uuid.uuid4(),
+            1,
+            now + timedelta(seconds=seconds),
+            ok,
+            200 if ok else 500,
+            1.0,
+            None if ok else "HTTP 500",
+            None if ok else now,
+        )
 
     ok_then_fail = [outcome(1, True, 0), outcome(1, False, 1)]
     fail_then_fail = [outcome(2, False, 0), outcome(2, False, 1)]

@@ -58,7 +58,7 @@ window.__posts = 0; window.__answered = 0; window.__sizes = []; window.__counts 
 window.__ids = [];
 const realFetch = window.fetch;
 window.fetch = function (url, init) {
-  if (!String(url).endsWith('%s')) return realFetch.apply(this, arguments);
+  if (!String(url).endsWith('__TRACK_PATH__')) return realFetch.apply(this, arguments);
   window.__posts++;
   window.__sizes.push(new TextEncoder().encode(init.body).length);
   window.__counts.push(JSON.parse(init.body).events.length);
@@ -68,12 +68,14 @@ window.fetch = function (url, init) {
     (e) => { window.__statuses.push(String(e)); throw e; },
   ).finally(() => { window.__answered++; });
 };
-""" % TRACK_PATH  # noqa: UP031 (a JS snippet: every brace would need doubling)
+""".replace("__TRACK_PATH__", TRACK_PATH)
 
 
 # --- the pipeline: one API + sink for the module, raw topic straight into Postgres -------------------
 @pytest.fixture(scope="module")
-def stack(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def stack(
+    kafka: EmbeddedBroker, postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
     log_dir = tmp_path_factory.mktemp("widget-stack")
     settings = make_settings(kafka, postgres, log_dir / "data", sink_from_enriched=False)
     api = _start(Service("api", settings, log_dir), settings.health_url("api"))
@@ -146,7 +148,9 @@ class Pages:
         """A page embedding the widget the way the README tells customers to: snippet, then async script."""
         if head is None:
             head = snippet_html() + self.tag(widget_id)
-        return self.add(path, f"<!doctype html><html><head><meta charset='utf-8'>{head}</head><body>{body}</body></html>")
+        return self.add(
+            path, f"<!doctype html><html><head><meta charset='utf-8'>{head}</head><body>{body}</body></html>"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +171,9 @@ def page_server(api_origin: str) -> Iterator[Pages]:
         body, media_type, headers = found
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-store", **headers})
 
-    app = Starlette(routes=[HttpRoute("/relay" + TRACK_PATH, relay, methods=["POST"]),
-                            HttpRoute("/{path:path}", serve)])
+    app = Starlette(
+        routes=[HttpRoute("/relay" + TRACK_PATH, relay, methods=["POST"]), HttpRoute("/{path:path}", serve)]
+    )
     server = ServerThread(app, "127.0.0.1", pages.port).start()
     yield pages
     server.stop()
@@ -221,8 +226,10 @@ class Tab:
         retry backoffs fire), and returns them."""
         deadline = time.monotonic() + timeout
         while len(found := db.execute(ROWS, (widget_id,)).fetchall()) < expected:
-            assert time.monotonic() < deadline, (f"expected {expected} rows, got {len(found)}: {found[:5]}; "
-                                                 f"answers: {self.statuses()}; warnings: {self.warnings}")
+            assert time.monotonic() < deadline, (
+                f"expected {expected} rows, got {len(found)}: {found[:5]}; "
+                f"answers: {self.statuses()}; warnings: {self.warnings}"
+            )
             self.page.clock.run_for(1000)
             time.sleep(0.2)
         return found
@@ -283,10 +290,12 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
     tab.wait_loaded()  # else the marker waits in the snippet's queue and the timer is armed after we ran it
     tab.page.evaluate("hydra.track('__end__')")
     deadline = time.monotonic() + WAIT_S
-    while not db.execute("SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'",
-                         (widget_id,)).fetchone():
-        assert time.monotonic() < deadline, (f"the end marker was never stored; answers: {tab.statuses()}; "
-                                             f"warnings: {tab.warnings}")
+    while not db.execute(
+        "SELECT 1 FROM visitor_events WHERE widget_id = %s AND name = '__end__'", (widget_id,)
+    ).fetchone():
+        assert time.monotonic() < deadline, (
+            f"the end marker was never stored; answers: {tab.statuses()}; warnings: {tab.warnings}"
+        )
         tab.flush_timer()  # the marker's timer, and the backoff of any retry (a 503 in a slow broker moment)
         time.sleep(0.2)
     found = tab.wait_rows(db, widget_id, expected + 1)
@@ -296,8 +305,11 @@ def settled_rows(db: psycopg.Connection, tab: Tab, widget_id: str, expected: int
 
 def stored_queue(tab: Tab, widget_id: str) -> list[dict]:
     """The unsent events in the page origin's localStorage: every page's queue key of the widget."""
-    return tab.page.evaluate("""prefix => Object.keys(localStorage).filter((k) => k.startsWith(prefix)).sort()
-        .flatMap((k) => JSON.parse(localStorage.getItem(k)))""", f"hydra_q_{widget_id}:")
+    return tab.page.evaluate(
+        """prefix => Object.keys(localStorage).filter((k) => k.startsWith(prefix)).sort()
+        .flatMap((k) => JSON.parse(localStorage.getItem(k)))""",
+        f"hydra_q_{widget_id}:",
+    )
 
 
 def pageviews(found: list[tuple]) -> list[tuple[str, str | None]]:
@@ -405,10 +417,16 @@ def test_leaving_the_page_flushes_the_queue(db, pages, tab, widget_id) -> None:
     tab.wait_loaded()
     # Sent by the first page as it went, before the second page's 5 s timer could send anything.
     assert [(e["type"], e.get("name"), e["url"]) for e in pages.wait_relayed(3)[:3]] == [
-        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
+        ("pageview", None, first),
+        ("custom", "before_leaving", first),
+        ("custom", "before_leaving", first),
+    ]
     found = settled_rows(db, tab, widget_id, 4)
     assert [(r[0], r[1], r[2]) for r in found[:3]] == [
-        ("pageview", None, first), ("custom", "before_leaving", first), ("custom", "before_leaving", first)]
+        ("pageview", None, first),
+        ("custom", "before_leaving", first),
+        ("custom", "before_leaving", first),
+    ]
     assert pageviews(found)[-1] == (second, first)  # the full-page navigation's referrer
 
 
@@ -518,8 +536,9 @@ def test_back_forward_cache_restore_counts_a_pageview(db, pages, playwright, wid
     off by default, so this test has its own browser)."""
     second = pages.page("/bf/2", widget_id)
     first = pages.page("/bf/1", widget_id, f'<a id="next" href="{second}">next</a>')
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                         ignore_default_args=["--disable-back-forward-cache"])
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM, args=CHROMIUM_ARGS, ignore_default_args=["--disable-back-forward-cache"]
+    )
     try:
         page = browser.new_page()
         page.clock.install()
@@ -606,10 +625,16 @@ def test_works_under_a_strict_csp(db, pages, tab, widget_id, api_origin, snippet
     else:
         script_src, head = f"'self' {api_origin} {snippet_csp_hash()}", snippet_html()
     csp = f"default-src 'self'; script-src {script_src}; connect-src {api_origin}"
-    head += ('<script src="/csp/calls.js"></script>' + pages.tag(widget_id)
-             + "<script>document.title = 'inline ran'</script>")  # proves the policy is enforced
-    url = pages.add("/csp/page", f"<!doctype html><html><head>{head}</head><body>csp</body></html>",
-                    headers={"Content-Security-Policy": csp})
+    head += (
+        '<script src="/csp/calls.js"></script>'
+        + pages.tag(widget_id)
+        + "<script>document.title = 'inline ran'</script>"
+    )  # proves the policy is enforced
+    url = pages.add(
+        "/csp/page",
+        f"<!doctype html><html><head>{head}</head><body>csp</body></html>",
+        headers={"Content-Security-Policy": csp},
+    )
     tab.page.goto(url)
     tab.wait_loaded()
     assert tab.page.title() != "inline ran"
@@ -633,12 +658,16 @@ def test_demo_site(db, tab, widget_id, stack) -> None:
         found = settled_rows(db, tab, widget_id, 7)
     finally:
         demo.stop()
-    assert pageviews(found) == [(demo.url + "/", None), (demo.url + "/pricing", demo.url + "/"),
-                                (demo.url + "/app/", demo.url + "/pricing"),
-                                (demo.url + "/app/projects", demo.url + "/app/")]
+    assert pageviews(found) == [
+        (demo.url + "/", None),
+        (demo.url + "/pricing", demo.url + "/"),
+        (demo.url + "/app/", demo.url + "/pricing"),
+        (demo.url + "/app/projects", demo.url + "/app/"),
+    ]
     assert [(r[1], r[4]) for r in found if r[0] == "custom"] == [
         ("clicked_upgrade", {"plan": "growth", "source": "pricing_page"}),
-        ("clicked_upgrade", {"plan": "growth", "source": "app"})]
+        ("clicked_upgrade", {"plan": "growth", "source": "app"}),
+    ]
     assert [(r[5], r[4]["email"]) for r in found if r[0] == "identify"] == [("u_88291", "paul@arrakis.example")]
     assert not tab.warnings
 
@@ -666,9 +695,15 @@ def test_tabs_of_an_origin_never_erase_each_others_unsent_events(db, pages, cont
     d = open_tab(context)
     d.page.goto(url_d)
     d.wait_loaded()
-    assert sorted((e["type"], e.get("name") or "", e["url"]) for e in stored_queue(d, widget_id)) == sorted([
-        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b),
-        ("custom", "a_click", url_a), ("pageview", "", url_d)])
+    assert sorted((e["type"], e.get("name") or "", e["url"]) for e in stored_queue(d, widget_id)) == sorted(
+        [
+            ("pageview", "", url_a),
+            ("pageview", "", url_b),
+            ("custom", "b_click", url_b),
+            ("custom", "a_click", url_a),
+            ("pageview", "", url_d),
+        ]
+    )
     c = open_tab(context)
     held: list[Route] = []
     c.page.route(f"**{TRACK_PATH}", lambda route: held.append(route))
@@ -689,21 +724,36 @@ def test_tabs_of_an_origin_never_erase_each_others_unsent_events(db, pages, cont
     e = open_tab(context)
     e.page.goto(url_e)
     found = settled_rows(db, e, widget_id, 8)
-    assert sorted((r[0], r[1] or "", r[2]) for r in found) == sorted([
-        ("pageview", "", url_a), ("pageview", "", url_b), ("custom", "b_click", url_b), ("custom", "a_click", url_a),
-        ("pageview", "", url_d), ("pageview", "", url_c), ("custom", "d_late", url_d), ("pageview", "", url_e)])
+    assert sorted((r[0], r[1] or "", r[2]) for r in found) == sorted(
+        [
+            ("pageview", "", url_a),
+            ("pageview", "", url_b),
+            ("custom", "b_click", url_b),
+            ("custom", "a_click", url_a),
+            ("pageview", "", url_d),
+            ("pageview", "", url_c),
+            ("custom", "d_late", url_d),
+            ("pageview", "", url_e),
+        ]
+    )
     assert stored_queue(e, widget_id) == []
 
 
 def test_events_left_by_the_previous_widget_version_are_sent(db, pages, tab, widget_id) -> None:
     """Before one queue key per page, all pages shared `hydra_q_<widget>`: what a visitor has there goes out."""
     blank = pages.add("/blank", "<!doctype html><p>no widget here</p>")
-    left = {"type": "custom", "name": "left_by_v1", "event_id": str(uuid.uuid4()), "url": blank,
-            "occurred_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "properties": {}}
+    left = {
+        "type": "custom",
+        "name": "left_by_v1",
+        "event_id": str(uuid.uuid4()),
+        "url": blank,
+        "occurred_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "properties": {},
+    }
     tab.page.goto(blank)
-    tab.page.evaluate("([key, value]) => localStorage.setItem(key, value)",
-                      [f"hydra_q_{widget_id}", json.dumps([left])])
+    tab.page.evaluate(
+        "([key, value]) => localStorage.setItem(key, value)", [f"hydra_q_{widget_id}", json.dumps([left])]
+    )
     tab.page.goto(pages.page("/v2", widget_id))
     found = settled_rows(db, tab, widget_id, 2)
     assert sorted((r[0], r[1] or "") for r in found) == [("custom", "left_by_v1"), ("pageview", "")]
@@ -756,7 +806,11 @@ def test_events_tracked_while_the_page_is_hidden_go_out_at_once(db, pages, conte
     later.page.goto(pages.page("/later", widget_id))
     found = settled_rows(db, later, widget_id, 4)
     assert [(r[0], r[1]) for r in found] == [
-        ("pageview", None), ("custom", "time_on_page"), ("custom", "after_pagehide"), ("pageview", None)]
+        ("pageview", None),
+        ("custom", "time_on_page"),
+        ("custom", "after_pagehide"),
+        ("pageview", None),
+    ]
 
 
 def test_url_fragments_are_never_stored(db, pages, tab, widget_id) -> None:
@@ -773,8 +827,11 @@ def test_url_fragments_are_never_stored(db, pages, tab, widget_id) -> None:
     }""")
     found = settled_rows(db, tab, widget_id, 4)
     assert [(r[0], r[2], r[3]) for r in found] == [
-        ("pageview", callback, None), ("custom", callback, None), ("pageview", account, callback),
-        ("pageview", settings, account)]
+        ("pageview", callback, None),
+        ("custom", callback, None),
+        ("pageview", account, callback),
+        ("pageview", settings, account),
+    ]
     every = db.execute("SELECT url, referrer FROM visitor_events WHERE widget_id = %s", (widget_id,)).fetchall()
     assert not [r for r in every if "#" in (r[0] or "") + (r[1] or "") or "FAKE" in (r[0] or "") + (r[1] or "")]
 
@@ -795,15 +852,35 @@ def test_url_tidying_by_replace_state_is_not_a_pageview(db, pages, tab, widget_i
     found = settled_rows(db, tab, widget_id, 4)
     tidied, page2 = pages.url("/landing?q=sho"), pages.url("/landing?q=sho&page=2")
     assert [(r[0], r[2], r[3]) for r in found] == [
-        ("pageview", landing, None), ("custom", tidied, None), ("pageview", page2, tidied),
-        ("pageview", tidied, page2)]
+        ("pageview", landing, None),
+        ("custom", tidied, None),
+        ("pageview", page2, tidied),
+        ("pageview", tidied, page2),
+    ]
 
 
 def test_identify_refuses_placeholder_user_ids(db, pages, tab, widget_id) -> None:
     """Ids that are a bug in the caller's code ("undefined", "[object Object]", …) would merge strangers
     into one contact: refused with a warning, never sent. The API refuses the same list."""
-    placeholders = ["undefined", "UNDEFINED", "null", " Null ", "None", "nil", "NaN", "0", "-1", "true", "False",
-                    "[object Object]", "anonymous", "Guest", "", "   ", "\t\n"]
+    placeholders = [
+        "undefined",
+        "UNDEFINED",
+        "null",
+        " Null ",
+        "None",
+        "nil",
+        "NaN",
+        "0",
+        "-1",
+        "true",
+        "False",
+        "[object Object]",
+        "anonymous",
+        "Guest",
+        "",
+        "   ",
+        "\t\n",
+    ]
     tab.page.goto(pages.page("/placeholders", widget_id))
     tab.page.evaluate("ids => { for (const id of ids) hydra.identify(id, {plan: 'x'}); }", placeholders)
     tab.page.evaluate("hydra.identify(0); hydra.identify(-1); hydra.identify(String({})); hydra.identify('u_0')")

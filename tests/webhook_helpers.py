@@ -73,8 +73,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", "0"))).decode()
                 with receiver.lock:
                     seen = sum(1 for r in receiver.received if r.path == self.path)
-                    receiver.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                                      body, time.time()))
+                    receiver.received.append(
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+                    )
                 status, delay = receiver.behaviours.get(self.path, ok)(seen)
                 if delay:
                     time.sleep(delay)

@@ -25,8 +25,9 @@ def add_parser(sub: Any) -> None:
     wsub = w.add_subparsers(dest="webhooks_action", required=False)
     add = wsub.add_parser("add", help="add an endpoint; prints its signing secret (shown only now)")
     add.add_argument("--url", required=True)
-    add.add_argument("--event-type", action="append", dest="event_types",
-                     help="only these event types (repeatable; default: all)")
+    add.add_argument(
+        "--event-type", action="append", dest="event_types", help="only these event types (repeatable; default: all)"
+    )
     add.add_argument("--widget", action="append", dest="widget_ids", help="only these widgets (repeatable)")
     add.add_argument("--description", default="")
     lst = wsub.add_parser("list", help="the tenant's endpoints")
@@ -61,8 +62,15 @@ def _admin(args: argparse.Namespace, settings: Settings, conn: Any, endpoints: A
     action = args.webhooks_action
     if action == "add":
         ep, secret = endpoints.create_endpoint(
-            conn, args.tenant, args.url, actor=args.actor, allow_private=settings.webhooks_allow_private_urls,
-            event_types=args.event_types, widget_ids=args.widget_ids, description=args.description)
+            conn,
+            args.tenant,
+            args.url,
+            actor=args.actor,
+            allow_private=settings.webhooks_allow_private_urls,
+            event_types=args.event_types,
+            widget_ids=args.widget_ids,
+            description=args.description,
+        )
         print(secret)
         print(f"webhook endpoint {ep.id} -> {ep.url}: the signing secret above is shown only now.", file=sys.stderr)
     elif action == "list":
@@ -74,8 +82,14 @@ def _admin(args: argparse.Namespace, settings: Settings, conn: Any, endpoints: A
             types = ",".join(e.event_types) if e.event_types else "all events"
             print(f"{e.id!s:36}  {e.url:50}  {types:30}  {state}")
     elif action == "disable":
-        ep = endpoints.update_endpoint(conn, args.tenant, args.endpoint_id, actor=args.actor,
-                                       allow_private=settings.webhooks_allow_private_urls, enabled=False)
+        ep = endpoints.update_endpoint(
+            conn,
+            args.tenant,
+            args.endpoint_id,
+            actor=args.actor,
+            allow_private=settings.webhooks_allow_private_urls,
+            enabled=False,
+        )
         print(f"disabled {ep.id}")
     else:
         endpoints.delete_endpoint(conn, args.tenant, args.endpoint_id, actor=args.actor)

@@ -115,8 +115,10 @@ class Dispatcher:
     def _room(self) -> tuple[dict[uuid.UUID, int], int, int]:
         """What this process may still take: per endpoint it already holds (room), for any other endpoint
         (default), in all. Claimed and handed-over deliveries share it."""
-        room = {ep: max(0, self._held_limit(ep) - self.in_flight.get(ep, 0))
-                for ep in self.in_flight.keys() | self._attempt_s.keys()}
+        room = {
+            ep: max(0, self._held_limit(ep) - self.in_flight.get(ep, 0))
+            for ep in self.in_flight.keys() | self._attempt_s.keys()
+        }
         default = 2 * self.settings.webhooks_endpoint_concurrency  # an endpoint not timed yet
         return room, default, max(0, self.settings.webhooks_max_in_flight - len(self._tasks))
 
@@ -147,8 +149,13 @@ class Dispatcher:
                     room_total = 0  # queue them due, for whichever process runs next; none held here
                 leased_at = time.monotonic()  # no later than the lease's start in the database
                 added, left, taken = await queue.enqueue_and_take(
-                    self._enqueue_conn, keys, room=room, room_default=room_default, room_total=room_total,
-                    lease_s=self.lease_s)
+                    self._enqueue_conn,
+                    keys,
+                    room=room,
+                    room_default=room_default,
+                    room_total=room_total,
+                    lease_s=self.lease_s,
+                )
             except psycopg.Error:
                 self.metrics.db_errors.labels("enqueue").inc()
                 if self._enqueue_conn is not None:
@@ -185,11 +192,19 @@ class Dispatcher:
     def _session(self) -> aiohttp.ClientSession:
         allow = self.settings.webhooks_allow_private_urls
         # No DNS cache: every new connection resolves again and (unless allowed) checks every address.
-        connector = aiohttp.TCPConnector(limit=self.settings.webhooks_max_in_flight, limit_per_host=0,
-                                         use_dns_cache=False, resolver=None if allow else GuardedResolver(),
-                                         keepalive_timeout=30)
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                     skip_auto_headers=("User-Agent",))
+        connector = aiohttp.TCPConnector(
+            limit=self.settings.webhooks_max_in_flight,
+            limit_per_host=0,
+            use_dns_cache=False,
+            resolver=None if allow else GuardedResolver(),
+            keepalive_timeout=30,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -235,9 +250,14 @@ class Dispatcher:
                 leased_at = time.monotonic()
                 # Up to the prefetch per endpoint: the next requests are at hand when a slot frees, so claiming
                 # (a database round trip) overlaps sending.
-                claimed = await queue.claim(self._claim_conn, room_total=room_total, room=room,
-                                            room_default=room_default, busy=dict(self.in_flight),
-                                            lease_s=self.lease_s)
+                claimed = await queue.claim(
+                    self._claim_conn,
+                    room_total=room_total,
+                    room=room,
+                    room_default=room_default,
+                    busy=dict(self.in_flight),
+                    lease_s=self.lease_s,
+                )
                 self.metrics.claim_seconds.observe(time.perf_counter() - began)
             except psycopg.Error as exc:
                 self.metrics.db_errors.labels("claim").inc()
@@ -265,8 +285,12 @@ class Dispatcher:
         # young database, 5,225 checks took 31 s (6 ms each, the reader fell 30 s behind). Custom plans are
         # planned per check with the table's current size: an index lookup (about 0.1 ms).
         return await psycopg.AsyncConnection.connect(
-            self.settings.postgres_dsn, autocommit=True, connect_timeout=5,
-            options="-c TimeZone=UTC -c plan_cache_mode=force_custom_plan", application_name="site-activity-webhooks")
+            self.settings.postgres_dsn,
+            autocommit=True,
+            connect_timeout=5,
+            options="-c TimeZone=UTC -c plan_cache_mode=force_custom_plan",
+            application_name="site-activity-webhooks",
+        )
 
     async def _wait(self, timeout: float) -> None:
         """Until new work may be due (wake: more_due was set, or a slot freed up while it is), or the poll
@@ -354,8 +378,9 @@ class Dispatcher:
                 raise OSError(refused)
             assert self._http is not None
             async with asyncio.timeout(timeout):
-                async with self._http.post(job.url, data=job.body.encode(), headers=headers,
-                                           allow_redirects=False) as resp:
+                async with self._http.post(
+                    job.url, data=job.body.encode(), headers=headers, allow_redirects=False
+                ) as resp:
                     status = resp.status
                     # Read a small body to the end, so the connection goes back to the pool for reuse.
                     text = (await resp.content.read(_ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
@@ -389,8 +414,9 @@ class Dispatcher:
                 self.metrics.exhausted.inc()
             else:
                 next_at = datetime.now(UTC) + timedelta(seconds=delay)
-        self._outcomes.append(Outcome(job.delivery_id, job.endpoint_id, attempt, at, ok, status, latency_ms, error,
-                                      next_at, gone))
+        self._outcomes.append(
+            Outcome(job.delivery_id, job.endpoint_id, attempt, at, ok, status, latency_ms, error, next_at, gone)
+        )
         self._outcome_ready.set()
 
     # --- recording ----------------------------------------------------------------------------------
@@ -445,8 +471,11 @@ class Dispatcher:
         last_error = {o.endpoint_id: o.error for o in batch if not o.ok}
         for endpoint_id, since in failing:
             if endpoint_id not in reasons and now - since >= limit:
-                reasons[endpoint_id] = ("failing", f"every attempt failed since {since:%Y-%m-%d %H:%M:%S} UTC"
-                                                   f" (last error: {last_error.get(endpoint_id)})")
+                reasons[endpoint_id] = (
+                    "failing",
+                    f"every attempt failed since {since:%Y-%m-%d %H:%M:%S} UTC"
+                    f" (last error: {last_error.get(endpoint_id)})",
+                )
         for endpoint_id, (kind, reason) in reasons.items():
             if await asyncio.to_thread(self._disable, endpoint_id, reason):
                 self.metrics.disabled.labels(kind).inc()
@@ -455,5 +484,3 @@ class Dispatcher:
     def _disable(self, endpoint_id: uuid.UUID, reason: str) -> bool:
         with psycopg.connect(self.settings.postgres_dsn, autocommit=True, connect_timeout=5) as conn:
             return endpoints.disable_endpoint(conn, endpoint_id, reason)
-
-

@@ -58,8 +58,10 @@ class Endpoint(JsonFields):
         return out
 
 
-_COLUMNS = ("id, tenant_id, url, description, event_types, widget_ids, enabled, disabled_reason, disabled_at,"
-            " failing_since, created_at, updated_at")
+_COLUMNS = (
+    "id, tenant_id, url, description, event_types, widget_ids, enabled, disabled_reason, disabled_at,"
+    " failing_since, created_at, updated_at"
+)
 
 
 def new_secret() -> str:
@@ -67,10 +69,26 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
-def _audit(conn: psycopg.Connection, actor: str, action: str, endpoint: Endpoint, old: dict[str, Any] | None,
-           new: dict[str, Any] | None, request_id: str | None) -> None:
-    audit(conn, actor=actor, action=action, tenant_id=endpoint.tenant_id, entity="webhook_endpoint",
-          entity_id=str(endpoint.id), old=old, new=new, request_id=request_id)
+def _audit(
+    conn: psycopg.Connection,
+    actor: str,
+    action: str,
+    endpoint: Endpoint,
+    old: dict[str, Any] | None,
+    new: dict[str, Any] | None,
+    request_id: str | None,
+) -> None:
+    audit(
+        conn,
+        actor=actor,
+        action=action,
+        tenant_id=endpoint.tenant_id,
+        entity="webhook_endpoint",
+        entity_id=str(endpoint.id),
+        old=old,
+        new=new,
+        request_id=request_id,
+    )
 
 
 def _url(url: str, allow_private: bool) -> str:
@@ -85,8 +103,10 @@ def _event_types(values: list[str] | None) -> list[str] | None:
         return None
     unknown = sorted(set(values) - set(EVENT_TYPES))
     if unknown or not values or len(values) > MAX_FILTER_ITEMS:
-        raise WebhookError(f"event_types must be a non-empty list of {', '.join(EVENT_TYPES)}"
-                           + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        raise WebhookError(
+            f"event_types must be a non-empty list of {', '.join(EVENT_TYPES)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
     return sorted(set(values))
 
 
@@ -99,8 +119,10 @@ def _widget_ids(conn: psycopg.Connection, tenant_id: uuid.UUID, values: list[str
         ids = sorted({uuid.UUID(str(v)) for v in values})
     except ValueError:
         raise WebhookError("widget_ids must be widget ids (UUIDs)") from None
-    found = {r[0] for r in conn.execute("SELECT id FROM widget_configs WHERE tenant_id = %s AND id = ANY(%s)",
-                                        (tenant_id, ids))}
+    found = {
+        r[0]
+        for r in conn.execute("SELECT id FROM widget_configs WHERE tenant_id = %s AND id = ANY(%s)", (tenant_id, ids))
+    }
     missing = [str(i) for i in ids if i not in found]
     if missing:  # another tenant's widget is "unknown" too: nothing is revealed
         raise WebhookError(f"unknown widget ids: {', '.join(missing)}")
@@ -114,15 +136,19 @@ def _description(value: str | None) -> str:
     return value
 
 
-def get_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str,
-                 *, for_update: bool = False) -> Endpoint:
+def get_endpoint(
+    conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str, *, for_update: bool = False
+) -> Endpoint:
     try:
         eid = endpoint_id if isinstance(endpoint_id, uuid.UUID) else uuid.UUID(endpoint_id)
     except ValueError:
         raise EndpointNotFound(f"no webhook endpoint {endpoint_id}") from None
     with conn.cursor(row_factory=class_row(Endpoint)) as cur:
-        row = cur.execute(f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = %s AND tenant_id = %s"
-                          + (" FOR UPDATE" if for_update else ""), (eid, tenant_id)).fetchone()
+        row = cur.execute(
+            f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = %s AND tenant_id = %s"
+            + (" FOR UPDATE" if for_update else ""),
+            (eid, tenant_id),
+        ).fetchone()
     if row is None:
         raise EndpointNotFound(f"no webhook endpoint {endpoint_id}")
     return row
@@ -130,14 +156,24 @@ def get_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uu
 
 def list_endpoints(conn: psycopg.Connection, tenant_id: uuid.UUID) -> list[Endpoint]:
     with conn.cursor(row_factory=class_row(Endpoint)) as cur:
-        return cur.execute(f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE tenant_id = %s ORDER BY created_at, id",
-                           (tenant_id,)).fetchall()
+        return cur.execute(
+            f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE tenant_id = %s ORDER BY created_at, id", (tenant_id,)
+        ).fetchall()
 
 
-def create_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, url: str, *, actor: str, allow_private: bool,
-                    event_types: list[str] | None = None, widget_ids: list[str] | None = None,
-                    description: str | None = None, enabled: bool = True,
-                    request_id: str | None = None) -> tuple[Endpoint, str]:
+def create_endpoint(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    url: str,
+    *,
+    actor: str,
+    allow_private: bool,
+    event_types: list[str] | None = None,
+    widget_ids: list[str] | None = None,
+    description: str | None = None,
+    enabled: bool = True,
+    request_id: str | None = None,
+) -> tuple[Endpoint, str]:
     """Creates an endpoint; returns it with its signing secret (the only time the secret is returned).
     WebhookError for a refused URL (see webhooks.urls), unknown event types or widgets of another tenant."""
     url = _url(url, allow_private)
@@ -152,9 +188,19 @@ def create_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, url: str, *,
         conn.execute(
             "INSERT INTO webhook_endpoints (id, tenant_id, url, description, event_types, widget_ids, enabled,"
             " disabled_reason, disabled_at, secret) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (endpoint_id, tenant_id, url, desc, types, widgets, enabled,
-             None if enabled else f"created disabled by {actor}", None if enabled else datetime.now().astimezone(),
-             secret))
+            (
+                endpoint_id,
+                tenant_id,
+                url,
+                desc,
+                types,
+                widgets,
+                enabled,
+                None if enabled else f"created disabled by {actor}",
+                None if enabled else datetime.now().astimezone(),
+                secret,
+            ),
+        )
         endpoint = get_endpoint(conn, tenant_id, endpoint_id)
         _audit(conn, actor, "webhook_endpoint.create", endpoint, None, endpoint.public(), request_id)
     return endpoint, secret
@@ -163,10 +209,20 @@ def create_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, url: str, *,
 _UNSET: Any = object()
 
 
-def update_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str, *, actor: str,
-                    allow_private: bool, url: str = _UNSET, event_types: list[str] | None = _UNSET,
-                    widget_ids: list[str] | None = _UNSET, description: str | None = _UNSET,
-                    enabled: bool = _UNSET, request_id: str | None = None) -> Endpoint:
+def update_endpoint(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    endpoint_id: uuid.UUID | str,
+    *,
+    actor: str,
+    allow_private: bool,
+    url: str = _UNSET,
+    event_types: list[str] | None = _UNSET,
+    widget_ids: list[str] | None = _UNSET,
+    description: str | None = _UNSET,
+    enabled: bool = _UNSET,
+    request_id: str | None = None,
+) -> Endpoint:
     """Changes the given fields (None for a filter = no filter). Enabling clears the disabled reason and the
     failure clock; disabling records who did it. One audit row with the changed fields before and after."""
     new: dict[str, Any] = {}
@@ -191,34 +247,60 @@ def update_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id:
         if not changed:
             return old
         sets = ", ".join(f"{column} = %s" for column in changed)  # column names are ours, not input
-        conn.execute(f"UPDATE webhook_endpoints SET {sets}, updated_at = now() WHERE id = %s",
-                     (*changed.values(), old.id))
+        conn.execute(
+            f"UPDATE webhook_endpoints SET {sets}, updated_at = now() WHERE id = %s", (*changed.values(), old.id)
+        )
         endpoint = get_endpoint(conn, tenant_id, old.id)
         before, after = old.public(), endpoint.public()
-        _audit(conn, actor, "webhook_endpoint.update", endpoint, {k: before[k] for k in changed},
-               {k: after[k] for k in changed}, request_id)
+        _audit(
+            conn,
+            actor,
+            "webhook_endpoint.update",
+            endpoint,
+            {k: before[k] for k in changed},
+            {k: after[k] for k in changed},
+            request_id,
+        )
     return endpoint
 
 
-def disable_endpoint(conn: psycopg.Connection, endpoint_id: uuid.UUID, reason: str, *,
-                     actor: str = SYSTEM_ACTOR) -> bool:
+def disable_endpoint(
+    conn: psycopg.Connection, endpoint_id: uuid.UUID, reason: str, *, actor: str = SYSTEM_ACTOR
+) -> bool:
     """Disables an enabled endpoint with a reason its admins see (the dispatcher: 410 Gone, failing for days);
     False when it was already disabled or is gone."""
     with conn.transaction():
-        row = conn.execute("SELECT tenant_id FROM webhook_endpoints WHERE id = %s AND enabled FOR UPDATE",
-                           (endpoint_id,)).fetchone()
+        row = conn.execute(
+            "SELECT tenant_id FROM webhook_endpoints WHERE id = %s AND enabled FOR UPDATE", (endpoint_id,)
+        ).fetchone()
         if row is None:
             return False
-        conn.execute("UPDATE webhook_endpoints SET enabled = false, disabled_reason = %s, disabled_at = now(),"
-                     " updated_at = now() WHERE id = %s", (reason, endpoint_id))
+        conn.execute(
+            "UPDATE webhook_endpoints SET enabled = false, disabled_reason = %s, disabled_at = now(),"
+            " updated_at = now() WHERE id = %s",
+            (reason, endpoint_id),
+        )
         endpoint = get_endpoint(conn, row[0], endpoint_id)
-        _audit(conn, actor, "webhook_endpoint.disable", endpoint, {"enabled": True},
-               {"enabled": False, "disabled_reason": reason}, None)
+        _audit(
+            conn,
+            actor,
+            "webhook_endpoint.disable",
+            endpoint,
+            {"enabled": True},
+            {"enabled": False, "disabled_reason": reason},
+            None,
+        )
     return True
 
 
-def delete_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str, *, actor: str,
-                    request_id: str | None = None) -> Endpoint:
+def delete_endpoint(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    endpoint_id: uuid.UUID | str,
+    *,
+    actor: str,
+    request_id: str | None = None,
+) -> Endpoint:
     """Deletes the endpoint with its queued deliveries and their log."""
     with conn.transaction():
         endpoint = get_endpoint(conn, tenant_id, endpoint_id, for_update=True)
@@ -227,8 +309,15 @@ def delete_endpoint(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id:
     return endpoint
 
 
-def deliveries_page(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str, *,
-                    limit: int = 50, cursor: str | None = None, status: str | None = None) -> dict[str, Any]:
+def deliveries_page(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    endpoint_id: uuid.UUID | str,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    status: str | None = None,
+) -> dict[str, Any]:
     """The endpoint's deliveries, newest first, each with its attempts (attempt, at, response_status,
     latency_ms, error): {data: [...], next_cursor: str | None}. Keyset-paged on the delivery id."""
     if not 1 <= limit <= DELIVERIES_PAGE_MAX:
@@ -245,22 +334,51 @@ def deliveries_page(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id:
         "SELECT id, webhook_id, widget_id, event_id, status, attempts, next_attempt_at, created_at"
         " FROM webhook_deliveries WHERE endpoint_id = %s AND (%s::bigint IS NULL OR id < %s)"
         " AND (%s::text IS NULL OR status = %s) ORDER BY id DESC LIMIT %s",
-        (endpoint.id, before, before, status, status, limit + 1)).fetchall()
+        (endpoint.id, before, before, status, status, limit + 1),
+    ).fetchall()
     page = rows[:limit]
     attempts: dict[int, list[dict[str, Any]]] = {r[0]: [] for r in page}
     for delivery_id, attempt, at, response_status, latency_ms, error in conn.execute(
-            "SELECT delivery_id, attempt, at, response_status, latency_ms, error FROM webhook_attempts"
-            " WHERE delivery_id = ANY(%s) ORDER BY delivery_id, id", (list(attempts),)):
-        attempts[delivery_id].append({"attempt": attempt, "at": at.isoformat(), "response_status": response_status,
-                                      "latency_ms": round(latency_ms, 1), "error": error})
-    data = [{"id": str(r[0]), "webhook_id": r[1], "widget_id": str(r[2]), "event_id": str(r[3]), "status": r[4],
-             "attempts": r[5], "next_attempt_at": r[6].isoformat() if r[4] == "pending" else None,
-             "created_at": r[7].isoformat(), "attempt_log": attempts[r[0]]} for r in page]
+        "SELECT delivery_id, attempt, at, response_status, latency_ms, error FROM webhook_attempts"
+        " WHERE delivery_id = ANY(%s) ORDER BY delivery_id, id",
+        (list(attempts),),
+    ):
+        attempts[delivery_id].append(
+            {
+                "attempt": attempt,
+                "at": at.isoformat(),
+                "response_status": response_status,
+                "latency_ms": round(latency_ms, 1),
+                "error": error,
+            }
+        )
+    data = [
+        {
+            "id": str(r[0]),
+            "webhook_id": r[1],
+            "widget_id": str(r[2]),
+            "event_id": str(r[3]),
+            "status": r[4],
+            "attempts": r[5],
+            "next_attempt_at": r[6].isoformat() if r[4] == "pending" else None,
+            "created_at": r[7].isoformat(),
+            "attempt_log": attempts[r[0]],
+        }
+        for r in page
+    ]
     return {"data": data, "next_cursor": data[-1]["id"] if len(rows) > limit else None}
 
 
-def replay(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUID | str, since: datetime,
-           until: datetime, *, actor: str, request_id: str | None = None) -> int:
+def replay(
+    conn: psycopg.Connection,
+    tenant_id: uuid.UUID,
+    endpoint_id: uuid.UUID | str,
+    since: datetime,
+    until: datetime,
+    *,
+    actor: str,
+    request_id: str | None = None,
+) -> int:
     """Queues again every stored event of the tenant with `since <= occurred_at < until` that matches the
     endpoint's filters: a delivery that succeeded or failed starts a new round (same webhook-id), a missing one
     is created, a pending one keeps its schedule. Returns how many were queued. Audited."""
@@ -283,7 +401,15 @@ def replay(conn: psycopg.Connection, tenant_id: uuid.UUID, endpoint_id: uuid.UUI
             f" ON CONFLICT (endpoint_id, widget_id, event_id) DO UPDATE"
             f" SET status = 'pending', attempts = 0, next_attempt_at = now()"
             f" WHERE webhook_deliveries.status <> 'pending'",
-            (since, until, endpoint.id)).rowcount
-        _audit(conn, actor, "webhook_endpoint.replay", endpoint, None,
-               {"from": since.isoformat(), "to": until.isoformat(), "queued": queued}, request_id)
+            (since, until, endpoint.id),
+        ).rowcount
+        _audit(
+            conn,
+            actor,
+            "webhook_endpoint.replay",
+            endpoint,
+            None,
+            {"from": since.isoformat(), "to": until.isoformat(), "queued": queued},
+            request_id,
+        )
     return queued

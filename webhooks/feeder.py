@@ -48,8 +48,12 @@ class Pending:
 
 
 class Feeder:
-    def __init__(self, settings: Settings, metrics: WebhookMetrics,
-                 enqueue: Callable[[list[tuple[uuid.UUID, uuid.UUID]], Callable[[], bool]], int | None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: WebhookMetrics,
+        enqueue: Callable[[list[tuple[uuid.UUID, uuid.UUID]], Callable[[], bool]], int | None],
+    ) -> None:
         """`enqueue(keys, stopping)` queues (and commits) the deliveries of these stored events' (widget_id,
         event_id) keys and returns how many were new, or None when the stage stops first; it raises
         psycopg.Error when the database fails (Dispatcher.enqueue_from_thread)."""
@@ -59,8 +63,9 @@ class Feeder:
         topics = Topics.from_settings(settings)
         # Whatever the sink reads is what "stored" refers to.
         self.topic = topics.enriched_events if settings.sink_from_enriched else topics.raw_events
-        self.consumer = Consumer(consumer_config(settings, settings.webhooks_group,
-                                                 **{"max.poll.interval.ms": 300_000}))
+        self.consumer = Consumer(
+            consumer_config(settings, settings.webhooks_group, **{"max.poll.interval.ms": 300_000})
+        )
         self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         self.decoder = EventDecoder()
         self.liveness = Liveness(max_silence_s=60.0)
@@ -73,14 +78,16 @@ class Feeder:
     # --- loop ---------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        self.consumer.subscribe(
+            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
         log.info("webhooks reader started", extra={"topic": self.topic, "group": self.settings.webhooks_group})
         try:
             while not self.stopping.is_set():
                 self.liveness.tick()
-                messages = self._consume(self.settings.webhooks_batch_max_messages,
-                                         _SINK_POLL_S if self.pending else _POLL_S)
+                messages = self._consume(
+                    self.settings.webhooks_batch_max_messages, _SINK_POLL_S if self.pending else _POLL_S
+                )
                 if messages:
                     self._add(messages)
                 if self.pending:
@@ -169,8 +176,7 @@ class Feeder:
         for p in rest:
             _, partition, offset = position(p.message)
             first_waiting.setdefault(partition, offset)
-        ready = [p for p in ready
-                 if position(p.message)[2] < first_waiting.get(position(p.message)[1], 1 << 62)]
+        ready = [p for p in ready if position(p.message)[2] < first_waiting.get(position(p.message)[1], 1 << 62)]
         if not ready:
             return
         keys = [k for p in ready for k in p.keys]
@@ -190,8 +196,9 @@ class Feeder:
     def _sink_offsets(self, partitions: list[int]) -> dict[int, int]:
         if not partitions:
             return {}
-        request = ConsumerGroupTopicPartitions(self.settings.sink_group,
-                                               [TopicPartition(self.topic, p) for p in partitions])
+        request = ConsumerGroupTopicPartitions(
+            self.settings.sink_group, [TopicPartition(self.topic, p) for p in partitions]
+        )
         try:
             [future] = self.admin.list_consumer_group_offsets([request], request_timeout=10).values()
             answer = future.result()
@@ -223,8 +230,12 @@ class Feeder:
         while not self.stopping.is_set():
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self.settings.postgres_dsn, autocommit=True, connect_timeout=5,
-                                                 application_name="site-activity-webhooks")
+                    self._conn = psycopg.connect(
+                        self.settings.postgres_dsn,
+                        autocommit=True,
+                        connect_timeout=5,
+                        application_name="site-activity-webhooks",
+                    )
                 return step(self._conn)
             except psycopg.Error as exc:
                 self.metrics.db_errors.labels("enqueue").inc()

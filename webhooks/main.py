@@ -30,8 +30,9 @@ async def _serve(settings: Settings) -> int:
     feeder = Feeder(settings, metrics, dispatcher.enqueue_from_thread)
     # kafka_consumergroup_* gauges of this stage's own group on its /metrics, like the sink and the processors.
     lag = start_lag_metrics(metrics.registry, settings, [webhooks_group(settings)])
-    server = serve_http(settings.http_host, settings.webhooks_http_port, metrics,
-                        AllAlive(feeder.liveness, dispatcher.liveness))
+    server = serve_http(
+        settings.http_host, settings.webhooks_http_port, metrics, AllAlive(feeder.liveness, dispatcher.liveness)
+    )
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

@@ -24,8 +24,10 @@ import psycopg
 # (the Standard Webhooks signature joins id, timestamp and body with dots).
 WEBHOOK_ID = "'msg_' || md5(ep.id::text || ':' || e.widget_id::text || ':' || e.event_id::text)"
 # Whether event row `e` matches endpoint `ep`'s filters (NULL filter = everything).
-MATCHES_FILTERS = ("(ep.event_types IS NULL OR e.event_type = ANY(ep.event_types))"
-                   " AND (ep.widget_ids IS NULL OR e.widget_id = ANY(ep.widget_ids))")
+MATCHES_FILTERS = (
+    "(ep.event_types IS NULL OR e.event_type = ANY(ep.event_types))"
+    " AND (ep.widget_ids IS NULL OR e.widget_id = ANY(ep.widget_ids))"
+)
 
 
 def tenants_with_endpoints(conn: psycopg.Connection) -> set[str]:
@@ -92,9 +94,15 @@ SELECT NULL, NULL, count(*), NULL, NULL, NULL, NULL, NULL FROM ins WHERE NOT ins
 """
 
 
-async def enqueue_and_take(conn: psycopg.AsyncConnection, keys: Sequence[tuple[uuid.UUID, uuid.UUID]], *,
-                           room: dict[uuid.UUID, int], room_default: int, room_total: int,
-                           lease_s: float) -> tuple[int, int, list[Claimed]]:
+async def enqueue_and_take(
+    conn: psycopg.AsyncConnection,
+    keys: Sequence[tuple[uuid.UUID, uuid.UUID]],
+    *,
+    room: dict[uuid.UUID, int],
+    room_default: int,
+    room_total: int,
+    lease_s: float,
+) -> tuple[int, int, list[Claimed]]:
     """Queues a delivery per (stored event, matching endpoint) for these (widget_id, event_id) keys, committed
     before it returns; events that are not rows (duplicates the sink skipped are rows already queued; deleted
     widgets, erased people, expired events are not rows) queue nothing. Idempotent. Leases some of the new
@@ -105,10 +113,19 @@ async def enqueue_and_take(conn: psycopg.AsyncConnection, keys: Sequence[tuple[u
         return 0, 0, []
     # One statement on an autocommit connection: its own transaction, committed when execute() returns (one
     # round trip instead of three with BEGIN and COMMIT).
-    cur = await conn.execute(_ENQUEUE_AND_TAKE, {
-        "widget_ids": [k[0] for k in keys], "event_ids": [k[1] for k in keys], "room_ids": list(room),
-        "room_n": list(room.values()), "room_default": room_default, "room_total": room_total,
-        "lease_s": lease_s}, prepare=False)
+    cur = await conn.execute(
+        _ENQUEUE_AND_TAKE,
+        {
+            "widget_ids": [k[0] for k in keys],
+            "event_ids": [k[1] for k in keys],
+            "room_ids": list(room),
+            "room_n": list(room.values()),
+            "room_default": room_default,
+            "room_total": room_total,
+            "lease_s": lease_s,
+        },
+        prepare=False,
+    )
     rows = await cur.fetchall()
     taken = sorted((Claimed(*row) for row in rows if row[0] is not None), key=lambda c: c.delivery_id)
     left = sum(row[2] for row in rows if row[0] is None)
@@ -161,15 +178,31 @@ class Claimed:
     body: str
 
 
-async def claim(conn: psycopg.AsyncConnection, *, room_total: int, room: dict[uuid.UUID, int], room_default: int,
-                busy: dict[uuid.UUID, int], lease_s: float) -> list[Claimed]:
+async def claim(
+    conn: psycopg.AsyncConnection,
+    *,
+    room_total: int,
+    room: dict[uuid.UUID, int],
+    room_default: int,
+    busy: dict[uuid.UUID, int],
+    lease_s: float,
+) -> list[Claimed]:
     """Claims up to `room_total` due deliveries of enabled endpoints, per healthy endpoint at most room[endpoint]
     (room_default for one not in `room`), per failing endpoint 1 minus busy[endpoint] (what the caller holds)."""
     # One statement on an autocommit connection (see enqueue_and_take).
-    cur = await conn.execute(_CLAIM, {"busy_ids": list(busy), "busy_n": list(busy.values()),
-                                      "room_ids": list(room), "room_n": list(room.values()),
-                                      "room_default": room_default, "room": room_total, "lease_s": lease_s},
-                             prepare=False)
+    cur = await conn.execute(
+        _CLAIM,
+        {
+            "busy_ids": list(busy),
+            "busy_n": list(busy.values()),
+            "room_ids": list(room),
+            "room_n": list(room.values()),
+            "room_default": room_default,
+            "room": room_total,
+            "lease_s": lease_s,
+        },
+        prepare=False,
+    )
     # Oldest first (ids follow the order deliveries were queued); RETURNING has no order of its own.
     return sorted((Claimed(*row) for row in await cur.fetchall()), key=lambda c: c.delivery_id)
 
@@ -237,17 +270,27 @@ async def record(conn: psycopg.AsyncConnection, outcomes: Sequence[Outcome]) -> 
     # Every attempt is logged; only the deciding one of each delivery also carries the state to move to.
     rows = [(o, _state(o) if deciding[o.delivery_id] is o else None) for o in outcomes]
     async with conn.transaction():
-        await conn.execute(_RECORD, {
-            "ids": [o.delivery_id for o, _ in rows], "attempt": [o.attempt for o, _ in rows],
-            "at": [o.at for o, _ in rows], "status": [o.response_status for o, _ in rows],
-            "latency": [o.latency_ms for o, _ in rows], "error": [o.error for o, _ in rows],
-            "next_at": [o.next_attempt_at for o, _ in rows], "state": [state for _, state in rows]},
-            prepare=False)
+        await conn.execute(
+            _RECORD,
+            {
+                "ids": [o.delivery_id for o, _ in rows],
+                "attempt": [o.attempt for o, _ in rows],
+                "at": [o.at for o, _ in rows],
+                "status": [o.response_status for o, _ in rows],
+                "latency": [o.latency_ms for o, _ in rows],
+                "error": [o.error for o, _ in rows],
+                "next_at": [o.next_attempt_at for o, _ in rows],
+                "state": [state for _, state in rows],
+            },
+            prepare=False,
+        )
         ok = sorted({o.endpoint_id for o in outcomes if o.ok})
         failed = {o.endpoint_id: o.at for o in sorted(outcomes, key=lambda o: o.at, reverse=True) if not o.ok}
         if ok:
-            await conn.execute("UPDATE webhook_endpoints SET failing_since = NULL"
-                               " WHERE id = ANY(%s) AND failing_since IS NOT NULL", (ok,))
+            await conn.execute(
+                "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ANY(%s) AND failing_since IS NOT NULL",
+                (ok,),
+            )
         if not failed:
             return []
         # A success later in this same batch wins over a failure (the endpoint answered).
@@ -255,5 +298,7 @@ async def record(conn: psycopg.AsyncConnection, outcomes: Sequence[Outcome]) -> 
         cur2 = await conn.execute(
             "UPDATE webhook_endpoints ep SET failing_since = coalesce(ep.failing_since, f.at)"
             " FROM unnest(%s::uuid[], %s::timestamptz[]) AS f (id, at) WHERE ep.id = f.id AND ep.enabled"
-            " RETURNING ep.id, ep.failing_since", (still, [failed[e] for e in still]))
+            " RETURNING ep.id, ep.failing_since",
+            (still, [failed[e] for e in still]),
+        )
         return [(r[0], r[1]) for r in await cur2.fetchall()]

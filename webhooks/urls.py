@@ -53,8 +53,10 @@ def parse_url(url: str) -> tuple[str, str, int]:
 
 
 def _refusal(host: str, address: str) -> UrlRefused:
-    return UrlRefused(f"{host} resolves to {address}, which is not a public address (private, loopback, "
-                      "link-local or reserved); such endpoints are refused")
+    return UrlRefused(
+        f"{host} resolves to {address}, which is not a public address (private, loopback, "
+        "link-local or reserved); such endpoints are refused"
+    )
 
 
 def check_addresses(host: str, addresses: typing.Iterable[str]) -> list[str]:
@@ -93,8 +95,9 @@ class GuardedResolver(AbstractResolver):
     def __init__(self) -> None:
         self._inner = ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         try:
             check_addresses(host, [r["host"] for r in found])

@@ -42,5 +42,5 @@ def snippet_html() -> str:
 def snippet_csp_hash() -> str:
     """The CSP source ('sha256-…') that allows the inline snippet, pasted byte for byte, under `script-src`."""
     html = snippet_html()
-    code = html[html.index("<script>") + len("<script>"):html.index("</script>")]
+    code = html[html.index("<script>") + len("<script>") : html.index("</script>")]
     return "'sha256-" + base64.b64encode(hashlib.sha256(code.encode()).digest()).decode() + "'"

@@ -36,21 +36,27 @@ def script_tag(api_origin: str, widget_id: str) -> str:
 
 
 def watch_command(postgres_dsn: str, widget_id: str) -> str:
-    sql = ("select occurred_at, event_type, name, url, properties from visitor_events "
-           f"where widget_id = '{widget_id}' order by occurred_at desc limit 20")
+    sql = (
+        "select occurred_at, event_type, name, url, properties from visitor_events "
+        f"where widget_id = '{widget_id}' order by occurred_at desc limit 20"
+    )
     return f'psql "{postgres_dsn}" -c "{sql}"'
 
 
 def create_demo_app(api_origin: str, widget_id: str, postgres_dsn: str | None = None) -> Starlette:
     """A Starlette app serving widget/demo/ with the embed code pointing at `{api_origin}/widget.js`."""
     head = script_tag(api_origin, widget_id)
-    watch = html.escape(watch_command(postgres_dsn, widget_id) if postgres_dsn else
-                        f"select * from visitor_events where widget_id = '{widget_id}' order by occurred_at desc;")
+    watch = html.escape(
+        watch_command(postgres_dsn, widget_id)
+        if postgres_dsn
+        else f"select * from visitor_events where widget_id = '{widget_id}' order by occurred_at desc;"
+    )
 
     def render(name: str) -> HTMLResponse:
         page = (DEMO_DIR / name).read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{HYDRA}}", head).replace("{{WATCH}}", watch),
-                            headers={"Cache-Control": "no-store"})
+        return HTMLResponse(
+            page.replace("{{HYDRA}}", head).replace("{{WATCH}}", watch), headers={"Cache-Control": "no-store"}
+        )
 
     async def page(request: Request) -> Response:
         return render(PAGES[request.url.path])
@@ -71,16 +77,24 @@ def create_demo_app(api_origin: str, widget_id: str, postgres_dsn: str | None = 
         return Response(status_code=204)  # a 404 would print an error in the console newcomers are watching
 
     routes = [Route(path, page) for path in PAGES]
-    routes += [Route("/app/{rest:path}", spa), Route("/app", spa), Route("/static/{name}", static),
-               Route("/healthz", healthz), Route("/favicon.ico", no_favicon)]
+    routes += [
+        Route("/app/{rest:path}", spa),
+        Route("/app", spa),
+        Route("/static/{name}", static),
+        Route("/healthz", healthz),
+        Route("/favicon.ico", no_favicon),
+    ]
     return Starlette(routes=routes)
 
 
 def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
     # log_config=None keeps the process's own (JSON) logging; uvicorn only installs signal handlers
     # on the main thread, so these servers leave Ctrl-C to their host process.
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, log_level="warning",
-                                         access_log=False, lifespan="off"))
+    return uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_config=None, log_level="warning", access_log=False, lifespan="off"
+        )
+    )
 
 
 class ServerThread:

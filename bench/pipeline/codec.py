@@ -25,19 +25,42 @@ def section_codec(prof: Profile, out: dict[str, Any]) -> list[Row]:
     legacy = run_codec("avro-python3", prof.codec_seconds, legacy_path) if legacy_path else None
     out["codec"] = {"fastavro": fast, "avro": ref, "avro_python3": legacy or {"error": why}}
     if "error" in fast or "error" in ref:
-        return [Row("codec: fastavro vs Apache avro", f"failed: {fast.get('error') or ref.get('error')}",
-                    "-", "-", "-", "FAIL")]
-    rows = [Row(f"codec: fastavro {fast['version']} encodes/s (schemas.codec)", f"{fast['encodes_per_s']:,.0f} /s",
-                f"{ref['encodes_per_s']:,.0f} /s Apache avro {ref['version']}",
-                f"{fast['encodes_per_s'] / ref['encodes_per_s']:.1f}x", "-", "info")]
+        return [
+            Row(
+                "codec: fastavro vs Apache avro",
+                f"failed: {fast.get('error') or ref.get('error')}",
+                "-",
+                "-",
+                "-",
+                "FAIL",
+            )
+        ]
+    rows = [
+        Row(
+            f"codec: fastavro {fast['version']} encodes/s (schemas.codec)",
+            f"{fast['encodes_per_s']:,.0f} /s",
+            f"{ref['encodes_per_s']:,.0f} /s Apache avro {ref['version']}",
+            f"{fast['encodes_per_s'] / ref['encodes_per_s']:.1f}x",
+            "-",
+            "info",
+        )
+    ]
     if legacy is None or "error" in legacy:
         reason = why if legacy is None else legacy["error"]
-        rows.append(Row("codec: avro-python3 (deprecated) encodes/s", f"not installable here: {reason}",
-                        "-", "-", "-", "n/a"))
+        rows.append(
+            Row("codec: avro-python3 (deprecated) encodes/s", f"not installable here: {reason}", "-", "-", "-", "n/a")
+        )
     else:
-        rows.append(Row(f"codec: avro-python3 {legacy['version']} (deprecated) encodes/s", f"{legacy['encodes_per_s']:,.0f} /s",
-                        f"{fast['encodes_per_s']:,.0f} /s fastavro",
-                        f"fastavro {fast['encodes_per_s'] / legacy['encodes_per_s']:.1f}x faster", "-", "info"))
+        rows.append(
+            Row(
+                f"codec: avro-python3 {legacy['version']} (deprecated) encodes/s",
+                f"{legacy['encodes_per_s']:,.0f} /s",
+                f"{fast['encodes_per_s']:,.0f} /s fastavro",
+                f"fastavro {fast['encodes_per_s'] / legacy['encodes_per_s']:.1f}x faster",
+                "-",
+                "info",
+            )
+        )
     return rows
 
 
@@ -45,8 +68,14 @@ def run_codec(lib: str, seconds: float, pythonpath: Path | None = None) -> dict[
     env = {**os.environ}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run([sys.executable, str(CODEC_BENCH), "--lib", lib, "--seconds", str(seconds)],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(CODEC_BENCH), "--lib", lib, "--seconds", str(seconds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
     lines = proc.stdout.strip().splitlines()
     result: dict[str, Any] = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     if proc.returncode != 0 or not result or "error" in result:
@@ -65,8 +94,22 @@ def install_avro_python3() -> tuple[Path | None, str]:
         return target, ""
     say("    [codec] installing avro-python3 into bench/.cache (once)")
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                               "--target", str(target), "avro-python3"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+                str(target),
+                "avro-python3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         return None, "pip install timed out"
     if proc.returncode != 0:

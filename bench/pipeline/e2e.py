@@ -97,8 +97,7 @@ class HopTap:
     def __init__(self, settings: Settings, topics: list[str]) -> None:
         self.first_seen: dict[str, dict[bytes, int]] = {t: {} for t in topics}
         self._stop = threading.Event()
-        self._consumer = Consumer(consumer_config(settings, f"bench-tap-{uuid.uuid4().hex[:8]}",
-                                                  **{}))
+        self._consumer = Consumer(consumer_config(settings, f"bench-tap-{uuid.uuid4().hex[:8]}", **{}))
         self._consumer.subscribe(topics)
         self._thread = threading.Thread(target=self._run, name="hop-tap", daemon=True)
         self._thread.start()
@@ -123,12 +122,14 @@ def section_e2e(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
 
 def section_e2e_processors(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
     """The same load with the faust processors between the raw topic and the sink (issue 3's target)."""
-    return _e2e(stack, prof, out, "e2e-processors", processors=True,
-                freshness_target_s=FRESHNESS_WITH_PROCESSORS_P99_TARGET_S)
+    return _e2e(
+        stack, prof, out, "e2e-processors", processors=True, freshness_target_s=FRESHNESS_WITH_PROCESSORS_P99_TARGET_S
+    )
 
 
-def _e2e(stack: Stack, prof: Profile, out: dict[str, Any], section: str, processors: bool,
-         freshness_target_s: float) -> list[Row]:
+def _e2e(
+    stack: Stack, prof: Profile, out: dict[str, Any], section: str, processors: bool, freshness_target_s: float
+) -> list[Row]:
     stack.truncate_events()
     rate_req = prof.e2e_events_s / EVENTS_PER_BODY
     n_req = int(rate_req * prof.e2e_seconds)
@@ -146,16 +147,34 @@ def _e2e(stack: Stack, prof: Profile, out: dict[str, Any], section: str, process
         say(f"[{section}] warming up: one batch through the whole pipeline")
         post_until_accepted(s.http_port, make_bodies(warm_widget, 1, seed=4)[0])
         wait_rows(stack.postgres.dsn, warm_widget, EVENTS_PER_BODY, timeout=60)
-        say(f"[{section}] {prof.e2e_events_s:,} events/s ({rate_req:,.0f} requests/s) for {prof.e2e_seconds:.0f}s, "
-            "every request's first event timed to its row")
+        say(
+            f"[{section}] {prof.e2e_events_s:,} events/s ({rate_req:,.0f} requests/s) for {prof.e2e_seconds:.0f}s, "
+            "every request's first event timed to its row"
+        )
         probe = FreshnessProbe(stack.postgres.dsn, widget_id)
         topics = Topics.from_settings(s)
         tap = HopTap(s, [topics.raw_events, topics.enriched_events]) if processors else None
         try:
-            load = Loadgen(section, s.http_port, widget_id, "--mode", "open", "--clients", "64",
-                           "--rate", f"{rate_req:.2f}", "--duration", str(prof.e2e_seconds),
-                           "--bodies", str(n_req), "--max-requests", str(n_req), "--seed", "11",
-                           on_marker=probe.marker)
+            load = Loadgen(
+                section,
+                s.http_port,
+                widget_id,
+                "--mode",
+                "open",
+                "--clients",
+                "64",
+                "--rate",
+                f"{rate_req:.2f}",
+                "--duration",
+                str(prof.e2e_seconds),
+                "--bodies",
+                str(n_req),
+                "--max-requests",
+                str(n_req),
+                "--seed",
+                "11",
+                on_marker=probe.marker,
+            )
             try:
                 with stack.profiler.record(section, *procs), stack.cpu.measure(section):
                     result = drive_probe(probe, load, prof.e2e_seconds)
@@ -171,10 +190,17 @@ def _e2e(stack: Stack, prof: Profile, out: dict[str, Any], section: str, process
             probe.close()
             hops = tap.hops_s(topics.raw_events, topics.enriched_events) if tap else []
     accepted = result["events_ok"]
-    e2e = {"offered_events_s": prof.e2e_events_s, "load": result, "rows": rows, "accepted_events": accepted,
-           "sustained_events_s": sustained, "rows_timeline": timeline, "markers_timed": len(fresh),
-           "markers_missing": missing,
-           "freshness_s": {"p50": pct(fresh, 0.5), "p99": pct(fresh, 0.99), "max": max(fresh) if fresh else None}}
+    e2e = {
+        "offered_events_s": prof.e2e_events_s,
+        "load": result,
+        "rows": rows,
+        "accepted_events": accepted,
+        "sustained_events_s": sustained,
+        "rows_timeline": timeline,
+        "markers_timed": len(fresh),
+        "markers_missing": missing,
+        "freshness_s": {"p50": pct(fresh, 0.5), "p99": pct(fresh, 0.99), "max": max(fresh) if fresh else None},
+    }
     out[section] = e2e
     f = e2e["freshness_s"]
     complete = rows == accepted and result["errors"] == 0
@@ -182,20 +208,35 @@ def _e2e(stack: Stack, prof: Profile, out: dict[str, Any], section: str, process
     if processors:
         e2e["processors_hop_s"] = {"p50": pct(hops, 0.5), "p99": pct(hops, 0.99), "requests": len(hops)}
         h = e2e["processors_hop_s"]
-        hop_rows.append(Row(f"{label}: of which the processors (raw -> enriched message)",
-                            f"p50 {h['p50']:.3f} s, p99 {h['p99']:.3f} s" if hops else "not measured",
-                            "-", "-", "-", "info"))
+        hop_rows.append(
+            Row(
+                f"{label}: of which the processors (raw -> enriched message)",
+                f"p50 {h['p50']:.3f} s, p99 {h['p99']:.3f} s" if hops else "not measured",
+                "-",
+                "-",
+                "-",
+                "info",
+            )
+        )
     return [
-        Row(f"{label}: events/s sustained HTTP -> Postgres",
+        Row(
+            f"{label}: events/s sustained HTTP -> Postgres",
             f"{sustained:,.0f} events/s; {rows:,} rows of {accepted:,} accepted"
             + (f", {result['errors']} non-204" if result["errors"] else ""),
-            f"{prof.e2e_events_s:,} events/s offered", f"{sustained / prof.e2e_events_s:.1%}",
-            f">= {E2E_SUSTAINED_RATIO:.0%} of offered, no loss", verdict(complete and sustained >= E2E_SUSTAINED_RATIO * prof.e2e_events_s)),
-        Row(f"{label}: freshness (204 -> row visible)",
+            f"{prof.e2e_events_s:,} events/s offered",
+            f"{sustained / prof.e2e_events_s:.1%}",
+            f">= {E2E_SUSTAINED_RATIO:.0%} of offered, no loss",
+            verdict(complete and sustained >= E2E_SUSTAINED_RATIO * prof.e2e_events_s),
+        ),
+        Row(
+            f"{label}: freshness (204 -> row visible)",
             (f"p50 {f['p50']:.3f} s, p99 {f['p99']:.3f} s" if fresh else "no marker seen")
             + (f"; {missing} never visible" if missing else ""),
-            "-", "-", f"p99 < {freshness_target_s:.0f} s",
-            verdict(bool(fresh) and missing == 0 and f["p99"] < freshness_target_s)),
+            "-",
+            "-",
+            f"p99 < {freshness_target_s:.0f} s",
+            verdict(bool(fresh) and missing == 0 and f["p99"] < freshness_target_s),
+        ),
     ] + hop_rows
 
 
@@ -234,6 +275,13 @@ def processors_cost_rows(out: dict[str, Any]) -> list[Row]:
     if not without or not with_:
         return []
     ratio = with_["sustained_events_s"] / without["sustained_events_s"]
-    return [Row("end-to-end: with processors vs without (same run)",
-                f"{with_['sustained_events_s']:,.0f} events/s", f"{without['sustained_events_s']:,.0f} events/s without",
-                f"{ratio:.1%}", f">= {WITH_PROCESSORS_VS_WITHOUT:.0%}", verdict(ratio >= WITH_PROCESSORS_VS_WITHOUT))]
+    return [
+        Row(
+            "end-to-end: with processors vs without (same run)",
+            f"{with_['sustained_events_s']:,.0f} events/s",
+            f"{without['sustained_events_s']:,.0f} events/s without",
+            f"{ratio:.1%}",
+            f">= {WITH_PROCESSORS_VS_WITHOUT:.0%}",
+            verdict(ratio >= WITH_PROCESSORS_VS_WITHOUT),
+        )
+    ]

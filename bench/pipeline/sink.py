@@ -37,14 +37,16 @@ def bare_copy(dsn: str, rows: list[tuple[Any, ...]], batch: int = 10_000, foreig
         conn.execute("DROP TABLE IF EXISTS bench_copy")
         conn.execute("CREATE TABLE bench_copy (LIKE visitor_events INCLUDING ALL)")
         if foreign_keys:
-            conn.execute("ALTER TABLE bench_copy"
-                         " ADD FOREIGN KEY (widget_id) REFERENCES widget_configs (id) ON DELETE CASCADE,"
-                         " ADD FOREIGN KEY (customer_id) REFERENCES customers (id) ON DELETE SET NULL")
+            conn.execute(
+                "ALTER TABLE bench_copy"
+                " ADD FOREIGN KEY (widget_id) REFERENCES widget_configs (id) ON DELETE CASCADE,"
+                " ADD FOREIGN KEY (customer_id) REFERENCES customers (id) ON DELETE SET NULL"
+            )
         conn.commit()
         start = time.perf_counter()
         for at in range(0, len(rows), batch):
             with conn.cursor() as cur, cur.copy(f"COPY bench_copy ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-                for row in rows[at:at + batch]:
+                for row in rows[at : at + batch]:
                     copy.write_row(row)
             conn.commit()
         elapsed = time.perf_counter() - start
@@ -74,20 +76,38 @@ def section_sink(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
         copy = bare_copy(stack.postgres.dsn, copy_rows)
         copy_no_fk = bare_copy(stack.postgres.dsn, copy_rows, foreign_keys=False)
         del records, bodies, copy_rows
-        say(f"[sink] bare COPY: {copy['rows_per_s']:,.0f} rows/s ({copy_no_fk['rows_per_s']:,.0f} without foreign keys)")
+        say(
+            f"[sink] bare COPY: {copy['rows_per_s']:,.0f} rows/s ({copy_no_fk['rows_per_s']:,.0f} without foreign keys)"
+        )
 
-        with (stack.stage("sink", s, None) as proc, psycopg.connect(stack.postgres.dsn, autocommit=True) as conn,
-              stack.profiler.record("sink", proc), stack.cpu.measure("sink")):
+        with (
+            stack.stage("sink", s, None) as proc,
+            psycopg.connect(stack.postgres.dsn, autocommit=True) as conn,
+            stack.profiler.record("sink", proc),
+            stack.cpu.measure("sink"),
+        ):
             sink = poll_sink(conn, proc, widget_id, n, timeout=max(60.0, n / 2_000))
     out["sink"] = {"preload": preload, "bare_copy": copy, "bare_copy_without_foreign_keys": copy_no_fk, "sink": sink}
     ratio = sink["rows_per_s"] / copy["rows_per_s"]
     ratio_no_fk = sink["rows_per_s"] / copy_no_fk["rows_per_s"]
-    return [Row("sink: rows/s raw topic -> visitor_events", f"{sink['rows_per_s']:,.0f} rows/s",
-                f"{copy['rows_per_s']:,.0f} rows/s bare binary COPY (same constraints)", f"{ratio:.1%}",
-                f">= {SINK_TARGET_RATIO:.0%} of bare COPY", verdict(ratio >= SINK_TARGET_RATIO and sink["complete"])),
-            Row("sink: same, vs a COPY that skips the foreign-key checks", f"{sink['rows_per_s']:,.0f} rows/s",
-                f"{copy_no_fk['rows_per_s']:,.0f} rows/s bare binary COPY (no FKs)", f"{ratio_no_fk:.1%}",
-                "-", "info")]
+    return [
+        Row(
+            "sink: rows/s raw topic -> visitor_events",
+            f"{sink['rows_per_s']:,.0f} rows/s",
+            f"{copy['rows_per_s']:,.0f} rows/s bare binary COPY (same constraints)",
+            f"{ratio:.1%}",
+            f">= {SINK_TARGET_RATIO:.0%} of bare COPY",
+            verdict(ratio >= SINK_TARGET_RATIO and sink["complete"]),
+        ),
+        Row(
+            "sink: same, vs a COPY that skips the foreign-key checks",
+            f"{sink['rows_per_s']:,.0f} rows/s",
+            f"{copy_no_fk['rows_per_s']:,.0f} rows/s bare binary COPY (no FKs)",
+            f"{ratio_no_fk:.1%}",
+            "-",
+            "info",
+        ),
+    ]
 
 
 def poll_sink(conn: psycopg.Connection, proc: StageProcess, widget_id: str, n: int, timeout: float) -> dict[str, Any]:
@@ -118,11 +138,20 @@ def poll_sink(conn: psycopg.Connection, proc: StageProcess, widget_id: str, n: i
     if first is None or count < n:
         raise RuntimeError(f"sink wrote {count} of {n} rows within {timeout:.0f}s:\n{proc.log_tail()}")
     rows_per_s = (count - first[1]) / (end - first[0]) if end > first[0] else float("nan")
-    return {"rows": count, "complete": count == n, "startup_s": round(first[0] - start, 3),
-            "first_poll_rows": first[1], "seconds": round(end - first[0], 3), "rows_per_s": rows_per_s}
+    return {
+        "rows": count,
+        "complete": count == n,
+        "startup_s": round(first[0] - start, 3),
+        "first_poll_rows": first[1],
+        "seconds": round(end - first[0], 3),
+        "rows_per_s": rows_per_s,
+    }
 
 
 def count_sent_events(conn: psycopg.Connection, widget_id: str) -> int:
     """Events of the widget as sent (the processors' derived session_start rows are not counted)."""
-    return int(conn.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'",
-                            (widget_id,)).fetchone()[0])
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'", (widget_id,)
+        ).fetchone()[0]
+    )

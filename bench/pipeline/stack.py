@@ -38,10 +38,26 @@ class Profile:
     codec_seconds: float
 
 
-FULL = Profile(bare_messages=400_000, closed_seconds=15, open_seconds=15, clients=32, sink_events=200_000,
-               e2e_events_s=10_000, e2e_seconds=30, codec_seconds=2.0)
-QUICK = Profile(bare_messages=100_000, closed_seconds=5, open_seconds=5, clients=32, sink_events=50_000,
-                e2e_events_s=10_000, e2e_seconds=10, codec_seconds=0.7)
+FULL = Profile(
+    bare_messages=400_000,
+    closed_seconds=15,
+    open_seconds=15,
+    clients=32,
+    sink_events=200_000,
+    e2e_events_s=10_000,
+    e2e_seconds=30,
+    codec_seconds=2.0,
+)
+QUICK = Profile(
+    bare_messages=100_000,
+    closed_seconds=5,
+    open_seconds=5,
+    clients=32,
+    sink_events=50_000,
+    e2e_events_s=10_000,
+    e2e_seconds=10,
+    codec_seconds=0.7,
+)
 
 
 class Stack:
@@ -74,12 +90,17 @@ class Stack:
 
     def settings(self, section: str, broker: EmbeddedBroker) -> Settings:
         s = isolated_settings(
-            broker.bootstrap, self.postgres.dsn, self.workdir / section,
-            topic_prefix=f"bench-{section}", sink_group=f"bench-sink-{section}",
+            broker.bootstrap,
+            self.postgres.dsn,
+            self.workdir / section,
+            topic_prefix=f"bench-{section}",
+            sink_group=f"bench-sink-{section}",
             processors_app_id=f"bench-proc-{section}",
             # Tansu holds a JoinGroup for session_timeout/2: keep group start-up short (see the Tansu notes).
-            consumer_session_timeout_ms=6000, consumer_heartbeat_interval_ms=1000,
-            widget_cache_refresh_s=1.0, sink_from_enriched=False,
+            consumer_session_timeout_ms=6000,
+            consumer_heartbeat_interval_ms=1000,
+            widget_cache_refresh_s=1.0,
+            sink_from_enriched=False,
         )
         ensure_topics(s)
         return s

@@ -19,46 +19,90 @@ router = APIRouter(prefix="/site-activity", include_in_schema=False)
 
 
 @router.get("/visitors")
-def visitors_page(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str | None = None,
-                  q: str | None = None, cursor: str | None = None) -> Response:
+def visitors_page(
+    request: Request,
+    auth: PageAuthDep,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    q: str | None = None,
+    cursor: str | None = None,
+) -> Response:
     widgets = services.list_widgets(conn, auth.member)
     if widget_id is None and widgets:
         widget_id = str(widgets[0].id)
     wid = widget_uuid(conn, auth.member, widget_id)
     after = position(request, "visitors", cursor)
-    rows, nxt = paged(lambda: reads.list_visitors(conn, auth.member.tenant_id, widget_id=wid, q=q or None,
-                                                  after=after)) if wid else ([], None)
-    return render(request, "activity_visitors.html", {
-        "auth": auth, "widgets": widgets, "widget_id": widget_id, "q": q or "", "visitors": rows,
-        "next": cursors(request).dump("visitors", nxt)})
+    rows, nxt = (
+        paged(lambda: reads.list_visitors(conn, auth.member.tenant_id, widget_id=wid, q=q or None, after=after))
+        if wid
+        else ([], None)
+    )
+    return render(
+        request,
+        "activity_visitors.html",
+        {
+            "auth": auth,
+            "widgets": widgets,
+            "widget_id": widget_id,
+            "q": q or "",
+            "visitors": rows,
+            "next": cursors(request).dump("visitors", nxt),
+        },
+    )
 
 
 @router.get("/visitors/{visitor_id:path}/timeline")
-def visitor_timeline_page(request: Request, visitor_id: str, auth: PageAuthDep, conn: ConnDep,
-                          widget_id: str | None = None, cursor: str | None = None) -> Response:
+def visitor_timeline_page(
+    request: Request,
+    visitor_id: str,
+    auth: PageAuthDep,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    cursor: str | None = None,
+) -> Response:
     wid = widget_uuid(conn, auth.member, widget_id)
     before = position(request, "timeline", cursor)
-    result = paged(lambda: reads.visitor_timeline(conn, auth.member.tenant_id, visitor_id, widget_id=wid,
-                                                  before=before))
+    result = paged(
+        lambda: reads.visitor_timeline(conn, auth.member.tenant_id, visitor_id, widget_id=wid, before=before)
+    )
     if result is None:
         raise not_found(f"no visitor {visitor_id}")
-    return render(request, "activity_timeline.html", {
-        "auth": auth, "title": f"Visitor {visitor_id}", "kind": "visitor", "timeline": result, "widget_id": widget_id,
-        "next": cursors(request).dump("timeline", result["next"])})
+    return render(
+        request,
+        "activity_timeline.html",
+        {
+            "auth": auth,
+            "title": f"Visitor {visitor_id}",
+            "kind": "visitor",
+            "timeline": result,
+            "widget_id": widget_id,
+            "next": cursors(request).dump("timeline", result["next"]),
+        },
+    )
 
 
 @router.get("/contacts/{customer_id}")
-def contact_timeline_page(request: Request, customer_id: str, auth: PageAuthDep, conn: ConnDep,
-                          cursor: str | None = None) -> Response:
+def contact_timeline_page(
+    request: Request, customer_id: str, auth: PageAuthDep, conn: ConnDep, cursor: str | None = None
+) -> Response:
     cid = contact_uuid(conn, auth.member, customer_id)
     before = position(request, "timeline", cursor)
     result = paged(lambda: reads.contact_timeline(conn, auth.member.tenant_id, cid, before=before))
     if result is None:
         raise not_found(f"no contact {customer_id}")
     who = result["contact"]
-    return render(request, "activity_timeline.html", {
-        "auth": auth, "title": f"Contact {who['name'] or who['email'] or who['user_id']}", "kind": "contact",
-        "timeline": result, "widget_id": None, "next": cursors(request).dump("timeline", result["next"])})
+    return render(
+        request,
+        "activity_timeline.html",
+        {
+            "auth": auth,
+            "title": f"Contact {who['name'] or who['email'] or who['user_id']}",
+            "kind": "contact",
+            "timeline": result,
+            "widget_id": None,
+            "next": cursors(request).dump("timeline", result["next"]),
+        },
+    )
 
 
 @router.get("/rail")
@@ -82,10 +126,16 @@ def rail_panel(request: Request, conn: ConnDep, settings: SettingsDep, token: st
             events = reads.recent_activity(conn, tenant, widget_id=uuid.UUID(subject["w"]), visitor_id=subject["v"])
     except (KeyError, ValueError):
         raise ConsoleError(401, "this panel link is invalid", error="rail_token_invalid") from None
-    response = render(request, "activity_rail.html", {"who": who, "events": events}, headers={
-        # Framable only by the configured inbox origins; the token in the URL never leaks through a Referer.
-        "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                   f"frame-ancestors {settings.console_rail_frame_ancestors}; form-action 'none'",
-        "Referrer-Policy": "no-referrer"})
+    response = render(
+        request,
+        "activity_rail.html",
+        {"who": who, "events": events},
+        headers={
+            # Framable only by the configured inbox origins; the token in the URL never leaks through a Referer.
+            "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+            f"frame-ancestors {settings.console_rail_frame_ancestors}; form-action 'none'",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
     del response.headers["x-frame-options"]  # superseded by frame-ancestors (X-Frame-Options cannot list origins)
     return response

@@ -35,26 +35,41 @@ def get_widget(widget_id: str, member: ApiMember, conn: ConnDep) -> dict[str, An
 
 
 @router.patch("/widgets/{widget_id}")
-def patch_widget(widget_id: str, body: WidgetPatch, admin: ApiAdmin, conn: ConnDep,
-                 request_id: RequestIdDep) -> dict[str, Any]:
-    return services.update_widget(conn, admin, widget_id, tracking_enabled=body.tracking_enabled,
-                                  event_retention_days=body.event_retention_days, request_id=request_id).public()
+def patch_widget(
+    widget_id: str, body: WidgetPatch, admin: ApiAdmin, conn: ConnDep, request_id: RequestIdDep
+) -> dict[str, Any]:
+    return services.update_widget(
+        conn,
+        admin,
+        widget_id,
+        tracking_enabled=body.tracking_enabled,
+        event_retention_days=body.event_retention_days,
+        request_id=request_id,
+    ).public()
 
 
 @router.get("/audit-log")
-def audit_log(admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 50,
-              cursor: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+def audit_log(
+    admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 50, cursor: Annotated[str | None, Query()] = None
+) -> dict[str, Any]:
     return services.audit_page(conn, admin, limit=limit, cursor=cursor)
 
 
 # {visitor_id:path}: visitor ids may contain "/" (the widget's are uuids, but any 1-128 character id is ingested).
 @router.delete("/visitors/{visitor_id:path}")
-def erase_visitor(visitor_id: str, widget_id: Annotated[str, Query()], admin: ApiAdmin, conn: ConnDep,
-                  notify: NotifyDep, request_id: RequestIdDep) -> dict[str, Any]:
+def erase_visitor(
+    visitor_id: str,
+    widget_id: Annotated[str, Query()],
+    admin: ApiAdmin,
+    conn: ConnDep,
+    notify: NotifyDep,
+    request_id: RequestIdDep,
+) -> dict[str, Any]:
     return services.erase_visitor(conn, admin, widget_id, visitor_id, notify, request_id)
 
 
 @router.delete("/contacts/{customer_id}")
-def erase_contact(customer_id: str, admin: ApiAdmin, conn: ConnDep, notify: NotifyDep,
-                  request_id: RequestIdDep) -> dict[str, Any]:
+def erase_contact(
+    customer_id: str, admin: ApiAdmin, conn: ConnDep, notify: NotifyDep, request_id: RequestIdDep
+) -> dict[str, Any]:
     return services.erase_contact(conn, admin, customer_id, notify, request_id)

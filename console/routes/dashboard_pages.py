@@ -44,11 +44,25 @@ def page_range(choice: str, start: str | None, end: str | None, today: date) -> 
 
 
 @router.get("/site-activity")
-def dashboard(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str | None = None,
-              range: str = "7d", start: str | None = None, end: str | None = None) -> Response:
+def dashboard(
+    request: Request,
+    auth: PageAuthDep,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    range: str = "7d",
+    start: str | None = None,
+    end: str | None = None,
+) -> Response:
     widgets = services.list_widgets(conn, auth.member)
-    context: dict[str, Any] = {"auth": auth, "widgets": widgets, "ranges": RANGES, "range": range,
-                               "start": start or "", "end": end or "", "widget": None}
+    context: dict[str, Any] = {
+        "auth": auth,
+        "widgets": widgets,
+        "ranges": RANGES,
+        "range": range,
+        "start": start or "",
+        "end": end or "",
+        "widget": None,
+    }
     if widget_id is None and widgets:
         widget_id = str(widgets[0].id)
     if widget_id is not None:
@@ -56,14 +70,22 @@ def dashboard(request: Request, auth: PageAuthDep, conn: ConnDep, widget_id: str
         r = page_range(range, start, end, datetime.now(UTC).date())
         series = stats.timeseries(conn, widget.id, r, stats.DEFAULT_METRICS)
         context.update(
-            widget=widget, period=r, series=series, period_label=_label(r),
+            widget=widget,
+            period=r,
+            series=series,
+            period_label=_label(r),
             top_pages=stats.top_pages(conn, widget.id, r, 10)["results"],
             top_events=stats.top_events(conn, widget.id, r, 10)["results"],
             now=stats.realtime(conn, widget.id),
-            chart={"interval": r.interval, "time": [int(datetime.fromisoformat(b["time"].replace("Z", "+00:00"))
-                                                        .timestamp()) for b in series["results"]],
-                   "pageviews": [b["pageviews"] for b in series["results"]],
-                   "visitors": [b["visitors"] for b in series["results"]]})
+            chart={
+                "interval": r.interval,
+                "time": [
+                    int(datetime.fromisoformat(b["time"].replace("Z", "+00:00")).timestamp()) for b in series["results"]
+                ],
+                "pageviews": [b["pageviews"] for b in series["results"]],
+                "visitors": [b["visitors"] for b in series["results"]],
+            },
+        )
     return render(request, "site_activity.html", context)
 
 

@@ -63,11 +63,13 @@ def get_export(export_id: str, admin: ApiAdmin, conn: ConnDep) -> dict[str, Any]
 
 
 @router.get("/{export_id}/download")
-def download_export(export_id: str, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep,
-                    request_id: RequestIdDep) -> StreamingResponse:
+def download_export(
+    export_id: str, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep, request_id: RequestIdDep
+) -> StreamingResponse:
     try:
-        job, path = export_jobs.open_download(conn, settings, admin.tenant_id, parse_uuid(export_id, "export"),
-                                              actor=admin.email, request_id=request_id)
+        job, path = export_jobs.open_download(
+            conn, settings, admin.tenant_id, parse_uuid(export_id, "export"), actor=admin.email, request_id=request_id
+        )
     except export_jobs.JobError as exc:
         raise _job_error(exc) from None
     # Opened here, streamed in chunks after: the open descriptor keeps serving the whole file even if the sweep
@@ -83,6 +85,12 @@ def download_export(export_id: str, admin: ApiAdmin, conn: ConnDep, settings: Se
             while chunk := fh.read(1 << 20):
                 yield chunk
 
-    return StreamingResponse(chunks(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="site-activity-export-{job.id}.zip"',
-        "Content-Length": str(size), "X-Content-SHA256": job.sha256 or ""})
+    return StreamingResponse(
+        chunks(),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": f'attachment; filename="site-activity-export-{job.id}.zip"',
+            "Content-Length": str(size),
+            "X-Content-SHA256": job.sha256 or "",
+        },
+    )

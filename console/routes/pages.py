@@ -28,15 +28,28 @@ def login_form(request: Request, token: str = "", next: str = "") -> Response:
 
 
 @router.post("/login")
-def login(conn: ConnDep, signer: SignerDep, settings: SettingsDep, token: Annotated[str, Form()] = "",
-          next: Annotated[str, Form()] = "") -> Response:
+def login(
+    conn: ConnDep,
+    signer: SignerDep,
+    settings: SettingsDep,
+    token: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "",
+) -> Response:
     member = accounts.consume_login_token(conn, token) if token else None
     if member is None:
-        raise ConsoleError(401, "This sign-in link is invalid, already used or expired. Ask for a new one.",
-                           error="sign_in_failed")
+        raise ConsoleError(
+            401, "This sign-in link is invalid, already used or expired. Ask for a new one.", error="sign_in_failed"
+        )
     response = RedirectResponse(next if accounts.is_local_path(next) else "/settings/widgets", status_code=303)
-    response.set_cookie(COOKIE, signer.new_session(member.id), max_age=settings.console_session_ttl_s,
-                        httponly=True, samesite="lax", secure=settings.console_cookie_secure, path="/")
+    response.set_cookie(
+        COOKIE,
+        signer.new_session(member.id),
+        max_age=settings.console_session_ttl_s,
+        httponly=True,
+        samesite="lax",
+        secure=settings.console_cookie_secure,
+        path="/",
+    )
     return response
 
 
@@ -60,17 +73,30 @@ def tracking_page(request: Request, widget_id: str, auth: PageAuthDep, conn: Con
 
 
 @router.post("/settings/widgets/{widget_id}/tracking")
-def tracking_save(request: Request, widget_id: str, auth: PageAuthDep, conn: ConnDep, request_id: RequestIdDep,
-                  csrf_token: Annotated[str, Form()] = "", event_retention_days: Annotated[str, Form()] = "",
-                  tracking_enabled: Annotated[str | None, Form()] = None) -> Response:
+def tracking_save(
+    request: Request,
+    widget_id: str,
+    auth: PageAuthDep,
+    conn: ConnDep,
+    request_id: RequestIdDep,
+    csrf_token: Annotated[str, Form()] = "",
+    event_retention_days: Annotated[str, Form()] = "",
+    tracking_enabled: Annotated[str | None, Form()] = None,
+) -> Response:
     auth.check_csrf(csrf_token)
     require_admin(auth.member)
     try:
         days = int(event_retention_days)
     except ValueError:
         raise ConsoleError(400, f"retention must be a whole number of days, got {event_retention_days!r}") from None
-    services.update_widget(conn, auth.member, widget_id, tracking_enabled=tracking_enabled is not None,
-                           event_retention_days=days, request_id=request_id)
+    services.update_widget(
+        conn,
+        auth.member,
+        widget_id,
+        tracking_enabled=tracking_enabled is not None,
+        event_retention_days=days,
+        request_id=request_id,
+    )
     return RedirectResponse(f"/settings/widgets/{widget_id}/tracking?saved=1", status_code=303)
 
 

@@ -21,6 +21,7 @@ router = APIRouter(prefix="/api/v1", tags=["site activity reads"])
 
 # --- response models (the OpenAPI document lists these) ------------------------------------------------------
 
+
 class Event(BaseModel):
     event_id: str
     widget_id: str
@@ -115,6 +116,7 @@ class RailToken(BaseModel):
 
 # --- helpers shared with the pages ---------------------------------------------------------------------------
 
+
 def cursors(request: Request) -> Cursors:
     return request.app.state.read_cursors  # type: ignore[no-any-return]
 
@@ -152,23 +154,36 @@ def paged(call: Any) -> Any:
 
 # --- routes ----------------------------------------------------------------------------------------------------
 
+
 @router.get("/events", response_model=EventPage)
 def list_events(
-        request: Request, member: ApiMember, conn: ConnDep,
-        widget_id: str | None = None,
-        type: Annotated[Literal["pageview", "session_start", "custom", "identify"] | None, Query()] = None,
-        name: str | None = None, visitor_id: str | None = None, customer_id: str | None = None,
-        since: datetime | None = None, until: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=reads.EVENTS_MAX_LIMIT)] = reads.EVENTS_DEFAULT_LIMIT,
-        cursor: str | None = None, order: Literal["occurred", "received"] = "occurred") -> dict[str, Any]:
+    request: Request,
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    type: Annotated[Literal["pageview", "session_start", "custom", "identify"] | None, Query()] = None,
+    name: str | None = None,
+    visitor_id: str | None = None,
+    customer_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=reads.EVENTS_MAX_LIMIT)] = reads.EVENTS_DEFAULT_LIMIT,
+    cursor: str | None = None,
+    order: Literal["occurred", "received"] = "occurred",
+) -> dict[str, Any]:
     """Newest first by occurred_at (order=occurred), or in commit order, oldest first (order=received: for
     incremental sync; `next` is never null there — poll it)."""
     kind = f"events-{order}"
     after = position(request, kind, cursor)
     f = reads.EventFilter(
-        widget_id=widget_uuid(conn, member, widget_id), event_type=type, name=name, visitor_id=visitor_id,
+        widget_id=widget_uuid(conn, member, widget_id),
+        event_type=type,
+        name=name,
+        visitor_id=visitor_id,
         customer_id=contact_uuid(conn, member, customer_id) if customer_id is not None else None,
-        since=utc(since), until=utc(until))
+        since=utc(since),
+        until=utc(until),
+    )
     rows, nxt = paged(lambda: reads.list_events(conn, member.tenant_id, f, order=order, limit=limit, after=after))
     if order == "received" and nxt is None:
         nxt = [0, str(uuid.UUID(int=0)), str(uuid.UUID(int=0))]  # the start: nothing was committed yet
@@ -177,29 +192,43 @@ def list_events(
 
 @router.get("/visitors", response_model=VisitorPage)
 def list_visitors(
-        request: Request, member: ApiMember, conn: ConnDep, widget_id: str | None = None, q: str | None = None,
-        since: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=reads.VISITORS_MAX_LIMIT)] = reads.VISITORS_DEFAULT_LIMIT,
-        cursor: str | None = None) -> dict[str, Any]:
+    request: Request,
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    q: str | None = None,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=reads.VISITORS_MAX_LIMIT)] = reads.VISITORS_DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """Visitors most recently seen first; `q` matches visitor id, user id, contact email or name."""
     after = position(request, "visitors", cursor)
     wid = widget_uuid(conn, member, widget_id)
-    rows, nxt = paged(lambda: reads.list_visitors(conn, member.tenant_id, widget_id=wid, q=q, since=utc(since),
-                                                  limit=limit, after=after))
+    rows, nxt = paged(
+        lambda: reads.list_visitors(
+            conn, member.tenant_id, widget_id=wid, q=q, since=utc(since), limit=limit, after=after
+        )
+    )
     return {"results": rows, "next": cursors(request).dump("visitors", nxt)}
 
 
 # {visitor_id:path}: visitor ids may contain "/" (any 1-128 character id is ingested).
 @router.get("/visitors/{visitor_id:path}/timeline", response_model=VisitorTimeline)
 def visitor_timeline(
-        request: Request, visitor_id: str, member: ApiMember, conn: ConnDep, widget_id: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=reads.TIMELINE_MAX_LIMIT)] = reads.TIMELINE_DEFAULT_LIMIT,
-        cursor: str | None = None) -> dict[str, Any]:
+    request: Request,
+    visitor_id: str,
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=reads.TIMELINE_MAX_LIMIT)] = reads.TIMELINE_DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """The visitor's newest events (older pages through `next`), in time order, grouped by session."""
     before = position(request, "timeline", cursor)
     wid = widget_uuid(conn, member, widget_id)
-    result = paged(lambda: reads.visitor_timeline(conn, member.tenant_id, visitor_id, widget_id=wid, limit=limit,
-                                                  before=before))
+    result = paged(
+        lambda: reads.visitor_timeline(conn, member.tenant_id, visitor_id, widget_id=wid, limit=limit, before=before)
+    )
     if result is None:
         raise not_found(f"no visitor {visitor_id}")
     return {**result, "next": cursors(request).dump("timeline", result["next"])}
@@ -207,9 +236,13 @@ def visitor_timeline(
 
 @router.get("/contacts/{customer_id}/timeline", response_model=ContactTimeline)
 def contact_timeline(
-        request: Request, customer_id: str, member: ApiMember, conn: ConnDep,
-        limit: Annotated[int, Query(ge=1, le=reads.TIMELINE_MAX_LIMIT)] = reads.TIMELINE_DEFAULT_LIMIT,
-        cursor: str | None = None) -> dict[str, Any]:
+    request: Request,
+    customer_id: str,
+    member: ApiMember,
+    conn: ConnDep,
+    limit: Annotated[int, Query(ge=1, le=reads.TIMELINE_MAX_LIMIT)] = reads.TIMELINE_DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """Every visitor linked to the contact, anonymous history before the identify included."""
     before = position(request, "timeline", cursor)
     cid = contact_uuid(conn, member, customer_id)
@@ -220,8 +253,9 @@ def contact_timeline(
 
 
 @router.post("/rail-tokens", response_model=RailToken)
-def issue_rail_token(request: Request, body: RailTokenRequest, member: ApiMember, conn: ConnDep,
-                     settings: SettingsDep) -> dict[str, Any]:
+def issue_rail_token(
+    request: Request, body: RailTokenRequest, member: ApiMember, conn: ConnDep, settings: SettingsDep
+) -> dict[str, Any]:
     """A signed, short-lived URL of the inbox rail panel for one contact (or one visitor on a widget), to put in
     an iframe. Give contact_id, or widget_id + visitor_id."""
     if body.contact_id is not None and body.widget_id is None and body.visitor_id is None:
@@ -232,5 +266,7 @@ def issue_rail_token(request: Request, body: RailTokenRequest, member: ApiMember
     else:
         raise ConsoleError(400, "give contact_id, or widget_id and visitor_id")
     token = rail_tokens(request).issue(subject)
-    return {"url": f"{settings.console_origin}/site-activity/rail?token={token}",
-            "expires_in": rail_tokens(request).ttl_s}
+    return {
+        "url": f"{settings.console_origin}/site-activity/rail?token={token}",
+        "expires_in": rail_tokens(request).ttl_s,
+    }

@@ -18,25 +18,42 @@ To = Annotated[str | None, Query(description="ISO 8601 time or YYYY-MM-DD (UTC),
 
 
 @router.get("/timeseries")
-def timeseries(member: ApiMember, conn: ConnDep, widget_id: str | None = None, start: From = None, to: To = None,
-               interval: Annotated[str | None, Query(description="hour or day")] = None,
-               metrics: Annotated[str | None, Query(description="comma-separated: " + ",".join(stats.METRICS))] = None,
-               ) -> dict[str, Any]:
+def timeseries(
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    start: From = None,
+    to: To = None,
+    interval: Annotated[str | None, Query(description="hour or day")] = None,
+    metrics: Annotated[str | None, Query(description="comma-separated: " + ",".join(stats.METRICS))] = None,
+) -> dict[str, Any]:
     r = stats.parse_range(start, to, interval)
     wanted = stats.parse_metrics(metrics)
     return stats.timeseries(conn, stats.widget_id_for(conn, member, widget_id), r, wanted)
 
 
 @router.get("/top-pages")
-def top_pages(member: ApiMember, conn: ConnDep, widget_id: str | None = None, start: From = None, to: To = None,
-              limit: str | None = None) -> dict[str, Any]:
+def top_pages(
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    start: From = None,
+    to: To = None,
+    limit: str | None = None,
+) -> dict[str, Any]:
     r = stats.parse_range(start, to, "hour", max_buckets={"hour": 24 * 366})
     return stats.top_pages(conn, stats.widget_id_for(conn, member, widget_id), r, stats.parse_limit(limit))
 
 
 @router.get("/top-events")
-def top_events(member: ApiMember, conn: ConnDep, widget_id: str | None = None, start: From = None, to: To = None,
-               limit: str | None = None) -> dict[str, Any]:
+def top_events(
+    member: ApiMember,
+    conn: ConnDep,
+    widget_id: str | None = None,
+    start: From = None,
+    to: To = None,
+    limit: str | None = None,
+) -> dict[str, Any]:
     r = stats.parse_range(start, to, "hour", max_buckets={"hour": 24 * 366})
     return stats.top_events(conn, stats.widget_id_for(conn, member, widget_id), r, stats.parse_limit(limit))
 

@@ -54,14 +54,23 @@ def _errors() -> Iterator[None]:
 
 
 @router.post("", status_code=201)
-def create(body: EndpointIn, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep,
-           request_id: RequestIdDep) -> dict[str, Any]:
+def create(
+    body: EndpointIn, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep, request_id: RequestIdDep
+) -> dict[str, Any]:
     """The new endpoint with `secret`: the signing secret, returned only in this answer."""
     with _errors():
         endpoint, secret = endpoints.create_endpoint(
-            conn, admin.tenant_id, body.url, actor=admin.email, allow_private=settings.webhooks_allow_private_urls,
-            event_types=body.event_types, widget_ids=body.widget_ids, description=body.description,
-            enabled=body.enabled, request_id=request_id)
+            conn,
+            admin.tenant_id,
+            body.url,
+            actor=admin.email,
+            allow_private=settings.webhooks_allow_private_urls,
+            event_types=body.event_types,
+            widget_ids=body.widget_ids,
+            description=body.description,
+            enabled=body.enabled,
+            request_id=request_id,
+        )
     return {**endpoint.public(), "secret": secret}
 
 
@@ -77,8 +86,14 @@ def get(endpoint_id: str, admin: ApiAdmin, conn: ConnDep) -> dict[str, Any]:
 
 
 @router.patch("/{endpoint_id}")
-def patch(endpoint_id: str, body: EndpointPatch, admin: ApiAdmin, conn: ConnDep, settings: SettingsDep,
-          request_id: RequestIdDep) -> dict[str, Any]:
+def patch(
+    endpoint_id: str,
+    body: EndpointPatch,
+    admin: ApiAdmin,
+    conn: ConnDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+) -> dict[str, Any]:
     """Only the fields present change; `"event_types": null` / `"widget_ids": null` remove that filter."""
     given = body.model_fields_set
     if "url" in given and body.url is None or "enabled" in given and body.enabled is None:
@@ -87,9 +102,15 @@ def patch(endpoint_id: str, body: EndpointPatch, admin: ApiAdmin, conn: ConnDep,
     if "description" in changes and changes["description"] is None:
         changes["description"] = ""
     with _errors():
-        return endpoints.update_endpoint(conn, admin.tenant_id, endpoint_id, actor=admin.email,
-                                         allow_private=settings.webhooks_allow_private_urls, request_id=request_id,
-                                         **changes).public()
+        return endpoints.update_endpoint(
+            conn,
+            admin.tenant_id,
+            endpoint_id,
+            actor=admin.email,
+            allow_private=settings.webhooks_allow_private_urls,
+            request_id=request_id,
+            **changes,
+        ).public()
 
 
 @router.delete("/{endpoint_id}", status_code=204)
@@ -100,19 +121,25 @@ def delete(endpoint_id: str, admin: ApiAdmin, conn: ConnDep, request_id: Request
 
 
 @router.get("/{endpoint_id}/deliveries")
-def deliveries(endpoint_id: str, admin: ApiAdmin, conn: ConnDep, limit: Annotated[int, Query()] = 50,
-               cursor: Annotated[str | None, Query()] = None,
-               status: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+def deliveries(
+    endpoint_id: str,
+    admin: ApiAdmin,
+    conn: ConnDep,
+    limit: Annotated[int, Query()] = 50,
+    cursor: Annotated[str | None, Query()] = None,
+    status: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
     with _errors():
-        return endpoints.deliveries_page(conn, admin.tenant_id, endpoint_id, limit=limit, cursor=cursor,
-                                         status=status)
+        return endpoints.deliveries_page(conn, admin.tenant_id, endpoint_id, limit=limit, cursor=cursor, status=status)
 
 
 @router.post("/{endpoint_id}/replay", status_code=202)
-def replay(endpoint_id: str, body: ReplayIn, admin: ApiAdmin, conn: ConnDep,
-           request_id: RequestIdDep) -> dict[str, Any]:
+def replay(
+    endpoint_id: str, body: ReplayIn, admin: ApiAdmin, conn: ConnDep, request_id: RequestIdDep
+) -> dict[str, Any]:
     """Queues again the stored events with from <= occurred_at < to (ISO 8601 with a time zone)."""
     with _errors():
-        queued = endpoints.replay(conn, admin.tenant_id, endpoint_id, body.since, body.until, actor=admin.email,
-                                  request_id=request_id)
+        queued = endpoints.replay(
+            conn, admin.tenant_id, endpoint_id, body.since, body.until, actor=admin.email, request_id=request_id
+        )
     return {"queued": queued}

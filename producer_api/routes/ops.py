@@ -27,15 +27,21 @@ async def readyz(producer: ProducerDep, cache: WidgetCacheDep, topics: TopicsDep
     age = cache.age()
     loaded = age is not None
     postgres_ok = cache.fresh()
-    postgres_detail = ("never loaded widget configs" if age is None
-                       else f"widget configs refreshed {age:.1f} s ago" + ("" if postgres_ok else " (stale)"))
+    postgres_detail = (
+        "never loaded widget configs"
+        if age is None
+        else f"widget configs refreshed {age:.1f} s ago" + ("" if postgres_ok else " (stale)")
+    )
     ready = kafka_ok and loaded
-    return json_response(200 if ready else 503, {
-        "status": "ready" if ready else "not_ready",
-        "kafka": {"ok": kafka_ok, "detail": kafka_detail},
-        "widget_cache": {"ok": loaded, "widgets": cache.size()},
-        "postgres": {"ok": postgres_ok, "detail": postgres_detail},
-    })
+    return json_response(
+        200 if ready else 503,
+        {
+            "status": "ready" if ready else "not_ready",
+            "kafka": {"ok": kafka_ok, "detail": kafka_detail},
+            "widget_cache": {"ok": loaded, "widgets": cache.size()},
+            "postgres": {"ok": postgres_ok, "detail": postgres_detail},
+        },
+    )
 
 
 @router.get("/metrics")

@@ -34,11 +34,16 @@ _ERROR: dict[str, Any] = {"content": {"application/json": {}}}
     status_code=204,
     responses={
         204: {"description": "Every event was written to Kafka (or the widget has tracking off)."},
-        400: {**_ERROR, "description": "Malformed request, or some events invalid (the valid ones were written); "
-                                       "do not retry."},
+        400: {
+            **_ERROR,
+            "description": "Malformed request, or some events invalid (the valid ones were written); do not retry.",
+        },
         404: {**_ERROR, "description": "Unknown widget."},
-        413: {**_ERROR, "description": "Body over the size limit (before or after gzip), too many events, or "
-                                       "events too large together once encoded; split the request."},
+        413: {
+            **_ERROR,
+            "description": "Body over the size limit (before or after gzip), too many events, or "
+            "events too large together once encoded; split the request.",
+        },
         415: {**_ERROR, "description": "Unsupported Content-Type or Content-Encoding."},
         422: {**_ERROR, "description": "Kafka refused the events' message as an invalid record; do not retry."},
         503: {**_ERROR, "description": "Events not confirmed by Kafka; retry after Retry-After seconds."},
@@ -48,6 +53,12 @@ async def track(request: Request, ingest: IngestDep) -> Response:
     body = await read_body(request, ingest.limits.max_body_bytes)
     outcome = await ingest.ingest(body)
     if outcome.rejected:
-        return json_response(400, {"error": "invalid_events", "accepted": outcome.accepted,
-                                   "rejected": [r.public() for r in outcome.rejected]})
+        return json_response(
+            400,
+            {
+                "error": "invalid_events",
+                "accepted": outcome.accepted,
+                "rejected": [r.public() for r in outcome.rejected],
+            },
+        )
     return Response(status_code=204)
