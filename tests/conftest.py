@@ -14,7 +14,7 @@ from typing import Any, cast
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 from playwright.sync_api import Browser, sync_playwright
 
 from dev_stack.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedTansu, free_port, make_broker, wait_until
@@ -301,3 +301,13 @@ def acme(postgres: EmbeddedPostgres) -> Tenant:
 @pytest.fixture(scope="module")
 def globex(postgres: EmbeddedPostgres) -> Tenant:
     return make_tenant(postgres.dsn, "Globex")
+
+
+def committed_total(settings: Settings, group: str, topic: str) -> int:
+    """Sum over the topic's partitions of a consumer group's committed offsets (0 for a partition never committed)."""
+    consumer = Consumer(consumer_config(settings, group))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in tps)

@@ -18,7 +18,7 @@ from typing import Any, cast
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 from faust.types import TP
 
 from dev_stack.embedded import wait_until
@@ -26,14 +26,14 @@ from dev_stack.process import StageProcess
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
 from site_activity import erasure, widgets
 from site_activity.events import customer_id_for, session_id_for, session_start_event_id_text
-from site_activity.kafka import consumer_config, position, producer_config
+from site_activity.kafka import position, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key
 from stream_processors import transport
 from stream_processors.app import create_app
 from stream_processors.erasures import is_erased
 from stream_processors.repair import SkippedReader
-from tests.conftest import read_events, read_topic, wait_for_rows
+from tests.conftest import committed_total, read_events, read_topic, wait_for_rows
 
 CODEC = AvroCodec(VISITOR_EVENT)
 EVENTS = EventCodec()
@@ -603,16 +603,6 @@ def headers_of(msg: Message) -> dict[str, str]:
     return {k: v.decode() for k, v in cast(list[tuple[str, bytes]], msg.headers() or [])}
 
 
-def committed_total(settings: Settings, topic: str) -> int:
-    """Sum over partitions of the processors group's committed offsets (0 for a partition never committed)."""
-    consumer = Consumer(consumer_config(settings, settings.processors_app_id))
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
-    finally:
-        consumer.close()
-    return sum(max(tp.offset, 0) for tp in tps)
-
-
 def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
     settings: Settings,
     start_service: Callable[..., Any],
@@ -635,7 +625,7 @@ def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
     wait_until(lambda: not proc.alive(), 60, "the processors to stop at the dead-letter limit")
     assert proc.proc is not None and proc.proc.returncode == 65, proc.log_tail()
     assert "dead-letter limit reached" in proc.log_tail()
-    assert committed_total(limited, topics.raw_events) < len(garbage)
+    assert committed_total(limited, limited.processors_app_id, topics.raw_events) < len(garbage)
     assert len(read_topic(limited, topics.dead_letter, len(garbage), timeout=3)) < len(garbage)
 
     # Same input, same limit: the restarted worker stops again (not through start_service: it may stop before
@@ -649,7 +639,11 @@ def test_a_stream_gone_bad_stops_the_processors_without_committing_it(
 
     unlimited = limited.model_copy(update={"dead_letter_max_consecutive": 0})
     with logs_on_failure(start_service("processors", settings_override=unlimited)):
-        wait_until(lambda: committed_total(unlimited, topics.raw_events) >= len(garbage), 60, "offsets committed")
+        wait_until(
+            lambda: committed_total(unlimited, unlimited.processors_app_id, topics.raw_events) >= len(garbage),
+            60,
+            "offsets committed",
+        )
         distinct: set[bytes | None] = set()  # a dead letter of an uncommitted batch may be written twice
 
         def new_value(m: Message) -> int:

@@ -14,7 +14,7 @@ from typing import Any, cast
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
 from dev_stack.embedded import EmbeddedPostgres, free_port, wait_until
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
@@ -22,10 +22,10 @@ from sink.batch import Batch
 from site_activity import widgets
 from site_activity.db import migrate
 from site_activity.events import customer_id_for
-from site_activity.kafka import DeliveryReports, consumer_config, flush_or_raise, produce_waiting, producer_config
+from site_activity.kafka import DeliveryReports, flush_or_raise, produce_waiting, producer_config
 from site_activity.settings import Settings
 from site_activity.topics import event_key
-from tests.conftest import http_ok, read_topic
+from tests.conftest import committed_total, http_ok, read_topic
 
 CODEC = AvroCodec(VISITOR_EVENT)
 # Relative to today: the sink does not store events older than their widget's retention (90 days here).
@@ -399,16 +399,6 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     assert metric(raw_settings.sink_http_port, "site_activity_sink_dead_letters_total") == 4
 
 
-def committed_total(settings: Settings, topic: str) -> int:
-    """Sum over partitions of the sink group's committed offsets (0 for a partition never committed)."""
-    consumer = Consumer(consumer_config(settings, settings.sink_group))
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(settings.topic_partitions)], timeout=10)
-    finally:
-        consumer.close()
-    return sum(max(tp.offset, 0) for tp in tps)
-
-
 def test_a_stream_gone_bad_stops_the_sink_without_committing_it(
     raw_settings, topics, db, make_widget, start_service
 ) -> None:
@@ -422,14 +412,18 @@ def test_a_stream_gone_bad_stops_the_sink_without_committing_it(
     wait_until(lambda: not sink.alive(), 30, "the sink to stop at the dead-letter limit")
     assert sink.proc is not None and sink.proc.returncode == 65, sink.log_tail()
     assert "dead-letter limit reached" in sink.log_tail()
-    assert committed_total(limited, topics.raw_events) < len(garbage)
+    assert committed_total(limited, limited.sink_group, topics.raw_events) < len(garbage)
 
     again = start_service("sink", settings_override=limited)  # same input, same limit: stops again
     wait_until(lambda: not again.alive(), 30, "the restarted sink to stop again")
     assert again.proc is not None and again.proc.returncode == 65
 
     start_service("sink", settings_override=limited.model_copy(update={"dead_letter_max_consecutive": 0}))
-    wait_until(lambda: committed_total(limited, topics.raw_events) == len(garbage), 30, "all offsets committed")
+    wait_until(
+        lambda: committed_total(limited, limited.sink_group, topics.raw_events) == len(garbage),
+        30,
+        "all offsets committed",
+    )
     letters = read_topic(limited, topics.dead_letter, len(garbage))
     assert {m.value() for m in letters} == set(garbage)
     w = make_widget()  # and the sink runs on
