@@ -263,8 +263,8 @@ def test_every_stage_uses_the_mapping(certs: dict[str, Path], tmp_path: Path, mo
     import sink.main
     import site_activity.kafka
     import site_activity.lag
-    import stream_processors.app
     import stream_processors.outputs
+    import stream_processors.repair
     from producer_api.metrics import ApiMetrics
     from site_activity import erasure
     from site_activity.lag import LagMonitor, sink_group
@@ -273,7 +273,7 @@ def test_every_stage_uses_the_mapping(certs: dict[str, Path], tmp_path: Path, mo
     for module in (producer_api.producer, sink.dead_letter, stream_processors.outputs):
         monkeypatch.setattr(module, "Producer", producers)
     monkeypatch.setattr("confluent_kafka.Producer", producers)  # erasure imports it at call time
-    for module in (sink.main, stream_processors.app, site_activity.lag):
+    for module in (sink.main, stream_processors.repair, site_activity.lag):
         monkeypatch.setattr(module, "Consumer", consumers)
     monkeypatch.setattr(site_activity.kafka, "AdminClient", admins)
 
@@ -281,7 +281,7 @@ def test_every_stage_uses_the_mapping(certs: dict[str, Path], tmp_path: Path, mo
     producer_api.producer.EventProducer(s, ApiMetrics())
     sink.main.Sink(s)
     stream_processors.outputs.Outputs(s)
-    reader = stream_processors.app.SkippedReader(s, {"t": lambda _m: None}, timeout_s=0.1, on_give_up=lambda: None)
+    reader = stream_processors.repair.SkippedReader(s, {"t": lambda _m: None}, timeout_s=0.1, on_give_up=lambda: None)
     reader.read("t", 0, [0])
     erasure.kafka_notifier(s, timeout_s=0.1)([])
     monitor = LagMonitor(s, [sink_group(s)])
