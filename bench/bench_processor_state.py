@@ -37,7 +37,7 @@ from bench.bench_processors import _healthy, fresh_broker, scrape, work_dir  # n
 from dev_stack.embedded import free_port, wait_until  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
 from schemas.codec import EventCodec  # noqa: E402
-from site_activity.kafka import producer_config  # noqa: E402
+from site_activity.kafka import produce_waiting, producer_config  # noqa: E402
 from site_activity.topics import event_key  # noqa: E402
 
 EVENTS_PER_VISITOR = 2
@@ -85,12 +85,7 @@ class Messages:
 def produce(producer: Producer, topic: str, messages: Messages, first: int, count: int) -> None:
     for n in range(first, first + count):
         key, value = messages.message(n)
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, key)
         if n % 5000 == 0:
             producer.poll(0)
 

@@ -49,7 +49,7 @@ from dev_stack.embedded import EmbeddedBroker, free_port, make_broker, wait_unti
 from dev_stack.kafka_dist import broker_kind, machine_settings  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
 from schemas.codec import EventCodec  # noqa: E402
-from site_activity.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
+from site_activity.kafka import consumer_config, ensure_topics, produce_waiting, producer_config  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics, event_key  # noqa: E402
 
@@ -174,12 +174,7 @@ def bench_settings(kafka: EmbeddedBroker, name: str) -> Settings:
 def preload(settings: Settings, topic: str, messages: list[Message]) -> None:
     producer = Producer(producer_config(settings, **{"linger.ms": 20}))
     for i, msg in enumerate(messages):
-        while True:
-            try:
-                producer.produce(topic, msg.value, msg.key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, msg.value, msg.key)
         if i % 5000 == 0:
             producer.poll(0)
     assert producer.flush(60) == 0, "preload not delivered"

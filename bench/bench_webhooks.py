@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_purge import healthy  # noqa: E402
+from bench.harness import report  # noqa: E402
 from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
 from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, stop_process, wait_until  # noqa: E402
 from dev_stack.kafka_dist import broker_kind  # noqa: E402
@@ -49,7 +49,6 @@ from site_activity.settings import Settings  # noqa: E402
 from site_activity.topics import Topics  # noqa: E402
 from webhooks import endpoints  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 P95_TARGET_S = 2.0
 
 
@@ -359,14 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         receiver_main(int(args.receiver[0]), args.receiver[1])
         return 0
     res = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "webhooks.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     rows = table(res)
     for row in rows:
         print("  ".join(row))
-    print("\n| measurement | result | context | verdict |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    report("webhooks", res, ("measurement", "result", "context", "verdict"), rows, 3)
     return 0
 
 

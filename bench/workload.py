@@ -15,6 +15,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from schemas.codec import VISITOR_EVENT, AvroCodec, EventCodec
+from sink.records import FIELDS
 from site_activity.events import VisitorEvent
 from site_activity.topics import event_key
 
@@ -139,22 +140,8 @@ def encoded_batches(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[
 
 # --- rows for the bare COPY ------------------------------------------------------------------------
 
-COPY_COLUMNS = (
-    "widget_id",
-    "event_id",
-    "tenant_id",
-    "visitor_id",
-    "event_type",
-    "name",
-    "url",
-    "referrer",
-    "properties",
-    "user_id",
-    "customer_id",
-    "session_id",
-    "occurred_at",
-    "received_at",
-)
+# The bare COPY writes the sink's row layout: the same columns in the same order (copy_row below).
+COPY_COLUMNS = FIELDS
 
 
 class JsonText(str):

@@ -81,11 +81,6 @@ class DeadLetterLimit:
         for _ in range(dropped):
             self._batches.popleft()
 
-    def record(self, valid: int, invalid: int) -> None:
-        """`check` then `add`: for a caller that counts each batch once anyway."""
-        self.check(valid, invalid)
-        self.add(valid, invalid)
-
     def _consecutive_after(self, valid: int, invalid: int) -> int:
         return self.consecutive + invalid if valid == 0 else 0
 

@@ -7,43 +7,49 @@ import pytest
 from site_activity.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded, Reason, reason_text
 
 
+def record(limit: DeadLetterLimit, valid: int, invalid: int) -> None:
+    """A batch as a stage sees it: checked before it is dead-lettered, counted once committed."""
+    limit.check(valid, invalid)
+    limit.add(valid, invalid)
+
+
 def test_a_run_of_invalid_batches_past_the_limit_stops() -> None:
     limit = DeadLetterLimit(max_consecutive=10, max_ratio=0, window=0)
-    limit.record(valid=0, invalid=6)
+    record(limit, valid=0, invalid=6)
     with pytest.raises(DeadLetterLimitExceeded, match="11 invalid records in a row"):
-        limit.record(valid=0, invalid=5)
+        record(limit, valid=0, invalid=5)
 
 
 def test_a_valid_record_ends_the_run() -> None:
     limit = DeadLetterLimit(max_consecutive=10, max_ratio=0, window=0)
     for _ in range(100):  # one bad message among good ones, again and again, is never a reason to stop
-        limit.record(valid=0, invalid=8)
-        limit.record(valid=1, invalid=8)
+        record(limit, valid=0, invalid=8)
+        record(limit, valid=1, invalid=8)
     assert limit.consecutive == 0
 
 
 def test_the_ratio_is_judged_over_a_full_window_only() -> None:
     limit = DeadLetterLimit(max_consecutive=0, max_ratio=0.5, window=100)
-    limit.record(valid=10, invalid=60)  # 86 % invalid, but only 70 records seen: too early to judge
+    record(limit, valid=10, invalid=60)  # 86 % invalid, but only 70 records seen: too early to judge
     with pytest.raises(DeadLetterLimitExceeded, match="of the last 100 records invalid"):
-        limit.record(valid=30, invalid=0)  # 60 of 100
+        record(limit, valid=30, invalid=0)  # 60 of 100
 
 
 def test_the_window_slides() -> None:
     limit = DeadLetterLimit(max_consecutive=0, max_ratio=0.5, window=100)
-    limit.record(valid=1, invalid=49)
+    record(limit, valid=1, invalid=49)
     for _ in range(20):  # the early burst of bad records leaves the window as good ones come in
-        limit.record(valid=50, invalid=0)
+        record(limit, valid=50, invalid=0)
     for _ in range(10):
-        limit.record(valid=30, invalid=20)  # 40 % invalid from here on: under the limit
+        record(limit, valid=30, invalid=20)  # 40 % invalid from here on: under the limit
     with pytest.raises(DeadLetterLimitExceeded, match="60 of the last 100"):
-        limit.record(valid=10, invalid=40)  # 80 % invalid: with the batch before it, 60 of the last 100
+        record(limit, valid=10, invalid=40)  # 80 % invalid: with the batch before it, 60 of the last 100
 
 
 def test_zero_turns_both_rules_off() -> None:
     limit = DeadLetterLimit(max_consecutive=0, max_ratio=0, window=0)
     for _ in range(1000):
-        limit.record(valid=0, invalid=1000)
+        record(limit, valid=0, invalid=1000)
 
 
 def test_every_reason_header_starts_with_its_reason() -> None:
