@@ -33,7 +33,7 @@ from sink.dead_letter import DeadLetterError, DeadLetterPublisher
 from sink.metrics import SinkMetrics
 from sink.records import DecodedBatch
 from sink.writer import EventWriter, TransientError, WriteResult
-from site_activity.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded, Reason
+from site_activity.dead_letters import EXIT_DEAD_LETTER_LIMIT, DeadLetterLimit, DeadLetterLimitExceeded, Reason
 from site_activity.kafka import consumer_config, next_offsets
 from site_activity.lag import sink_group, start_lag_metrics
 from site_activity.metrics import Liveness, serve_http
@@ -46,8 +46,6 @@ _POLL_S = 0.5  # upper bound on one consume() call, so a stop request is seen qu
 _SETTLE_POLL_S = 0.02  # while a write is in flight, look back soon to commit it
 _FIRST_BACKOFF_S = 0.2
 _RETRYABLE = (TransientError, DeadLetterError)
-# Exit status when the dead-letter limit stopped the sink (EX_DATAERR): a restart reads the same records again.
-EXIT_DEAD_LETTER_LIMIT = 65
 
 
 @dataclass

@@ -28,6 +28,11 @@ def reason_text(reason: Reason, detail: str) -> str:
     return f"{reason.value}: {detail}"
 
 
+# Exit status of a stage the dead-letter limit stopped (EX_DATAERR): nothing of the batch was committed, so a
+# restart reads the same messages again.
+EXIT_DEAD_LETTER_LIMIT = 65
+
+
 class DeadLetterLimitExceeded(RuntimeError):
     """Too many invalid records: the stage must stop without committing, not dead-letter the stream."""
 

@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 # Exit status when records could not be delivered or skipped messages not read: a restart redoes them.
 EXIT_DELIVERY_FAILED = 75
-# Exit status when the dead-letter limit stopped the worker (EX_DATAERR, as the sink's): a restart reads the same
-# messages again.
-EXIT_DEAD_LETTER_LIMIT = 65
 
 
 class Checkpoint:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from schemas.codec import IDENTITY_LINK, AvroCodec, DecodeError, EventCodec
 from site_activity.dead_letters import (
+    EXIT_DEAD_LETTER_LIMIT,
     DeadLetterLimit,
     DeadLetterLimitExceeded,
     Reason,
@@ -43,7 +44,7 @@ from site_activity.events import EventType, customer_id_text, session_id_text, s
 from site_activity.settings import Settings
 from site_activity.topics import Topics, event_key, max_event_value_bytes
 from stream_processors import erasures, metrics
-from stream_processors.checkpoint import EXIT_DEAD_LETTER_LIMIT, exit_without_committing
+from stream_processors.checkpoint import exit_without_committing
 from stream_processors.erasures import is_erased
 from stream_processors.outputs import Source
 from stream_processors.state import VisitorState
