@@ -436,10 +436,14 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # Postgres refuses to run as root; run it as the unprivileged user pgserver itself uses.
+            from pgserver._commands import POSTGRES_BIN_PATH
             from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
             ensure_user_exists("pgserver")
             ensure_prefix_permissions(self.data_dir)
+            # The binaries live in the checkout's .venv: that user must be able to reach them too (a clone in a
+            # `mktemp -d` directory, mode 0700, is otherwise closed to it: initdb "Permission denied").
+            ensure_prefix_permissions(Path(POSTGRES_BIN_PATH))
             self._user = "pgserver"
             shutil.chown(self.data_dir, "pgserver")
             os.chmod(self.data_dir, 0o700)
