@@ -27,6 +27,17 @@ repair for offsets faust would commit without having processed them.
   dropped *after* the first acked one was recorded as a gap (one missing offset between two delivered ones),
   so faust committed past it while the repair, firing for a message at the head, never looked at it.
 
+* A message can also be lost *after* the fetch loop delivered it to the agent's queue: the stream skips, without
+  acking, an event whose fetch-time consumer generation is not the current one, and a revocation clears the
+  queues. Below a later acked offset that is a hole the repair above sees; at the tail of a partition nothing
+  later is acked, so faust never commits past it and the worker sits idle on it until its next restart. The
+  restart test caught exactly that after a SIGKILL restart: on one partition every message from the committed
+  offset on was delivered and none acked, the worker healthy and idle for a minute (one CI run in about ten,
+  more on a loaded machine). `Consumer.force_commit` (every commit: periodic, rebalance, shutdown) therefore
+  first runs `process_lost`: per partition, with nothing of it waiting in an agent's queue or taken and not yet
+  acked, every offset delivered since the partition was last sought, from the committed one on, must be acked;
+  those that are not go to the same handler, and the commit moves past them.
+
 * Throughput (issue 14): faust's fetch loop (`Consumer._drain_messages`) hands every message to the conductor
   through `Service.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks, adds two
   more for the service's `_stopped`/`_crashed` events, waits for the first and cancels the other three: five
@@ -48,11 +59,12 @@ import importlib.metadata
 import inspect
 import logging
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiokafka
 import faust
+import faust.transport.conductor
 import faust.transport.consumer
 import mode
 from faust.transport.drivers import aiokafka as driver
@@ -67,8 +79,8 @@ log = logging.getLogger(__name__)
 SkippedOffsetsHandler = Callable[[str, int, list[int]], bool]
 
 # The private parts of faust and aiokafka this module relies on (see check_internals).
-_FAUST_CONSUMER_METHODS = ("_new_offset", "_commit", "_new_consumer_thread", "_add_gap")
-_FAUST_CONSUMER_STATE = ("_acked", "_acked_index", "_committed_offset", "_gap")
+_FAUST_CONSUMER_METHODS = ("_new_offset", "_commit", "_new_consumer_thread", "_add_gap", "force_commit", "perform_seek")
+_FAUST_CONSUMER_STATE = ("_acked", "_acked_index", "_committed_offset", "_gap", "_unacked_messages", "callback")
 _FAUST_THREAD_METHODS = ("_create_worker_consumer",)
 
 
@@ -82,6 +94,8 @@ def check_internals() -> None:
     ]
     init_source = _source(faust.transport.consumer.Consumer.__init__)
     missing += [f"faust Consumer().{name}" for name in _FAUST_CONSUMER_STATE if f"self.{name} =" not in init_source]
+    if "self._tp_index =" not in _source(faust.transport.conductor.Conductor.__init__):
+        missing.append("faust Conductor()._tp_index")
     if "self.suspend_flow.wait()" not in _source(faust.transport.consumer.Consumer._drain_messages):
         missing.append("faust Consumer._drain_messages calling wait_first(callback(message), suspend_flow.wait())")
     if not all(f"self.{name} =" in _source(mode.Service.__init__) for name in ("_stopped", "_crashed")):
@@ -119,6 +133,24 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class Consumer(driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per partition, the highest offset whose message faust's fetch loop handed to the agents' queues since
+        # the partition was last sought (assignment, recovery, rebalance): what `_lost_offsets` checks against.
+        self._delivered: dict[TP, int] = {}
+        self.callback = self._recording_delivery(self.callback)
+
+    def _recording_delivery(self, deliver: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Any]:
+        delivered = self._delivered
+
+        async def on_message(message: Any) -> None:
+            await deliver(message)
+            tp, offset = message.tp, message.offset
+            if offset > delivered.get(tp, -1):
+                delivered[tp] = offset
+
+        return on_message
+
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -146,6 +178,62 @@ class Consumer(driver.Consumer):
             coros = (_continue(callback, yielded), suspended)
         return await super().wait_first(*coros, timeout=timeout)
 
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        # faust logs rebalances only at INFO, which site_activity.logs silences for faust; ops (and a failed
+        # restart test) need to see when a worker got which partitions.
+        log.info(
+            "partitions assigned",
+            extra={"generation": generation_id, "partitions": _tps(assigned)},
+        )
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def perform_seek(self) -> None:
+        # faust seeks its stream partitions to the committed offsets once their tables are recovered; what was
+        # delivered before is fetched and delivered again.
+        await super().perform_seek()
+        self._delivered.clear()
+        log.info("resuming from the committed offsets", extra={"committed": _tps(self._committed_offset)})
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._delivered.pop(partition, None)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        log.info("partitions revoked", extra={"partitions": _tps(revoked)})
+        for tp in revoked:
+            self._delivered.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        # Every commit (periodic, rebalance, shutdown) goes through here: messages faust lost after delivering
+        # them are processed first, so the commit can move past them (and, idle or not, the worker does not
+        # sit on them until its next restart).
+        self.process_lost()
+        did_commit: bool = await super().force_commit(topics, start_new_transaction=start_new_transaction)
+        return did_commit
+
+    def process_lost(self) -> None:
+        """Processes, and acks, the messages of every partition that `_lost_offsets` finds lost."""
+        for tp in list(self._delivered):
+            lost = self._lost_offsets(tp)
+            if lost:
+                self._process_skipped(tp, lost, "delivered to the agent's queue but never processed")
+
+    def _lost_offsets(self, tp: TP) -> list[int]:
+        """Offsets of `tp` that faust delivered (up to `_delivered[tp]`) but no agent holds or acked: with
+        nothing of `tp` waiting in a queue or being processed, every delivered offset from the committed one on
+        must have been acked; one that was not was dropped between the fetch loop and the agent (faust skips an
+        event whose fetch-time generation differs from the current one, and clears the queues on a revocation).
+        """
+        delivered, committed = self._delivered.get(tp), self._committed_offset.get(tp)
+        if delivered is None or committed is None or delivered < committed:
+            return []
+        if any(message.tp == tp for message in list(self._unacked_messages)):
+            return []  # taken by an agent, not yet acked: in progress
+        if any(not channel.queue.empty() for channel in self.app.topics._tp_index.get(tp, ())):  # type: ignore[attr-defined]
+            return []  # waiting in an agent's queue
+        return unacked_offsets([*self._acked[tp], delivered + 1], committed)
+
     async def _commit(self, offsets: Mapping[Any, int]) -> bool:
         for barrier in self.app.commit_barriers:  # type: ignore[attr-defined]
             barrier()
@@ -155,29 +243,45 @@ class Consumer(driver.Consumer):
         acked, committed = self._acked[tp], self._committed_offset[tp]
         if acked and committed is not None:
             missing = unacked_offsets(acked, committed)
-            handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
-            if missing and handler is not None:
-                log.warning(
-                    "faust would commit past messages that were never processed; processing them now",
-                    extra={
-                        "topic": tp.topic,
-                        "partition": tp.partition,
-                        "first": missing[0],
-                        "last": missing[-1],
-                        "offsets": len(missing),
-                        "committed": committed,
-                        "first_acked": min(acked),
-                        "recorded_as_gap": sum(1 for offset in missing if self._gap[tp].overlaps(offset)),
-                    },
-                )
-                if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
-                    acked.extend(missing)
-                    acked.sort()
-                    self._acked_index[tp].update(missing)
-                    # faust would add these again from its gap records (duplicates in `acked` end its
-                    # consecutive run early); they are handled now.
-                    self._gap[tp].chop(missing[0], missing[-1] + 1)
+            if missing:
+                self._process_skipped(tp, missing, "below the highest acked offset")
         return super()._new_offset(tp)
+
+    def _process_skipped(self, tp: TP, missing: list[int], why: str) -> None:
+        """Has the handler process the messages at `missing` (sorted offsets of `tp`, none acked) and acks
+        them, so faust's commit covers them; returns only once they are processed (or the handler ended the
+        process). Partitions of topics the handler does not take are left to faust."""
+        handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
+        if handler is None:
+            return
+        acked = self._acked[tp]
+        log.warning(
+            "faust would commit past messages that were never processed; processing them now",
+            extra={
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "why": why,
+                "first": missing[0],
+                "last": missing[-1],
+                "offsets": len(missing),
+                "committed": self._committed_offset[tp],
+                "first_acked": min(acked, default=None),
+                "recorded_as_gap": sum(1 for offset in missing if self._gap[tp].overlaps(offset)),
+            },
+        )
+        if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
+            acked.extend(missing)
+            acked.sort()
+            self._acked_index[tp].update(missing)
+            # faust would add these again from its gap records (duplicates in `acked` end its consecutive run
+            # early); they are handled now.
+            self._gap[tp].chop(missing[0], missing[-1] + 1)
+
+
+def _tps(tps: Any) -> dict[str, Any]:
+    """TPs (a set, or a mapping to offsets) as {"topic[partition]": offset or None}, for a log line."""
+    items = tps.items() if isinstance(tps, Mapping) else ((tp, None) for tp in tps)
+    return {f"{tp.topic}[{tp.partition}]": offset for tp, offset in sorted(items)}
 
 
 def _waits_on(coro: Any, event: Any) -> bool:

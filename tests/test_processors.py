@@ -19,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Message, Producer
-from faust.types import TP
+from faust.types import TP, Message
 
 from dev_stack.embedded import wait_until
 from dev_stack.process import StageProcess
@@ -536,6 +536,53 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(
     with pytest.raises(GaveUp):
         consumer._new_offset(tp)
     assert processed == [] and consumer._acked[tp] == [20]
+
+
+def test_messages_dropped_after_delivery_are_processed_before_the_commit(
+    settings: Settings, feed: RawFeed, make_widget: Callable[..., widgets.Widget]
+) -> None:
+    """faust's stream may drop a message its fetch loop already delivered to the agent's queue (an event whose
+    fetch-time consumer generation is not the current one is skipped, unacked). At the tail of a partition no
+    later ack reveals the hole, so faust never commits past it and the worker sits on it until its next restart
+    (the stall after a SIGKILL restart: a partition's messages all delivered and dropped). Before every commit
+    the transport processes each delivered offset that is neither acked nor still queued or in progress."""
+    w = make_widget()
+    topics = Topics.from_settings(settings)
+    for i in range(6):
+        feed.send([ev(w, "v-tail", T0 + i * MIN)])  # one key: all on one partition, offsets 0..5
+    app = create_app(settings)
+    processed: list[tuple[int, int]] = []
+    app.skipped_offsets_handler = SkippedReader(
+        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0
+    )
+    partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-tail"))
+    tp = TP(topics.raw_events, partition)
+    consumer = cast(transport.Consumer, app.consumer)
+    consumer._committed_offset[tp] = 1
+    consumer._delivered[tp] = 5  # 1..5 delivered, only 2 acked: 1, 3, 4 and 5 were dropped
+    consumer._acked[tp].append(2)
+    consumer._acked_index[tp].add(2)
+
+    # Still in an agent's queue, or taken by the agent and not acked yet: in progress, not lost.
+    queued = app.channel()
+    app.topics._tp_index[tp].add(queued)  # type: ignore[attr-defined]
+    queued.queue.put_nowait(object())
+    consumer.process_lost()
+    assert processed == []
+    queued.queue.get_nowait()
+    in_progress = Message(tp.topic, tp.partition, 4, 0.0, 0, None, b"k", b"v", None, tp=tp)
+    consumer._unacked_messages.add(in_progress)
+    consumer.process_lost()
+    assert processed == []
+
+    consumer._unacked_messages.discard(in_progress)
+    consumer.process_lost()
+    assert processed == [(partition, 1), (partition, 3), (partition, 4), (partition, 5)]
+    assert consumer._new_offset(tp) == 6  # the commit moves past all of them
+    consumer._committed_offset[tp] = 6  # what faust records once that commit succeeded
+    processed.clear()
+    consumer.process_lost()  # nothing left
+    assert processed == []
 
 
 def test_a_skipped_erasure_marker_is_applied_before_the_commit(
