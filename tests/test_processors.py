@@ -19,7 +19,8 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Message, Producer
-from faust.types import TP, Message
+from faust.types import TP
+from faust.types import Message as FaustMessage
 
 from dev_stack.embedded import wait_until
 from dev_stack.process import StageProcess
@@ -570,7 +571,7 @@ def test_messages_dropped_after_delivery_are_processed_before_the_commit(
     consumer.process_lost()
     assert processed == []
     queued.queue.get_nowait()
-    in_progress = Message(tp.topic, tp.partition, 4, 0.0, 0, None, b"k", b"v", None, tp=tp)
+    in_progress = FaustMessage(tp.topic, tp.partition, 4, 0.0, 0, None, b"k", b"v", None, tp=tp)
     consumer._unacked_messages.add(in_progress)
     consumer.process_lost()
     assert processed == []
