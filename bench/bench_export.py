@@ -6,7 +6,7 @@
 Own embedded Postgres on a free port in a temp dir (stopped at the end), 127.0.0.1 only; no broker needed.
 
 1. Seed: `--events` events of one tenant over 4 widgets, in the benchmark workload's realistic mix
-   (bench/workload.py: pageviews, custom events with properties, one identify per 25-event batch), binary
+   (bench/workload.py: pageviews, custom events with properties, one identify per 25-event request), binary
    COPY in 200k-row chunks; identify events (and every 7th other event) link to one of `--events / 250`
    contacts with traits. VACUUM ANALYZE + CHECKPOINT.
 2. For each format (ndjson, csv, parquet): a fresh child process imports everything (pyarrow included),

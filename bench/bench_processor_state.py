@@ -72,7 +72,7 @@ class Messages:
             }
             for i in range(EVENTS_PER_VISITOR)
         ]
-        self.template = codec.encode_batch(events)
+        self.template = codec.encode_events(events)
 
     def message(self, n: int) -> tuple[bytes, bytes]:
         visitor = f"v_{n:016x}"

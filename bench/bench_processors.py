@@ -61,7 +61,7 @@ class Message:
     """One raw-topic message as the API publishes it: one ingest request's events, one visitor."""
 
     key: bytes
-    value: bytes  # EventCodec().encode_batch(events)
+    value: bytes  # EventCodec().encode_events(events)
     events: int
 
 
@@ -70,7 +70,7 @@ class Message:
 
 def workload(n_events: int, seed: int = 42) -> list[Message]:
     """Visitors of one widget browsing over a day: gaps of seconds to hours, each visitor's timeline cut into
-    widget batches of 1..25 events (one raw message each), batches of many visitors interleaved."""
+    widget requests of 1..25 events (one raw message each), requests of many visitors interleaved."""
     rng = random.Random(seed)
     codec = EventCodec()
     tenant, widget = uuid.UUID(int=rng.getrandbits(128)), uuid.UUID(int=rng.getrandbits(128))
@@ -105,16 +105,16 @@ def workload(n_events: int, seed: int = 42) -> list[Message]:
             )
             t += timedelta(seconds=rng.choice(gaps))
         made += len(events)
-        batches, i = [], 0
+        requests, i = [], 0
         while i < len(events):
             n = rng.randint(1, 25)
-            batches.append(Message(key, codec.encode_batch(events[i : i + n]), len(events[i : i + n])))
+            requests.append(Message(key, codec.encode_events(events[i : i + n]), len(events[i : i + n])))
             i += n
-        per_visitor.append(batches)
-    # interleave visitors' batches, each visitor's batches staying in time order
-    order = [v for v, batches in enumerate(per_visitor) for _ in batches]
+        per_visitor.append(requests)
+    # interleave visitors' requests, each visitor's requests staying in time order
+    order = [v for v, requests in enumerate(per_visitor) for _ in requests]
     rng.shuffle(order)
-    cursors = [iter(batches) for batches in per_visitor]
+    cursors = [iter(requests) for requests in per_visitor]
     return [next(cursors[v]) for v in order]
 
 
@@ -231,7 +231,7 @@ def naive_agent(messages: list[Message]) -> float:
 
 def run_naive_worker(bootstrap: str, raw: str, enriched: str, n: int) -> None:
     """The baseline: what a faust agent looks like written the obvious way, per event. It reads the same
-    batch messages as the processors (one per ingest request), then for every event: one table write, one
+    request messages as the processors (one per ingest request), then for every event: one table write, one
     send of the event."""
     import faust
 

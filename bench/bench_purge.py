@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import INGEST_P99_TARGET_MS, Loadgen, post_until_accepted, report  # noqa: E402
 from bench.workload import (  # noqa: E402
     EVENTS_PER_BODY,
-    encoded_batches,
+    encoded_requests,
     make_bodies,
     make_body,
 )
@@ -190,7 +190,7 @@ def produce(settings: Settings, widget: widgets.Widget, events: int, seed: int) 
     chunk = 100_000  # events built and encoded at a time: bounded memory for big backlogs
     for first in range(0, events, chunk):
         bodies = make_bodies(str(widget.id), min(chunk, events - first) // EVENTS_PER_BODY, seed=seed * 1000 + first)
-        for key, value in encoded_batches(bodies, str(widget.tenant_id)):
+        for key, value in encoded_requests(bodies, str(widget.tenant_id)):
             produce_waiting(producer, topic, value, key)
             producer.poll(0)
     flush_or_raise(producer, 120)
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def run_purge() -> None:
                 try:
-                    report["r"] = purge(pg.dsn, batch_rows=args.batch_rows, duty_cycle=args.duty_cycle)
+                    report["r"] = purge(pg.dsn, chunk_rows=args.chunk_rows, duty_cycle=args.duty_cycle)
                 finally:
                     ended_at.append(time.monotonic())
                     ended.set()
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "span_days": SPAN_DAYS,
         "retentions": RETENTIONS,
         "widgets": len(targets),
-        "batch_rows": args.batch_rows,
+        "chunk_rows": args.chunk_rows,
         "seed_seconds": round(seed_s, 1),
         "expired_before": expired,
         "purge": {**r.summary(), "wall_seconds": round(p1 - p0, 3)},
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=5_000_000, help="events to seed (default 5,000,000)")
     p.add_argument("--sink-events", type=int, default=1_000_000, help="fresh events the sink writes per phase")
-    p.add_argument("--batch-rows", type=int, default=10_000, help="rows per purge DELETE transaction")
+    p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per purge DELETE transaction")
     p.add_argument(
         "--duty-cycle",
         type=float,

@@ -8,7 +8,7 @@ Own embedded Postgres (track_commit_timestamp on) + the configured embedded brok
 a `site-activity sink` reading the raw topic, a `site-activity webhooks` stage and a receiver (uvicorn, a
 separate process answering 200 at once) — all on 127.0.0.1, stopped by PID at the end.
 
-1. Steady phase: `--rate` events/s (batches of 25, as the API writes them) for `--seconds`, one endpoint
+1. Steady phase: `--rate` events/s (requests of 25, as the API writes them) for `--seconds`, one endpoint
    subscribed to every event. For each event: the commit time of its row (pg_xact_commit_timestamp of the
    row's xmin) and the arrival of its first attempt at the receiver; latency = arrival - commit.
    Target: p95 <= 2 s at 1,000 events/s.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_purge import healthy  # noqa: E402
 from bench.harness import report  # noqa: E402
-from bench.workload import EVENTS_PER_BODY, encoded_batches, make_bodies  # noqa: E402
+from bench.workload import EVENTS_PER_BODY, encoded_requests, make_bodies  # noqa: E402
 from dev_stack.embedded import EmbeddedPostgres, free_port, make_broker, stop_process, wait_until  # noqa: E402
 from dev_stack.kafka_dist import broker_kind  # noqa: E402
 from dev_stack.process import StageProcess  # noqa: E402
@@ -166,7 +166,7 @@ def _port_open(port: int) -> bool:
 
 
 def produce_paced(settings: Settings, widget: widgets.Widget, rate: float, seconds: float, seed: int = 0) -> int:
-    """`rate` events/s for `seconds`, one 25-event batch message at a time; returns how many were sent."""
+    """`rate` events/s for `seconds`, one 25-event request message at a time; returns how many were sent."""
     from confluent_kafka import Producer
 
     producer = Producer(producer_config(settings))
@@ -180,7 +180,7 @@ def produce_paced(settings: Settings, widget: widgets.Widget, rate: float, secon
         if wait > 0:
             time.sleep(wait)
         # Distinct seeds per call: event ids must not repeat across widgets (results are keyed by event id).
-        [(key, value)] = encoded_batches(make_bodies(str(widget.id), 1, seed=seed + i), str(widget.tenant_id))
+        [(key, value)] = encoded_requests(make_bodies(str(widget.id), 1, seed=seed + i), str(widget.tenant_id))
         producer.produce(topic, value, key)
         producer.poll(0)
         sent += EVENTS_PER_BODY

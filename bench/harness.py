@@ -283,7 +283,7 @@ class Loadgen:
 
 
 def post_until_accepted(port: int, body: dict[str, Any], timeout: float = 30.0) -> None:
-    """The API learns about widgets from a periodically refreshed cache: retry until it accepts the batch."""
+    """The API learns about widgets from a periodically refreshed cache: retry until it accepts the request."""
     raw = http_request(body, port)
     payload = raw[raw.index(b"\r\n\r\n") + 4 :]
     last = ""

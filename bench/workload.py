@@ -1,4 +1,4 @@
-"""The benchmark's synthetic traffic: widget batches as the browser sends them, and the same events as the
+"""The benchmark's synthetic traffic: widget requests as the browser sends them, and the same events as the
 API puts them on the raw topic (so the bare producer, the sink preload and the bare COPY all handle the
 exact records the real path handles)."""
 
@@ -27,7 +27,7 @@ _REFERRERS = [None, "https://www.google.com/", "https://news.ycombinator.com/", 
 
 
 def _event(rng: random.Random, index: int, at: datetime) -> dict[str, Any]:
-    """A realistic mix per batch: mostly pageviews, a few custom events, one identify."""
+    """A realistic mix per request: mostly pageviews, a few custom events, one identify."""
     base: dict[str, Any] = {
         "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
         "occurred_at": (at + timedelta(milliseconds=40 * index))
@@ -53,7 +53,7 @@ def _event(rng: random.Random, index: int, at: datetime) -> dict[str, Any]:
 
 
 def make_body(widget_id: str, rng: random.Random) -> dict[str, Any]:
-    """One widget batch of EVENTS_PER_BODY events with fresh event ids."""
+    """One widget request of EVENTS_PER_BODY events with fresh event ids."""
     now = datetime.now(UTC)
     start = now - timedelta(seconds=2)
     return {
@@ -124,7 +124,7 @@ def encoded_messages(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple
     return out
 
 
-def encoded_batches(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[bytes, bytes]]:
+def encoded_requests(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[bytes, bytes]]:
     """(key, Avro value) pairs exactly as the API writes them to the raw topic: one VisitorEventBatch per
     request (the enriched topic has the same shape)."""
     codec = EventCodec()
@@ -132,7 +132,7 @@ def encoded_batches(bodies: list[dict[str, Any]], tenant_id: str) -> list[tuple[
     return [
         (
             event_key(body["widget_id"], body["visitor_id"]),
-            codec.encode_batch(sorted(to_records(body, tenant_id, received_at), key=lambda r: r["occurred_at"])),
+            codec.encode_events(sorted(to_records(body, tenant_id, received_at), key=lambda r: r["occurred_at"])),
         )
         for body in bodies
     ]

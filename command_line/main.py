@@ -13,6 +13,17 @@ from site_activity.logs import setup_logging
 from site_activity.settings import Settings, get_settings
 
 
+class _DeprecatedFlag(argparse.Action):
+    """An old option name kept working: stores like the new one (same dest), warns on stderr."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option: str | None = None
+    ) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option} is deprecated, use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 # Each stage is imported only when its command runs: `site-activity migrate` should not load faust or uvicorn.
 def _dev(_: argparse.Namespace, settings: Settings) -> int:
     from dev_stack.supervisor import run
@@ -228,13 +239,13 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
             settings.postgres_dsn,
             settings.purge_interval_s,
             stop,
-            batch_rows=args.batch_rows or settings.purge_batch_rows,
+            chunk_rows=args.chunk_rows or settings.purge_chunk_rows,
             duty_cycle=settings.purge_duty_cycle,
         )
         return 0
     run_with_progress(
         settings.postgres_dsn,
-        batch_rows=args.batch_rows or settings.purge_batch_rows,
+        chunk_rows=args.chunk_rows or settings.purge_chunk_rows,
         dry_run=args.dry_run,
         duty_cycle=settings.purge_duty_cycle,
     )
@@ -356,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("purge", help="delete events older than their widget's retention (run daily)")
     pg.set_defaults(func=_purge)
     pg.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
-    pg.add_argument("--batch-rows", type=int, help="rows per DELETE transaction (default: purge_batch_rows)")
+    pg.add_argument("--chunk-rows", type=int, help="rows per DELETE transaction (default: purge_chunk_rows)")
+    # --- one name per batch concept (issue 10): the flag's old name still works, with a warning ---
+    pg.add_argument("--batch-rows", type=int, dest="chunk_rows", action=_DeprecatedFlag, help=argparse.SUPPRESS)
     pg.add_argument(
         "--loop",
         action="store_true",

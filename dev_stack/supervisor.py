@@ -109,7 +109,7 @@ def start_daily_purge(settings: Settings, stop: threading.Event) -> threading.Th
         name="retention-purge",
         daemon=True,
         args=(settings.postgres_dsn, settings.purge_interval_s, stop),
-        kwargs={"batch_rows": settings.purge_batch_rows, "duty_cycle": settings.purge_duty_cycle},
+        kwargs={"chunk_rows": settings.purge_chunk_rows, "duty_cycle": settings.purge_duty_cycle},
     )
     thread.start()
     return thread

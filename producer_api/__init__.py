@@ -1,1 +1,1 @@
-"""The ingest API: `POST /api/widget/track` validates widget batches and writes them to Kafka as Avro."""
+"""The ingest API: `POST /api/widget/track` validates widget requests (their events) and writes them to Kafka as Avro."""

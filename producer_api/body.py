@@ -24,7 +24,7 @@ def check_content_type(content_type: str) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media not in _JSON_TYPES and not media.endswith("+json"):
         raise ApiError(
-            415, "unsupported_media_type", f"send the batch as application/json or text/plain, not {media!r}"
+            415, "unsupported_media_type", f"send the events as application/json or text/plain, not {media!r}"
         )
 
 

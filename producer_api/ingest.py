@@ -45,7 +45,7 @@ class IngestService:
         return ApiError(422, "unwritable_events", f"{exc}; do not retry")
 
     async def ingest(self, body: bytes) -> Outcome:
-        """Publishes the batch's valid events and returns the rejected ones. Raises ApiError when the request
+        """Publishes the request's valid events and returns the rejected ones. Raises ApiError when the request
         as a whole is refused (then nothing was published) or when Kafka did not confirm the valid events."""
         received_at = datetime.now(UTC)
         envelope = parse_envelope(body, self.limits)
@@ -64,12 +64,12 @@ class IngestService:
         if rejected:
             self._metrics.events_rejected.inc(len(rejected))
         if events:
-            # Publish in event time: a shuffled or clock-jittered batch then reaches the processors in the order
-            # the visitor acted, so only whole late batches are out of order downstream (stable for ties).
+            # Publish in event time: a shuffled or clock-jittered request then reaches the processors in the order
+            # the visitor acted, so only whole late requests are out of order downstream (stable for ties).
             events.sort(key=lambda e: e["occurred_at"])
             # One message per request: all its events share the visitor's key anyway, and downstream consumers
             # (faust above all) pay their per-message cost once per request instead of once per event.
-            value = self._codec.encode_batch(events)
+            value = self._codec.encode_events(events)
             if len(value) > self.limits.max_raw_message_bytes:
                 # Every field is within its limit, but together they do not fit one Kafka message (only when
                 # max_body_bytes is set above what kafka_max_message_bytes takes): the client must split the

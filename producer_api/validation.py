@@ -1,6 +1,6 @@
-"""Validation of a widget batch, by hand over the parsed JSON (cheaper per event than a model, and every
+"""Validation of a widget request, by hand over the parsed JSON (cheaper per event than a model, and every
 error becomes a reason we word ourselves). Envelope errors reject the whole request; event errors reject
-just that event, and the valid events of the batch are still published."""
+just that event, and the valid events of the request are still published."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Limits:
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(
             settings.max_body_bytes,
-            settings.max_events_per_batch,
+            settings.max_events_per_request,
             settings.max_name_chars,
             settings.max_properties_bytes,
             max_event_value_bytes(settings),

@@ -131,7 +131,7 @@ class EventCodec:
     def encode_event(self, record: dict[str, Any]) -> bytes:
         return self.event.encode(record)
 
-    def encode_batch(self, records: list[Any]) -> bytes:
+    def encode_events(self, records: list[Any]) -> bytes:
         return self.batch.encode({"events": records})
 
     def decode_events(self, data: bytes | None) -> list[dict[str, Any]]:
@@ -149,7 +149,7 @@ class EventCodec:
 
 class EventDecoder:
     """`EventCodec(logical_types=False).decode_events` (raw values: ids as str, times as int µs), with a shortcut
-    for the messages the consumers (sink, webhooks) see: a batch or a single event in the current schema. Those are read straight from the message (no slice copies, and
+    for the messages the consumers (sink, webhooks) see: a VisitorEventBatch or a single VisitorEvent in the current schema. Those are read straight from the message (no slice copies, and
     no per-call comparison of reader and writer schema); everything else, including every message the
     shortcut fails on, goes through the codec, which resolves old schemas and raises the DecodeError."""
 

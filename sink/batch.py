@@ -9,13 +9,13 @@ from confluent_kafka import Message
 
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, EventCodec, read_long
 
-_BATCH_HEADERS = tuple(MAGIC + fp for fp in EventCodec(logical_types=False).batch.versions)
+_VISITOR_EVENT_BATCH_HEADERS = tuple(MAGIC + fp for fp in EventCodec(logical_types=False).batch.versions)
 
 
 def events_in(value: bytes | None) -> int:
     """Events in a message without decoding it: a VisitorEventBatch starts with its array's item count (the
     first block's; our writers write one block); anything else counts as one."""
-    if not value or not value.startswith(_BATCH_HEADERS):
+    if not value or not value.startswith(_VISITOR_EVENT_BATCH_HEADERS):
         return 1
     buf = io.BytesIO(value)
     buf.seek(HEADER_LEN)
@@ -26,11 +26,11 @@ def events_in(value: bytes | None) -> int:
 
 
 class Batch:
-    """Bounded by events (rows), not messages: a message holds one event or a whole request's batch of them."""
+    """Bounded by events (rows), not messages: a message holds one event or a whole request's events."""
 
-    def __init__(self, max_events: int, max_ms: int) -> None:
+    def __init__(self, max_events: int, max_age_s: float) -> None:
         self.max_events = max_events
-        self.max_age_s = max_ms / 1000
+        self.max_age_s = max_age_s
         self.messages: list[Message] = []
         self.events = 0
         self._first_at = 0.0

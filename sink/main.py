@@ -70,7 +70,7 @@ class Sink:
         # We keep calling consume() while backing off (partitions paused), so the poll interval is never
         # exceeded by a database outage; the bound only has to cover one slow batch write.
         self.consumer = Consumer(consumer_config(settings, settings.sink_group, **{"max.poll.interval.ms": 300_000}))
-        self.batch = Batch(settings.sink_batch_max_events, settings.sink_batch_max_ms)
+        self.batch = Batch(settings.sink_batch_max_events, settings.sink_batch_max_s)
         self.inflight: InFlight | None = None  # step 2 running or done, steps 3-4 not yet
         self.pending: DecodedBatch | None = None  # decoded, waiting for the write in flight to settle
         self.stopping = threading.Event()

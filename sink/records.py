@@ -72,7 +72,7 @@ class Row:
 
     def as_message(self) -> bytes:
         """This row's event alone, as a single-event message: a dead letter must not carry the other events
-        of its batch message, which were written."""
+        of its VisitorEventBatch message, which were written."""
         return _EVENT.encode(dict(zip(FIELDS, self.values, strict=True)))
 
     @property

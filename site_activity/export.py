@@ -21,7 +21,7 @@ holds an erased subject. `erasures_seen` (the tenant's erased_subjects count in 
 notice an erase that committed after the snapshot (export_jobs.py then withdraws the file).
 
 Memory: rows are streamed (server-side cursor, or COPY for CSV) and written as they arrive; nothing holds more
-than one batch (Parquet: one row group of PARQUET_ROW_GROUP_ROWS rows)."""
+than one fetch of the cursor (Parquet: one row group of PARQUET_ROW_GROUP_ROWS rows)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ FORMATS: tuple[Format, ...] = ("ndjson", "csv", "parquet")
 # row-group skipping useful.
 PARQUET_ROW_GROUP_ROWS = 25_000
 # Rows per round trip of the server-side cursor: 2,000 keeps the Python rows and libpq's result buffer of one
-# batch small (10,000 cost ~35 MB more peak RSS in the benchmark) for ~2,500 round trips per 5M rows.
+# fetch small (10,000 cost ~35 MB more peak RSS in the benchmark) for ~2,500 round trips per 5M rows.
 FETCH_ROWS = 2_000
 DEFLATE_LEVEL = 1
 
@@ -294,7 +294,7 @@ def _progress_of(on_progress: Progress, name: str, total: int) -> Callable[[int]
 def _stream_rows(
     conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any], size: int
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """Batches of rows from a server-side (named) cursor: Postgres keeps the result, we hold `size` rows."""
+    """Fetches (lists of rows) from a server-side (named) cursor: Postgres keeps the result, we hold `size` rows."""
     with conn.cursor(name=f"export_{uuid.uuid4().hex[:8]}") as cur:
         cur.itersize = size
         cur.execute(query, params)
@@ -316,9 +316,9 @@ def _write_ndjson(
     query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
         _json_object(columns), sql.SQL(source), where, sql.SQL(order)
     )
-    for batch in _stream_rows(conn, query, params, FETCH_ROWS):
-        out.write("".join(f"{r[0]}\n" for r in batch).encode())
-        rows += len(batch)
+    for fetched in _stream_rows(conn, query, params, FETCH_ROWS):
+        out.write("".join(f"{r[0]}\n" for r in fetched).encode())
+        rows += len(fetched)
         tick(rows)
     return rows
 
@@ -378,22 +378,22 @@ def _write_parquet(
     ts_type = pa.timestamp("us", tz="UTC")
     query = _select(columns, _arrow_col, source, where, order)
     rows = 0
-    pending: list[Any] = []  # record batches of the row group being filled
+    pending: list[Any] = []  # Arrow record batches (pyarrow's term) of the row group being filled
     pending_rows = 0
     # Dictionary encoding only where values repeat: for ids unique per row (event_id, session_id) it only costs
     # memory (a hash table per column chunk) before Parquet falls back to plain encoding anyway.
     dictionary = [c.name for c in columns if c.name in _DICTIONARY_COLUMNS]
     with pq.ParquetWriter(out, schema, compression="zstd", memory_pool=pool, use_dictionary=dictionary) as writer:
-        for batch in _stream_rows(conn, query, params, FETCH_ROWS):
+        for fetched in _stream_rows(conn, query, params, FETCH_ROWS):
             arrays = [
                 pa.array(values, type=pa.int64(), memory_pool=pool).cast(ts_type, memory_pool=pool)
                 if f.type == ts_type
                 else pa.array(values, type=f.type, memory_pool=pool)
-                for f, values in zip(schema, zip(*batch, strict=True), strict=True)
+                for f, values in zip(schema, zip(*fetched, strict=True), strict=True)
             ]
             pending.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
-            pending_rows += len(batch)
-            rows += len(batch)
+            pending_rows += len(fetched)
+            rows += len(fetched)
             if pending_rows >= PARQUET_ROW_GROUP_ROWS:
                 writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=pending_rows)
                 pending, pending_rows = [], 0
@@ -443,7 +443,7 @@ def write_bundle(
     on_progress: Progress = lambda name, done, total: None,
 ) -> BundleResult:
     """Writes the archive to `out` (overwritten) from one REPEATABLE READ snapshot and returns its manifest.
-    `on_progress(file name, rows written, rows total)` is called after every batch. Raises ExportError for a
+    `on_progress(file name, rows written, rows total)` is called after every fetch. Raises ExportError for a
     bad format/scope (before anything is written) and psycopg/OSError on failure (`out` is then incomplete;
     the caller removes it)."""
     if fmt not in FORMATS:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+ENV_PREFIX = "SITE_ACTIVITY_"
 
 # --- structure (issue 10) ---------------------------------------------------------------------------------
 Stage = Literal["api", "processors", "sink", "webhooks", "console"]
@@ -22,8 +29,37 @@ STAGE_HTTP_PORT: dict[str, str] = {
 }
 
 
+# --- one name per batch concept (issue 10): renamed settings -------------------------------------------------
+# Old name -> (new name, old value -> new value). The old environment variables (SITE_ACTIVITY_<OLD>) keep
+# working, with a deprecation warning in the log; when both are set the new one wins. ARCHITECTURE.md, "Terms".
+def _ms_to_s(value: Any) -> float:
+    return float(value) / 1000
+
+
+RENAMED_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "max_events_per_batch": ("max_events_per_request", lambda v: v),
+    "sink_batch_max_ms": ("sink_batch_max_s", _ms_to_s),  # the batch time bounds are all in seconds now
+    "processors_producer_batch_bytes": ("processors_producer_batch_size", lambda v: v),
+    "purge_batch_rows": ("purge_chunk_rows", lambda v: v),
+}
+
+
+class _RenamedEnv(PydanticBaseSettingsSource):
+    """The old environment variables of RENAMED_SETTINGS, under their old names (`Settings._renamed` maps them).
+    A plain `validation_alias=AliasChoices(new, old)` would not do: pydantic-settings hands the value on under
+    the first alias whichever matched (so the old name could not be warned about), and the sink's time bound
+    changed unit. Case-insensitive, like the env source (case_sensitive is off)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the old names directly
+
+    def __call__(self) -> dict[str, Any]:
+        env = {name.upper(): value for name, value in os.environ.items()}
+        return {old: env[ENV_PREFIX + old.upper()] for old in RENAMED_SETTINGS if ENV_PREFIX + old.upper() in env}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SITE_ACTIVITY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # --- where things live -------------------------------------------------------------------
     data_dir: Path = Path(".site-activity")
@@ -56,7 +92,7 @@ class Settings(BaseSettings):
     http_header_timeout_s: float = 15.0
     http_body_timeout_s: float = 30.0
     max_body_bytes: int = 512 * 1024
-    max_events_per_batch: int = 100
+    max_events_per_request: int = 100  # events of one ingest request (one raw-topic message)
     max_name_chars: int = 100
     max_properties_bytes: int = 4096
     # How often the API refreshes widget configs (tracking switch, tenant) from Postgres.
@@ -138,7 +174,7 @@ class Settings(BaseSettings):
     sink_group: str = "site-activity-sink"
     sink_http_port: int = 8002  # /healthz and /metrics of the sink process
     sink_batch_max_events: int = 20_000  # bigger batches amortise each transaction's fixed cost
-    sink_batch_max_ms: int = 250  # the freshness a batch costs: up to this long waiting for more rows
+    sink_batch_max_s: float = 0.25  # the freshness a batch costs: up to this long waiting for more rows
     sink_retry_max_backoff_s: float = 10.0
     # Read the processors' enriched stream; set false to sink the raw topic directly (no processors).
     sink_from_enriched: bool = True
@@ -161,15 +197,16 @@ class Settings(BaseSettings):
     processors_max_sessions: int = 16
     processors_max_links: int = 8
     # Event ids remembered per visitor, so that a copy of an event (retry, re-send with another clock) changes
-    # nothing and derives nothing (state.py, "Duplicates"). One API request holds at most max_events_per_batch.
+    # nothing and derives nothing (state.py, "Duplicates"). One API request holds at most max_events_per_request.
     processors_max_recent_events: int = 100
     # How long the repair of offsets faust skipped (transport.py) keeps trying to read them before the worker
     # exits without committing (a restarted worker redoes them).
     processors_repair_timeout_s: float = 120.0
-    # Max bytes per produce batch of the processors' producer (enriched events, links, table changelog):
-    # librdkafka's batch.size. 1 = one record per batch, which a broker with wrong end offsets (the embedded
-    # Tansu) needs for exact table recovery after a crash.
-    processors_producer_batch_bytes: int = 1_000_000
+    # librdkafka's batch.size for the processors' producer (enriched events, links, table changelog): max bytes
+    # of one produce batch (librdkafka's term: the records sent to one partition in one request). 1 = one record
+    # per produce batch, which a broker with wrong end offsets (the embedded Tansu) needs for exact table
+    # recovery after a crash.
+    processors_producer_batch_size: int = 1_000_000
     # --- processors: state store and expiry (issue 14) ---
     # faust table store of the visitor state: "rocksdb://" (on disk under <data_dir>/processors, recovery reads
     # only the changelog tail) or "memory://" (rebuilt from the whole changelog on every start).
@@ -207,11 +244,12 @@ class Settings(BaseSettings):
     console_rail_frame_ancestors: str = "'self'"
 
     # --- retention purge -----------------------------------------------------------------------
-    # Rows per DELETE transaction: bounds lock time and WAL per transaction (Matomo uses 100k).
-    purge_batch_rows: int = 10_000
+    # Rows per chunk: one DELETE statement in its own transaction. Bounds lock time and WAL per transaction
+    # (Matomo uses 100k).
+    purge_chunk_rows: int = 10_000
     # How often `dev` runs the purge in the background.
     purge_interval_s: float = 24 * 3600
-    # Largest fraction of wall time the purge spends deleting (it rests between batches for the rest), so the
+    # Largest fraction of wall time the purge spends deleting (it rests between chunks for the rest), so the
     # sink keeps its rate while a purge runs; 1.0 = no pauses (a one-off catch-up run on an idle database).
     purge_duty_cycle: float = Field(default=0.25, gt=0, le=1)
 
@@ -252,6 +290,42 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # --- one name per batch concept (issue 10): the old names of renamed settings ---------------------------
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # After the env source: a new name set anywhere wins over an old one.
+        return init_settings, env_settings, _RenamedEnv(settings_cls), dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Maps old names (environment or keyword) to the new ones, logging a deprecation warning for each."""
+        if not isinstance(data, dict) or not any(old in data for old in RENAMED_SETTINGS):
+            return data
+        data = dict(data)
+        for old, (new, convert) in RENAMED_SETTINGS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            ignored = new in data
+            if not ignored:
+                data[new] = convert(value)
+            # Names in the message too: settings are read before logging is set up (Python's last-resort
+            # handler prints the message alone).
+            old_env, new_env = ENV_PREFIX + old.upper(), ENV_PREFIX + new.upper()
+            log.warning(
+                f"deprecated setting {old_env}: use {new_env}" + (f" (ignored: {new_env} is set)" if ignored else ""),
+                extra={"old": old_env, "new": new_env, "ignored": ignored},
+            )
+        return data
+
     @property
     def kafka_dist(self) -> Path:
         return self.kafka_dist_dir if self.kafka_dist_dir is not None else self.data_dir / "kafka"
@@ -283,7 +357,7 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process see exactly these settings."""
         return {
-            f"SITE_ACTIVITY_{name.upper()}": _env_value(value)
+            f"{ENV_PREFIX}{name.upper()}": _env_value(value)
             for name, value in self.model_dump().items()
             if value is not None
         }

@@ -100,8 +100,8 @@ def create_app(settings: Settings) -> App:
 
     @app.agent(raw)
     async def enrich(stream: faust.StreamT) -> None:
-        batches = cast(faust.Stream, stream)  # faust's StreamT leaves take_events out; the Stream it passes has it
-        async for events in batches.take_events(
+        raw = cast(faust.Stream, stream)  # faust's StreamT leaves take_events out; the Stream it passes has it
+        async for events in raw.take_events(
             settings.processors_batch_max_messages, within=settings.processors_batch_max_s
         ):
             processor.process([event.message for event in events])

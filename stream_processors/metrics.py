@@ -32,7 +32,7 @@ IDENTITY_LINKS = Counter(
 )
 DEAD_LETTERS = Counter(
     "site_activity_processors_dead_letters_total",
-    "Dead letters by reason: undecodable raw messages, single invalid events out of a batch message,"
+    "Dead letters by reason: undecodable raw messages, single invalid events out of a VisitorEventBatch message,"
     " output records the broker can never take",
     ["reason"],
     registry=REGISTRY,

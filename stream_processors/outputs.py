@@ -57,7 +57,7 @@ class Outputs:
                     "delivery.report.only.error": True,
                     "on_delivery": self._on_delivery,
                     "linger.ms": 2,
-                    "batch.size": settings.processors_producer_batch_bytes,
+                    "batch.size": settings.processors_producer_batch_size,
                 },
             )
         )
@@ -70,7 +70,7 @@ class Outputs:
                 **{
                     "on_delivery": self._on_state_delivery,
                     "linger.ms": 2,
-                    "batch.size": settings.processors_producer_batch_bytes,
+                    "batch.size": settings.processors_producer_batch_size,
                 },
             )
         )

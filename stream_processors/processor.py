@@ -8,7 +8,7 @@ is written back once (one changelog record). Each raw message becomes one enrich
 VisitorEventBatch of its events, stamped, each preceded by the session_start it opened — or, when that would
 exceed the message size limit (session_starts repeat their opener's url and referrer, so the output can be
 about twice the input), several such messages with the same key, in order, split deterministically by size
-(`wire.frame_batches`). A copy of an event already placed (same event_id) is emitted as its first copy was and
+(`wire.frame_messages`). A copy of an event already placed (same event_id) is emitted as its first copy was and
 changes nothing (state.py, "Duplicates"). The stamped events
 are their raw bytes with the two ids appended (`wire.py`), not a re-encoding.
 
@@ -48,7 +48,7 @@ from stream_processors.checkpoint import exit_without_committing
 from stream_processors.erasures import is_erased
 from stream_processors.outputs import Source
 from stream_processors.state import VisitorState
-from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_batches, stamp_bytes
+from stream_processors.wire import EventReader, RawEvent, SessionStartWriter, frame_messages, stamp_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class StateStore(Protocol):
 
 
 @dataclass
-class VisitorBatch:
+class VisitorGroup:
     """One visitor's events of a batch: per raw message in offset order, its valid events (raw values, and
     the datum for `wire.restamp`)."""
 
@@ -143,7 +143,7 @@ class InvalidEvent(ValueError):
 
 @dataclass
 class Letter:
-    """A raw message (or with `value`, one bad event out of a batch message) to dead-letter."""
+    """A raw message (or with `value`, one bad event out of a many-event message) to dead-letter."""
 
     msg: RawMessage
     reason: Reason
@@ -258,9 +258,9 @@ class BatchProcessor:
                 invalid=invalid,
             )
 
-    def _group(self, messages: Iterable[RawMessage]) -> tuple[list[VisitorBatch], list[Letter]]:
+    def _group(self, messages: Iterable[RawMessage]) -> tuple[list[VisitorGroup], list[Letter]]:
         """The valid events per visitor, and what to dead-letter (not sent yet: the limit is checked first)."""
-        by_key: dict[bytes, VisitorBatch] = {}
+        by_key: dict[bytes, VisitorGroup] = {}
         letters: list[Letter] = []
         for msg in messages:
             try:
@@ -280,16 +280,16 @@ class BatchProcessor:
             if valid:
                 key = msg.key
                 assert key is not None  # validate() checked it is <widget_id>:<visitor_id>
-                batch = by_key.get(key)
-                if batch is None:
-                    batch = by_key[key] = VisitorBatch(key, msg.partition, [], [])
-                batch.messages.append(valid)
-                batch.sources.append((msg.topic, msg.partition, msg.offset))
+                group = by_key.get(key)
+                if group is None:
+                    group = by_key[key] = VisitorGroup(key, msg.partition, [], [])
+                group.messages.append(valid)
+                group.sources.append((msg.topic, msg.partition, msg.offset))
         return list(by_key.values()), letters
 
     # --- one visitor's events ---------------------------------------------------------------------
 
-    def _enrich(self, state: VisitorState, visitor: VisitorBatch) -> int:
+    def _enrich(self, state: VisitorState, visitor: VisitorGroup) -> int:
         """Places the visitor's events, stamps session and contact ids and produces one enriched message per
         raw message (several when it would exceed the message size limit). Returns the number of enriched events (with session_starts). The hot loop: ~all events
         pass here."""
@@ -371,7 +371,7 @@ class BatchProcessor:
                 else:
                     record["session_id"], record["customer_id"] = session_id, customer_id
                     out.append(datum_of(record))
-            for value in frame_batches(header, out, max_value):
+            for value in frame_messages(header, out, max_value):
                 self.outputs.send(topic, key, value, source=source)
             produced += len(out)
         if starts:
@@ -402,7 +402,7 @@ class BatchProcessor:
     # --- output -----------------------------------------------------------------------------------
 
     def _dead_letter(self, letter: Letter) -> None:
-        """Dead-letters a raw message, or with `letter.value` just one bad event out of a batch message."""
+        """Dead-letters a raw message, or with `letter.value` just one bad event out of a VisitorEventBatch message."""
         msg, reason = letter.msg, reason_text(letter.reason, letter.detail)
         log.warning(
             "dead-lettered a raw message",

@@ -2,7 +2,7 @@
 place one event into them. Pure functions over plain data; no Kafka, no faust (see `processor.py`).
 
 A visitor is one (widget_id, visitor_id) pair, i.e. one Kafka key. Its state is a small JSON document kept
-in a faust table (changelog-backed), read and written once per batch::
+in a faust table (changelog-backed), read and written once per batch (one take_events() of the agent)::
 
     {"s": [[start, lo, hi], ...],      # recent sessions, oldest first, times in µs since the epoch
      "l": [[at, user_id], ...],        # identity links, oldest first
@@ -16,7 +16,7 @@ in a faust table (changelog-backed), read and written once per batch::
 Sessions (gap G = ``session_gap_s``; "more than G of silence" starts a session, exactly G does not)
 -----------------------------------------------------------------------------------------------------
 Events are placed in the order they arrive on the partition (offset order), which the API keeps sorted by
-occurred_at within an HTTP batch. An event at time t:
+occurred_at within a request. An event at time t:
 
 1. inside a known session (``lo <= t <= hi``): joins it;
 2. after a session and at most G past its ``hi``: joins it and extends ``hi`` (the in-order case);
@@ -24,16 +24,16 @@ occurred_at within an HTTP batch. An event at time t:
    backwards; the session keeps its id, no second session_start;
 4. otherwise: opens a new session with ``start = lo = hi = t`` and a ``session_start`` is emitted.
 
-When events of a visitor arrive in time order (the normal case), this is exactly the batch definition
-"gap to the previous event > G starts a session". Late events (a batch flushed late, a retry) never
+When events of a visitor arrive in time order (the normal case), this is exactly the offline definition
+"gap to the previous event > G starts a session". Late events (a request flushed late, a retry) never
 create a duplicate session_start; where they would change history, sessions already started are kept:
 
 * a late event that **bridges** two sessions (within G of both) joins the earlier one (rule 2); the later
-  session stays a separate session with its own session_start. A batch recomputation would merge them.
+  session stays a separate session with its own session_start. An offline recomputation over the whole history would merge them.
 * a late event **before** a session by at most G joins that session (rule 3); the session keeps the id
   and the session_start of its original opener, whose occurred_at is then no longer the earliest event.
 * a late event more than G away from every remembered session opens its own session (rule 4), which is
-  what the batch computation does too, with a deterministic id from its own occurred_at.
+  what the offline computation does too, with a deterministic id from its own occurred_at.
 * only the ``max_sessions`` most recent sessions are remembered; an event older than all of them by more
   than G opens a session of its own (rule 4). If it was the opener of a forgotten session, the id and
   the session_start event id are the same as before, so the sink's idempotent insert drops the copy.

@@ -7,7 +7,7 @@ VisitorEvent schema ends with the two nullable strings the processors fill in; a
 are null ends with the bytes ``00 00`` (union branch 0, "null", for each). Replacing those two bytes with
 the encodings of the values yields exactly the datum fastavro writes for the stamped record. An array is a
 block count followed by its items' datums and a zero, so a VisitorEventBatch is framed from datums the same
-way (tests/test_processors_state.py checks byte equality with `EventCodec.encode_batch`). The shortcut is
+way (tests/test_processors_state.py checks byte equality with `EventCodec.encode_events`). The shortcut is
 taken only for events written with the current VisitorEvent schema; anything else (older schema versions,
 ids already set, uuid text that needed normalising) is encoded the ordinary way.
 """
@@ -201,29 +201,29 @@ def stamp_bytes(session_id: str | None, customer_id: str | None) -> bytes:
     return _optional_string(session_id) + _optional_string(customer_id)
 
 
-def frame_batches(header: bytes, datums: list[bytes], max_bytes: int) -> list[bytes]:
+def frame_messages(header: bytes, datums: list[bytes], max_bytes: int) -> list[bytes]:
     """The datums as VisitorEventBatch messages of at most max_bytes each where possible, in order: greedy, so
     the same datums always give the same messages (a replay writes the same records). A datum that alone
     exceeds max_bytes gets a message of its own (the producer then refuses it and it is dead-lettered)."""
     whole = len(header) + len(_long(len(datums))) + sum(map(len, datums)) + 1
     if whole <= max_bytes:  # the usual case: one message
-        return [frame_batch(header, datums)]
+        return [frame_message(header, datums)]
     framing = len(header) + 6  # header, block count (<= 5 bytes for any list that fits), end of array
     out: list[bytes] = []
     chunk: list[bytes] = []
     size = framing
     for datum in datums:
         if chunk and size + len(datum) > max_bytes:
-            out.append(frame_batch(header, chunk))
+            out.append(frame_message(header, chunk))
             chunk, size = [], framing
         chunk.append(datum)
         size += len(datum)
     if chunk or not out:
-        out.append(frame_batch(header, chunk))
+        out.append(frame_message(header, chunk))
     return out
 
 
-def frame_batch(header: bytes, datums: list[bytes]) -> bytes:
+def frame_message(header: bytes, datums: list[bytes]) -> bytes:
     """A VisitorEventBatch message (`header`: the batch codec's) whose events are the given item datums:
     one array block of len(datums) items, then the empty block that ends the array."""
     if not datums:
@@ -231,14 +231,14 @@ def frame_batch(header: bytes, datums: list[bytes]) -> bytes:
     return b"".join((header, _long(len(datums)), *datums, b"\x00"))
 
 
-# --- the lean reader: batches of current-schema events, without fastavro ----------------------------------------
+# --- the lean reader: VisitorEventBatch values of current-schema events, without fastavro -----------------------
 # fastavro reads an item field by field from a file object (a Python call per field), and `EventReader` reads one
 # item per call to learn each item's bytes: costly per event (figures: bench/README.md). The function below walks the
-# bytes of a batch of current VisitorEvents directly and builds the very dicts fastavro builds (raw values:
+# bytes of a VisitorEventBatch of current VisitorEvents directly and builds the very dicts fastavro builds (raw values:
 # str, int µs). It takes only what it is sure of: any other input (a block with a byte size, an enum or union index
 # out of range, a negative length, a varint over 64 bits, invalid UTF-8, truncation) raises, and the caller reads
 # the message with fastavro instead, which gives the values or the error exactly as before
-# (tests/test_processors_state.py compares the two on generated and corrupted batches).
+# (tests/test_processors_state.py compares the two on generated and corrupted VisitorEventBatch values).
 
 _EVENT_TYPES = {2 * i: symbol for i, symbol in enumerate(["pageview", "session_start", "custom", "identify"])}
 

@@ -97,7 +97,7 @@ def make_settings(kafka: EmbeddedBroker, postgres: EmbeddedPostgres, data_dir: P
         consumer_session_timeout_ms=3000,
         consumer_heartbeat_interval_ms=500,
         widget_cache_refresh_s=0.5,
-        sink_batch_max_ms=100,
+        sink_batch_max_s=0.1,
         log_json=True,
         **overrides,
     )

@@ -68,7 +68,9 @@ def identify(user_id: str = "u_88291", **fields: Any) -> dict[str, Any]:
     }
 
 
-def batch(widget_id: uuid.UUID | str, events: list[Any], visitor_id: str = "v-1", **fields: Any) -> dict[str, Any]:
+def request_body(
+    widget_id: uuid.UUID | str, events: list[Any], visitor_id: str = "v-1", **fields: Any
+) -> dict[str, Any]:
     return {"widget_id": str(widget_id), "visitor_id": visitor_id, "sent_at": iso(now()), "events": events, **fields}
 
 
@@ -102,7 +104,7 @@ def api(start_service: Callable[..., Any], api_url: str) -> Iterator[httpx.Clien
 
 
 # --- the happy path ---------------------------------------------------------------------------------
-def test_valid_batch_lands_on_raw_topic_with_server_fields(
+def test_valid_request_lands_on_raw_topic_with_server_fields(
     api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
 ) -> None:
     widget = make_widget()
@@ -126,7 +128,7 @@ def test_valid_batch_lands_on_raw_topic_with_server_fields(
     }
     for e in events:
         e.update(spoofed)
-    payload = batch(widget.id, events, visitor_id="visitor-42", sent_at=iso(sent + hour), **spoofed)
+    payload = request_body(widget.id, events, visitor_id="visitor-42", sent_at=iso(sent + hour), **spoofed)
 
     before = now()
     resp = api.post(TRACK, json=payload)
@@ -229,11 +231,11 @@ def test_each_event_rule_at_its_boundary(
     published: set[str] = set()
     for label, make in ACCEPTED_EVENTS:
         event = make()
-        resp = api.post(TRACK, json=batch(widget.id, [event]))
+        resp = api.post(TRACK, json=request_body(widget.id, [event]))
         assert resp.status_code == 204, f"{label}: {resp.status_code} {resp.text}"
         published.add(event["event_id"])
     for label, make, reason in REJECTED_EVENTS:
-        resp = api.post(TRACK, json=batch(widget.id, [make()]))
+        resp = api.post(TRACK, json=request_body(widget.id, [make()]))
         body = assert_error(resp, 400, "invalid_events")
         assert body["accepted"] == 0, label
         assert [r["index"] for r in body["rejected"]] == [0], f"{label}: {body}"
@@ -258,49 +260,49 @@ ENVELOPE_ERRORS: list[tuple[str, Callable[[str], bytes], str, str]] = [
     ),
     (
         "widget_id not a UUID",
-        lambda w: json.dumps(batch("widget-7", [])).encode(),
+        lambda w: json.dumps(request_body("widget-7", [])).encode(),
         "invalid_request",
         "widget_id must be a UUID",
     ),
     (
         "visitor_id empty",
-        lambda w: json.dumps(batch(w, [], visitor_id="")).encode(),
+        lambda w: json.dumps(request_body(w, [], visitor_id="")).encode(),
         "invalid_request",
         "visitor_id must not be empty",
     ),
     (
         "visitor_id a number",
-        lambda w: json.dumps({**batch(w, []), "visitor_id": 5}).encode(),
+        lambda w: json.dumps({**request_body(w, []), "visitor_id": 5}).encode(),
         "invalid_request",
         "visitor_id must be a string",
     ),
     (
         "visitor_id too long",
-        lambda w: json.dumps(batch(w, [], visitor_id="v" * 129)).encode(),
+        lambda w: json.dumps(request_body(w, [], visitor_id="v" * 129)).encode(),
         "invalid_request",
         "visitor_id must be at most 128",
     ),
     (
         "sent_at missing",
-        lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "sent_at"}).encode(),
+        lambda w: json.dumps({k: v for k, v in request_body(w, []).items() if k != "sent_at"}).encode(),
         "invalid_request",
         "sent_at is required",
     ),
     (
         "sent_at garbage",
-        lambda w: json.dumps(batch(w, [], sent_at="soon")).encode(),
+        lambda w: json.dumps(request_body(w, [], sent_at="soon")).encode(),
         "invalid_request",
         "sent_at must be an ISO-8601",
     ),
     (
         "events an object",
-        lambda w: json.dumps({**batch(w, []), "events": {"0": pageview()}}).encode(),
+        lambda w: json.dumps({**request_body(w, []), "events": {"0": pageview()}}).encode(),
         "invalid_request",
         "events must be an array",
     ),
     (
         "events missing",
-        lambda w: json.dumps({k: v for k, v in batch(w, []).items() if k != "events"}).encode(),
+        lambda w: json.dumps({k: v for k, v in request_body(w, []).items() if k != "events"}).encode(),
         "invalid_request",
         "events must be an array",
     ),
@@ -316,12 +318,12 @@ def test_envelope_errors_are_400_and_publish_nothing(
         body = assert_error(resp, 400, error)
         assert reason in body["reason"], f"{label}: {body}"
     # A bad envelope with valid-looking events inside: nothing of it may be published.
-    resp = api.post(TRACK, json={**batch(widget.id, [pageview()]), "sent_at": 12})
+    resp = api.post(TRACK, json={**request_body(widget.id, [pageview()]), "sent_at": 12})
     assert_error(resp, 400, "invalid_request")
     assert decoded(settings, 1, timeout=3) == []
 
 
-def test_mixed_batch_publishes_the_valid_events_and_names_the_bad_ones(
+def test_mixed_request_publishes_the_valid_events_and_names_the_bad_ones(
     api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
 ) -> None:
     widget = make_widget()
@@ -333,7 +335,7 @@ def test_mixed_batch_publishes_the_valid_events_and_names_the_bad_ones(
         custom(properties=[1]),
         custom("ok"),
     ]
-    resp = api.post(TRACK, json=batch(widget.id, events))
+    resp = api.post(TRACK, json=request_body(widget.id, events))
     body = assert_error(resp, 400, "invalid_events")
     assert body["accepted"] == 3
     assert [r["index"] for r in body["rejected"]] == [1, 3, 4]
@@ -363,42 +365,52 @@ def test_limits_encodings_and_content_types(
         assert resp.status_code == 204, resp.text
         published.extend(events)
 
-    events = [pageview() for _ in range(settings.max_events_per_batch)]
-    ok(api.post(TRACK, json=batch(widget.id, events)), events)
+    events = [pageview() for _ in range(settings.max_events_per_request)]
+    ok(api.post(TRACK, json=request_body(widget.id, events)), events)
     body = assert_error(
-        api.post(TRACK, json=batch(widget.id, [pageview() for _ in range(101)])), 413, "too_many_events"
+        api.post(TRACK, json=request_body(widget.id, [pageview() for _ in range(101)])), 413, "too_many_events"
     )
     assert "101" in body["reason"]
 
     # Body size: exactly the limit is fine, one byte more is not (declared or streamed, plain or gzipped).
     events = [pageview()]
-    ok(api.post(TRACK, content=padded(batch(widget.id, events), limit), headers=json_type), events)
+    ok(api.post(TRACK, content=padded(request_body(widget.id, events), limit), headers=json_type), events)
     assert_error(
-        api.post(TRACK, content=padded(batch(widget.id, [pageview()]), limit + 1), headers=json_type),
+        api.post(TRACK, content=padded(request_body(widget.id, [pageview()]), limit + 1), headers=json_type),
         413,
         "body_too_large",
     )
-    big = padded(batch(widget.id, [pageview()]), 600 * 1024)
+    big = padded(request_body(widget.id, [pageview()]), 600 * 1024)
     assert_error(
         api.post(TRACK, content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]), headers=json_type),
         413,
         "body_too_large",
     )  # chunked: no Content-Length to trust
     events = [pageview()]
-    ok(api.post(TRACK, content=gzip.compress(padded(batch(widget.id, events), limit)), headers=gzip_json), events)
+    ok(
+        api.post(TRACK, content=gzip.compress(padded(request_body(widget.id, events), limit)), headers=gzip_json),
+        events,
+    )
     assert_error(
-        api.post(TRACK, content=gzip.compress(padded(batch(widget.id, [pageview()]), limit + 1)), headers=gzip_json),
+        api.post(
+            TRACK, content=gzip.compress(padded(request_body(widget.id, [pageview()]), limit + 1)), headers=gzip_json
+        ),
         413,
         "body_too_large",
     )
 
     # gzip and text/plain (what the widget sends to avoid a preflight) work.
     events = [pageview(), custom()]
-    ok(api.post(TRACK, content=gzip.compress(json.dumps(batch(widget.id, events)).encode()), headers=gzip_json), events)
+    ok(
+        api.post(TRACK, content=gzip.compress(json.dumps(request_body(widget.id, events)).encode()), headers=gzip_json),
+        events,
+    )
     events = [identify()]
     ok(
         api.post(
-            TRACK, content=json.dumps(batch(widget.id, events)), headers={"content-type": "text/plain;charset=UTF-8"}
+            TRACK,
+            content=json.dumps(request_body(widget.id, events)),
+            headers={"content-type": "text/plain;charset=UTF-8"},
         ),
         events,
     )
@@ -407,7 +419,7 @@ def test_limits_encodings_and_content_types(
     assert_error(
         api.post(
             TRACK,
-            content=json.dumps(batch(widget.id, [pageview()])),
+            content=json.dumps(request_body(widget.id, [pageview()])),
             headers={"content-type": "application/x-www-form-urlencoded"},
         ),
         415,
@@ -430,7 +442,7 @@ def test_gzip_bomb_is_refused_quickly_without_inflating_it(
 ) -> None:
     service = start_service("api")
     widget = make_widget()
-    head = json.dumps(batch(widget.id, [pageview()]))[:-1].encode() + b', "pad": "'
+    head = json.dumps(request_body(widget.id, [pageview()]))[:-1].encode() + b', "pad": "'
     compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
     parts = [compressor.compress(head)]
     zeros = b"0" * (1 << 20)
@@ -461,8 +473,8 @@ def test_no_422_for_any_garbage(api: httpx.Client, make_widget: Callable[..., wi
         b'"x"',
         b"{}",
         b'{"events": null}',
-        json.dumps(batch(widget.id, [None])).encode(),
-        json.dumps(batch(widget.id, [[]])).encode(),
+        json.dumps(request_body(widget.id, [None])).encode(),
+        json.dumps(request_body(widget.id, [[]])).encode(),
         b"\xff\xfe",
         b'{"widget_id": "\\ud800"}',
     ]
@@ -479,7 +491,7 @@ def test_disabled_widget_drops_silently_until_enabled(
 ) -> None:
     widget = make_widget(enabled=False)
     dropped = pageview()
-    assert api.post(TRACK, json=batch(widget.id, [dropped, custom()])).status_code == 204
+    assert api.post(TRACK, json=request_body(widget.id, [dropped, custom()])).status_code == 204
 
     widgets.set_tracking(db, widget.id, True, actor="tests")
     flipped = time.monotonic()
@@ -488,7 +500,7 @@ def test_disabled_widget_drops_silently_until_enabled(
         # Every post answers 204 either way; the accepted-events counter shows when the flip took effect.
         assert time.monotonic() - flipped < 5, "enabling tracking took more than 5 s to take effect"
         event = pageview()
-        assert api.post(TRACK, json=batch(widget.id, [event])).status_code == 204
+        assert api.post(TRACK, json=request_body(widget.id, [event])).status_code == 204
         sent.append(event["event_id"])
         time.sleep(0.1)
 
@@ -522,13 +534,13 @@ def test_unknown_widgets_are_404_without_hammering_postgres(
     start_service("api", settings_override=slow)
     with httpx.Client(base_url=f"http://127.0.0.1:{slow.http_port}", timeout=10) as api:
         before = reloads(api)
-        body = assert_error(api.post(TRACK, json=batch(uuid.uuid4(), [pageview()])), 404, "unknown_widget")
+        body = assert_error(api.post(TRACK, json=request_body(uuid.uuid4(), [pageview()])), 404, "unknown_widget")
         assert "no widget" in body["reason"]
 
         async def flood() -> list[int]:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{slow.http_port}", timeout=10) as client:
                 resps = await asyncio.gather(
-                    *(client.post(TRACK, json=batch(uuid.uuid4(), [pageview()])) for _ in range(50))
+                    *(client.post(TRACK, json=request_body(uuid.uuid4(), [pageview()])) for _ in range(50))
                 )
             return [r.status_code for r in resps]
 
@@ -542,7 +554,7 @@ def test_unknown_widgets_are_404_without_hammering_postgres(
         fresh = [make_widget() for _ in range(3)]
         events = [pageview() for _ in fresh]
         for widget, event in zip(fresh, events, strict=True):
-            assert api.post(TRACK, json=batch(widget.id, [event])).status_code == 204
+            assert api.post(TRACK, json=request_body(widget.id, [event])).status_code == 204
     records = decoded(slow, 3)
     assert sorted(str(r["event_id"]) for _, r in records) == sorted(e["event_id"] for e in events)
 
@@ -558,7 +570,7 @@ def test_broker_unreachable_is_503_with_retry_after(
     widget = make_widget()
     url = f"http://127.0.0.1:{dead.http_port}"
     started = time.monotonic()
-    resp = httpx.post(url + TRACK, json=batch(widget.id, [pageview(), custom()]), timeout=10)
+    resp = httpx.post(url + TRACK, json=request_body(widget.id, [pageview(), custom()]), timeout=10)
     body = assert_error(resp, 503, "kafka_unavailable")
     assert resp.headers["retry-after"] == "7"
     assert time.monotonic() - started < 4
@@ -576,7 +588,7 @@ def test_postgres_unreachable_at_start(start_service: Callable[..., Any], settin
     dead = settings.model_copy(update={"postgres_dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})
     start_service("api", settings_override=dead)
     url = f"http://127.0.0.1:{dead.http_port}"
-    resp = httpx.post(url + TRACK, json=batch(uuid.uuid4(), [pageview()]), timeout=10)
+    resp = httpx.post(url + TRACK, json=request_body(uuid.uuid4(), [pageview()]), timeout=10)
     assert_error(resp, 503, "widget_config_unavailable")
     assert resp.headers["retry-after"] == str(dead.retry_after_s)
     ready = httpx.get(url + "/readyz", timeout=10)
@@ -641,7 +653,7 @@ def test_postgres_outage_keeps_serving_cached_configs(
     start_service("api", settings_override=via_proxy)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{via_proxy.http_port}", timeout=15) as api:
-            assert api.post(TRACK, json=batch(widget.id, [pageview()])).status_code == 204
+            assert api.post(TRACK, json=request_body(widget.id, [pageview()])).status_code == 204
             proxy.stop()
             deadline = time.monotonic() + 10
             while api.get("/readyz").json()["postgres"]["ok"]:
@@ -653,8 +665,8 @@ def test_postgres_outage_keeps_serving_cached_configs(
             assert ready.json()["status"] == "ready" and ready.json()["postgres"]["ok"] is False
             assert ready.json()["kafka"]["ok"] is True and ready.json()["widget_cache"]["ok"] is True
             # Known widgets keep working from the cache; unknown ones cannot be decided: retry later.
-            assert api.post(TRACK, json=batch(widget.id, [pageview()])).status_code == 204
-            resp = api.post(TRACK, json=batch(uuid.uuid4(), [pageview()]))
+            assert api.post(TRACK, json=request_body(widget.id, [pageview()])).status_code == 204
+            resp = api.post(TRACK, json=request_body(uuid.uuid4(), [pageview()]))
             assert_error(resp, 503, "widget_config_unavailable")
             assert "retry-after" in resp.headers
 
@@ -664,7 +676,7 @@ def test_postgres_outage_keeps_serving_cached_configs(
                 assert time.monotonic() < deadline, "readyz never saw Postgres come back"
                 time.sleep(0.2)
             assert api.get("/readyz").status_code == 200
-            assert_error(api.post(TRACK, json=batch(uuid.uuid4(), [pageview()])), 404, "unknown_widget")
+            assert_error(api.post(TRACK, json=request_body(uuid.uuid4(), [pageview()])), 404, "unknown_widget")
     finally:
         proxy.stop()
 
@@ -687,11 +699,11 @@ def test_cors_preflight_and_error_responses(api: httpx.Client, make_widget: Call
 
     widget = make_widget()
     for resp, status in [
-        (api.post(TRACK, json=batch(widget.id, [pageview()]), headers=origin), 204),
-        (api.post(TRACK, json=batch(widget.id, [custom("a" * 101)]), headers=origin), 400),
-        (api.post(TRACK, json=batch(uuid.uuid4(), [pageview()]), headers=origin), 404),
+        (api.post(TRACK, json=request_body(widget.id, [pageview()]), headers=origin), 204),
+        (api.post(TRACK, json=request_body(widget.id, [custom("a" * 101)]), headers=origin), 400),
+        (api.post(TRACK, json=request_body(uuid.uuid4(), [pageview()]), headers=origin), 404),
         (api.post(TRACK, content=b"{", headers={**origin, "content-type": "text/plain"}), 400),
-        (api.post(TRACK, json=batch(widget.id, [pageview() for _ in range(101)]), headers=origin), 413),
+        (api.post(TRACK, json=request_body(widget.id, [pageview() for _ in range(101)]), headers=origin), 413),
     ]:
         assert resp.status_code == status, resp.text
         assert resp.headers["access-control-allow-origin"] == "*", (status, dict(resp.headers))
@@ -705,8 +717,8 @@ def test_probes_and_metrics(api: httpx.Client, make_widget: Callable[..., widget
     assert ready.json()["kafka"]["ok"] and ready.json()["postgres"]["ok"] and ready.json()["widget_cache"]["ok"]
 
     widget = make_widget()
-    assert api.post(TRACK, json=batch(widget.id, [pageview(), custom(), identify()])).status_code == 204
-    assert api.post(TRACK, json=batch(widget.id, [pageview(), custom("")])).status_code == 400
+    assert api.post(TRACK, json=request_body(widget.id, [pageview(), custom(), identify()])).status_code == 204
+    assert api.post(TRACK, json=request_body(widget.id, [pageview(), custom("")])).status_code == 400
     metrics = api.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -745,7 +757,7 @@ def test_widget_script_is_served_with_etag_and_gzip(api: httpx.Client) -> None:
     assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == script.etag
 
 
-def test_a_shuffled_batch_is_published_in_event_time_order(
+def test_a_shuffled_request_is_published_in_event_time_order(
     api: httpx.Client, settings: Settings, make_widget: Callable[..., widgets.Widget]
 ) -> None:
     w = make_widget()
@@ -754,7 +766,7 @@ def test_a_shuffled_batch_is_published_in_event_time_order(
         pageview(occurred_at=iso(base + timedelta(seconds=s)), url=f"https://shop.example/{s}")
         for s in (40, 5, 300, 0, 61)
     ]
-    assert api.post("/api/widget/track", json=batch(w.id, events)).status_code == 204
+    assert api.post("/api/widget/track", json=request_body(w.id, events)).status_code == 204
     urls = [record["url"] for _, record in decoded(settings, len(events))]
     assert urls == [f"https://shop.example/{s}" for s in (0, 5, 40, 61, 300)]
 
@@ -766,10 +778,12 @@ def test_unpaired_surrogates_cost_only_their_event(
     w = make_widget()
     good = custom(properties={"plan": "growth"})
     broken = custom(properties={"s": "PLACEHOLDER"})
-    body = json.dumps(batch(w.id, [good, broken])).replace("PLACEHOLDER", "\\ud800")
+    body = json.dumps(request_body(w.id, [good, broken])).replace("PLACEHOLDER", "\\ud800")
     resp = api.post("/api/widget/track", content=body, headers={"Content-Type": "text/plain"})
     rejected = assert_error(resp, 400, "invalid_events")["rejected"]
     assert [r["index"] for r in rejected] == [1] and "surrogate" in rejected[0]["reason"]
     assert [record["event_id"] for _, record in decoded(settings, 1)] == [uuid.UUID(good["event_id"])]
-    bad_visitor = json.dumps(batch(w.id, [pageview()], visitor_id="PLACEHOLDER")).replace("PLACEHOLDER", "\\udfff")
+    bad_visitor = json.dumps(request_body(w.id, [pageview()], visitor_id="PLACEHOLDER")).replace(
+        "PLACEHOLDER", "\\udfff"
+    )
     assert_error(api.post("/api/widget/track", content=bad_visitor), 400, "invalid_request")

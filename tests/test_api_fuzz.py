@@ -229,8 +229,8 @@ def test_no_body_gets_a_5xx_and_every_accepted_event_is_a_row(
         check()
     finally:
         client.close()
-    # Not vacuous: plenty of batches were accepted whole or in part, so rows were really checked. Runs accept
-    # about 75-85 whole batches and 78-110 events (the API's answers, not only the draw, decide which); the
+    # Not vacuous: plenty of requests were accepted whole or in part, so rows were really checked. Runs accept
+    # about 75-85 whole requests and 78-110 events (the API's answers, not only the draw, decide which); the
     # floors leave room for that spread while still failing a run whose bodies are all refused.
     assert statuses.get(204, 0) >= 40 and len(expected) >= 50, (statuses, len(expected))
     if not expected:

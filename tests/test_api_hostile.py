@@ -373,7 +373,7 @@ def test_the_default_body_limit_cannot_reach_the_raw_message_limit() -> None:
                 break
             events, rejected = build_events(parse_envelope(payload, LIMITS), str(tenant), now(), LIMITS)
             assert not rejected, (shape, rejected[:1])
-            largest = max(largest, len(CODEC.encode_batch(events)))
+            largest = max(largest, len(CODEC.encode_events(events)))
         assert 500_000 < largest < 600_000 < LIMITS.max_raw_message_bytes, (shape, largest)
 
 

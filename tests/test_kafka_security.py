@@ -34,7 +34,7 @@ from site_activity.kafka_security import MASK, KafkaSecurityError, faust_securit
 from site_activity.logs import JsonFormatter
 from site_activity.settings import Settings
 from tests.conftest import ROOT, Service, broker_settings, make_settings, wait_for_rows
-from tests.test_pipeline import batch, pageview
+from tests.test_pipeline import pageview, request_body
 
 PASSWORD, CLIENT_SECRET, KEY_PASSWORD = "hunter2-sasl-pw", "oauth-cl1ent-s3cret", "keypass"
 SECRETS = (PASSWORD, CLIENT_SECRET, KEY_PASSWORD)
@@ -488,7 +488,7 @@ def test_the_whole_pipeline_runs_through_a_sasl_scram_listener(
             services.append(svc)
             svc.start(timeout=90)
         w = make_widget()
-        body = batch(w.id, [pageview(datetime.now(UTC))], visitor="v-sasl")
+        body = request_body(w.id, [pageview(datetime.now(UTC))], visitor="v-sasl")
         resp = httpx.post(f"http://127.0.0.1:{s.http_port}/api/widget/track", json=body, timeout=10)
         assert resp.status_code == 204, resp.text
         import psycopg

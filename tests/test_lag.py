@@ -138,7 +138,7 @@ def test_the_webhooks_group_reads_what_the_sink_reads() -> None:
 
 # --- against the real broker -------------------------------------------------------------------------------
 
-# The suite's broker: on Tansu, end offsets are only right when producers send one record per batch.
+# The suite's broker: on Tansu, end offsets are only right when producers send one record per produce batch.
 ONE_PER_BATCH = {"batch.num.messages": 1, "linger.ms": 0}
 
 
@@ -230,7 +230,7 @@ def test_rewind_on_the_real_broker(settings: Settings) -> None:
 
 
 class EventFlow:
-    """Produces one event every `period_s` to the raw topic in a thread (one record per batch)."""
+    """Produces one event every `period_s` to the raw topic in a thread (one record per produce batch)."""
 
     def __init__(self, settings: Settings, topic: str, widget: Any, period_s: float = 0.1) -> None:
         self.producer = Producer(producer_config(settings, **ONE_PER_BATCH))

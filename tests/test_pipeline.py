@@ -29,7 +29,9 @@ ROWS = """SELECT event_id, widget_id, tenant_id, visitor_id, event_type, name, u
           FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start' ORDER BY occurred_at, event_id"""
 
 
-def batch(widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None) -> dict:
+def request_body(
+    widget_id: uuid.UUID, events: list[dict], visitor: str = "v-1", sent_at: datetime | None = None
+) -> dict:
     return {
         "widget_id": str(widget_id),
         "visitor_id": visitor,
@@ -67,7 +69,7 @@ def test_posted_events_become_rows_with_every_column(
         },
     ]
     # Server-side fields in the body are ignored, never trusted.
-    body = batch(w.id, events) | {"tenant_id": str(uuid.uuid4())}
+    body = request_body(w.id, events) | {"tenant_id": str(uuid.uuid4())}
     before = datetime.now(UTC)
     resp = httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10)
     after = datetime.now(UTC)
@@ -97,7 +99,7 @@ def test_client_clock_skew_is_corrected(
     resp = httpx.post(
         f"{api_url}/api/widget/track",
         timeout=10,
-        json=batch(
+        json=request_body(
             w.id,
             [pageview(client_now - timedelta(seconds=30)), pageview(client_now + timedelta(minutes=5))],
             sent_at=client_now,
@@ -112,15 +114,15 @@ def test_client_clock_skew_is_corrected(
     assert second_at == second_rx  # an event "from the future" is clamped to the moment it was received
 
 
-def test_retried_batch_never_duplicates_rows(
+def test_retried_request_never_duplicates_rows(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
     now = datetime.now(UTC)
-    body = batch(w.id, [pageview(now - timedelta(seconds=i), f"https://shop.example/{i}") for i in range(25)])
+    body = request_body(w.id, [pageview(now - timedelta(seconds=i), f"https://shop.example/{i}") for i in range(25)])
     for _ in range(3):
         assert httpx.post(f"{api_url}/api/widget/track", json=body, timeout=10).status_code == 204
-    marker = batch(w.id, [pageview(now, "https://shop.example/last")])
+    marker = request_body(w.id, [pageview(now, "https://shop.example/last")])
     assert httpx.post(f"{api_url}/api/widget/track", json=marker, timeout=10).status_code == 204
     wait_for_rows(
         db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url = 'https://shop.example/last'", (w.id,), 1
@@ -169,7 +171,7 @@ def test_no_stored_url_or_referrer_contains_a_fragment(
             "referrer": "https://shop.example/f#other",
         }
     )
-    resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, events), timeout=10)
+    resp = httpx.post(f"{api_url}/api/widget/track", json=request_body(w.id, events), timeout=10)
     assert resp.status_code == 204, resp.text
     rows = {
         str(e): (u, r)
@@ -193,7 +195,7 @@ def test_disabled_widget_drops_silently_until_enabled(
     w = make_widget(enabled=False)
     now = datetime.now(UTC)
     dropped = httpx.post(
-        f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now, "https://x.example/off")]), timeout=10
+        f"{api_url}/api/widget/track", json=request_body(w.id, [pageview(now, "https://x.example/off")]), timeout=10
     )
     assert dropped.status_code == 204
     with psycopg.connect(postgres.dsn) as conn:
@@ -203,7 +205,7 @@ def test_disabled_widget_drops_silently_until_enabled(
     while datetime.now(UTC) < deadline:
         resp = httpx.post(
             f"{api_url}/api/widget/track",
-            json=batch(w.id, [pageview(datetime.now(UTC), "https://x.example/on")]),
+            json=request_body(w.id, [pageview(datetime.now(UTC), "https://x.example/on")]),
             timeout=10,
         )
         assert resp.status_code == 204
@@ -216,14 +218,14 @@ def test_disabled_widget_drops_silently_until_enabled(
     assert rows == [("https://x.example/on",)]
 
 
-def test_mixed_batch_keeps_the_valid_events(
+def test_mixed_request_keeps_the_valid_events(
     raw_pipeline: Settings, api_url: str, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
     now = datetime.now(UTC)
     good = [pageview(now, "https://shop.example/a"), pageview(now, "https://shop.example/b")]
     bad = {"event_id": str(uuid.uuid4()), "type": "custom", "name": "x" * 101, "occurred_at": iso(now)}
-    resp = httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [good[0], bad, good[1]]), timeout=10)
+    resp = httpx.post(f"{api_url}/api/widget/track", json=request_body(w.id, [good[0], bad, good[1]]), timeout=10)
     assert resp.status_code == 400
     assert [r["index"] for r in resp.json()["rejected"]] == [1]
     rows = wait_for_rows(db, "SELECT url FROM visitor_events WHERE widget_id = %s ORDER BY url", (w.id,), 2)
@@ -237,7 +239,8 @@ def test_deleting_a_widget_removes_its_events(
     now = datetime.now(UTC)
     for w in (keep, doomed):
         assert (
-            httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, [pageview(now)]), timeout=10).status_code == 204
+            httpx.post(f"{api_url}/api/widget/track", json=request_body(w.id, [pageview(now)]), timeout=10).status_code
+            == 204
         )
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = ANY(%s)", ([keep.id, doomed.id],), 2)
     with psycopg.connect(postgres.dsn) as conn:
@@ -251,13 +254,15 @@ def test_deleting_a_widget_removes_its_events(
 
     def refused() -> bool:
         answers.append(
-            httpx.post(f"{api_url}/api/widget/track", json=batch(doomed.id, [pageview(now)]), timeout=10).status_code
+            httpx.post(
+                f"{api_url}/api/widget/track", json=request_body(doomed.id, [pageview(now)]), timeout=10
+            ).status_code
         )
         return answers[-1] == 404
 
     wait_until(refused, 10 * raw_pipeline.widget_cache_refresh_s + 5, "404 for the deleted widget", interval=0.2)
     assert set(answers) <= {204, 404}, answers
-    marker = batch(keep.id, [pageview(now, "https://shop.example/after-delete")])
+    marker = request_body(keep.id, [pageview(now, "https://shop.example/after-delete")])
     assert httpx.post(f"{api_url}/api/widget/track", json=marker, timeout=10).status_code == 204
     wait_for_rows(db, "SELECT 1 FROM visitor_events WHERE widget_id = %s AND url LIKE '%%after-delete'", (keep.id,), 1)
     assert db.execute("SELECT count(*) FROM visitor_events WHERE widget_id = %s", (doomed.id,)).fetchone() == (0,)
@@ -279,7 +284,7 @@ def test_topic_messages_decode_with_the_reference_avro_library(
             "properties": {"plan": "growth"},
         },
     ]
-    assert httpx.post(f"{api_url}/api/widget/track", json=batch(w.id, sent), timeout=10).status_code == 204
+    assert httpx.post(f"{api_url}/api/widget/track", json=request_body(w.id, sent), timeout=10).status_code == 204
     [msg] = read_topic(raw_pipeline, Topics.from_settings(raw_pipeline).raw_events, 1)
     value = msg.value()
     schema_text = (SCHEMA_DIR / "visitor_event_batch.avsc").read_text()

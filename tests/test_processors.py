@@ -77,7 +77,7 @@ def identify(widget: widgets.Widget, visitor: str, at: datetime, user_id: str, *
 
 class RawFeed:
     """Publishes to the raw topic, keyed by widget:visitor, each call's events in the order given (the API
-    sorts an HTTP batch by occurred_at): `send` as one VisitorEventBatch message per call, which is what the
+    sorts a request's events by occurred_at): `send` as one VisitorEventBatch message per call, which is what the
     API writes (one message per request); `send_single` as one message per event (what older producers
     wrote: readers must still accept it)."""
 
@@ -90,17 +90,17 @@ class RawFeed:
         by_visitor: dict[tuple[Any, str], list[dict[str, Any]]] = {}
         for r in records:
             by_visitor.setdefault((r["widget_id"], r["visitor_id"]), []).append(r)
-        for batch in by_visitor.values():
-            self.send_batch(batch)
+        for events in by_visitor.values():
+            self.send_request(events)
 
     def send_single(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             self.producer.produce(self.topic, CODEC.encode(r), event_key(str(r["widget_id"]), r["visitor_id"]))
         assert self.producer.flush(15) == 0
 
-    def send_batch(self, records: list[dict[str, Any]]) -> None:
+    def send_request(self, records: list[dict[str, Any]]) -> None:
         r = records[0]
-        self.send_bytes(event_key(str(r["widget_id"]), r["visitor_id"]), EVENTS.encode_batch(records))
+        self.send_bytes(event_key(str(r["widget_id"]), r["visitor_id"]), EVENTS.encode_events(records))
 
     def send_bytes(self, key: bytes, value: bytes) -> None:
         self.producer.produce(self.topic, value, key)
@@ -119,7 +119,7 @@ def pipeline(start_service: Callable[..., Any]) -> dict[str, Any]:
 
 
 def enriched(settings: Settings, expected: int) -> list[dict[str, Any]]:
-    """The enriched events, in topic order: one message per raw message, each a batch of its events."""
+    """The enriched events, in topic order: one message per raw message, each a VisitorEventBatch of its events."""
     events = [event for _, event in read_events(settings, Topics.from_settings(settings).enriched_events, expected)]
     assert len(events) == expected, f"expected {expected} enriched records, got {len(events)}"
     return events
@@ -162,7 +162,7 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(
     edge_times.append(edge_times[-1] + 30 * MIN + SEC)
     feed.send([ev(w, "v-edge", t) for t in edge_times])
 
-    # v-late: two sessions, then a late batch: an event inside session 1, a re-sent duplicate, and an event
+    # v-late: two sessions, then a late request: an event inside session 1, a re-sent duplicate, and an event
     # 20 min after session 1 (bridging nothing: joins session 1, no new session_start).
     first = [ev(w, "v-late", T0), ev(w, "v-late", T0 + 5 * MIN)]
     second = [ev(w, "v-late", T0 + 3 * 60 * MIN)]
@@ -208,11 +208,11 @@ def test_sessions_gap_edges_out_of_order_and_duplicates(
     ).fetchone() == (0,)
 
 
-def test_batch_messages_are_processed_like_single_event_messages(
+def test_request_messages_are_processed_like_single_event_messages(
     settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
-    """The same visitor timeline (sessions, identify, a late batch) on two widgets of one tenant: one as a
-    message per event, the other as batch messages. The enriched records must be the same, up to the widget
+    """The same visitor timeline (sessions, identify, a late request) on two widgets of one tenant: one as a
+    message per event, the other as VisitorEventBatch messages. The enriched records must be the same, up to the widget
     and the widget-derived session ids."""
     w_single = make_widget()
     w_batch = make_widget(tenant_id=w_single.tenant_id)
@@ -227,7 +227,7 @@ def test_batch_messages_are_processed_like_single_event_messages(
     ]
     for batch in timeline:
         feed.send_single(batch)
-        feed.send_batch([{**r, "widget_id": w_batch.id} for r in batch])  # same event ids, other widget
+        feed.send_request([{**r, "widget_id": w_batch.id} for r in batch])  # same event ids, other widget
 
     records = enriched(settings, 2 * (8 + 4))  # 8 events + 4 session_starts per widget
     by_widget: dict[uuid.UUID, list[dict[str, Any]]] = {w_single.id: [], w_batch.id: []}
@@ -392,20 +392,20 @@ def test_no_link_to_an_erased_contact_even_from_identify_calls_in_flight(
 
 
 def visitor_stream(w: widgets.Widget, visitors: int, per_visitor: int, start: datetime) -> list[list[dict[str, Any]]]:
-    """Per visitor, events one minute apart (one session each), cut into batches of 5, batches interleaved."""
-    batches = []
+    """Per visitor, events one minute apart (one session each), cut into requests of 5, requests interleaved."""
+    requests = []
     for v in range(visitors):
         events = [ev(w, f"r{v}", start + i * MIN) for i in range(per_visitor)]
-        batches += [events[i : i + 5] for i in range(0, per_visitor, 5)]
-    random.Random(7).shuffle(batches)
-    # keep each visitor's batches in time order after the shuffle
+        requests += [events[i : i + 5] for i in range(0, per_visitor, 5)]
+    random.Random(7).shuffle(requests)
+    # keep each visitor's requests in time order after the shuffle
     order: dict[str, list[list[dict[str, Any]]]] = {}
-    for b in batches:
+    for b in requests:
         order.setdefault(b[0]["visitor_id"], []).append(b)
     for bs in order.values():
         bs.sort(key=lambda b: b[0]["occurred_at"])
     cursors = {v: iter(bs) for v, bs in order.items()}
-    return [next(cursors[b[0]["visitor_id"]]) for b in batches]
+    return [next(cursors[b[0]["visitor_id"]]) for b in requests]
 
 
 def test_events_before_the_login_in_one_request_carry_the_contact(
@@ -414,7 +414,7 @@ def test_events_before_the_login_in_one_request_carry_the_contact(
     """A request with page views and then the identify: the processors stamp all of them with the contact, so
     the sink inserts them linked (no retro-link update needed)."""
     w = make_widget()
-    feed.send_batch([ev(w, "v-login", T0), ev(w, "v-login", T0 + MIN), identify(w, "v-login", T0 + 2 * MIN, "u-l")])
+    feed.send_request([ev(w, "v-login", T0), ev(w, "v-login", T0 + MIN), identify(w, "v-login", T0 + 2 * MIN, "u-l")])
     contact = customer_id_for(w.tenant_id, "u-l")
     records = enriched(settings, 4)  # the session_start, two page views, the identify
     assert [r["event_type"] for r in records] == ["session_start", "pageview", "pageview", "identify"]
@@ -619,9 +619,9 @@ def test_undecodable_and_invalid_messages_go_to_dead_letter(
     feed.send_bytes(event_key(str(w.id), "v-x"), b"not avro at all")
     feed.send([ev(w, "v-x", T0, "session_start")])  # clients cannot send derived events
     feed.send([ev(w, "v-x", T0 + MIN)])  # and the stream goes on
-    # one bad event inside a batch message is dead-lettered alone; its siblings go on
+    # one bad event inside a VisitorEventBatch message is dead-lettered alone; its siblings go on
     bad = ev(w, "v-x", T0 + 3 * MIN, "identify")  # an identify without user_id
-    feed.send_batch([ev(w, "v-x", T0 + 2 * MIN), bad, ev(w, "v-x", T0 + 4 * MIN)])
+    feed.send_request([ev(w, "v-x", T0 + 2 * MIN), bad, ev(w, "v-x", T0 + 4 * MIN)])
 
     raw = Topics.from_settings(settings).raw_events
     dead = read_topic(settings, Topics.from_settings(settings).dead_letter, 3)
@@ -713,8 +713,8 @@ GAPS = [29 * MIN + 59 * SEC, 30 * MIN, 30 * MIN + SEC, 10 * SEC, 2 * 60 * MIN, 3
 
 
 def reference_workload(w: widgets.Widget, visitors: int, rng: random.Random) -> list[list[dict[str, Any]]]:
-    """Per visitor a timeline with gaps clustered around the 30-minute edge, cut into time-ordered batches of
-    1..25 events (as the widget flushes them), batches of all visitors interleaved."""
+    """Per visitor a timeline with gaps clustered around the 30-minute edge, cut into time-ordered requests of
+    1..25 events (as the widget flushes them), requests of all visitors interleaved."""
     per_visitor: dict[str, list[list[dict[str, Any]]]] = {}
     for v in range(visitors):
         t = T0 + rng.randrange(0, 3600) * SEC + timedelta(microseconds=rng.randrange(1_000_000))
@@ -722,12 +722,12 @@ def reference_workload(w: widgets.Widget, visitors: int, rng: random.Random) -> 
         for _ in range(rng.randint(14, 26)):
             events.append(ev(w, f"ref{v}", t, rng.choice(["pageview", "pageview", "custom"])))
             t += rng.choice(GAPS)
-        i, batches = 0, []
+        i, requests = 0, []
         while i < len(events):
             n = rng.randint(1, 25)
-            batches.append(events[i : i + n])
+            requests.append(events[i : i + n])
             i += n
-        per_visitor[f"ref{v}"] = batches
+        per_visitor[f"ref{v}"] = requests
     order = [v for v, bs in per_visitor.items() for _ in bs]
     rng.shuffle(order)
     cursors = {v: iter(bs) for v, bs in per_visitor.items()}
@@ -743,15 +743,15 @@ WHERE prev IS NULL OR occurred_at - prev > interval '30 minutes'
 """
 
 
-def test_reference_check_session_starts_equal_batch_computation(
+def test_reference_check_session_starts_equal_offline_computation(
     settings: Settings, pipeline: Any, feed: RawFeed, make_widget: Callable[..., widgets.Widget], db: psycopg.Connection
 ) -> None:
     w = make_widget()
-    batches = reference_workload(w, 520, random.Random(2026))
-    n_events = sum(len(b) for b in batches)
+    requests = reference_workload(w, 520, random.Random(2026))
+    n_events = sum(len(b) for b in requests)
     assert n_events >= 10_000
-    for b in batches:  # one message per request, as the API writes them
-        feed.producer.produce(feed.topic, EVENTS.encode_batch(b), event_key(str(w.id), b[0]["visitor_id"]))
+    for b in requests:  # one message per request, as the API writes them
+        feed.producer.produce(feed.topic, EVENTS.encode_events(b), event_key(str(w.id), b[0]["visitor_id"]))
         feed.producer.poll(0)
     assert feed.producer.flush(30) == 0
 
@@ -924,7 +924,7 @@ def test_oversized_enriched_output_is_split_and_everything_lands(
     w = make_widget()
     big = oversized_visitor(w)
     assert len(big[0]["url"]) == 2048 and len(big[0]["referrer"]) == 2048
-    raw = EVENTS.encode_batch(big)
+    raw = EVENTS.encode_events(big)
     assert 600_000 < len(raw) < KAFKA_MESSAGE_LIMIT  # a request the API could have put on the raw topic
     feed.send_bytes(event_key(str(w.id), big[0]["visitor_id"]), raw)
     for v in range(5):  # other visitors right behind it

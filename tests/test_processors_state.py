@@ -29,8 +29,8 @@ from stream_processors.wire import (
     SessionStartWriter,
     _long,
     _NotLean,
-    frame_batch,
-    frame_batches,
+    frame_message,
+    frame_messages,
     read_current_items,
     restamp,
 )
@@ -43,7 +43,7 @@ def place_all(state: VisitorState, *times: int) -> list[tuple[int, bool]]:
     return [(p.session_start_us, p.opens_session) for p in (state.place(t, GAP, 16) for t in times)]
 
 
-def test_in_order_events_follow_the_batch_definition() -> None:
+def test_in_order_events_follow_the_offline_definition() -> None:
     s = VisitorState()
     assert place_all(s, 0, 10 * MIN, 40 * MIN, 70 * MIN + 1) == [
         (0, True),
@@ -155,14 +155,14 @@ def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
     events = [raw_event(i) for i in range(40)]
     reader = EventReader(RAW)
     stamps = [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("x", "y" * 200), (None, None)]
-    for data in (RAW.encode_batch(events), RAW.encode_batch(events[:1])):
+    for data in (RAW.encode_events(events), RAW.encode_events(events[:1])):
         read = reader.read(data)
         assert [r for r, _ in read] == RAW.decode_events(data)
         for sid, cid in stamps:
             stamped = [{**record, "session_id": sid, "customer_id": cid} for record, _ in read]
             datums = [restamp(datum, sid, cid) for _, datum in read]  # type: ignore[arg-type]
             assert datums == [RAW.event.encode_datum(r) for r in stamped]
-            assert frame_batch(RAW.batch.header, datums) == RAW.encode_batch(stamped)
+            assert frame_message(RAW.batch.header, datums) == RAW.encode_events(stamped)
     # a single-event message (older producers) works the same way
     [(record, datum)] = reader.read(RAW.encode_event(events[3]))
     assert record == events[3]
@@ -175,7 +175,7 @@ def test_reader_gives_the_decoded_events_and_restamp_equals_encoding() -> None:
         }
     )
     # events whose ids are already set are not restampable (their datum does not end with two nulls)
-    [(_, datum)] = reader.read(RAW.encode_batch([raw_event(1, session_id="s")]))
+    [(_, datum)] = reader.read(RAW.encode_events([raw_event(1, session_id="s")]))
     assert datum is None
 
 
@@ -207,7 +207,7 @@ def test_lean_reader_gives_what_fastavro_gives() -> None:
     reader = EventReader(RAW)
     for n in (1, 2, 13, len(LEAN_EVENTS)):
         for events in (LEAN_EVENTS[:n], LEAN_EVENTS[-n:]):
-            data = RAW.encode_batch(events)
+            data = RAW.encode_events(events)
             assert read_current_items(data) == reader._read_items(data, None, True)
             assert [r for r, _ in read_current_items(data)] == events
     # several array blocks (other writers may split the array): the same events
@@ -215,7 +215,7 @@ def test_lean_reader_gives_what_fastavro_gives() -> None:
     blocks = RAW.batch.header + b"\x04" + b"".join(datums[:2]) + b"\x06" + b"".join(datums[2:]) + b"\x00"
     assert read_current_items(blocks) == reader._read_items(blocks, None, True)
     # events whose ids are set, and sized blocks, are left to fastavro: the same result through EventReader.read
-    stamped = RAW.encode_batch([raw_event(1, session_id="s")])
+    stamped = RAW.encode_events([raw_event(1, session_id="s")])
     sized = RAW.batch.header + b"\x01" + _long(len(datums[0])) + datums[0] + b"\x00"  # count -1, then the size
     for data in (stamped, sized):
         with pytest.raises(_NotLean):
@@ -230,7 +230,7 @@ def test_lean_reader_on_corrupted_batches_gives_what_fastavro_gives(data: st.Dat
     where it gave one (the lean reader never accepts what fastavro refuses, nor reads it differently)."""
     reader = EventReader(RAW)
     events = data.draw(st.lists(st.sampled_from(LEAN_EVENTS), min_size=1, max_size=4))
-    raw = bytearray(RAW.encode_batch(events))
+    raw = bytearray(RAW.encode_events(events))
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(10, len(raw) - 1))
         kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
@@ -273,22 +273,22 @@ def test_session_start_writer_equals_fastavro() -> None:
             assert writer.datum(opener, event_id, session_id, customer_id) == RAW.event.encode_datum(expected)
 
 
-def test_framed_batches_of_any_size_decode() -> None:
+def test_framed_messages_of_any_size_decode() -> None:
     """Block counts are zigzag varints: 0, 1, 63, 64 (two bytes) and 200 items all read back."""
     for n in (0, 1, 63, 64, 200):
         records = [{**raw_event(i), "session_id": f"s{i}"} for i in range(n)]
-        data = frame_batch(RAW.batch.header, [RAW.event.encode_datum(r) for r in records])
-        assert data == RAW.encode_batch(records)
+        data = frame_message(RAW.batch.header, [RAW.event.encode_datum(r) for r in records])
+        assert data == RAW.encode_events(records)
         assert RAW.decode_events(data) == records
 
 
 def test_raw_values_and_logical_types_read_the_same_bytes() -> None:
-    data = RAW.encode_batch([raw_event(i) for i in range(6)])
+    data = RAW.encode_events([raw_event(i) for i in range(6)])
     typed = EventCodec().decode_events(data)
     for raw, obj in zip(RAW.decode_events(data), typed, strict=True):
         assert uuid.UUID(raw["event_id"]) == obj["event_id"] and str(obj["widget_id"]) == raw["widget_id"]
         assert obj["occurred_at"] == from_us(raw["occurred_at"])
-    assert EventCodec().encode_batch(typed) == data
+    assert EventCodec().encode_events(typed) == data
 
 
 def test_validate_normalises_uuid_text_like_the_typed_decoding() -> None:
@@ -393,10 +393,10 @@ def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None
     copy = {**e, "occurred_at": t - 45 * MIN}
     f = raw_event(3, event_type="pageview", visitor_id="v-0", occurred_at=t + 5 * MIN)
     for i, r in enumerate([e, copy, f]):
-        processor.process([_Msg(RAW.encode_batch([r]), key, offset=i)])
+        processor.process([_Msg(RAW.encode_events([r]), key, offset=i)])
     out = [RAW.decode_events(v) for topic, _, v in outputs.sent if topic.endswith("enriched")]
-    starts = {r["event_id"] for batch in out for r in batch if r["event_type"] == "session_start"}
-    sessions = {r["session_id"] for batch in out for r in batch}
+    starts = {r["event_id"] for message in out for r in message if r["event_type"] == "session_start"}
+    sessions = {r["session_id"] for message in out for r in message}
     assert len(starts) == 1 and len(sessions) == 1
     assert [r["occurred_at"] for r in out[1] if r["event_type"] != "session_start"] == [t]  # as the first copy
     assert VisitorState.from_doc(store.docs[key]).sessions == [[t, t, t + 5 * MIN]]
@@ -405,19 +405,19 @@ def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None
 # --- oversized output (issue 8, case 3) ---------------------------------------------------------------------
 
 
-def test_frame_batches_splits_by_size_deterministically_and_in_order() -> None:
+def test_frame_messages_splits_by_size_deterministically_and_in_order() -> None:
     datums = [RAW.event.encode_datum(raw_event(i, referrer="r" * (i * 997 % 5000))) for i in range(60)]
-    whole = frame_batch(RAW.batch.header, datums)
-    assert frame_batches(RAW.batch.header, datums, len(whole)) == [whole]
+    whole = frame_message(RAW.batch.header, datums)
+    assert frame_messages(RAW.batch.header, datums, len(whole)) == [whole]
     for limit in (len(whole) // 2, 20_000, 6_000):
-        parts = frame_batches(RAW.batch.header, datums, limit)
-        assert parts == frame_batches(RAW.batch.header, datums, limit)  # same split on every replay
+        parts = frame_messages(RAW.batch.header, datums, limit)
+        assert parts == frame_messages(RAW.batch.header, datums, limit)  # same split on every replay
         assert len(parts) > 1 and all(len(p) <= limit for p in parts)
         decoded = [r for p in parts for r in RAW.decode_events(p)]
         assert decoded == RAW.decode_events(whole)
-    alone = frame_batches(RAW.batch.header, [b"x" * 100, b"y" * 10_000, b"z" * 100], 1_000)
+    alone = frame_messages(RAW.batch.header, [b"x" * 100, b"y" * 10_000, b"z" * 100], 1_000)
     assert [len(p) for p in alone] == [
-        len(frame_batch(RAW.batch.header, [d])) for d in (b"x" * 100, b"y" * 10_000, b"z" * 100)
+        len(frame_message(RAW.batch.header, [d])) for d in (b"x" * 100, b"y" * 10_000, b"z" * 100)
     ]
 
 

@@ -512,7 +512,7 @@ def test_visitor_summaries_stay_exact_under_concurrent_inserts_and_deletes(
         try:
             with psycopg.connect(postgres.dsn, autocommit=True) as conn:
                 for _ in range(25):  # bounded
-                    # Half the visitors' batches identify (a different user each time): the latest identify of
+                    # Half the visitors' requests identify (a different user each time): the latest identify of
                     # a visitor changes with inserts and must be re-read when a delete takes it.
                     rows = [
                         r

@@ -82,9 +82,9 @@ def test_purge_removes_exactly_the_expired_events(
     assert re.search(rf"{default.id}.*\bdefault\b.*\b3\b", dry.stdout), dry.stdout
     assert re.search(rf"{year.id}.*\byear\b.*\b2\b", dry.stdout), dry.stdout
 
-    # Several batches per widget; unpaced (duty cycle 1): the shared test database holds every test's widgets,
+    # Several chunks per widget; unpaced (duty cycle 1): the shared test database holds every test's widgets,
     # and the pacing itself is tested on its own below.
-    done = cli(settings.model_copy(update={"purge_duty_cycle": 1.0}), "purge", "--batch-rows", "3")
+    done = cli(settings.model_copy(update={"purge_duty_cycle": 1.0}), "purge", "--chunk-rows", "3")
     assert done.returncode == 0, done.stderr
     assert stored(db, short) == set(today + edge_new)
     assert stored(db, default) == set(default_kept)  # default_old (91 days) went
@@ -95,7 +95,7 @@ def test_purge_removes_exactly_the_expired_events(
     summary = [json.loads(line) for line in done.stderr.splitlines() if '"purge finished"' in line]
     assert len(summary) == 1 and summary[0]["rows"] >= 13 and summary[0]["widgets"] >= 3  # the summary log line
     # A second run finds nothing more to remove.
-    again = purge(settings.postgres_dsn, batch_rows=3)
+    again = purge(settings.postgres_dsn, chunk_rows=3)
     assert {w.widget_id: w.rows for w in again.widgets if w.widget_id in (short.id, default.id, year.id)} == {
         short.id: 0,
         default.id: 0,
@@ -171,9 +171,9 @@ def test_events_already_past_retention_are_not_stored(
         time.sleep(0.2)
 
 
-def test_purge_validates_its_batch_size_and_duty_cycle(settings: Settings) -> None:
-    with pytest.raises(ValueError, match="batch_rows"):
-        purge(settings.postgres_dsn, batch_rows=0)
+def test_purge_validates_its_chunk_size_and_duty_cycle(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="chunk_rows"):
+        purge(settings.postgres_dsn, chunk_rows=0)
     for duty in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="duty_cycle"):
             purge(settings.postgres_dsn, duty_cycle=duty)
@@ -193,17 +193,17 @@ class _RecordingStop(threading.Event):
         return self.is_set()
 
 
-def test_purge_rests_between_batches_in_proportion_to_its_duty_cycle() -> None:
-    """At duty cycle d, a batch that took t seconds is followed by a rest of t·(1 − d)/d."""
+def test_purge_rests_between_chunks_in_proportion_to_its_duty_cycle() -> None:
+    """At duty cycle d, a chunk that took t seconds is followed by a rest of t·(1 − d)/d."""
     stop = _RecordingStop()
     pace = _Pace(0.25, stop)
-    assert pace.after_batch(0.2) and pace.after_batch(0.04)
+    assert pace.after_chunk(0.2) and pace.after_chunk(0.04)
     assert stop.rests == pytest.approx([0.6, 0.12])
     unpaced = _Pace(1.0, _RecordingStop())
-    assert unpaced.after_batch(0.5) and unpaced.stop.rests == []  # type: ignore[attr-defined]
+    assert unpaced.after_chunk(0.5) and unpaced.stop.rests == []  # type: ignore[attr-defined]
 
 
-def test_a_stopped_purge_ends_after_its_current_batch_and_the_next_run_finishes(
+def test_a_stopped_purge_ends_after_its_current_chunk_and_the_next_run_finishes(
     settings: Settings, db: psycopg.Connection, make_widget: Callable[..., widgets.Widget]
 ) -> None:
     w = make_widget()
@@ -212,14 +212,14 @@ def test_a_stopped_purge_ends_after_its_current_batch_and_the_next_run_finishes(
     fresh = seed(db, w, 2, timedelta(hours=1))
     stop = threading.Event()
 
-    def stop_after_first_batch(widget: WidgetPurge, done: bool) -> None:
+    def stop_after_first_chunk(widget: WidgetPurge, done: bool) -> None:
         if widget.widget_id == w.id and not done:
             stop.set()
 
-    first = purge(settings.postgres_dsn, batch_rows=3, duty_cycle=0.5, stop=stop, on_progress=stop_after_first_batch)
+    first = purge(settings.postgres_dsn, chunk_rows=3, duty_cycle=0.5, stop=stop, on_progress=stop_after_first_chunk)
     assert next(x for x in first.widgets if x.widget_id == w.id).rows == 3
     assert len(stored(db, w) & set(old)) == 6  # the rest waits for the next run
-    purge(settings.postgres_dsn, batch_rows=3, duty_cycle=0.5)
+    purge(settings.postgres_dsn, chunk_rows=3, duty_cycle=0.5)
     assert stored(db, w) == set(fresh)
 
 

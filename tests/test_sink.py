@@ -87,11 +87,11 @@ def produce(settings: Settings, topic: str, records: Sequence[dict[str, Any] | b
     flush_or_raise(producer, 30, reports)
 
 
-def produce_batch(settings: Settings, topic: str, records: list[dict[str, Any]]) -> None:
+def produce_request(settings: Settings, topic: str, records: list[dict[str, Any]]) -> None:
     """One VisitorEventBatch message of one visitor's records, as the API publishes a request."""
     producer = Producer(producer_config(settings))
     key = event_key(str(records[0]["widget_id"]), records[0]["visitor_id"])
-    produce_waiting(producer, topic, EventCodec().encode_batch(records), key)
+    produce_waiting(producer, topic, EventCodec().encode_events(records), key)
     flush_or_raise(producer, 30)
 
 
@@ -317,7 +317,7 @@ def test_postgres_outage_retries_then_writes_everything_once(
         # A few backoff rounds (0.2 s, 0.4 s, 0.8 s, then the 1 s cap) with the database gone.
         wait_until(lambda: metric(port, "site_activity_sink_db_retries_total") >= 5, 30, "sink retrying")
         assert http_ok(f"http://127.0.0.1:{port}/healthz")(), "the sink must stay alive while Postgres is down"
-        produce(s, topics.raw_events, second[:50])  # the widget retries a batch meanwhile
+        produce(s, topics.raw_events, second[:50])  # the widget retries a request meanwhile
 
         pg.start()
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
@@ -373,12 +373,12 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     bad_json = make_event(w, "v-1", "custom", T0, name="bad", properties="{not json")
     nul_byte = make_event(w, "v-1", "custom", T0, name="nul\x00byte")
     garbage = b"\x00\x01 definitely not avro"
-    # and a batch message (as the API and the processors write them) with one bad event among good ones
-    in_batch = [make_event(w, "v-2", at=T0 + timedelta(seconds=i)) for i in range(3)]
-    bad_in_batch = make_event(w, "v-2", "custom", T0, name="bad", properties="[1, 2")
+    # and a VisitorEventBatch message (as the API and the processors write them) with one bad event among good ones
+    in_message = [make_event(w, "v-2", at=T0 + timedelta(seconds=i)) for i in range(3)]
+    bad_in_message = make_event(w, "v-2", "custom", T0, name="bad", properties="[1, 2")
     produce(raw_settings, topics.raw_events, [good[0], garbage, good[1], bad_json, nul_byte, good[2]])
-    produce_batch(raw_settings, topics.raw_events, [in_batch[0], bad_in_batch, *in_batch[1:]])
-    good += in_batch
+    produce_request(raw_settings, topics.raw_events, [in_message[0], bad_in_message, *in_message[1:]])
+    good += in_message
 
     start_service("sink", settings_override=raw_settings)
     wait_count(db, w.id, len(good))
@@ -386,7 +386,7 @@ def test_undecodable_and_rejected_rows_go_to_dead_letter_topic(
     assert len(letters) == 4
     by_value = {m.value(): dict(cast(list[tuple[str, bytes]], m.headers())) for m in letters}
     assert by_value[garbage]["x-reason"].startswith(b"undecodable")
-    for rec in (bad_json, nul_byte, bad_in_batch):  # each bad event alone, as a single-event message
+    for rec in (bad_json, nul_byte, bad_in_message):  # each bad event alone, as a single-event message
         headers = by_value[CODEC.encode(rec)]
         assert headers["x-reason"].startswith(b"db_rejected"), headers
         assert headers["x-source-topic"] == topics.raw_events.encode()
@@ -737,9 +737,9 @@ def test_sink_batches_are_bounded_by_events_not_messages() -> None:
         "customer_id": None,
     }
     request = cast(
-        Message, _Message(raw.encode_batch([event] * 25))
+        Message, _Message(raw.encode_events([event] * 25))
     )  # one request's 25 events, as both event topics carry them
-    batch = Batch(max_events=1000, max_ms=60_000)
+    batch = Batch(max_events=1000, max_age_s=60.0)
     assert batch.room() == 10  # nothing seen yet: as if every message held 100 events
     batch.max_events = 100
     batch.add([request, request])

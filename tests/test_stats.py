@@ -263,7 +263,7 @@ def test_stats_equal_raw_rows_through_pipeline_replay_purge_erase_and_delete(
     # Retention purge: Acme's site keeps one day; the purge's DELETEs take their counts with them.
     db.execute("UPDATE widget_configs SET event_retention_days = 1 WHERE id = %s", (acme.widget.id,))
     before = check_widget(db, console, acme, acme.widget.id)
-    report = purge(postgres.dsn, batch_rows=7)
+    report = purge(postgres.dsn, chunk_rows=7)
     assert sum(w.rows for w in report.widgets if w.widget_id == acme.widget.id) > 0
     assert check_widget(db, console, acme, acme.widget.id) < before
     # Erasure of one visitor of the blog widget, through the console API.

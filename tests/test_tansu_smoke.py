@@ -9,7 +9,7 @@ import pytest
 from dev_stack.embedded import EmbeddedTansu
 from tests.test_pipeline import (  # noqa: F401 (collected here again, on Tansu)
     test_posted_events_become_rows_with_every_column,
-    test_retried_batch_never_duplicates_rows,
+    test_retried_request_never_duplicates_rows,
 )
 from tests.test_processors import (  # noqa: F401
     feed,

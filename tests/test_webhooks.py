@@ -50,9 +50,9 @@ class Stack:
     topic: str
 
     def produce(self, events: list[dict[str, Any]], *, single: bool = False) -> None:
-        """One message per call (a batch, or single-event messages), keyed like the pipeline keys them."""
+        """One message per call (a VisitorEventBatch, or single-event messages), keyed like the pipeline keys them."""
         for chunk in ([e] for e in events) if single else [events]:
-            value = CODEC.encode_event(chunk[0]) if single else CODEC.encode_batch(chunk)
+            value = CODEC.encode_event(chunk[0]) if single else CODEC.encode_events(chunk)
             self.producer.produce(self.topic, value, event_key(str(chunk[0]["widget_id"]), chunk[0]["visitor_id"]))
         assert self.producer.flush(15) == 0
 

@@ -46,7 +46,7 @@ FLUSH_MS = 5000
 WAIT_S = 30  # upper bound of every wait on a condition: generous, a loaded machine must not fail a test
 
 # Delivery order, then client order within a request. Not occurred_at alone: the fake clock jumps 5 s
-# ahead of real time, and the server's skew correction (rightly) moves such batches back in time.
+# ahead of real time, and the server's skew correction (rightly) moves such requests back in time.
 ROWS = """SELECT event_type, name, url, referrer, properties, user_id, visitor_id, event_id::text
           FROM visitor_events WHERE widget_id = %s AND event_type <> 'session_start'
           ORDER BY received_at, occurred_at, event_id"""

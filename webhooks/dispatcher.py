@@ -7,7 +7,7 @@ Work arrives two ways, both leases on rows of the Postgres queue:
     fit this process's room come back leased from that same statement and are sent at once, no claim needed;
   - claimed: whatever else is due (retries, replays, deliveries that did not fit, leases of a dead process),
     claimed while there may be more (each finished request frees a slot) and otherwise every poll interval.
-Outcomes are written in batches, one statement per batch (webhooks.queue.record). Rules:
+Outcomes are written in groups, one statement per group (webhooks.queue.record). Rules:
   2xx                                   success
   410 Gone                              the endpoint is disabled (reason kept for its admins)
   anything else, timeout, no connection retried on webhooks_retry_schedule_s (Retry-After honoured); after the
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = "site-activity-webhooks/1"
 _ERROR_BODY_BYTES = 512  # of a failed response's body, kept in the log
 # Outcomes are gathered this long into one transaction: only the log and the leases wait for it, never a send.
-_RECORD_BATCH_S = 0.1
+_RECORD_EVERY_S = 0.1
 _DB_BACKOFF_S = 1.0
 _LEASE_MARGIN_S = 2.0  # an attempt starts only if timeout + this is left of its lease
 _MAX_RETRY_AFTER_S = 24 * 3600
@@ -425,7 +425,7 @@ class Dispatcher:
         while True:
             await self._outcome_ready.wait()
             self._outcome_ready.clear()
-            await asyncio.sleep(_RECORD_BATCH_S)  # collect what finishes meanwhile into one transaction
+            await asyncio.sleep(_RECORD_EVERY_S)  # collect what finishes meanwhile into one transaction
             try:
                 await self._flush()
             except Exception:
@@ -433,42 +433,42 @@ class Dispatcher:
 
     async def _flush(self) -> None:
         while self._outcomes:
-            batch, self._outcomes = self._outcomes, []
+            done, self._outcomes = self._outcomes, []
             try:
                 if self._record_conn is None or self._record_conn.closed:
                     self._record_conn = await self._connect()
-                failing = await queue.record(self._record_conn, batch)
+                failing = await queue.record(self._record_conn, done)
             except psycopg.Error as exc:
                 self.metrics.db_errors.labels("record").inc()
                 log.warning("recording attempts failed; retrying", extra={"error": str(exc)})
                 if self._record_conn is not None:
                     await self._record_conn.close()
                     self._record_conn = None
-                self._outcomes[:0] = batch
+                self._outcomes[:0] = done
                 if self.stopping.is_set():
                     return  # the leases run out: those deliveries are sent again
                 await asyncio.sleep(_DB_BACKOFF_S)
                 continue
-            self._wake_for_retries(batch)
-            await self._apply_disable_rules(batch, failing)
+            self._wake_for_retries(done)
+            await self._apply_disable_rules(done, failing)
 
-    def _wake_for_retries(self, batch: list[Outcome]) -> None:
+    def _wake_for_retries(self, done: list[Outcome]) -> None:
         """A retry that falls due before the next poll (the schedule's first steps are seconds) is claimed when
         it does: the claim loop is woken then (its row was just written)."""
         now = datetime.now(UTC)
-        soon = [(o.next_attempt_at - now).total_seconds() for o in batch if not o.ok and o.next_attempt_at is not None]
+        soon = [(o.next_attempt_at - now).total_seconds() for o in done if not o.ok and o.next_attempt_at is not None]
         soon = [s for s in soon if s < self.settings.webhooks_poll_interval_s]
         if soon and self._loop is not None:
             self._loop.call_later(max(0.0, min(soon)) + 0.01, self._due_now)
 
-    async def _apply_disable_rules(self, batch: list[Outcome], failing: list[tuple[uuid.UUID, datetime]]) -> None:
+    async def _apply_disable_rules(self, done: list[Outcome], failing: list[tuple[uuid.UUID, datetime]]) -> None:
         reasons: dict[uuid.UUID, tuple[str, str]] = {}
-        for o in batch:
+        for o in done:
             if o.gone:
                 reasons[o.endpoint_id] = ("gone", f"the endpoint answered 410 Gone at {o.at:%Y-%m-%d %H:%M:%S} UTC")
         limit = timedelta(seconds=self.settings.webhooks_disable_after_s)
         now = datetime.now(UTC)
-        last_error = {o.endpoint_id: o.error for o in batch if not o.ok}
+        last_error = {o.endpoint_id: o.error for o in done if not o.ok}
         for endpoint_id, since in failing:
             if endpoint_id not in reasons and now - since >= limit:
                 reasons[endpoint_id] = (

@@ -223,7 +223,7 @@ class Outcome:
     gone: bool = False  # 410: the endpoint asked to be disabled
 
 
-# One statement per batch of outcomes (not one per outcome): the attempts are logged for deliveries that still
+# One statement per group of outcomes (not one per outcome): the attempts are logged for deliveries that still
 # exist (an erase or widget delete may have removed one meanwhile), and a delivery moves on only while pending
 # (a replay or another process may have settled it). One outcome per delivery in `o` (the caller dedupes).
 _RECORD = """
@@ -250,7 +250,7 @@ def _state(o: Outcome) -> str:
 
 
 def _deciding(outcomes: Sequence[Outcome]) -> dict[int, Outcome]:
-    """Per delivery, the outcome that sets its state when one batch holds several attempts of it (a lease ran
+    """Per delivery, the outcome that sets its state when one group holds several attempts of it (a lease ran
     out mid-attempt): a success wins, else the latest attempt."""
     out: dict[int, Outcome] = {}
     for o in outcomes:
@@ -293,7 +293,7 @@ async def record(conn: psycopg.AsyncConnection, outcomes: Sequence[Outcome]) -> 
             )
         if not failed:
             return []
-        # A success later in this same batch wins over a failure (the endpoint answered).
+        # A success later in this same group wins over a failure (the endpoint answered).
         still = [e for e in failed if e not in ok]
         cur2 = await conn.execute(
             "UPDATE webhook_endpoints ep SET failing_since = coalesce(ep.failing_since, f.at)"

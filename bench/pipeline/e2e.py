@@ -144,7 +144,7 @@ def _e2e(
             procs.append(stages.enter_context(stack.stage("processors", s, s.processors_web_port)))
         sink = stages.enter_context(stack.stage("sink", s, s.sink_http_port))
         procs.append(sink)
-        say(f"[{section}] warming up: one batch through the whole pipeline")
+        say(f"[{section}] warming up: one request through the whole pipeline")
         post_until_accepted(s.http_port, make_bodies(warm_widget, 1, seed=4)[0])
         wait_rows(stack.postgres.dsn, warm_widget, EVENTS_PER_BODY, timeout=60)
         say(

@@ -29,7 +29,7 @@ def section_ingest(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row
         with stack.stage("api", s, s.http_port) as api:
             post_until_accepted(s.http_port, make_bodies(widget_id, 1, seed=2)[0])
             say(
-                f"[ingest] closed loop: {prof.clients} clients x batches of {EVENTS_PER_BODY}, {prof.closed_seconds:.0f}s"
+                f"[ingest] closed loop: {prof.clients} clients x requests of {EVENTS_PER_BODY}, {prof.closed_seconds:.0f}s"
             )
             closed = Loadgen(
                 "closed loop",

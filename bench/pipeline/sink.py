@@ -16,7 +16,7 @@ from bench.workload import (
     JsonText,
     JsonTextBinaryDumper,
     copy_row,
-    encoded_batches,
+    encoded_requests,
     make_bodies,
     to_records,
 )
@@ -69,7 +69,7 @@ def section_sink(stack: Stack, prof: Profile, out: dict[str, Any]) -> list[Row]:
         received_at = datetime.now(UTC)
         records = [r for b in bodies for r in to_records(b, tenant_id, received_at)]
         say(f"[sink] preloading {n:,} events into {topic}")
-        preload = bare_produce(s, topic, encoded_batches(bodies, tenant_id), "preload")
+        preload = bare_produce(s, topic, encoded_requests(bodies, tenant_id), "preload")
 
         say(f"[sink] bare binary COPY of the same {n:,} rows (10k-row batches), with and without foreign keys")
         copy_rows = [copy_row(r) for r in records]

@@ -7,12 +7,12 @@ Answers (every non-204 has a JSON body `{"error": <slug>, "reason": <text>, ...}
 - 400 `malformed_json` / `invalid_request` / `malformed_body`: the request as a whole is unusable; nothing written.
 - 404 `unknown_widget`. 415: Content-Type not JSON/text/plain, or Content-Encoding not gzip.
 - 413 `body_too_large` (over max_body_bytes before or after gzip), `too_many_events` (over
-  max_events_per_batch) or `batch_too_large` (the encoded events over Limits.max_raw_message_bytes, what one
+  max_events_per_request) or `batch_too_large` (the encoded events over Limits.max_raw_message_bytes, what one
   Kafka message can carry, or refused by Kafka as too large); nothing written, split the request.
 - 422 `unwritable_events`: Kafka refused the request's message for what it is (an invalid record); do not retry.
 - 408 `request_timeout`: the body did not arrive within http_body_timeout_s (the connection is closed).
 - 503 with Retry-After: Kafka did not confirm every event in time (or the queue is full), or the widget
-  configs cannot be loaded. Retry the same batch; event ids make the retry idempotent downstream."""
+  configs cannot be loaded. Retry the same request; event ids make the retry idempotent downstream."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
   var MAX_PROPS_BYTES = 4096; // UTF-8 bytes of the JSON, like the server
   var MAX_USER_ID_CHARS = 255;
   var MAX_URL_CHARS = 2048; // longer URLs are cut rather than losing the pageview to a 400
-  var MAX_EVENTS_PER_REQUEST = 100; // the server rejects larger batches
+  var MAX_EVENTS_PER_REQUEST = 100; // the server rejects larger requests
   // Browsers cap the bodies of all in-flight keepalive requests of a page at 64 KB; stay under it.
   var MAX_INFLIGHT_BYTES = 60000;
   var ENVELOPE_BYTES = 300; // widget_id, visitor_id, sent_at and punctuation, generously
@@ -111,7 +111,7 @@
   }
 
   // The anonymous visitor id is per origin (localStorage is); without storage it lives as long as the page.
-  // A value that is not one of our UUIDs (edited, or written by other code) would get every batch rejected.
+  // A value that is not one of our UUIDs (edited, or written by other code) would get every request rejected.
   // A new id is minted only when none can be read.
   function loadVisitorId() {
     var id = load(VID_KEY);
@@ -240,7 +240,7 @@
       inflightBytes -= bytes;
       ids.forEach(function (id) { delete busy[id]; });
       if (delivered) {
-        // 2xx, or a 4xx: the server kept the valid events of the batch and retrying cannot fix the rest.
+        // 2xx, or a 4xx: the server kept the valid events of the request and retrying cannot fix the rest.
         q = q.filter(function (e) { return ids.indexOf(e.event_id) < 0; });
         persist();
         backoff = BACKOFF_MIN_MS;
