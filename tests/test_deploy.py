@@ -173,11 +173,38 @@ def test_dockerfile_is_slim_non_root_and_ships_every_package() -> None:
     assert user and not user[-1].startswith(("root", "0:", "0")), "runs as a non-root user"
     assert re.search(r'^ENTRYPOINT \["site-activity"\]', text, re.M)
     assert "pip install" in text or "pip wheel" in text
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = _top_level_packages()
     copied = set(re.findall(r"^COPY (\w+) ", text, re.M))
     assert set(packages) <= copied, f"packages missing from the image: {set(packages) - copied}"
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
     assert all(f"!{p}/" in ignore for p in packages), "the build context must include every package"
+
+
+def _package_find() -> dict[str, Any]:
+    find: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"][
+        "find"
+    ]
+    return find
+
+
+def _top_level_packages() -> list[str]:
+    return [pattern.rstrip("*") for pattern in _package_find()["include"]]
+
+
+def test_the_wheel_carries_every_module() -> None:
+    """The image installs the project's wheel: every directory of Python modules below a top-level package must
+    be a package setuptools finds (listing only the top-level ones left `console/routes` and `producer_api/routes`
+    out of the wheel, so the image's API and console could not import their routes)."""
+    from setuptools import find_namespace_packages
+
+    found = set(find_namespace_packages(where=str(REPO), include=_package_find()["include"]))
+    module_dirs = {
+        ".".join(path.parent.relative_to(REPO).parts)
+        for top in _top_level_packages()
+        for path in (REPO / top).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert module_dirs and module_dirs <= found, f"not in the wheel: {sorted(module_dirs - found)}"
 
 
 def test_the_image_carries_no_embedded_postgres_or_broker() -> None:
