@@ -283,11 +283,18 @@ def _seven_bit_groups(n: int) -> int:
 
 def read_current_items(data: bytes) -> list[RawEvent]:
     """The events of a VisitorEventBatch message whose items are current VisitorEvents (header already
-    checked by the caller), each with its own datum when it can be restamped. Raises on anything unusual."""
+    checked by the caller), each with its own datum when it can be restamped. Raises on anything unusual.
+
+    Written for speed (a third of a worker's batch work was spent here): fields inline, no helper calls on the
+    usual path. The events of one message are one visitor's (one ingest request), so their tenant_id,
+    widget_id and visitor_id are usually the very bytes of the event before: those are compared as one run
+    of bytes and the strings read for the first event are used again."""
     types = _EVENT_TYPES
     end = len(data)
     pos = HEADER_LEN
     out: list[RawEvent] = []
+    shared = b""  # the encoded tenant_id, widget_id, visitor_id of the event before
+    tenant_id = widget_id = visitor_id = ""
     while True:
         n, pos = _varint(data, pos)
         if n == 0:
@@ -296,7 +303,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
             raise _NotLean("sized block")
         for _ in range(n >> 1):
             start = pos
-            # event_id, event_type, tenant_id, widget_id, visitor_id
+            # event_id, event_type
             n = data[pos]
             pos += 1
             if n >= 0x80:
@@ -307,48 +314,84 @@ def read_current_items(data: bytes) -> list[RawEvent]:
             pos += n >> 1
             event_type = types[data[pos]]
             pos += 1
-            n = data[pos]
-            pos += 1
-            if n >= 0x80:
-                n, pos = _varint(data, pos - 1)
-            if n & 1:
-                raise _NotLean("negative length")
-            tenant_id = data[pos : pos + (n >> 1)].decode()
-            pos += n >> 1
-            n = data[pos]
-            pos += 1
-            if n >= 0x80:
-                n, pos = _varint(data, pos - 1)
-            if n & 1:
-                raise _NotLean("negative length")
-            widget_id = data[pos : pos + (n >> 1)].decode()
-            pos += n >> 1
-            n = data[pos]
-            pos += 1
-            if n >= 0x80:
-                n, pos = _varint(data, pos - 1)
-            if n & 1:
-                raise _NotLean("negative length")
-            visitor_id = data[pos : pos + (n >> 1)].decode()
-            pos += n >> 1
-            # name, url, referrer: ["null", "string"]
-            optional: list[str | None] = []
-            for _field in range(3):
-                branch = data[pos]
-                pos += 1
-                if branch == 0:
-                    optional.append(None)
-                    continue
-                if branch != 2:
-                    raise _NotLean("union index")
+            # tenant_id, widget_id, visitor_id: those of the event before, or read anew
+            if shared and data.startswith(shared, pos):
+                pos += len(shared)
+            else:
+                first = pos
                 n = data[pos]
                 pos += 1
                 if n >= 0x80:
                     n, pos = _varint(data, pos - 1)
                 if n & 1:
                     raise _NotLean("negative length")
-                optional.append(data[pos : pos + (n >> 1)].decode())
+                tenant_id = data[pos : pos + (n >> 1)].decode()
                 pos += n >> 1
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                widget_id = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                visitor_id = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
+                if pos > end:
+                    raise _NotLean("truncated")  # (a short slice decodes without complaint)
+                shared = data[first:pos]
+            # name, url, referrer: ["null", "string"]
+            branch = data[pos]
+            pos += 1
+            if branch == 0:
+                name = None
+            elif branch == 2:
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                name = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
+            else:
+                raise _NotLean("union index")
+            branch = data[pos]
+            pos += 1
+            if branch == 0:
+                url = None
+            elif branch == 2:
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                url = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
+            else:
+                raise _NotLean("union index")
+            branch = data[pos]
+            pos += 1
+            if branch == 0:
+                referrer = None
+            elif branch == 2:
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                referrer = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
+            else:
+                raise _NotLean("union index")
             # properties
             n = data[pos]
             pos += 1
@@ -375,46 +418,66 @@ def read_current_items(data: bytes) -> list[RawEvent]:
             else:
                 raise _NotLean("union index")
             # occurred_at, received_at: zigzag longs, 8 bytes each for today's times (51 bits): read as one int
+            # and its seven-bit groups joined (_seven_bit_groups, inline)
             n = int.from_bytes(data[pos : pos + 8], "little")
             if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
-                n, pos = _seven_bit_groups(n), pos + 8
+                n = (
+                    (n & 0x7F)
+                    | (n >> 1 & 0x3F80)
+                    | (n >> 2 & 0x1FC000)
+                    | (n >> 3 & 0xFE00000)
+                    | (n >> 4 & 0x7F0000000)
+                    | (n >> 5 & 0x3F800000000)
+                    | (n >> 6 & 0x1FC0000000000)
+                    | (n >> 7 & 0xFE000000000000)
+                )
+                pos += 8
             else:
                 n, pos = _varint(data, pos)
             occurred_at = (n >> 1) ^ -(n & 1)
             n = int.from_bytes(data[pos : pos + 8], "little")
             if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
-                n, pos = _seven_bit_groups(n), pos + 8
+                n = (
+                    (n & 0x7F)
+                    | (n >> 1 & 0x3F80)
+                    | (n >> 2 & 0x1FC000)
+                    | (n >> 3 & 0xFE00000)
+                    | (n >> 4 & 0x7F0000000)
+                    | (n >> 5 & 0x3F800000000)
+                    | (n >> 6 & 0x1FC0000000000)
+                    | (n >> 7 & 0xFE000000000000)
+                )
+                pos += 8
             else:
                 n, pos = _varint(data, pos)
             received_at = (n >> 1) ^ -(n & 1)
             # session_id, customer_id: null on the raw topic (then the datum can be restamped)
-            if data[pos] == 0 and data[pos + 1] == 0:
-                pos += 2
-                if pos > end:
-                    raise _NotLean("truncated")
-                out.append(
-                    (
-                        {
-                            "event_id": event_id,
-                            "event_type": event_type,
-                            "tenant_id": tenant_id,
-                            "widget_id": widget_id,
-                            "visitor_id": visitor_id,
-                            "name": optional[0],
-                            "url": optional[1],
-                            "referrer": optional[2],
-                            "properties": properties,
-                            "user_id": user_id,
-                            "occurred_at": occurred_at,
-                            "received_at": received_at,
-                            "session_id": None,
-                            "customer_id": None,
-                        },
-                        data[start:pos],
-                    )
-                )
-            else:
+            if data[pos] or data[pos + 1]:
                 raise _NotLean("ids already set")  # not from the API: the general path handles it
+            pos += 2
+            if pos > end:
+                raise _NotLean("truncated")
+            out.append(
+                (
+                    {
+                        "event_id": event_id,
+                        "event_type": event_type,
+                        "tenant_id": tenant_id,
+                        "widget_id": widget_id,
+                        "visitor_id": visitor_id,
+                        "name": name,
+                        "url": url,
+                        "referrer": referrer,
+                        "properties": properties,
+                        "user_id": user_id,
+                        "occurred_at": occurred_at,
+                        "received_at": received_at,
+                        "session_id": None,
+                        "customer_id": None,
+                    },
+                    data[start:pos],
+                )
+            )
     if pos > end:
         raise _NotLean("truncated")
     return out

@@ -210,6 +210,14 @@ def test_lean_reader_gives_what_fastavro_gives() -> None:
             data = RAW.encode_batch(events)
             assert read_current_items(data) == reader._read_items(data, None, True)
             assert [r for r, _ in read_current_items(data)] == events
+    # one request's events share tenant, widget and visitor (read once, then compared as bytes): runs of the same
+    # ones, and a change back and forth
+    same = [raw_event(i, visitor_id="v-0") for i in range(12)]
+    mixed = same[:3] + [raw_event(3, visitor_id="v-1"), raw_event(4, tenant_id="t" * 36)] + same[5:]
+    for events in (same, mixed, [*mixed, raw_event(5, widget_id="w" * 200, visitor_id="v-0")]):
+        data = RAW.encode_batch(events)
+        assert read_current_items(data) == reader._read_items(data, None, True)
+        assert [r for r, _ in read_current_items(data)] == events
     # several array blocks (other writers may split the array): the same events
     datums = [RAW.event.encode_datum(e) for e in LEAN_EVENTS[:5]]
     blocks = RAW.batch.header + b"\x04" + b"".join(datums[:2]) + b"\x06" + b"".join(datums[2:]) + b"\x00"
