@@ -319,7 +319,7 @@ class BatchProcessor:
         header, datum_of, start_datum = (
             self.codec.batch.header,
             self.codec.event.encode_datum,
-            self.session_starts.datum,
+            self.session_starts.stamped,
         )
         produced = starts = 0
         max_value = self.max_value_bytes - len(key)
@@ -388,12 +388,12 @@ class BatchProcessor:
                 if start_us != last_start:
                     last_start, stamps = start_us, None
                     session_id, start_event_id = session_ids(record["widget_id"], record["visitor_id"], start_us)
+                if stamps is None:  # the encoded ids, shared by a run of events of one session and contact
+                    stamps = stamp_bytes(session_id, customer_id)
                 if t == start_us:  # the event opened its session
-                    out.append(start_datum(record, start_event_id, session_id, customer_id))
+                    out.append(start_datum(record, datum, start_event_id, stamps))
                     starts += 1
                 if datum is not None:
-                    if stamps is None:  # the encoded ids, shared by a run of events of one session and contact
-                        stamps = stamp_bytes(session_id, customer_id)
                     out.append(datum[:-2] + stamps)
                 else:
                     record["session_id"], record["customer_id"] = session_id, customer_id

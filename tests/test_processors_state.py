@@ -33,6 +33,7 @@ from stream_processors.wire import (
     frame_batches,
     read_current_items,
     restamp,
+    stamp_bytes,
 )
 
 MIN = 60_000_000  # µs
@@ -273,12 +274,18 @@ def test_session_start_writer_equals_fastavro() -> None:
         raw_event(1, visitor_id="ü-✓" * 40, url="", referrer=None),
         raw_event(2, occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),  # years 1 and 9999
         raw_event(3, occurred_at=0, received_at=-1),
+        raw_event(4, occurred_at=(1 << 48) - 1, received_at=1 << 48),  # 7 and 8 bytes
+        raw_event(5, occurred_at=(1 << 55) - 1, received_at=1 << 55),  # 8 and 9 bytes
     ]
     for i, opener in enumerate(openers):
         event_id = str(uuid.UUID(int=i, version=5))
         for session_id, customer_id in [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("s" * i, "c" * 70)]:
             expected = {**session_start_for(opener, event_id), "session_id": session_id, "customer_id": customer_id}
             assert writer.datum(opener, event_id, session_id, customer_id) == RAW.event.encode_datum(expected)
+            # the hot loop's form: the event times taken from the opener's own datum where they take 8 bytes each
+            opener_datum = RAW.event.encode_datum(opener)
+            stamps = stamp_bytes(session_id, customer_id)
+            assert writer.stamped(opener, opener_datum, event_id, stamps) == RAW.event.encode_datum(expected)
 
 
 def test_framed_batches_of_any_size_decode() -> None:
