@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_processors import PARTITIONS, workload  # noqa: E402
 from site_activity.settings import Settings  # noqa: E402
+from stream_processors.main import tune_gc  # noqa: E402
 from stream_processors.processor import BatchProcessor  # noqa: E402
 from stream_processors.store import ROCKSDB_OPTIONS, TableStore  # noqa: E402
 
@@ -138,7 +139,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2_000, help="messages per process() call")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--digest", action="store_true", help="hash of every output and state write")
+    parser.add_argument("--default-gc", action="store_true", help="CPython's GC thresholds, not the worker's")
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()  # as the worker does at start-up (stream_processors/main.py)
     messages = raw_messages(args.events)
     events = args.events
     if args.digest:
