@@ -287,18 +287,11 @@ _CONTINUATIONS_8 = 0x8080808080808080  # the continuation bits of 8 bytes read a
 _EIGHT_BYTES = 0x0080808080808080  # a varint of exactly 8 bytes: the first seven continue, the eighth ends it
 
 
-def _seven_bit_groups(n: int) -> int:
-    """The value of an 8-byte varint given as a little-endian int (its seven-bit groups joined)."""
-    return (
-        (n & 0x7F)
-        | (n >> 1 & 0x3F80)
-        | (n >> 2 & 0x1FC000)
-        | (n >> 3 & 0xFE00000)
-        | (n >> 4 & 0x7F0000000)
-        | (n >> 5 & 0x3F800000000)
-        | (n >> 6 & 0x1FC0000000000)
-        | (n >> 7 & 0xFE000000000000)
-    )
+# Two 8-byte varints read as one little-endian 128-bit int: the continuation bits of both, and the k-th seven-bit
+# group of both (masked, then shifted right by k, each lands where its value's bits go: the groups joined).
+_CONTINUATIONS_16 = _CONTINUATIONS_8 | _CONTINUATIONS_8 << 64
+_EIGHT_BYTES_16 = _EIGHT_BYTES | _EIGHT_BYTES << 64
+_GROUPS_16 = tuple((0x7F << 8 * k) | (0x7F << (64 + 8 * k)) for k in range(8))
 
 
 def read_current_items(data: bytes) -> list[RawEvent]:
@@ -310,6 +303,7 @@ def read_current_items(data: bytes) -> list[RawEvent]:
     widget_id and visitor_id are usually the very bytes of the event before: those are compared as one run
     of bytes and the strings read for the first event are used again."""
     types = _EVENT_TYPES
+    continuations, eight_bytes, (g0, g1, g2, g3, g4, g5, g6, g7) = _CONTINUATIONS_16, _EIGHT_BYTES_16, _GROUPS_16
     end = len(data)
     pos = HEADER_LEN
     out: list[RawEvent] = []
@@ -437,38 +431,27 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 pos += n >> 1
             else:
                 raise _NotLean("union index")
-            # occurred_at, received_at: zigzag longs, 8 bytes each for today's times (51 bits): read as one int
-            # and its seven-bit groups joined (_seven_bit_groups, inline)
-            n = int.from_bytes(data[pos : pos + 8], "little")
-            if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
+            # occurred_at, received_at: zigzag longs, 8 bytes each for today's times (51 bits): both read as one
+            # 128-bit int and the seven-bit groups of both joined at once
+            n = int.from_bytes(data[pos : pos + 16], "little")
+            if n & continuations == eight_bytes:
                 n = (
-                    (n & 0x7F)
-                    | (n >> 1 & 0x3F80)
-                    | (n >> 2 & 0x1FC000)
-                    | (n >> 3 & 0xFE00000)
-                    | (n >> 4 & 0x7F0000000)
-                    | (n >> 5 & 0x3F800000000)
-                    | (n >> 6 & 0x1FC0000000000)
-                    | (n >> 7 & 0xFE000000000000)
+                    (n & g0)
+                    | (n & g1) >> 1
+                    | (n & g2) >> 2
+                    | (n & g3) >> 3
+                    | (n & g4) >> 4
+                    | (n & g5) >> 5
+                    | (n & g6) >> 6
+                    | (n & g7) >> 7
                 )
-                pos += 8
+                pos += 16
+                z = n & 0xFFFFFFFFFFFFFF
+                occurred_at = (z >> 1) ^ -(z & 1)
+                n >>= 64
             else:
                 n, pos = _varint(data, pos)
-            occurred_at = (n >> 1) ^ -(n & 1)
-            n = int.from_bytes(data[pos : pos + 8], "little")
-            if n & _CONTINUATIONS_8 == _EIGHT_BYTES:
-                n = (
-                    (n & 0x7F)
-                    | (n >> 1 & 0x3F80)
-                    | (n >> 2 & 0x1FC000)
-                    | (n >> 3 & 0xFE00000)
-                    | (n >> 4 & 0x7F0000000)
-                    | (n >> 5 & 0x3F800000000)
-                    | (n >> 6 & 0x1FC0000000000)
-                    | (n >> 7 & 0xFE000000000000)
-                )
-                pos += 8
-            else:
+                occurred_at = (n >> 1) ^ -(n & 1)
                 n, pos = _varint(data, pos)
             received_at = (n >> 1) ^ -(n & 1)
             # session_id, customer_id: null on the raw topic (then the datum can be restamped)

@@ -200,6 +200,8 @@ LEAN_EVENTS = [raw_event(i) for i in range(12)] + [
     raw_event(2, event_type="session_start", occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),
     raw_event(3, occurred_at=0, received_at=-1, visitor_id="", properties="", name=""),
     raw_event(4, occurred_at=-(1 << 63), received_at=(1 << 63) - 1, event_id="not a uuid", tenant_id="x" * 70),
+    raw_event(5, received_at=0),  # one time of 8 bytes, one of 1 (the two are read together when both take 8)
+    raw_event(6, occurred_at=1 << 55, received_at=(1 << 55) - 1),  # 9 bytes, then 8
 ]
 
 
