@@ -274,7 +274,8 @@ class BatchProcessor:
             # keyed right: the lean reader hands the next events of a request the very same str objects, and for
             # those the checks below are what `validate` would do (a function call and three lookups less).
             checked: tuple[Any, ...] = ()
-            for record, datum in events:
+            for item in events:
+                record, datum = item
                 if (
                     checked
                     and record["tenant_id"] is checked[0]
@@ -286,7 +287,7 @@ class BatchProcessor:
                     and MIN_US <= record["received_at"] <= MAX_US
                     and _CANONICAL_UUID.match(record["event_id"])
                 ):
-                    valid.append((record, datum))
+                    valid.append(item)
                     continue
                 try:
                     unchanged = validate(record, msg.key, known)
