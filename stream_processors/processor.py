@@ -200,6 +200,9 @@ class BatchProcessor:
         # Room for the key and the record framing below the producer's message.max.bytes.
         self.max_value_bytes = max_event_value_bytes(settings)
         self.dead_letter_limit = DeadLetterLimit.from_settings(settings)
+        # Per batch: whether a partition's state holds any erased contact (erasures.any_contact_erased). Nothing
+        # writes state while a batch runs but the batch itself (visitor keys only), so the answer holds for it.
+        self._contacts_erased_in: dict[int, bool] = {}
 
     # --- the batch --------------------------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class BatchProcessor:
         started = time.perf_counter()
         if messages:
             metrics.INPUT_AGE.observe(max(0.0, time.time() - min(m.timestamp for m in messages)))
+        self._contacts_erased_in = {}
         visitors, letters = self._group(messages)
         invalid = len({id(letter.msg) for letter in letters})  # messages with anything dead-lettered
         self._check_dead_letter_limit(messages, len(messages) - invalid, invalid)
@@ -407,7 +411,10 @@ class BatchProcessor:
         return produced
 
     def _contact_erased(self, partition: int, tenant_id: str, user_id: str) -> bool:
-        return erasures.is_contact_erased(self.store, partition, contact_id(tenant_id, user_id))
+        any_erased = self._contacts_erased_in.get(partition)
+        if any_erased is None:
+            any_erased = self._contacts_erased_in[partition] = erasures.any_contact_erased(self.store, partition)
+        return any_erased and erasures.is_contact_erased(self.store, partition, contact_id(tenant_id, user_id))
 
     def _refuse_link(self, partition: int, identify: dict[str, Any]) -> bool:
         if self._contact_erased(partition, identify["tenant_id"], identify["user_id"]):

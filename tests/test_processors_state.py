@@ -8,9 +8,12 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.stores.rocksdb import RocksDBOptions
 from faust.transport import consumer as faust_consumer
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -18,11 +21,15 @@ from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
+from site_activity.erasure import CONTACT_MARKER_PREFIX
 from site_activity.events import customer_id_text, session_id_for, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import event_key
+from stream_processors import erasures
+from stream_processors.erasures import apply_erasures
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState
+from stream_processors.store import ROCKSDB_OPTIONS, TableStore
 from stream_processors.transport import _continue, check_internals, unacked_offsets
 from stream_processors.wire import (
     EventReader,
@@ -417,6 +424,43 @@ def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None
     assert len(starts) == 1 and len(sessions) == 1
     assert [r["occurred_at"] for r in out[1] if r["event_type"] != "session_start"] == [t]  # as the first copy
     assert VisitorState.from_doc(store.docs[key]).sessions == [[t, t, t + 5 * MIN]]
+
+
+class _StateOutputs(_Outputs):
+    def send_state(self, changelog: str, partition: int, key: bytes, value: bytes | None) -> None:
+        self.sent.append((changelog, key, value or b""))
+
+
+def _rocksdb_store(tmp_path: Path, outputs: _StateOutputs, partitions: int) -> TableStore:
+    """A TableStore over real RocksDB databases opened as faust opens them, without faust around them."""
+    options = RocksDBOptions(**ROCKSDB_OPTIONS, use_rocksdict=True)
+    dbs = {p: options.open(tmp_path / str(p)) for p in range(partitions)}
+    data = SimpleNamespace(_db_for_partition=dbs.__getitem__, _dbs=dbs)
+    table = SimpleNamespace(data=data, changelog_topic=SimpleNamespace(get_topic_name=lambda: "state-changelog"))
+    return TableStore(table, outputs, rocksdb=True)  # type: ignore[arg-type]
+
+
+def test_erased_contacts_are_looked_up_only_where_a_partition_holds_any(tmp_path: Path) -> None:
+    """The processor skips the per-link erased-contact lookups of a partition whose state holds no erased contact
+    (one RocksDB seek per batch); where it holds one, a visitor is still never linked to an erased contact."""
+    outputs = _StateOutputs()
+    store = _rocksdb_store(tmp_path, outputs, 3)
+    assert [erasures.any_contact_erased(store, p) for p in range(3)] == [False, False, False]
+    erased = contact_id(str(TENANT), "u-2")
+    apply_erasures(store, [SimpleNamespace(key=CONTACT_MARKER_PREFIX + erased.encode(), partition=1)])
+    store.put(event_key(str(WIDGET), "v-9"), 2, {"s": [], "l": [], "e": []})  # visitor keys are no erasures
+    assert [erasures.any_contact_erased(store, p) for p in range(3)] == [False, True, False]
+    assert erasures.is_contact_erased(store, 1, erased) and not erasures.is_contact_erased(store, 0, erased)
+    processor = BatchProcessor(Settings(), store, outputs)
+    identify = raw_event(2)  # identifies as u-2
+    key = event_key(str(WIDGET), identify["visitor_id"])
+    for partition in (0, 1):
+        outputs.sent.clear()
+        processor.process([_Msg(RAW.encode_batch([identify]), key, partition=partition, offset=partition)])
+        links = [v for topic, _, v in outputs.sent if topic.endswith("identity.links")]
+        enriched = [RAW.decode_events(v) for topic, _, v in outputs.sent if topic.endswith("enriched")]
+        assert len(links) == (1 if partition == 0 else 0)  # erased on partition 1 only
+        assert [r["customer_id"] for r in enriched[0]] == ([erased, erased] if partition == 0 else [None, None])
 
 
 # --- oversized output (issue 8, case 3) ---------------------------------------------------------------------
