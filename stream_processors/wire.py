@@ -317,15 +317,19 @@ def read_current_items(data: bytes) -> list[RawEvent]:
             raise _NotLean("sized block")
         for _ in range(n >> 1):
             start = pos
-            # event_id, event_type
-            n = data[pos]
-            pos += 1
-            if n >= 0x80:
-                n, pos = _varint(data, pos - 1)
-            if n & 1:
-                raise _NotLean("negative length")
-            event_id = data[pos : pos + (n >> 1)].decode()
-            pos += n >> 1
+            # event_id (uuid text: 36 bytes, length byte 0x48), event_type
+            if data[pos] == 0x48:
+                event_id = data[pos + 1 : pos + 37].decode()
+                pos += 37
+            else:
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                event_id = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
             event_type = types[data[pos]]
             pos += 1
             # tenant_id, widget_id, visitor_id: those of the event before, or read anew
@@ -406,15 +410,19 @@ def read_current_items(data: bytes) -> list[RawEvent]:
                 pos += n >> 1
             else:
                 raise _NotLean("union index")
-            # properties
-            n = data[pos]
-            pos += 1
-            if n >= 0x80:
-                n, pos = _varint(data, pos - 1)
-            if n & 1:
-                raise _NotLean("negative length")
-            properties = data[pos : pos + (n >> 1)].decode()
-            pos += n >> 1
+            # properties: most often "{}"
+            if data.startswith(b"\x04{}", pos):
+                properties = "{}"
+                pos += 3
+            else:
+                n = data[pos]
+                pos += 1
+                if n >= 0x80:
+                    n, pos = _varint(data, pos - 1)
+                if n & 1:
+                    raise _NotLean("negative length")
+                properties = data[pos : pos + (n >> 1)].decode()
+                pos += n >> 1
             # user_id: ["null", "string"]
             branch = data[pos]
             pos += 1

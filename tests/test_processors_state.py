@@ -209,6 +209,8 @@ LEAN_EVENTS = [raw_event(i) for i in range(12)] + [
     raw_event(4, occurred_at=-(1 << 63), received_at=(1 << 63) - 1, event_id="not a uuid", tenant_id="x" * 70),
     raw_event(5, received_at=0),  # one time of 8 bytes, one of 1 (the two are read together when both take 8)
     raw_event(6, occurred_at=1 << 55, received_at=(1 << 55) - 1),  # 9 bytes, then 8
+    raw_event(7, properties="{}"),  # the usual properties (read without a slice)
+    raw_event(8, properties="{}x", event_id="e" * 36),  # longer properties starting with "{}"; a 36-byte non-uuid id
 ]
 
 
