@@ -63,8 +63,21 @@ def apply_erasures(store: Any, messages: Iterable[Any]) -> None:
 def erased_contact_key(partition: int, customer_id: str) -> bytes:
     """State key of an erased contact on one partition (each partition keeps its own record, restored with
     that partition's changelog). Never a visitor key: those start with a widget uuid."""
-    return b"erased-contact:%d:%s" % (partition, customer_id.encode())
+    return erased_contacts_prefix(partition) + customer_id.encode()
+
+
+def erased_contacts_prefix(partition: int) -> bytes:
+    return b"erased-contact:%d:" % partition
 
 
 def is_contact_erased(store: Any, partition: int, customer_id: str) -> bool:
     return is_erased(store.get(erased_contact_key(partition, customer_id), partition))
+
+
+def any_contact_erased(store: Any, partition: int) -> bool:
+    """False only if the partition's state holds no erased contact at all (then `is_contact_erased` is False for
+    every contact, and the processor skips its lookups: one per identity link per visitor and batch). Stores that
+    cannot tell cheaply (`has_key_prefix` missing or None: memory://) answer True."""
+    has_key_prefix = getattr(store, "has_key_prefix", None)
+    found = None if has_key_prefix is None else has_key_prefix(partition, erased_contacts_prefix(partition))
+    return True if found is None else found

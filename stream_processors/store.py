@@ -92,6 +92,17 @@ class TableStore:
             self.table.data[key] = doc
         self.outputs.send_state(self.changelog, partition, key, raw)
 
+    def has_key_prefix(self, partition: int, prefix: bytes) -> bool | None:
+        """Whether any key of the partition's state starts with `prefix` (one seek in RocksDB); None for memory://,
+        which cannot tell without a scan."""
+        if not self.rocksdb:
+            return None
+        it = self._db(partition).iter()
+        it.seek(prefix)
+        found = bool(it.valid() and it.key().startswith(prefix))
+        del it
+        return found
+
     def delete(self, key: bytes, partition: int) -> None:
         if self.rocksdb:
             self._db(partition).delete(key)

@@ -8,9 +8,12 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.stores.rocksdb import RocksDBOptions
 from faust.transport import consumer as faust_consumer
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -18,11 +21,15 @@ from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, EventCodec
 from site_activity.dead_letters import dead_letter_headers, fit_dead_letter
+from site_activity.erasure import CONTACT_MARKER_PREFIX
 from site_activity.events import customer_id_text, session_id_for, session_id_text, session_start_event_id_text
 from site_activity.settings import Settings
 from site_activity.topics import event_key
+from stream_processors import erasures
+from stream_processors.erasures import apply_erasures
 from stream_processors.processor import BatchProcessor, InvalidEvent, contact_id, session_ids, validate
 from stream_processors.state import Seen, VisitorState
+from stream_processors.store import ROCKSDB_OPTIONS, TableStore
 from stream_processors.transport import _continue, check_internals, unacked_offsets
 from stream_processors.wire import (
     EventReader,
@@ -33,6 +40,7 @@ from stream_processors.wire import (
     frame_messages,
     read_current_items,
     restamp,
+    stamp_bytes,
 )
 
 MIN = 60_000_000  # µs
@@ -199,6 +207,10 @@ LEAN_EVENTS = [raw_event(i) for i in range(12)] + [
     raw_event(2, event_type="session_start", occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),
     raw_event(3, occurred_at=0, received_at=-1, visitor_id="", properties="", name=""),
     raw_event(4, occurred_at=-(1 << 63), received_at=(1 << 63) - 1, event_id="not a uuid", tenant_id="x" * 70),
+    raw_event(5, received_at=0),  # one time of 8 bytes, one of 1 (the two are read together when both take 8)
+    raw_event(6, occurred_at=1 << 55, received_at=(1 << 55) - 1),  # 9 bytes, then 8
+    raw_event(7, properties="{}"),  # the usual properties (read without a slice)
+    raw_event(8, properties="{}x", event_id="e" * 36),  # longer properties starting with "{}"; a 36-byte non-uuid id
 ]
 
 
@@ -210,6 +222,14 @@ def test_lean_reader_gives_what_fastavro_gives() -> None:
             data = RAW.encode_events(events)
             assert read_current_items(data) == reader._read_items(data, None, True)
             assert [r for r, _ in read_current_items(data)] == events
+    # one request's events share tenant, widget and visitor (read once, then compared as bytes): runs of the same
+    # ones, and a change back and forth
+    same = [raw_event(i, visitor_id="v-0") for i in range(12)]
+    mixed = same[:3] + [raw_event(3, visitor_id="v-1"), raw_event(4, tenant_id="t" * 36)] + same[5:]
+    for events in (same, mixed, [*mixed, raw_event(5, widget_id="w" * 200, visitor_id="v-0")]):
+        data = RAW.encode_batch(events)
+        assert read_current_items(data) == reader._read_items(data, None, True)
+        assert [r for r, _ in read_current_items(data)] == events
     # several array blocks (other writers may split the array): the same events
     datums = [RAW.event.encode_datum(e) for e in LEAN_EVENTS[:5]]
     blocks = RAW.batch.header + b"\x04" + b"".join(datums[:2]) + b"\x06" + b"".join(datums[2:]) + b"\x00"
@@ -265,12 +285,18 @@ def test_session_start_writer_equals_fastavro() -> None:
         raw_event(1, visitor_id="ü-✓" * 40, url="", referrer=None),
         raw_event(2, occurred_at=-62_135_596_800_000_000, received_at=253_402_300_799_999_999),  # years 1 and 9999
         raw_event(3, occurred_at=0, received_at=-1),
+        raw_event(4, occurred_at=(1 << 48) - 1, received_at=1 << 48),  # 7 and 8 bytes
+        raw_event(5, occurred_at=(1 << 55) - 1, received_at=1 << 55),  # 8 and 9 bytes
     ]
     for i, opener in enumerate(openers):
         event_id = str(uuid.UUID(int=i, version=5))
         for session_id, customer_id in [("5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10", None), ("s" * i, "c" * 70)]:
             expected = {**session_start_for(opener, event_id), "session_id": session_id, "customer_id": customer_id}
             assert writer.datum(opener, event_id, session_id, customer_id) == RAW.event.encode_datum(expected)
+            # the hot loop's form: the event times taken from the opener's own datum where they take 8 bytes each
+            opener_datum = RAW.event.encode_datum(opener)
+            stamps = stamp_bytes(session_id, customer_id)
+            assert writer.stamped(opener, opener_datum, event_id, stamps) == RAW.event.encode_datum(expected)
 
 
 def test_framed_messages_of_any_size_decode() -> None:
@@ -400,6 +426,43 @@ def test_duplicates_derive_nothing_and_are_stamped_like_the_first_copy() -> None
     assert len(starts) == 1 and len(sessions) == 1
     assert [r["occurred_at"] for r in out[1] if r["event_type"] != "session_start"] == [t]  # as the first copy
     assert VisitorState.from_doc(store.docs[key]).sessions == [[t, t, t + 5 * MIN]]
+
+
+class _StateOutputs(_Outputs):
+    def send_state(self, changelog: str, partition: int, key: bytes, value: bytes | None) -> None:
+        self.sent.append((changelog, key, value or b""))
+
+
+def _rocksdb_store(tmp_path: Path, outputs: _StateOutputs, partitions: int) -> TableStore:
+    """A TableStore over real RocksDB databases opened as faust opens them, without faust around them."""
+    options = RocksDBOptions(**ROCKSDB_OPTIONS, use_rocksdict=True)
+    dbs = {p: options.open(tmp_path / str(p)) for p in range(partitions)}
+    data = SimpleNamespace(_db_for_partition=dbs.__getitem__, _dbs=dbs)
+    table = SimpleNamespace(data=data, changelog_topic=SimpleNamespace(get_topic_name=lambda: "state-changelog"))
+    return TableStore(table, outputs, rocksdb=True)  # type: ignore[arg-type]
+
+
+def test_erased_contacts_are_looked_up_only_where_a_partition_holds_any(tmp_path: Path) -> None:
+    """The processor skips the per-link erased-contact lookups of a partition whose state holds no erased contact
+    (one RocksDB seek per batch); where it holds one, a visitor is still never linked to an erased contact."""
+    outputs = _StateOutputs()
+    store = _rocksdb_store(tmp_path, outputs, 3)
+    assert [erasures.any_contact_erased(store, p) for p in range(3)] == [False, False, False]
+    erased = contact_id(str(TENANT), "u-2")
+    apply_erasures(store, [SimpleNamespace(key=CONTACT_MARKER_PREFIX + erased.encode(), partition=1)])
+    store.put(event_key(str(WIDGET), "v-9"), 2, {"s": [], "l": [], "e": []})  # visitor keys are no erasures
+    assert [erasures.any_contact_erased(store, p) for p in range(3)] == [False, True, False]
+    assert erasures.is_contact_erased(store, 1, erased) and not erasures.is_contact_erased(store, 0, erased)
+    processor = BatchProcessor(Settings(), store, outputs)
+    identify = raw_event(2)  # identifies as u-2
+    key = event_key(str(WIDGET), identify["visitor_id"])
+    for partition in (0, 1):
+        outputs.sent.clear()
+        processor.process([_Msg(RAW.encode_batch([identify]), key, partition=partition, offset=partition)])
+        links = [v for topic, _, v in outputs.sent if topic.endswith("identity.links")]
+        enriched = [RAW.decode_events(v) for topic, _, v in outputs.sent if topic.endswith("enriched")]
+        assert len(links) == (1 if partition == 0 else 0)  # erased on partition 1 only
+        assert [r["customer_id"] for r in enriched[0]] == ([erased, erased] if partition == 0 else [None, None])
 
 
 # --- oversized output (issue 8, case 3) ---------------------------------------------------------------------
