@@ -227,7 +227,7 @@ def test_lean_reader_gives_what_fastavro_gives() -> None:
     same = [raw_event(i, visitor_id="v-0") for i in range(12)]
     mixed = same[:3] + [raw_event(3, visitor_id="v-1"), raw_event(4, tenant_id="t" * 36)] + same[5:]
     for events in (same, mixed, [*mixed, raw_event(5, widget_id="w" * 200, visitor_id="v-0")]):
-        data = RAW.encode_batch(events)
+        data = RAW.encode_events(events)
         assert read_current_items(data) == reader._read_items(data, None, True)
         assert [r for r, _ in read_current_items(data)] == events
     # several array blocks (other writers may split the array): the same events
@@ -458,7 +458,7 @@ def test_erased_contacts_are_looked_up_only_where_a_partition_holds_any(tmp_path
     key = event_key(str(WIDGET), identify["visitor_id"])
     for partition in (0, 1):
         outputs.sent.clear()
-        processor.process([_Msg(RAW.encode_batch([identify]), key, partition=partition, offset=partition)])
+        processor.process([_Msg(RAW.encode_events([identify]), key, partition=partition, offset=partition)])
         links = [v for topic, _, v in outputs.sent if topic.endswith("identity.links")]
         enriched = [RAW.decode_events(v) for topic, _, v in outputs.sent if topic.endswith("enriched")]
         assert len(links) == (1 if partition == 0 else 0)  # erased on partition 1 only
