@@ -27,16 +27,20 @@ repair for offsets faust would commit without having processed them.
   dropped *after* the first acked one was recorded as a gap (one missing offset between two delivered ones),
   so faust committed past it while the repair, firing for a message at the head, never looked at it.
 
-* A message can also be lost *after* the fetch loop delivered it to the agent's queue: the stream skips, without
-  acking, an event whose fetch-time consumer generation is not the current one, and a revocation clears the
-  queues. Below a later acked offset that is a hole the repair above sees; at the tail of a partition nothing
-  later is acked, so faust never commits past it and the worker sits idle on it until its next restart. The
-  restart test caught exactly that after a SIGKILL restart: on one partition every message from the committed
-  offset on was delivered and none acked, the worker healthy and idle for a minute (one CI run in about ten,
-  more on a loaded machine). `Consumer.force_commit` (every commit: periodic, rebalance, shutdown) therefore
-  first runs `process_lost`: per partition, with nothing of it waiting in an agent's queue or taken and not yet
-  acked, every offset delivered since the partition was last sought, from the committed one on, must be acked;
-  those that are not go to the same handler, and the commit moves past them.
+* A message can also be lost *after* the fetch loop delivered it to the agent's queue. mode's
+  `FlowControlEvent.resume()` empties every agent queue, and faust's table recovery calls it after it has
+  resumed the consumer's flow and sought the stream partitions to their committed offsets: what the fetch loop
+  delivered in between (it runs as soon as the flow is resumed) is dropped, while the Kafka consumer's position
+  is already past it, so it is never fetched again. The stream also skips, unacked, an event whose fetch-time
+  consumer generation is not the current one. Below a later acked offset such a loss is a hole the repair above
+  sees; at the tail of a partition nothing later is acked, so faust never commits past it and the worker sits
+  idle until its next restart. The restart test caught that after a SIGKILL restart (about one CI run in ten,
+  more on a loaded machine): a worker healthy and idle for a minute, one partition's consumer position at the
+  end of the log, its messages delivered, its queue empty, nothing acked past the first two. So
+  `Consumer.force_commit` (every commit: periodic, rebalance, shutdown) first runs `process_lost`: per
+  partition, with nothing of it waiting in an agent's queue or taken and not yet acked, every offset delivered
+  while it is assigned, from the committed one on, must be acked; those that are not go to the same handler,
+  and the commit moves past them.
 
 * Throughput (issue 14): faust's fetch loop (`Consumer._drain_messages`) hands every message to the conductor
   through `Service.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks, adds two
@@ -135,8 +139,10 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 class Consumer(driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Per partition, the highest offset whose message faust's fetch loop handed to the agents' queues since
-        # the partition was last sought (assignment, recovery, rebalance): what `_lost_offsets` checks against.
+        # Per partition, the highest offset whose message faust's fetch loop handed to the agents' queues while the
+        # partition is assigned: what `_lost_offsets` checks against. Kept across faust's seeks back to the
+        # committed offset: a queue cleared after the seek (what lost messages here) loses messages delivered
+        # before it.
         self._delivered: dict[TP, int] = {}
         self.callback = self._recording_delivery(self.callback)
 
@@ -188,15 +194,9 @@ class Consumer(driver.Consumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
-        # faust seeks its stream partitions to the committed offsets once their tables are recovered; what was
-        # delivered before is fetched and delivered again.
+        # faust seeks its stream partitions to the committed offsets once their tables are recovered.
         await super().perform_seek()
-        self._delivered.clear()
         log.info("resuming from the committed offsets", extra={"committed": _tps(self._committed_offset)})
-
-    async def seek(self, partition: TP, offset: int) -> None:
-        await super().seek(partition, offset)
-        self._delivered.pop(partition, None)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         log.info("partitions revoked", extra={"partitions": _tps(revoked)})
@@ -222,8 +222,9 @@ class Consumer(driver.Consumer):
     def _lost_offsets(self, tp: TP) -> list[int]:
         """Offsets of `tp` that faust delivered (up to `_delivered[tp]`) but no agent holds or acked: with
         nothing of `tp` waiting in a queue or being processed, every delivered offset from the committed one on
-        must have been acked; one that was not was dropped between the fetch loop and the agent (faust skips an
-        event whose fetch-time generation differs from the current one, and clears the queues on a revocation).
+        must have been acked; one that was not was dropped between the fetch loop and the agent (see the module
+        docstring). After faust seeks back, an offset it is about to deliver again can count as lost too: it is
+        then processed twice, which changes nothing (outputs and state writes are idempotent: checkpoint.py).
         """
         delivered, committed = self._delivered.get(tp), self._committed_offset.get(tp)
         if delivered is None or committed is None or delivered < committed:
