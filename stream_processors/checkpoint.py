@@ -18,7 +18,10 @@ without having processed them.
    every offset between the committed one and the highest acked one that was never acked — a message faust
    dropped around a rebalance or a flow suspension, or recorded as a gap — goes to `repair.SkippedReader`,
    which reads those messages from Kafka and processes them like the agent (step 2), or exits 75 if it
-   cannot read them in time. Their outputs join everyone else's.
+   cannot read them in time. So does every offset faust delivered to the agent's queue and then lost with
+   nothing acked after it (`transport.Consumer.process_lost`, at the start of every commit: faust's recovery
+   empties the queues when it resumes flow control), which would otherwise never be committed past and leave
+   the worker idle on them. Their outputs join everyone else's.
 4. **Flush (this module).** Every few seconds, on rebalance and on shutdown, faust commits; right before, the
    transport runs `Checkpoint.flush`: `Outputs.deliver` blocks until every record produced so far (outputs,
    dead letters, changelog) is acknowledged — a record the broker can never take is dead-lettered first, one
