@@ -57,10 +57,11 @@ class SkippedReader:
         self.timeout_s = timeout_s
         self.on_give_up = on_give_up or _give_up
 
-    def __call__(self, topic: str, partition: int, offsets: list[int]) -> bool:
-        process = self.processes.get(topic)
-        if process is None:
-            return False
+    def handles(self, topic: str) -> bool:
+        return topic in self.processes
+
+    def __call__(self, topic: str, partition: int, offsets: list[int]) -> None:
+        process = self.processes[topic]
         messages = self.read(topic, partition, offsets)
         if messages is None:
             log.critical(
@@ -75,6 +76,8 @@ class SkippedReader:
             )
             self.on_give_up()
             raise RuntimeError("skipped messages not processed")  # on_give_up must not return
+        if messages:
+            process(messages)
         log.warning(
             "processed skipped messages",
             extra={
@@ -86,9 +89,6 @@ class SkippedReader:
                 "messages": len(messages),
             },
         )
-        if messages:
-            process(messages)
-        return True
 
     def read(self, topic: str, partition: int, offsets: list[int]) -> list[FetchedMessage] | None:
         """The messages at `offsets` (sorted) that exist, or None if the log could not be read in time."""

@@ -37,10 +37,14 @@ repair for offsets faust would commit without having processed them.
   idle until its next restart. The restart test caught that after a SIGKILL restart (about one CI run in ten,
   more on a loaded machine): a worker healthy and idle for a minute, one partition's consumer position at the
   end of the log, its messages delivered, its queue empty, nothing acked past the first two. So
-  `Consumer.force_commit` (every commit: periodic, rebalance, shutdown) first runs `process_lost`: per
-  partition, with nothing of it waiting in an agent's queue or taken and not yet acked, every offset delivered
+  `Consumer.force_commit` (every commit while flow control is active: the periodic one, every few seconds)
+  first runs `process_lost`: per partition, with none of its messages waiting in the agent's queue (one queue
+  for all partitions: the messages in it are looked at) or taken and not yet acked, every offset delivered
   while it is assigned, from the committed one on, must be acked; those that are not go to the same handler,
-  and the commit moves past them.
+  and the commit moves past them. A partition the group never committed (faust keeps no committed offset for
+  it, nor for a committed 0) is checked from the log's start offset, by both repairs: faust would otherwise
+  commit past a lost head as soon as a later offset is acked. This relies on faust's compiled stream iterator,
+  which leaves the events it skips unacked (its pure-Python one acks them: checked at start-up).
 
 * Throughput (issue 14): faust's fetch loop (`Consumer._drain_messages`) hands every message to the conductor
   through `Service.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks, adds two
@@ -59,15 +63,17 @@ message if an installed version lacks them (pyproject pins the versions it was w
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import inspect
 import logging
 import types
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiokafka
 import faust
+import faust.streams
 import faust.transport.conductor
 import faust.transport.consumer
 import mode
@@ -77,10 +83,18 @@ from mode.services import WaitResults
 
 log = logging.getLogger(__name__)
 
-# (topic, partition, sorted offsets): processes the messages at those offsets of that partition (some offsets may
-# hold no message), returns True once they are processed, False for a topic it does not handle; never returns
-# having processed only part of them (it ends the process instead).
-SkippedOffsetsHandler = Callable[[str, int, list[int]], bool]
+
+class SkippedOffsetsHandler(Protocol):
+    """Processes messages faust would commit past without having processed them (`repair.SkippedReader`)."""
+
+    def handles(self, topic: str) -> bool:
+        """Whether messages of `topic` are this handler's (the topics an agent consumes)."""
+
+    def __call__(self, topic: str, partition: int, offsets: list[int]) -> None:
+        """Processes the messages at `offsets` (sorted) of that partition of a topic it handles (some offsets may
+        hold no message); returns once they are all processed, never having processed only part of them (it
+        ends the process instead)."""
+
 
 # The private parts of faust and aiokafka this module relies on (see check_internals).
 _FAUST_CONSUMER_METHODS = ("_new_offset", "_commit", "_new_consumer_thread", "_add_gap", "force_commit", "perform_seek")
@@ -100,6 +114,14 @@ def check_internals() -> None:
     missing += [f"faust Consumer().{name}" for name in _FAUST_CONSUMER_STATE if f"self.{name} =" not in init_source]
     if "self._tp_index =" not in _source(faust.transport.conductor.Conductor.__init__):
         missing.append("faust Conductor()._tp_index")
+    if "callback = self.callback" not in _source(faust.transport.consumer.Consumer._drain_messages):
+        missing.append("faust Consumer._drain_messages reading self.callback")
+    if not hasattr(asyncio.Queue(), "_queue"):
+        missing.append("asyncio Queue()._queue")
+    if faust.streams._CStreamIterator is None:
+        # faust's pure-Python stream iterator acks the events it skips (stale generation, flow suspended):
+        # committed past unprocessed, out of sight of both repairs. The compiled one leaves them unacked.
+        missing.append("faust's compiled stream iterator (faust._cython.streams)")
     if "self.suspend_flow.wait()" not in _source(faust.transport.consumer.Consumer._drain_messages):
         missing.append("faust Consumer._drain_messages calling wait_first(callback(message), suspend_flow.wait())")
     if not all(f"self.{name} =" in _source(mode.Service.__init__) for name in ("_stopped", "_crashed")):
@@ -144,16 +166,23 @@ class Consumer(driver.Consumer):
         # committed offset: a queue cleared after the seek (what lost messages here) loses messages delivered
         # before it.
         self._delivered: dict[TP, int] = {}
+        # Per partition the group never committed (faust's committed offset is None; also for a committed 0): the
+        # offset its messages start at, from which `_lost_offsets` and `_new_offset` check instead. The log's
+        # start offset (`perform_seek`), else the first offset delivered.
+        self._floor: dict[TP, int] = {}
         self.callback = self._recording_delivery(self.callback)
 
     def _recording_delivery(self, deliver: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Any]:
-        delivered = self._delivered
+        delivered, floor = self._delivered, self._floor
 
         async def on_message(message: Any) -> None:
-            await deliver(message)
+            # Recorded first: a delivery that is cancelled or fails may have queued the message all the same.
             tp, offset = message.tp, message.offset
             if offset > delivered.get(tp, -1):
                 delivered[tp] = offset
+            if tp not in floor:
+                floor[tp] = offset
+            await deliver(message)
 
         return on_message
 
@@ -196,44 +225,71 @@ class Consumer(driver.Consumer):
     async def perform_seek(self) -> None:
         # faust seeks its stream partitions to the committed offsets once their tables are recovered.
         await super().perform_seek()
-        log.info("resuming from the committed offsets", extra={"committed": _tps(self._committed_offset)})
+        handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
+        never_committed = [
+            tp
+            for tp in self.assignment()
+            if self._committed_offset.get(tp) is None and handler is not None and handler.handles(tp.topic)
+        ]
+        if never_committed:
+            # A partition the group never committed is read from the log's start (auto_offset_reset=earliest).
+            self._floor.update(await self.earliest_offsets(*never_committed))
+        log.info(
+            "resuming from the committed offsets",
+            extra={"committed": _tps(self._committed_offset), "never_committed_from": _tps(self._floor)},
+        )
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         log.info("partitions revoked", extra={"partitions": _tps(revoked)})
         for tp in revoked:
             self._delivered.pop(tp, None)
+            self._floor.pop(tp, None)
         await super().on_partitions_revoked(revoked)
 
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        # Every commit (periodic, rebalance, shutdown) goes through here: messages faust lost after delivering
-        # them are processed first, so the commit can move past them (and, idle or not, the worker does not
-        # sit on them until its next restart).
-        self.process_lost()
+        # Every commit goes through here: messages faust lost after delivering them are processed first, so the
+        # commit can move past them (and the worker does not sit idle on them until its next restart). Not while
+        # flow control is suspended (a rebalance or a shutdown, which empty the queues on purpose: the next
+        # owner of a partition reads on from the committed offset).
+        if self.app.flow_control.is_active():
+            self.process_lost()
         did_commit: bool = await super().force_commit(topics, start_new_transaction=start_new_transaction)
         return did_commit
 
     def process_lost(self) -> None:
         """Processes, and acks, the messages of every partition that `_lost_offsets` finds lost."""
+        busy = self._partitions_in_progress()
         for tp in list(self._delivered):
-            lost = self._lost_offsets(tp)
-            if lost:
-                self._process_skipped(tp, lost, "delivered to the agent's queue but never processed")
+            if tp not in busy:
+                lost = self._lost_offsets(tp)
+                if lost:
+                    self._process_skipped(tp, lost, "delivered to the agent's queue but never processed")
+
+    def _partitions_in_progress(self) -> set[TP]:
+        """The partitions with a message waiting in an agent's queue, or taken by an agent and not yet acked."""
+        busy = {message.tp for message in list(self._unacked_messages) if not message.acked}
+        channels = {channel for channels in self.app.topics._tp_index.values() for channel in channels}  # type: ignore[attr-defined]
+        for channel in channels:  # one queue per agent, shared by all its partitions
+            busy.update(event.message.tp for event in list(channel.queue._queue) if hasattr(event, "message"))
+        return busy
 
     def _lost_offsets(self, tp: TP) -> list[int]:
-        """Offsets of `tp` that faust delivered (up to `_delivered[tp]`) but no agent holds or acked: with
-        nothing of `tp` waiting in a queue or being processed, every delivered offset from the committed one on
+        """Offsets of `tp` that faust delivered (up to `_delivered[tp]`) but never acked, for a partition with
+        nothing in progress (`_partitions_in_progress`): then every delivered offset from the committed one on
         must have been acked; one that was not was dropped between the fetch loop and the agent (see the module
         docstring). After faust seeks back, an offset it is about to deliver again can count as lost too: it is
         then processed twice, which changes nothing (outputs and state writes are idempotent: checkpoint.py).
         """
-        delivered, committed = self._delivered.get(tp), self._committed_offset.get(tp)
-        if delivered is None or committed is None or delivered < committed:
+        delivered, start = self._delivered.get(tp), self._start(tp)
+        if delivered is None or start is None or delivered < start:
             return []
-        if any(message.tp == tp for message in list(self._unacked_messages)):
-            return []  # taken by an agent, not yet acked: in progress
-        if any(not channel.queue.empty() for channel in self.app.topics._tp_index.get(tp, ())):  # type: ignore[attr-defined]
-            return []  # waiting in an agent's queue
-        return unacked_offsets([*self._acked[tp], delivered + 1], committed)
+        return unacked_offsets([*self._acked[tp], delivered + 1], start)
+
+    def _start(self, tp: TP) -> int | None:
+        """The offset `tp`'s unprocessed messages start at: the committed one, or for a partition never committed
+        its floor."""
+        committed = self._committed_offset.get(tp)
+        return committed if committed is not None else self._floor.get(tp)
 
     async def _commit(self, offsets: Mapping[Any, int]) -> bool:
         for barrier in self.app.commit_barriers:  # type: ignore[attr-defined]
@@ -241,9 +297,9 @@ class Consumer(driver.Consumer):
         return await super()._commit(offsets)
 
     def _new_offset(self, tp: TP) -> int | None:
-        acked, committed = self._acked[tp], self._committed_offset[tp]
-        if acked and committed is not None:
-            missing = unacked_offsets(acked, committed)
+        acked, start = self._acked[tp], self._start(tp)
+        if acked and start is not None:
+            missing = unacked_offsets(acked, start)
             if missing:
                 self._process_skipped(tp, missing, "below the highest acked offset")
         return super()._new_offset(tp)
@@ -253,7 +309,7 @@ class Consumer(driver.Consumer):
         them, so faust's commit covers them; returns only once they are processed (or the handler ended the
         process). Partitions of topics the handler does not take are left to faust."""
         handler: SkippedOffsetsHandler | None = self.app.skipped_offsets_handler  # type: ignore[attr-defined]
-        if handler is None:
+        if handler is None or not handler.handles(tp.topic):
             return
         acked = self._acked[tp]
         log.warning(
@@ -270,13 +326,13 @@ class Consumer(driver.Consumer):
                 "recorded_as_gap": sum(1 for offset in missing if self._gap[tp].overlaps(offset)),
             },
         )
-        if handler(tp.topic, tp.partition, missing):  # returns only once they are processed
-            acked.extend(missing)
-            acked.sort()
-            self._acked_index[tp].update(missing)
-            # faust would add these again from its gap records (duplicates in `acked` end its consecutive run
-            # early); they are handled now.
-            self._gap[tp].chop(missing[0], missing[-1] + 1)
+        handler(tp.topic, tp.partition, missing)  # returns only once they are processed
+        acked.extend(missing)
+        acked.sort()
+        self._acked_index[tp].update(missing)
+        # faust would add these again from its gap records (duplicates in `acked` end its consecutive run early);
+        # they are handled now.
+        self._gap[tp].chop(missing[0], missing[-1] + 1)
 
 
 def _tps(tps: Any) -> dict[str, Any]:

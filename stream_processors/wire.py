@@ -54,8 +54,20 @@ def _spread_seven_bit_groups(z: int) -> int:
     )
 
 
-# Non-negative longs whose zigzag encoding takes exactly 8 bytes (every event time from 1978 to 2540).
+# Non-negative longs whose zigzag encoding takes exactly 8 bytes (every event time from 1978 to 3111).
 _EIGHT_BYTE_MIN, _EIGHT_BYTE_END = 1 << 48, 1 << 55
+
+
+def _two_minimal_eight_byte_longs(chunk: bytes) -> bool:
+    """Whether `chunk` is two 8-byte varints in their shortest form (seven bytes with the continuation bit, then a
+    last byte that is not zero: a padded, longer encoding of the same value ends in a zero byte)."""
+    return (
+        len(chunk) == 16
+        and 0 < chunk[7] < 0x80
+        and 0 < chunk[15] < 0x80
+        and min(chunk[0:7]) >= 0x80
+        and min(chunk[8:15]) >= 0x80
+    )
 
 
 @lru_cache(maxsize=16_384)  # session and contact ids repeat across a visitor's events
@@ -120,13 +132,14 @@ class SessionStartWriter:
         occurred, received = o["occurred_at"], o["received_at"]
         # Both times of today take 8 bytes (zigzag values 2**49 ..< 2**56), so they are the 16 bytes before the
         # opener datum's two null ids: no need to encode them again (a new session's time is new: no cache).
+        times = b""
         if (
             opener_datum is not None
             and _EIGHT_BYTE_MIN <= occurred < _EIGHT_BYTE_END
             and _EIGHT_BYTE_MIN <= received < _EIGHT_BYTE_END
         ):
             times = opener_datum[-18:-2]
-        else:
+        if not _two_minimal_eight_byte_longs(times):  # e.g. a hand-made message with padded varints
             times = _long(occurred) + _long(received)
         text = event_id.encode()
         return b"".join(

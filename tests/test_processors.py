@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -565,20 +566,29 @@ def test_messages_dropped_after_delivery_are_processed_before_the_commit(
     consumer._acked[tp].append(2)
     consumer._acked_index[tp].add(2)
 
-    # Still in an agent's queue, or taken by the agent and not acked yet: in progress, not lost.
+    # Still in the agent's queue (one queue for all its partitions), or taken by the agent and not acked yet:
+    # in progress, not lost. Another partition's message in the queue does not hold this one back.
+    def queued_event(tp: TP, offset: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            message=FaustMessage(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+        )
+
+    other = TP(topics.raw_events, (partition + 1) % settings.topic_partitions)
     queued = app.channel()
     app.topics._tp_index[tp].add(queued)  # type: ignore[attr-defined]
-    queued.queue.put_nowait(object())
+    app.topics._tp_index[other].add(queued)  # type: ignore[attr-defined]
+    queued.queue.put_nowait(queued_event(tp, 5))
+    queued.queue.put_nowait(queued_event(other, 9))
     consumer.process_lost()
     assert processed == []
-    app.flow_control.resume()  # what faust's recovery does: the queue is emptied, its message lost
+    app.flow_control.resume()  # what faust's recovery does: the queue is emptied, its messages lost
     assert queued.queue.empty()
     in_progress = FaustMessage(tp.topic, tp.partition, 4, 0.0, 0, None, b"k", b"v", None, tp=tp)
     consumer._unacked_messages.add(in_progress)
     consumer.process_lost()
     assert processed == []
-
-    consumer._unacked_messages.discard(in_progress)
+    in_progress.acked = True  # acked (faust may keep an acked copy in the set): no longer in progress
+    queued.queue.put_nowait(queued_event(other, 10))
     consumer.process_lost()
     assert processed == [(partition, 1), (partition, 3), (partition, 4), (partition, 5)]
     assert consumer._new_offset(tp) == 6  # the commit moves past all of them
@@ -586,6 +596,19 @@ def test_messages_dropped_after_delivery_are_processed_before_the_commit(
     processed.clear()
     consumer.process_lost()  # nothing left
     assert processed == []
+
+    # A partition the group never committed (faust's committed offset is None, as for a committed 0): checked from
+    # where its messages start, not skipped (faust would otherwise commit past a lost head once later ones are acked).
+    consumer._committed_offset[tp] = None
+    consumer._acked[tp][:] = [3]
+    consumer._acked_index[tp].clear()
+    consumer._acked_index[tp].add(3)
+    consumer._delivered[tp] = 4
+    consumer._floor[tp] = 0
+    queued.queue.get_nowait()
+    consumer.process_lost()
+    assert processed == [(partition, 0), (partition, 1), (partition, 2), (partition, 4)]
+    assert consumer._new_offset(tp) == 5
 
 
 def test_a_skipped_erasure_marker_is_applied_before_the_commit(

@@ -299,6 +299,31 @@ def test_session_start_writer_equals_fastavro() -> None:
             assert writer.stamped(opener, opener_datum, event_id, stamps) == RAW.event.encode_datum(expected)
 
 
+def _padded_long(n: int, extra: int) -> bytes:
+    """A valid but not shortest varint of `n`: `extra` continuation bytes of zero bits appended."""
+    minimal = bytearray(RAW.event.encode_datum({**raw_event(0), "occurred_at": n})[-18:-10])  # 8-byte times
+    minimal[-1] |= 0x80
+    return bytes(minimal) + b"\x80" * (extra - 1) + b"\x00"
+
+
+def test_session_start_from_an_opener_with_padded_times_is_still_exact() -> None:
+    """A message not written by fastavro may encode a time in more bytes than needed (valid Avro, read as the same
+    value); the session_start then encodes the times itself instead of copying the opener's bytes."""
+    writer = SessionStartWriter(RAW)
+    opener = raw_event(7)
+    opener_datum = RAW.event.encode_datum(opener)
+    occurred, received = opener_datum[-18:-10], opener_datum[-10:-2]
+    event_id, session_id = str(uuid.UUID(int=7, version=5)), "5b0c5cf4-8a43-5d46-a9f1-1d2f0a8a3f10"
+    expected = RAW.event.encode_datum({**session_start_for(opener, event_id), "session_id": session_id})
+    stamps = stamp_bytes(session_id, None)
+    head = opener_datum[:-18]
+    for padded in (
+        head + _padded_long(opener["occurred_at"], 1) + received + b"\x00\x00",
+        head + occurred + _padded_long(opener["received_at"], 2) + b"\x00\x00",
+    ):
+        assert writer.stamped(opener, padded, event_id, stamps) == expected
+
+
 def test_framed_messages_of_any_size_decode() -> None:
     """Block counts are zigzag varints: 0, 1, 63, 64 (two bytes) and 200 items all read back."""
     for n in (0, 1, 63, 64, 200):
