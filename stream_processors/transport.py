@@ -233,7 +233,10 @@ class Consumer(driver.Consumer):
         ]
         if never_committed:
             # A partition the group never committed is read from the log's start (auto_offset_reset=earliest).
-            self._floor.update(await self.earliest_offsets(*never_committed))
+            try:
+                self._floor.update(await self.earliest_offsets(*never_committed))
+            except Exception as exc:  # the first offset delivered stands in (recorded on delivery)
+                log.warning("could not read the log start offsets", extra={"error": repr(exc)})
         log.info(
             "resuming from the committed offsets",
             extra={"committed": _tps(self._committed_offset), "never_committed_from": _tps(self._floor)},
