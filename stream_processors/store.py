@@ -37,6 +37,7 @@ from faust.types import TP, TableT
 
 from stream_processors import metrics
 from stream_processors.outputs import Outputs
+from stream_processors.transport import rocksdb_partition, rocksdb_partition_open
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,10 @@ class TableStore:
             self.table.data.pop(key, None)
         self.outputs.send_state(self.changelog, partition, key, None)
 
-    def _rocksdb(self) -> Any:
-        """faust's RocksDB store (faust.stores.rocksdb.Store) behind the table; typed `StoreT`, which lacks its
-        per-partition databases (`_db_for_partition`, `_dbs`: private; the pinned faust-streaming has them)."""
-        return self.table.data
-
     def _db(self, partition: int) -> Any:
-        return self._rocksdb()._db_for_partition(partition)
+        # faust's RocksDB store (faust.stores.rocksdb.Store) behind the table: its per-partition databases are
+        # private (transport.py, the one module touching faust's internals, checks them at start-up)
+        return rocksdb_partition(self.table.data, partition)
 
     # --- persisted offsets (RocksDB recovery reads only the changelog tail) ---------------------------
 
@@ -126,9 +124,9 @@ class TableStore:
         offsets = self.outputs.take_state_offsets()
         if not self.rocksdb:
             return
-        data = self._rocksdb()
+        data: Any = self.table.data  # faust.stores.rocksdb.Store (typed StoreT, without set_persisted_offset)
         for (topic, partition), offset in offsets.items():
-            if partition in data._dbs:  # not for a partition revoked meanwhile (would reopen its database)
+            if rocksdb_partition_open(data, partition):  # not a partition revoked meanwhile (would reopen it)
                 data.set_persisted_offset(TP(topic, partition), offset)
 
     # --- expiry -------------------------------------------------------------------------------------

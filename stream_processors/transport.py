@@ -57,6 +57,9 @@ repair for offsets faust would commit without having processed them.
   with none of the tasks. If it suspends (the stream's buffer is full), the suspended callback continues under
   faust's own `wait_first` as before (`_continue`), so a flow suspension still interrupts it.
 
+The processors' state store (`store.py`) reads faust's RocksDB table store's per-partition databases directly
+(`rocksdb_partition`, `rocksdb_partition_open`: `Store._db_for_partition`, `Store._dbs`).
+
 This module overrides private parts of faust and aiokafka: `check_internals()` fails start-up with a clear
 message if an installed version lacks them (pyproject pins the versions it was written against).
 """
@@ -73,6 +76,7 @@ from typing import Any, Protocol
 
 import aiokafka
 import faust
+import faust.stores.rocksdb
 import faust.streams
 import faust.transport.conductor
 import faust.transport.consumer
@@ -122,6 +126,10 @@ def check_internals() -> None:
         # faust's pure-Python stream iterator acks the events it skips (stale generation, flow suspended):
         # committed past unprocessed, out of sight of both repairs. The compiled one leaves them unacked.
         missing.append("faust's compiled stream iterator (faust._cython.streams)")
+    if not hasattr(faust.stores.rocksdb.Store, "_db_for_partition") or "self._dbs =" not in _source(
+        faust.stores.rocksdb.Store.__init__
+    ):
+        missing.append("faust stores.rocksdb.Store._db_for_partition/_dbs")
     if "self.suspend_flow.wait()" not in _source(faust.transport.consumer.Consumer._drain_messages):
         missing.append("faust Consumer._drain_messages calling wait_first(callback(message), suspend_flow.wait())")
     if not all(f"self.{name} =" in _source(mode.Service.__init__) for name in ("_stopped", "_crashed")):
@@ -336,6 +344,19 @@ class Consumer(driver.Consumer):
         # faust would add these again from its gap records (duplicates in `acked` end its consecutive run early);
         # they are handled now.
         self._gap[tp].chop(missing[0], missing[-1] + 1)
+
+
+def rocksdb_partition(store: Any, partition: int) -> Any:
+    """The RocksDB database of one partition of faust's RocksDB table store (`faust.stores.rocksdb.Store`, whose
+    `_db_for_partition` is private): the processors' state store reads and writes it directly (store.py), one
+    call per visitor instead of faust's per-key table machinery. Opens the database if it is not open."""
+    return store._db_for_partition(partition)
+
+
+def rocksdb_partition_open(store: Any, partition: int) -> bool:
+    """Whether faust's RocksDB table store has the partition's database open (its private `_dbs`): false once the
+    partition is revoked, when opening it again would be wrong."""
+    return partition in store._dbs
 
 
 def _tps(tps: Any) -> dict[str, Any]:
