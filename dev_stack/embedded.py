@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,16 @@ if TYPE_CHECKING:
 
 class DevExtraMissing(RuntimeError):
     """An embedded service's wheel (the `dev` extra) is not installed, e.g. in the production image."""
+
+
+def _pgserver_bin_path() -> Path:
+    """pgserver's Postgres binaries. Importing pgserver works out a lock directory from XDG_RUNTIME_DIR, and where
+    that is unset (root in a container) platformdirs warns about its fallback, which the embedded Postgres never
+    uses: the import is made without that warning on a newcomer's first screen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
 
 
 def _dev_extra(module: str, what: str) -> None:
@@ -427,23 +438,21 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/site_activity"
 
     def _bin(self, name: str) -> str:
-        from pgserver._commands import POSTGRES_BIN_PATH
-
-        return str(POSTGRES_BIN_PATH / name)
+        return str(_pgserver_bin_path() / name)
 
     def _prepare(self) -> None:
         _dev_extra("pgserver", "the embedded Postgres")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # Postgres refuses to run as root; run it as the unprivileged user pgserver itself uses.
-            from pgserver._commands import POSTGRES_BIN_PATH
+            bin_path = _pgserver_bin_path()
             from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
             ensure_user_exists("pgserver")
             ensure_prefix_permissions(self.data_dir)
             # The binaries live in the checkout's .venv: that user must be able to reach them too (a clone in a
             # `mktemp -d` directory, mode 0700, is otherwise closed to it: initdb "Permission denied").
-            ensure_prefix_permissions(Path(POSTGRES_BIN_PATH))
+            ensure_prefix_permissions(bin_path)
             self._user = "pgserver"
             shutil.chown(self.data_dir, "pgserver")
             os.chmod(self.data_dir, 0o700)
