@@ -33,18 +33,22 @@ class DevExtraMissing(RuntimeError):
 
 
 def _pgserver_bin_path() -> Path:
-    """pgserver's Postgres binaries. Importing pgserver works out a lock directory from XDG_RUNTIME_DIR, and where
-    that is unset (root in a container) platformdirs warns about its fallback, which the embedded Postgres never
-    uses: the import is made without that warning on a newcomer's first screen."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
+    """pgserver's Postgres binaries."""
+    _dev_extra("pgserver", "the embedded Postgres")
+    from pgserver._commands import POSTGRES_BIN_PATH
+
     return Path(POSTGRES_BIN_PATH)
 
 
 def _dev_extra(module: str, what: str) -> None:
+    """Imports `module`, a wheel of the `dev` extra, or says how to install it. Without its import-time warnings:
+    pgserver works out a lock directory from XDG_RUNTIME_DIR, and where that is unset (root in a container)
+    platformdirs warns about its fallback, which the embedded Postgres never uses; that warning was the first
+    line a newcomer saw from scripts/dev."""
     try:
-        __import__(module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            __import__(module)
     except ModuleNotFoundError:
         raise DevExtraMissing(
             f"{what} needs the `dev` extra ({module} is not installed): "
