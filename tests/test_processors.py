@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -486,6 +487,33 @@ class GaveUp(Exception):
     pass
 
 
+@dataclass
+class RepairRig:
+    """A processors app (not started) whose repair handler records what it processes, and the raw-topic
+    partition holding one visitor's messages, with the consumer state the repair works on."""
+
+    app: transport.App
+    consumer: transport.Consumer
+    tp: TP
+    partition: int
+    processed: list[tuple[int, int]]
+
+
+def repair_rig(settings: Settings, feed: RawFeed, w: widgets.Widget, visitor: str, messages: int) -> RepairRig:
+    """Sends `messages` one-event messages of `visitor` (one key: one partition, offsets 0..messages-1)."""
+    topics = Topics.from_settings(settings)
+    for i in range(messages):
+        feed.send([ev(w, visitor, T0 + i * MIN)])
+    app = create_app(settings)
+    processed: list[tuple[int, int]] = []
+    app.skipped_offsets_handler = SkippedReader(
+        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0
+    )
+    partition = partition_of(settings, topics.raw_events, event_key(str(w.id), visitor))
+    tp = TP(topics.raw_events, partition)
+    return RepairRig(app, cast(transport.Consumer, app.consumer), tp, partition, processed)
+
+
 def test_offsets_faust_skipped_are_processed_before_the_commit(
     settings: Settings, feed: RawFeed, make_widget: Callable[..., widgets.Widget]
 ) -> None:
@@ -496,16 +524,8 @@ def test_offsets_faust_skipped_are_processed_before_the_commit(
     the messages before the commit; if it cannot, it gives up without committing."""
     w = make_widget()
     topics = Topics.from_settings(settings)
-    for i in range(12):
-        feed.send([ev(w, "v-skip", T0 + i * MIN)])  # one key: all on one partition, offsets 0..11
-    app = create_app(settings)
-    processed: list[tuple[int, int]] = []
-    app.skipped_offsets_handler = SkippedReader(
-        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0
-    )
-    partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-skip"))
-    tp = TP(topics.raw_events, partition)
-    consumer = cast(transport.Consumer, app.consumer)  # the private state the repair works on
+    rig = repair_rig(settings, feed, w, "v-skip", 12)  # offsets 0..11
+    app, consumer, tp, partition, processed = rig.app, rig.consumer, rig.tp, rig.partition, rig.processed
     consumer._committed_offset[tp] = 2  # committed: next to read is 2
     consumer._acked[tp].extend([4, 5])  # 2 and 3 never reached the agent
     assert consumer._new_offset(tp) == 6  # commit after 5, now that 2 and 3 are processed too
@@ -551,16 +571,8 @@ def test_messages_dropped_after_delivery_are_processed_before_the_commit(
     neither acked nor still queued or in progress."""
     w = make_widget()
     topics = Topics.from_settings(settings)
-    for i in range(6):
-        feed.send([ev(w, "v-tail", T0 + i * MIN)])  # one key: all on one partition, offsets 0..5
-    app = create_app(settings)
-    processed: list[tuple[int, int]] = []
-    app.skipped_offsets_handler = SkippedReader(
-        settings, {topics.raw_events: lambda msgs: processed.extend((m.partition, m.offset) for m in msgs)}, 20.0
-    )
-    partition = partition_of(settings, topics.raw_events, event_key(str(w.id), "v-tail"))
-    tp = TP(topics.raw_events, partition)
-    consumer = cast(transport.Consumer, app.consumer)
+    rig = repair_rig(settings, feed, w, "v-tail", 6)  # offsets 0..5
+    app, consumer, tp, partition, processed = rig.app, rig.consumer, rig.tp, rig.partition, rig.processed
     consumer._committed_offset[tp] = 1
     consumer._delivered[tp] = 5  # 1..5 delivered, only 2 acked: 1, 3, 4 and 5 were dropped
     consumer._acked[tp].append(2)
